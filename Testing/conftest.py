@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny seeded volumes and the real-data location."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from VQMedSegLib.data.paths import shared_data_dir  # noqa: E402
+from VQMedSegLib.data.volume import Volume  # noqa: E402
+
+
+def oblique_direction(angles=(0.3, -0.2, 0.15)) -> np.ndarray:
+    """A proper rotation that is far from any axis permutation."""
+    ax, ay, az = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+@pytest.fixture
+def oblique_volume() -> Volume:
+    rng = np.random.default_rng(7)
+    arr = rng.normal(0, 100, size=(6, 20, 32)).astype(np.float32)
+    return Volume(arr, spacing=(0.7, 0.9, 2.5), origin=(-12.5, 30.25, 101.0), direction=oblique_direction())
+
+
+@pytest.fixture
+def real_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real scans not found: set VQMEDSEG_DATA or place them in ../shared/data")
+    return path

@@ -1,0 +1,68 @@
+"""Configuration round trips and the event log's numbering."""
+
+import json
+
+import pytest
+
+from VQMedSegLib.config import TrainConfig, train_config_from_preset
+from VQMedSegLib.errors import ConfigError
+from VQMedSegLib.jobs.events import EventLog, read_events
+
+
+def test_config_round_trips_through_json():
+    cfg = train_config_from_preset("tiny", seed=3)
+    again = TrainConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+    assert again == cfg and again.seed == 3 and again.iterations == 30
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"iterationz": 3}, "unknown key.*'iterationz'"),
+        ({"iterations": "many"}, "'iterations': found str 'many', expected an integer"),
+        ({"learning_rate": True}, "'learning_rate'.*expected a number"),
+        ({"slice_size": 100}, "'slice_size': found 100, expected a multiple of 16"),
+        ({"features": [1, 2]}, "'features'"),
+    ],
+)
+def test_config_rejects_bad_values(data, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_json(data)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="c.json: not valid JSON"):
+        TrainConfig.load(bad)
+
+
+def test_events_are_numbered_and_gaps_and_truncation_are_reported(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path, job="j1")
+    for i in range(3):
+        log.emit("progress", done=i)
+    assert [e["seq"] for e in read_events(path).events] == [1, 2, 3]
+    # a writer killed mid-line leaves a truncated tail
+    with open(path, "ab") as f:
+        f.write(b'{"seq": 4, "type": "progr')
+    r = read_events(path)
+    assert r.truncated_tail and [e["seq"] for e in r.events] == [1, 2, 3]
+    # the next writer starts on a fresh line and continues the numbering
+    log.emit("progress", done=3)
+    # lose a line: the reader reports the gap
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(l for l in lines if '"seq": 2' not in l) + "\n")
+    r = read_events(path)
+    assert [e["seq"] for e in r.events] == [1, 3, 4]
+    assert r.gaps == [(1, 3)] and r.bad_lines == 1 and not r.truncated_tail
+
+
+def test_incremental_reads_return_only_new_events(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path)
+    log.emit("a")
+    first = read_events(path)
+    log.emit("b")
+    second = read_events(path, offset=first.offset, after_seq=first.events[-1]["seq"])
+    assert [e["type"] for e in second.events] == ["b"]

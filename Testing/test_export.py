@@ -1,0 +1,218 @@
+"""Scene (.mrb) and overview (.png) exports, checked against real MRML through slicer-core."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from VQMedSegLib.data.volume import Volume
+from VQMedSegLib.errors import InputError
+from VQMedSegLib.export.overview import choose_slices, write_overview_png
+from VQMedSegLib.tasks import get_task
+
+SHAPE = (8, 32, 32)  # k, j, i
+
+
+def _oblique_direction() -> np.ndarray:
+    """A rotation about an oblique axis: every direction cosine is non-zero."""
+    axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
+    angle = 0.4
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+@pytest.fixture
+def case() -> dict:
+    rng = np.random.default_rng(7)
+    k, j, i = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1], 0 : SHAPE[2]]
+    organ = ((j - 16) ** 2 + (i - 14) ** 2 < 70) & (k >= 2) & (k <= 6)
+    ct = Volume(
+        (rng.normal(40, 15, SHAPE) - 900 * ~organ * (i > 26)).astype(np.int16),
+        spacing=(0.78, 0.91, 2.5),
+        origin=(-123.4, 56.7, -310.25),
+        direction=_oblique_direction(),
+    )
+    uncertainty = np.exp(-np.abs(np.sqrt((j - 16.0) ** 2 + (i - 14.0) ** 2) - 8.4)).astype(np.float32)
+    return {
+        "ct": ct,
+        "label": ct.with_array(organ.astype(np.uint8)),
+        "reference": ct.with_array((((j - 16) ** 2 + (i - 15) ** 2 < 80) & (k >= 2) & (k <= 5)).astype(np.uint8)),
+        "uncertainty": ct.with_array(uncertainty),
+        "mr": Volume(rng.random((6, 16, 16)).astype(np.float32), (1.6, 1.6, 3.0), (10.0, -20.0, 30.0)),
+    }
+
+
+@pytest.fixture(scope="module")
+def mrml():
+    pytest.importorskip(
+        "slicer", reason="slicer-core (MRML without the Slicer app) is not installed: pip install 'vqmedseg[scene]'"
+    )
+    from VQMedSegLib.export import mrml
+
+    return mrml
+
+
+def _liver_segments() -> list[dict]:
+    task = get_task("liver")
+    return [{"value": 1, "name": task.segment_name, "color": task.color, "terminology": task.terminology}]
+
+
+# --------------------------------------------------------------------------- import
+def test_export_package_does_not_load_slicer():
+    code = (
+        "import sys, VQMedSegLib, VQMedSegLib.export, VQMedSegLib.export.overview\n"
+        "assert 'slicer' not in sys.modules and 'vtkmodules' not in sys.modules, 'slicer loaded'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ---------------------------------------------------------------------- geometry
+def test_volume_round_trip_keeps_oblique_geometry_and_voxels(mrml, case):
+    ct = case["ct"]
+    scene, _logics = mrml.new_scene()
+    node = mrml.add_volume(scene, ct, "CT")
+
+    back = mrml.volume_from_node(node)
+
+    assert np.array_equal(back.array, ct.array) and back.array.dtype == ct.array.dtype
+    np.testing.assert_allclose(back.spacing, ct.spacing, atol=1e-5)
+    np.testing.assert_allclose(back.origin, ct.origin, atol=1e-5)
+    np.testing.assert_allclose(back.direction, ct.direction, atol=1e-5)
+
+
+def test_volume_node_places_voxels_at_their_ras_position(mrml, case):
+    ct = case["ct"]
+    scene, _logics = mrml.new_scene()
+    node = mrml.add_volume(scene, ct, "CT")
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+    matrix = vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    for ijk in ([0, 0, 0], [31, 0, 0], [5, 17, 7]):
+        lps = ct.index_to_physical(np.array(ijk, dtype=float))
+        ras = ijk_to_ras @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-6)
+
+
+# ------------------------------------------------------------------------ scenes
+def test_write_scene_round_trips_through_mrb(mrml, case, tmp_path, monkeypatch):
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    out = tmp_path / "out" / "case_001.mrb"
+    task = get_task("liver")
+
+    mrml.write_scene(
+        out,
+        ct=case["ct"],
+        mr=case["mr"],
+        label=case["label"],
+        segments=_liver_segments(),
+        uncertainty={"Entropy": case["uncertainty"]},
+        ct_window=task.ct_window,
+    )
+
+    assert sorted(p.name for p in out.parent.iterdir()) == ["case_001.mrb"]  # no work folders left
+    assert list(workdir.iterdir()) == []
+    scene, _logics = mrml.read_mrb(out)
+
+    ct_node = scene.GetFirstNode("CT", "vtkMRMLScalarVolumeNode")
+    ct_back = mrml.volume_from_node(ct_node)
+    assert ct_back.geometry_mismatch(case["ct"], tol=1e-5) == []
+    assert np.array_equal(ct_back.array, case["ct"].array)
+    assert ct_node.GetDisplayNode().GetWindowLevelMin() == pytest.approx(task.ct_window[0])
+
+    segmentation_node = scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    assert segmentation_node is not None and segmentation_node.GetName() == "Prediction"
+    assert segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole()) is ct_node
+    segmentation = segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment = segmentation.GetSegment(segmentation.GetNthSegmentID(0))
+    assert segment.GetName() == "Liver"
+    np.testing.assert_allclose(segment.GetColor(), task.color, atol=1e-5)
+    assert "10200004" in segment.GetTerminology()
+    label_back = mrml.labelmap_from_segmentation(segmentation_node, ct_node)
+    assert np.array_equal(label_back.array, case["label"].array)
+
+    uncertainty_node = scene.GetFirstNode("Entropy", "vtkMRMLScalarVolumeNode")
+    assert uncertainty_node.GetAttribute(mrml.ROLE_ATTRIBUTE) == "uncertainty"
+    table = uncertainty_node.GetDisplayNode().GetColorNode()
+    assert table is not None and table.IsA("vtkMRMLColorTableNode")
+    assert table.GetName() == mrml.colour_table_name("viridis")
+    assert table.GetNumberOfColors() == 256
+    import matplotlib
+
+    rgba = [0.0] * 4
+    table.GetColor(0, rgba)
+    np.testing.assert_allclose(rgba[:3], matplotlib.colormaps["viridis"](0.0)[:3], atol=1 / 255)
+    display = uncertainty_node.GetDisplayNode()
+    assert display.GetWindowLevelMin() == pytest.approx(float(case["uncertainty"].array.min()), abs=1e-6)
+    assert display.GetWindowLevelMax() == pytest.approx(float(case["uncertainty"].array.max()), abs=1e-6)
+
+    assert scene.GetFirstNode("MR", "vtkMRMLScalarVolumeNode") is not None
+    red = scene.GetSingletonNode("Red", "vtkMRMLSliceCompositeNode")
+    assert red.GetBackgroundVolumeID() == ct_node.GetID()
+    assert red.GetForegroundVolumeID() == uncertainty_node.GetID()
+
+
+def test_segments_missing_from_the_label_are_kept_empty(mrml, case):
+    scene, _logics = mrml.new_scene()
+    ct_node = mrml.add_volume(scene, case["ct"], "CT")
+    segments = _liver_segments() + [{"value": 2, "name": "Tumour", "color": (0.2, 0.9, 0.2)}]
+
+    node = mrml.add_segmentation(scene, case["label"], segments, reference_node=ct_node)
+
+    segmentation = node.GetSegmentation()
+    names = [segmentation.GetSegment(segmentation.GetNthSegmentID(n)).GetName() for n in range(2)]
+    assert names == ["Liver", "Tumour"]
+    assert np.array_equal(mrml.labelmap_from_segmentation(node, ct_node).array, case["label"].array)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # temporaries removed
+
+
+def test_label_values_without_a_segment_are_refused(mrml, case):
+    scene, _logics = mrml.new_scene()
+    label = case["label"].with_array(case["label"].array * 3)
+    with pytest.raises(InputError, match=r"found values \[3\]"):
+        mrml.add_segmentation(scene, label, _liver_segments())
+
+
+def test_write_mrb_requires_the_mrb_suffix(mrml, tmp_path):
+    scene, _logics = mrml.new_scene()
+    with pytest.raises(InputError, match="expected '.mrb'"):
+        mrml.write_mrb(scene, tmp_path / "scene.zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- overview
+def test_overview_png_is_written(case, tmp_path):
+    out = tmp_path / "overview.png"
+
+    write_overview_png(
+        out, case["ct"], case["label"], case["uncertainty"], reference=case["reference"], n_slices=3, title="liver"
+    )
+
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert 400 <= width <= 2000 and 300 <= height <= 1200
+    assert [p.name for p in tmp_path.iterdir()] == ["overview.png"]
+
+
+def test_overview_refuses_a_label_on_another_grid(case, tmp_path):
+    with pytest.raises(InputError, match="overview label: found shape"):
+        write_overview_png(tmp_path / "o.png", case["ct"], case["mr"], case["uncertainty"])
+
+
+def test_slices_cover_the_structure_and_take_the_largest_sections():
+    foreground = np.zeros((10, 8, 8), bool)
+    foreground[2:8, 2:4, 2:4] = True
+    foreground[3, :, :] = True  # the largest section in the first half
+    assert choose_slices(foreground, 2) == [3, 5]
+    assert choose_slices(foreground, 50) == [2, 3, 4, 5, 6, 7]
+    assert choose_slices(np.zeros((9, 4, 4), bool), 2) == [3, 5]

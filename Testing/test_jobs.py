@@ -1,0 +1,142 @@
+"""Workspace jobs in real subprocesses: lock, cancel (file and SIGTERM), kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from VQMedSegLib.data.volume import Volume
+from VQMedSegLib.errors import WorkspaceError
+from VQMedSegLib.jobs.events import read_events
+from VQMedSegLib.jobs.runner import JobContext, cancel, launch, running_job
+from VQMedSegLib.jobs.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _disk_case(seed: int) -> tuple[Volume, Volume]:
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[0:6, 0:48, 0:48]
+    cy, cx = 24 + rng.integers(-4, 5), 20 + rng.integers(-4, 5)
+    mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < 12**2) & (zz > 0)
+    ct = np.where(mask, 120.0, 20.0) + rng.normal(0, 10, mask.shape)
+    vol = Volume(ct.astype(np.float32), spacing=(2.0, 2.0, 5.0), origin=(-48, -48, 0))
+    return vol, vol.with_array(mask.astype(np.uint8))
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Workspace:
+    ws = Workspace.create(tmp_path / "ws", task="liver")
+    for i in range(2):
+        ct, label = _disk_case(i)
+        ws.add_case(f"case{i}", ct, slice_size=64)
+        ws.annotate(f"case{i}", label)
+    return ws
+
+
+def _events(ws: Workspace, job: str | None = None) -> list[dict]:
+    ev = read_events(ws.events_path).events
+    return [e for e in ev if job is None or e.get("job") == job]
+
+
+def _wait_for(ws: Workspace, job: str, type_: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for e in _events(ws, job):
+            if e["type"] == type_:
+                return e
+        if proc.poll() is not None:
+            log = (ws.job_dir(job) / "log.txt").read_text()
+            raise AssertionError(f"job exited with {proc.returncode} before '{type_}':\n{log}")
+        time.sleep(0.1)
+    raise AssertionError(f"no '{type_}' event within {timeout} s")
+
+
+def _train_args(ws: Workspace, iterations: int) -> list[str]:
+    return ["train", "--workspace", str(ws.root), "--method", "supervised", "--preset", "tiny",
+            "--iterations", str(iterations), "--device", "cpu"]
+
+
+def test_annotated_empty_slice_is_labelled(workspace):
+    ct, _ = _disk_case(5)
+    workspace.add_case("extra", ct, slice_size=64)
+    empty = ct.with_array(np.zeros(ct.shape, np.uint8))
+    assert workspace.annotate("extra", empty, slices=[0, 2]) == [0, 2]
+    assert workspace.labelled_slices()["extra"] == [0, 2]
+    assert workspace.load_annotation("extra").array.sum() == 0
+
+
+def test_second_job_is_refused_and_crashed_lock_is_released(workspace):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys,time; sys.path.insert(0, sys.argv[2]);"
+         "from VQMedSegLib.jobs.runner import JobContext; from VQMedSegLib.jobs.workspace import Workspace;"
+         "ctx = JobContext(Workspace(sys.argv[1]), 'hold').__enter__(); print('held', flush=True); time.sleep(60)",
+         str(workspace.root), str(REPO)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(WorkspaceError, match="busy"):
+        with JobContext(workspace, "second"):
+            pass
+    assert running_job(workspace)["kind"] == "hold"
+    holder.kill()  # kill -9: the lock dies with the process
+    holder.wait()
+    assert running_job(workspace) is None
+    with JobContext(workspace, "third") as ctx:
+        assert ctx.status == "running"
+
+
+def test_cancel_file_stops_job_cleanly_and_resume_continues(workspace):
+    proc, job = launch(_train_args(workspace, 100000), workspace, "train")
+    first_ckpt = _wait_for(workspace, job, "checkpoint", proc)
+    cancel(workspace, job_id=job, proc=proc, grace=60)
+    assert proc.returncode == 130
+    kinds = [e["type"] for e in _events(workspace, job)]
+    assert "cancelled" in kinds and "result" not in kinds
+    state = workspace.load_state()
+    assert state["models"] == []  # partial work is never presented as a finished model
+    assert [j["status"] for j in state["jobs"] if j["id"] == job] == ["cancelled"]
+    assert (workspace.checkpoint_dir("supervised") / "last.pt").exists()
+
+    proc2, job2 = launch(_train_args(workspace, 100000), workspace, "train")
+    resumed = _wait_for(workspace, job2, "resumed", proc2)
+    assert resumed["iteration"] >= first_ckpt["iteration"]
+    os.kill(proc2.pid, signal.SIGTERM)
+    assert proc2.wait(timeout=60) == 130
+    assert any(e["type"] == "cancelled" for e in _events(workspace, job2))
+
+
+def test_kill_9_then_resume_to_completion(workspace):
+    args = _train_args(workspace, 40)
+    proc, job = launch(args, workspace, "train")
+    ckpt = _wait_for(workspace, job, "checkpoint", proc)
+    proc.kill()
+    proc.wait()
+    json.loads(workspace.state_path.read_text())  # state.json still parses
+    proc2, job2 = launch(args, workspace, "train")
+    assert proc2.wait(timeout=300) == 0, (workspace.job_dir(job2) / "log.txt").read_text()
+    ev = _events(workspace, job2)
+    resumed = [e for e in ev if e["type"] == "resumed"]
+    assert resumed and resumed[0]["iteration"] >= ckpt["iteration"]
+    losses = [e["iteration"] for e in ev if e["type"] == "loss"]
+    assert min(losses) > ckpt["iteration"]  # no work before the checkpoint was redone
+    models = workspace.load_state()["models"]
+    assert len(models) == 1 and models[0]["method"] == "supervised"
+    assert workspace.resolve(models[0]["path"]).exists()
+    assert not (workspace.checkpoint_dir("supervised") / "last.pt").exists()
+
+
+def test_bad_input_exits_2_with_message(workspace):
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *_train_args(workspace, 5)[:-2], "--device", "cuda"],
+                       capture_output=True, text=True, cwd=REPO)
+    if r.returncode == 0:
+        pytest.skip("a GPU is present")
+    assert r.returncode == 2 and "--device cuda: CUDA is not available" in r.stderr

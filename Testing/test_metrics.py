@@ -1,0 +1,83 @@
+"""Metrics against values worked out by hand, and the empty-mask conventions."""
+
+import numpy as np
+import pytest
+
+from VQMedSegLib.data.volume import Volume
+from VQMedSegLib.errors import InputError
+from VQMedSegLib.metrics.segmentation import per_slice_scores, score_masks, score_volumes, summarize
+
+
+def _box(shape, lo, hi):
+    m = np.zeros(shape, bool)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return m
+
+
+def test_overlap_of_shifted_boxes():
+    ref = _box((10, 10, 10), (2, 2, 2), (6, 6, 6))  # 64 voxels
+    pred = _box((10, 10, 10), (3, 2, 2), (7, 6, 6))  # shifted by one slice: 48 shared
+    s = score_masks(pred, ref, spacing=(1, 1, 1))
+    assert s.dice == pytest.approx(0.75)
+    assert s.jaccard == pytest.approx(48 / 80)
+
+
+def test_distances_are_in_millimetres_along_anisotropic_axis():
+    """Two full-width one-voxel slabs three slices apart at 2.5 mm: every surface point is 7.5 mm away."""
+    ref = _box((10, 6, 6), (2, 0, 0), (3, 6, 6))
+    pred = _box((10, 6, 6), (5, 0, 0), (6, 6, 6))
+    s = score_masks(pred, ref, spacing=(2.5, 0.7, 0.7))
+    assert s.dice == 0
+    assert s.hd95 == pytest.approx(7.5)
+    assert s.asd == pytest.approx(7.5)
+    voxels = score_masks(pred, ref, spacing=None)
+    assert voxels.units == "voxels" and voxels.hd95 == pytest.approx(3.0)
+
+
+def test_identical_masks_score_perfectly():
+    ref = _box((8, 8, 8), (1, 2, 3), (6, 7, 7))
+    s = score_masks(ref, ref, spacing=(1, 2, 3))
+    assert (s.dice, s.jaccard, s.hd95, s.asd, s.empty) == (1.0, 1.0, 0.0, 0.0, None)
+
+
+def test_empty_conventions():
+    empty = np.zeros((4, 4, 4), bool)
+    full = _box((4, 4, 4), (1, 1, 1), (3, 3, 3))
+    both = score_masks(empty, empty, (1, 1, 1))
+    assert (both.dice, both.hd95, both.asd, both.empty) == (1.0, 0.0, 0.0, "both")
+    missed = score_masks(empty, full, (1, 1, 1))
+    assert (missed.dice, missed.jaccard, missed.hd95, missed.asd, missed.empty) == (0.0, 0.0, None, None, "prediction")
+    spurious = score_masks(full, empty, (1, 1, 1))
+    assert spurious.empty == "reference" and spurious.hd95 is None
+    summary = summarize([both, missed, score_masks(full, full, (1, 1, 1))])
+    assert summary["dice_mean"] == pytest.approx(2 / 3)
+    assert summary["hd95_mm_mean"] == 0.0 and summary["n_distance_undefined"] == 1
+
+
+def test_volume_scores_use_volume_spacing_and_check_grid():
+    ref_arr = np.zeros((10, 6, 6), np.uint8)
+    ref_arr[2] = 1
+    pred_arr = np.zeros_like(ref_arr)
+    pred_arr[5] = 1
+    # Volume spacing is (i, j, k): the slice axis k has 2.5 mm
+    ref = Volume(ref_arr, spacing=(0.7, 0.7, 2.5))
+    pred = ref.with_array(pred_arr)
+    assert score_volumes(pred, ref).hd95 == pytest.approx(7.5)
+    unknown = Volume(ref_arr, spacing=(1, 1, 1), metadata={"spacing_known": False})
+    assert score_volumes(unknown.with_array(pred_arr), unknown).units == "voxels"
+    shifted = Volume(pred_arr, spacing=(0.7, 0.7, 2.5), origin=(0, 0, 5))
+    with pytest.raises(InputError, match="origin"):
+        score_volumes(shifted, ref)
+
+
+def test_per_slice_scores():
+    ref_arr = np.zeros((3, 8, 8), np.uint8)
+    ref_arr[1, 2:6, 2:6] = 1
+    pred_arr = np.zeros_like(ref_arr)
+    pred_arr[1, 2:6, 3:7] = 1
+    pred_arr[2, 0, 0] = 1
+    ref = Volume(ref_arr, spacing=(0.5, 0.5, 3.0))
+    rows = per_slice_scores(ref.with_array(pred_arr), ref)
+    assert [r["empty"] for r in rows] == ["both", None, "reference"]
+    assert rows[1]["dice"] == pytest.approx(0.75)
+    assert rows[1]["hd95_mm"] == pytest.approx(0.5)

@@ -1,0 +1,341 @@
+"""The ``vqmedseg`` command line (also ``python -m VQMedSegLib``).
+
+Every sub-command turns a :class:`~VQMedSegLib.errors.VQMedSegError` into one line on
+stderr and its exit code (2 bad input, 3 workspace, 130 cancelled); anything else is a
+bug and shows its traceback with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .. import __version__
+from ..errors import InputError, VQMedSegError
+
+log = logging.getLogger("vqmedseg")
+
+
+def _parse_slices(text: str) -> list[int]:
+    """``"3,5,10-12"`` -> ``[3, 5, 10, 11, 12]``."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise InputError(f"--slices {text!r}: expected comma-separated indices or ranges such as 3,5,10-12") from None
+    return out
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+# ------------------------------------------------------------------ commands
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(args.out), preset=args.preset, device_name=args.device, seed=args.seed, iterations=args.iterations)
+    if args.json:
+        _print_json(result)
+    else:
+        m = result["metrics"]
+        sys.stdout.write(
+            f"demo finished in {result['seconds']:.0f} s: Dice {m['dice']:.3f}, HD95 {m['hd95_mm']:.1f} mm, "
+            f"ASD {m['asd_mm']:.2f} mm on held-out case {result['test_case']}\n"
+            f"open {Path(args.out) / 'scene.mrb'} in 3D Slicer; summary in {Path(args.out) / 'report.md'}\n"
+        )
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ..data.io import read_volume
+    from ..device import resolve_device
+    from ..inference.predict import load_model, predict_volume
+    from ..export.prediction import write_prediction
+
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.model, device)
+    ct = read_volume(args.ct, modality="CT")
+    mr = read_volume(args.mr, modality="MR") if args.mr else None
+    pred = predict_volume(model, ckpt, ct, device, mr=mr)
+    files = write_prediction(Path(args.out), pred)
+    if args.json:
+        _print_json({"outputs": {k: str(v) for k, v in files.items()}, "voxels": int(pred.label.array.sum())})
+    else:
+        for name, path in files.items():
+            sys.stdout.write(f"{name}: {path}\n")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..data.io import read_label
+    from ..metrics.segmentation import per_slice_scores, score_volumes
+
+    ref = read_label(args.ref)
+    pred = read_label(args.pred, reference=ref)
+    scores = score_volumes(pred, ref, label=args.label).to_json()
+    result = {"prediction": str(args.pred), "reference": str(args.ref), "label": args.label, **scores}
+    if args.per_slice:
+        result["per_slice"] = per_slice_scores(pred, ref, label=args.label)
+    if args.json:
+        _print_json(result)
+    else:
+        unit = "mm" if scores["units"] == "mm" else "vox"
+        hd = scores.get(f"hd95_{unit}")
+        asd = scores.get(f"asd_{unit}")
+        sys.stdout.write(
+            f"Dice {scores['dice']:.4f}  Jaccard {scores['jaccard']:.4f}  "
+            f"HD95 {'undefined' if hd is None else f'{hd:.2f} {unit}'}  ASD {'undefined' if asd is None else f'{asd:.2f} {unit}'}"
+            + (f"  (empty: {scores['empty']})" if scores["empty"] else "")
+            + "\n"
+        )
+    return 0
+
+
+def cmd_dataset_check(args) -> int:
+    from ..data.check import check_dataset, format_report
+
+    result = check_dataset(args.path)
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(format_report(result) + "\n")
+    return 0
+
+
+def cmd_workspace_init(args) -> int:
+    from ..jobs.workspace import Workspace
+
+    ws = Workspace.create(args.workspace, task=args.task)
+    sys.stdout.write(f"workspace {ws.root} ready for task {args.task}\n")
+    return 0
+
+
+def cmd_workspace_add(args) -> int:
+    from ..data.io import read_volume
+    from ..files import safe_id
+    from ..jobs.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    ct = read_volume(args.ct, modality="CT")
+    mr = read_volume(args.mr, modality="MR") if args.mr else None
+    entry = ws.add_case(safe_id(args.case), ct, mr)
+    sys.stdout.write(f"case {args.case}: {entry['n_slices']} slices{' + MR' if mr is not None else ''}\n")
+    return 0
+
+
+def cmd_workspace_annotate(args) -> int:
+    from ..data.io import read_label
+    from ..jobs.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    label = read_label(args.label)
+    slices = _parse_slices(args.slices) if args.slices else None
+    labelled = ws.annotate(args.case, label, slices=slices, label_value=args.label_value)
+    sys.stdout.write(f"case {args.case}: {len(labelled)} labelled slices\n")
+    return 0
+
+
+def cmd_workspace_status(args) -> int:
+    from ..jobs.runner import running_job
+    from ..jobs.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    state = ws.load_state()
+    labelled = ws.labelled_slices()
+    status = {
+        "workspace": str(ws.root),
+        "task": state["task"],
+        "cases": len(state["cases"]),
+        "labelled_slices": sum(len(v) for v in labelled.values()),
+        "total_slices": sum(c["n_slices"] for c in state["cases"].values()),
+        "rounds": len(state["rounds"]),
+        "models": [m["id"] for m in state["models"]],
+        "running_job": running_job(ws),
+        "last_jobs": state["jobs"][-5:],
+    }
+    if args.json:
+        _print_json(status)
+    else:
+        sys.stdout.write(
+            f"task {status['task']}: {status['cases']} cases, {status['labelled_slices']}/{status['total_slices']} slices labelled, "
+            f"{len(status['models'])} models, running: {status['running_job'] or 'nothing'}\n"
+        )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..config import TrainConfig, train_config_from_preset
+    from ..device import resolve_device
+    from ..jobs.runner import JobContext
+    from ..jobs.workspace import Workspace
+    from ..training.supervised import train_supervised
+
+    if args.method != "supervised":
+        raise InputError(f"--method {args.method!r}: expected 'supervised' (VQ-BEGAL and VQ-Seg training are not built yet)")
+    ws = Workspace.open(args.workspace)
+    if args.config:
+        config = TrainConfig.load(args.config)
+    else:
+        config = train_config_from_preset(args.preset, iterations=args.iterations, seed=args.seed)
+    if args.validation_cases:
+        config = config.replace(validation_cases=[c.strip() for c in args.validation_cases.split(",") if c.strip()])
+    device = resolve_device(args.device)
+    with JobContext(ws, "train", params={"method": args.method, "config": config.to_json(), "device": str(device)}) as ctx:
+        entry = train_supervised(ctx, ws, config, device)
+    sys.stdout.write(f"model {entry['id']} written to {ws.root / entry['path']}\n")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from ..jobs.runner import cancel, running_job
+    from ..jobs.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    info = running_job(ws)
+    cancel(ws, job_id=args.job)
+    sys.stdout.write(f"cancel requested for {info.get('job') if info else 'the next job to check'}\n")
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from ..data.io import write_volume
+    from ..data.phantoms import make_dataset
+
+    out = Path(args.out)
+    for case in make_dataset(args.kind, args.n, seed=args.seed):
+        write_volume(case.ct, out / case.case_id / "ct.nrrd")
+        write_volume(case.ct_label, out / case.case_id / "ct_label.nrrd")
+        if case.mr is not None:
+            write_volume(case.mr, out / case.case_id / "mr.nrrd")
+            write_volume(case.mr_label, out / case.case_id / "mr_label.nrrd")
+        sys.stdout.write(f"{out / case.case_id}\n")
+    return 0
+
+
+# -------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vqmedseg", description="Label-efficient CT/MR segmentation (VQ-BEGAL, VQ-Seg).")
+    p.add_argument("--version", action="version", version=f"vqmedseg {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def device_arg(sp):
+        sp.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+
+    d = sub.add_parser("demo", help="build a phantom example, train a small baseline, predict, write a Slicer scene")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--preset", default="quick", choices=["tiny", "quick", "standard"])
+    d.add_argument("--iterations", type=int, default=None, help="override the preset's training iterations")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true", help="print the result as JSON")
+    device_arg(d)
+    d.set_defaults(func=cmd_demo)
+
+    pr = sub.add_parser("predict", help="segment a CT with a trained model; writes label and uncertainty")
+    pr.add_argument("--model", required=True, help="checkpoint (.pt) written by vqmedseg train")
+    pr.add_argument("--ct", required=True, help="CT volume: NRRD, NIfTI, MHA or a DICOM folder")
+    pr.add_argument("--mr", help="optional MR volume")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--json", action="store_true")
+    device_arg(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (mm) of a prediction against a reference")
+    ev.add_argument("--pred", required=True)
+    ev.add_argument("--ref", required=True)
+    ev.add_argument("--label", type=int, default=1, help="label value to score (default 1)")
+    ev.add_argument("--per-slice", action="store_true", help="also score every slice")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    ds = sub.add_parser("dataset", help="dataset tools")
+    ds_sub = ds.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    dc = ds_sub.add_parser("check", help="list cases, label statistics and geometry problems")
+    dc.add_argument("path")
+    dc.add_argument("--json", action="store_true")
+    dc.set_defaults(func=cmd_dataset_check)
+
+    wsp = sub.add_parser("workspace", help="create and fill a workspace")
+    ws_sub = wsp.add_subparsers(dest="workspace_command", required=True, metavar="ACTION")
+    wi = ws_sub.add_parser("init", help="create a workspace folder")
+    wi.add_argument("workspace")
+    wi.add_argument("--task", default="liver", choices=["liver", "lung-tumour"])
+    wi.set_defaults(func=cmd_workspace_init)
+    wa = ws_sub.add_parser("add", help="register a case (CT and optional MR)")
+    wa.add_argument("workspace")
+    wa.add_argument("--case", required=True)
+    wa.add_argument("--ct", required=True)
+    wa.add_argument("--mr")
+    wa.set_defaults(func=cmd_workspace_add)
+    wn = ws_sub.add_parser("annotate", help="store annotated slices of a case from a label volume")
+    wn.add_argument("workspace")
+    wn.add_argument("--case", required=True)
+    wn.add_argument("--label", required=True, help="label volume on the case's CT grid (.nrrd, .nii.gz, .seg.nrrd)")
+    wn.add_argument("--slices", help="indices along the slice axis that were annotated, e.g. 3,5,10-12 (default: all)")
+    wn.add_argument("--label-value", type=int, default=None, help="foreground value (default: any non-zero)")
+    wn.set_defaults(func=cmd_workspace_annotate)
+    wst = ws_sub.add_parser("status", help="cases, labelled slices, models, running job")
+    wst.add_argument("workspace")
+    wst.add_argument("--json", action="store_true")
+    wst.set_defaults(func=cmd_workspace_status)
+
+    tr = sub.add_parser("train", help="train on the workspace's labelled slices (a resumable, cancellable job)")
+    tr.add_argument("--workspace", required=True)
+    tr.add_argument("--method", default="supervised")
+    tr.add_argument("--preset", default="quick", choices=["tiny", "quick", "standard"])
+    tr.add_argument("--config", help="JSON training configuration (overrides the preset)")
+    tr.add_argument("--iterations", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--validation-cases", help="comma-separated annotated cases used only for validation")
+    device_arg(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ca = sub.add_parser("cancel", help="ask the job running on a workspace to stop")
+    ca.add_argument("--workspace", required=True)
+    ca.add_argument("--job", help="job id (default: whichever job holds the workspace)")
+    ca.set_defaults(func=cmd_cancel)
+
+    ph = sub.add_parser("phantom", help="write synthetic phantom cases (CT, MR, labels) as NRRD")
+    ph.add_argument("--out", required=True)
+    ph.add_argument("--kind", default="phantom-liver", choices=["phantom-liver", "phantom-lung"])
+    ph.add_argument("--n", type=int, default=2)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.set_defaults(func=cmd_phantom)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if "OMP_NUM_THREADS" not in os.environ:
+        logging.getLogger("vqmedseg").debug("OMP_NUM_THREADS not set; torch picks its own thread count")
+    try:
+        return int(args.func(args) or 0)
+    except VQMedSegError as exc:
+        sys.stderr.write(f"vqmedseg {args.command}: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"vqmedseg {args.command}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

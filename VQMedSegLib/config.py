@@ -1,0 +1,165 @@
+"""Configuration dataclasses that round-trip to JSON.
+
+The same objects drive the command line, the Slicer module and the benchmarks. Loading
+is strict: an unknown key or a value of the wrong type is an error that names the key,
+what was found and what was expected, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Validate (and lightly coerce: int -> float, list -> tuple) one value."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(name, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key {name!r}: found {value!r}, expected {annotation}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {name!r}: found {type(value).__name__} {value!r}, expected a list")
+        item_type = args[0] if args else Any
+        items = [_check_type(f"{name}[{i}]", v, item_type) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r}: found {type(value).__name__}, expected an object")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {name!r}: found {type(value).__name__} {value!r}, expected a number")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {name!r}: found {type(value).__name__} {value!r}, expected an integer")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {name!r}: found {type(value).__name__} {value!r}, expected true or false")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {name!r}: found {type(value).__name__} {value!r}, expected a string")
+        return value
+    return value
+
+
+class JsonConfig:
+    """Mixin: strict ``from_json`` / ``to_json`` for dataclasses."""
+
+    def to_json(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_json(cls: type[T], data: dict, *, source: str = "config") -> T:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: found {type(data).__name__}, expected a JSON object")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; expected some of {', '.join(sorted(names))}")
+        values = {k: _check_type(k, v, hints[k]) for k, v in data.items()}
+        obj = cls(**values)  # type: ignore[call-arg]
+        validate = getattr(obj, "validate", None)
+        if validate:
+            validate()
+        return obj
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_json(data, source=f"config file {path}")  # type: ignore[attr-defined]
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass
+class TrainConfig(JsonConfig):
+    """Training of a 2-D segmentation network on labelled axial slices.
+
+    Defaults are the ``quick`` CPU preset; :data:`PRESETS` holds the others.
+    """
+
+    method: str = "supervised"
+    iterations: int = 600
+    batch_size: int = 8
+    slice_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    features: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
+    dropout: float = 0.0
+    augment: bool = True
+    foreground_fraction: float = 0.5
+    val_interval: int = 100
+    checkpoint_interval: int = 50
+    seed: int = 0
+    validation_cases: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        checks = [
+            (self.iterations >= 1, "iterations", self.iterations, "at least 1"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
+            (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
+            (self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number"),
+            (len(self.features) == 6, "features", self.features, "six channel counts (BasicUNet)"),
+            (0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)"),
+            (0.0 <= self.foreground_fraction <= 1.0, "foreground_fraction", self.foreground_fraction, "in [0, 1]"),
+            (self.checkpoint_interval >= 1, "checkpoint_interval", self.checkpoint_interval, "at least 1"),
+            (self.val_interval >= 1, "val_interval", self.val_interval, "at least 1"),
+        ]
+        for ok, key, value, expected in checks:
+            if not ok:
+                raise ConfigError(f"config key {key!r}: found {value!r}, expected {expected}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CI and unit tests: seconds
+    "tiny": {"iterations": 30, "batch_size": 4, "slice_size": 64, "val_interval": 10, "checkpoint_interval": 10},
+    # the built-in example on 2 CPU cores: about two minutes of training
+    "quick": {},
+    # a better model on CPU in roughly ten minutes
+    "standard": {"iterations": 2000, "slice_size": 160, "features": (16, 32, 64, 128, 256, 16), "val_interval": 200},
+}
+
+
+def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    data = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=f"preset {preset!r}")

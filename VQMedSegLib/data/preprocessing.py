@@ -1,0 +1,255 @@
+"""Intensity normalisation and the 2-D slice view of a volume, with its exact inverse.
+
+The 2-D models see axial slices of a volume reoriented to LPS (rows run anterior to
+posterior, columns patient-right to patient-left, the radiological view), each slice
+zero-padded to a square and resized to ``size x size``. :class:`SlicePlan` records every
+step so that :func:`slices_to_volume` puts per-slice outputs back onto the input's own
+voxel grid: same shape, spacing, origin and direction, whatever the input's orientation.
+Reorientation only permutes and flips axes (no resampling), so an oblique volume keeps
+its exact grid.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import Resize, SpatialPad
+
+from ..errors import InputError
+from .volume import Volume
+
+__all__ = [
+    "ct_window",
+    "mr_normalize",
+    "normalize",
+    "SlicePlan",
+    "plan_slices",
+    "extract_slices",
+    "extract_label_slices",
+    "slices_to_volume",
+    "orientation_to_lps",
+]
+
+
+# --------------------------------------------------------------------- intensities
+def ct_window(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip HU to ``window = (lower, upper)`` and scale to ``[0, 1]`` (float32)."""
+    lower, upper = float(window[0]), float(window[1])
+    if not upper > lower:
+        raise InputError(f"CT window {window}: expected lower < upper")
+    out = (np.asarray(array, dtype=np.float32) - lower) / (upper - lower)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def mr_normalize(array: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Scale MR intensities so the given percentiles of the foreground map to 0 and 1.
+
+    Foreground is every voxel above the 5th percentile of the whole image, which drops
+    the air around the body that otherwise dominates the histogram. Values are clipped.
+    """
+    arr = np.asarray(array, dtype=np.float32)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        raise InputError("MR image: found no finite voxel, expected intensities to normalise")
+    background = np.percentile(finite, 5.0)
+    foreground = finite[finite > background]
+    if foreground.size < 16:
+        foreground = finite
+    lo, hi = np.percentile(foreground, percentiles)
+    if hi <= lo:
+        hi = lo + 1.0
+    out = (arr - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def normalize(volume: Volume, modality: str, ct_window_hu: tuple[float, float]) -> np.ndarray:
+    """Normalise by modality: CT windowing, MR percentile scaling."""
+    modality = modality.upper()
+    if modality == "CT":
+        return ct_window(volume.array, ct_window_hu)
+    if modality == "MR":
+        return mr_normalize(volume.array)
+    raise InputError(f"modality {modality!r}: expected 'CT' or 'MR'")
+
+
+# --------------------------------------------------------------------- orientation
+def orientation_to_lps(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """For each LPS axis, the index axis closest to it and its sign.
+
+    Returns ``(axis_for_lps, sign_for_lps)``: index axis ``axis_for_lps[a]`` runs along
+    LPS axis ``a`` (0 = L, 1 = P, 2 = S) in direction ``sign_for_lps[a]``. The assignment
+    maximises the summed alignment over all six permutations, so an oblique direction
+    maps to one well-defined permutation.
+    """
+    direction = np.asarray(direction, dtype=float).reshape(3, 3)
+    best, best_score = None, -np.inf
+    for perm in itertools.permutations(range(3)):
+        # perm[a] = index axis assigned to LPS axis a; direction[:, n] is axis n in LPS.
+        score = sum(abs(direction[a, perm[a]]) for a in range(3))
+        if score > best_score + 1e-12:
+            best, best_score = perm, score
+    assert best is not None
+    signs = tuple(1 if direction[a, best[a]] >= 0 else -1 for a in range(3))
+    return tuple(best), signs  # type: ignore[return-value]
+
+
+def _to_canonical(array: np.ndarray, axis_for_lps, sign_for_lps) -> np.ndarray:
+    """Permute/flip the last three axes of ``[..., k, j, i]`` into ``[..., S, P, L]`` order."""
+    lead = array.ndim - 3
+    # numpy axis holding index axis n is lead + (2 - n); canonical order is (S, P, L) = LPS axes (2, 1, 0)
+    order = [lead + 2 - axis_for_lps[a] for a in (2, 1, 0)]
+    out = np.transpose(array, list(range(lead)) + order)
+    for pos, a in enumerate((2, 1, 0)):
+        if sign_for_lps[a] < 0:
+            out = np.flip(out, axis=lead + pos)
+    return out
+
+
+def _from_canonical(array: np.ndarray, axis_for_lps, sign_for_lps) -> np.ndarray:
+    """Inverse of :func:`_to_canonical`."""
+    lead = array.ndim - 3
+    for pos, a in enumerate((2, 1, 0)):
+        if sign_for_lps[a] < 0:
+            array = np.flip(array, axis=lead + pos)
+    order = [lead + 2 - axis_for_lps[a] for a in (2, 1, 0)]
+    inverse = np.argsort(order)
+    return np.transpose(array, list(range(lead)) + [lead + int(p) for p in inverse])
+
+
+# ---------------------------------------------------------------------- slice plan
+@dataclass(frozen=True)
+class SlicePlan:
+    """Everything needed to go from a volume to model slices and back.
+
+    Attributes:
+        grid: the input volume's geometry (an empty-array :class:`Volume` is not kept;
+            shape, spacing, origin and direction are).
+        axis_for_lps, sign_for_lps: the reorientation (see :func:`orientation_to_lps`).
+        canonical_shape: ``(S, P, L)`` shape after reorientation.
+        square: side of the zero-padded square slice (max of rows and columns).
+        size: side of the model slice.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    axis_for_lps: tuple[int, int, int]
+    sign_for_lps: tuple[int, int, int]
+    canonical_shape: tuple[int, int, int]
+    square: int
+    size: int
+
+    @property
+    def n_slices(self) -> int:
+        return self.canonical_shape[0]
+
+    @property
+    def slice_axis(self) -> int:
+        """Index axis (0 = i, 1 = j, 2 = k) that the model slices run along."""
+        return self.axis_for_lps[2]
+
+    def canonical_to_index_slice(self, s: int) -> int:
+        """Index along :attr:`slice_axis` of canonical (inferior-to-superior) slice ``s``."""
+        return s if self.sign_for_lps[2] > 0 else self.canonical_shape[0] - 1 - s
+
+    def index_to_canonical_slice(self, k: int) -> int:
+        return self.canonical_to_index_slice(k)  # the mapping is its own inverse
+
+    def to_json(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "axis_for_lps": list(self.axis_for_lps),
+            "sign_for_lps": list(self.sign_for_lps),
+            "canonical_shape": list(self.canonical_shape),
+            "square": self.square,
+            "size": self.size,
+        }
+
+
+def plan_slices(volume: Volume, size: int) -> SlicePlan:
+    """Plan the slice view of ``volume`` at ``size x size`` pixels."""
+    if int(size) < 16 or int(size) % 16:
+        raise InputError(f"slice size {size}: expected a multiple of 16, at least 16")
+    axis_for_lps, sign_for_lps = orientation_to_lps(volume.direction)
+    canonical_shape = _to_canonical(np.empty(volume.shape, dtype=np.uint8), axis_for_lps, sign_for_lps).shape
+    return SlicePlan(
+        shape=volume.shape,
+        spacing=tuple(volume.spacing),
+        origin=tuple(volume.origin),
+        direction=tuple(float(v) for v in volume.direction.ravel()),
+        axis_for_lps=axis_for_lps,
+        sign_for_lps=sign_for_lps,
+        canonical_shape=tuple(int(s) for s in canonical_shape),  # type: ignore[arg-type]
+        square=int(max(canonical_shape[1], canonical_shape[2])),
+        size=int(size),
+    )
+
+
+def _pad_resize(slices: np.ndarray, plan: SlicePlan, mode: str) -> np.ndarray:
+    """``[S, P, L]`` -> ``[S, size, size]``: centre zero-pad to a square, then resize.
+
+    The slices ride in MONAI's channel axis, so one 2-D transform handles them all.
+    """
+    padded = SpatialPad(spatial_size=(plan.square, plan.square), method="symmetric", mode="constant")(slices)
+    if plan.square == plan.size:
+        return np.asarray(padded)
+    anti_alias = mode != "nearest" and plan.size < plan.square
+    resized = Resize(spatial_size=(plan.size, plan.size), mode=mode, anti_aliasing=anti_alias)(padded)
+    return np.asarray(resized)
+
+
+def extract_slices(volume: Volume, plan: SlicePlan, values: np.ndarray | None = None) -> np.ndarray:
+    """Model slices ``[S, size, size]`` (float32) of ``values`` (default: the volume's array).
+
+    ``values`` lets a caller slice an already normalised copy of the volume's array.
+    """
+    arr = volume.array if values is None else values
+    if arr.shape != plan.shape:
+        raise InputError(f"extract_slices: array shape {arr.shape} does not match the plan's {plan.shape}")
+    canonical = np.ascontiguousarray(_to_canonical(arr.astype(np.float32, copy=False), plan.axis_for_lps, plan.sign_for_lps))
+    return _pad_resize(canonical, plan, mode="area" if plan.size < plan.square else "bilinear").astype(np.float32)
+
+
+def extract_label_slices(label: Volume | np.ndarray, plan: SlicePlan) -> np.ndarray:
+    """Label slices ``[S, size, size]`` (int64), resized with nearest neighbour."""
+    arr = label.array if isinstance(label, Volume) else np.asarray(label)
+    if arr.shape != plan.shape:
+        raise InputError(f"label shape {arr.shape} does not match the image's {plan.shape}")
+    canonical = np.ascontiguousarray(_to_canonical(arr.astype(np.float32), plan.axis_for_lps, plan.sign_for_lps))
+    return np.rint(_pad_resize(canonical, plan, mode="nearest")).astype(np.int64)
+
+
+def slices_to_volume(channels: np.ndarray | torch.Tensor, plan: SlicePlan) -> np.ndarray:
+    """Map per-slice outputs ``[S, C, size, size]`` back onto the input grid: ``[C, K, J, I]``.
+
+    Continuous outputs (probabilities) are resized bilinearly, then the padding is cropped
+    and the reorientation undone, so the result lines up voxel for voxel with the input.
+    Take the argmax afterwards, never before: resizing labels would shift boundaries.
+    """
+    x = torch.as_tensor(channels, dtype=torch.float32)
+    if x.ndim != 4 or x.shape[0] != plan.n_slices or x.shape[2:] != (plan.size, plan.size):
+        raise InputError(
+            f"slices_to_volume: found shape {tuple(x.shape)}, expected "
+            f"({plan.n_slices}, C, {plan.size}, {plan.size})"
+        )
+    if plan.size != plan.square:
+        x = F.interpolate(x, size=(plan.square, plan.square), mode="bilinear", align_corners=False)
+    _, rows, cols = plan.canonical_shape
+    r0 = (plan.square - rows) // 2
+    c0 = (plan.square - cols) // 2
+    x = x[:, :, r0 : r0 + rows, c0 : c0 + cols]
+    canonical = x.permute(1, 0, 2, 3).numpy()  # [C, S, P, L]
+    return np.ascontiguousarray(_from_canonical(canonical, plan.axis_for_lps, plan.sign_for_lps))
+
+
+def volume_from_plan(array: np.ndarray, plan: SlicePlan, **metadata) -> Volume:
+    """Wrap an array on the plan's input grid as a :class:`Volume` with that geometry."""
+    return Volume(array, plan.spacing, plan.origin, np.array(plan.direction).reshape(3, 3), dict(metadata))

@@ -1,0 +1,32 @@
+"""Errors a user can act on.
+
+Every message names the file or parameter, what was found and what was expected. The
+command line turns them into one line on stderr and a non-zero exit code (see
+``VQMedSegLib.cli.main``), never a traceback.
+"""
+
+
+class VQMedSegError(Exception):
+    """Base class: a problem the user can fix (bad input, bad configuration, busy workspace)."""
+
+    exit_code = 2
+
+
+class InputError(VQMedSegError):
+    """A file or parameter is missing, unreadable, or not what the task expects."""
+
+
+class ConfigError(VQMedSegError):
+    """A configuration has unknown keys, wrong types or out-of-range values."""
+
+
+class WorkspaceError(VQMedSegError):
+    """The workspace is missing, locked by another job, or of an incompatible version."""
+
+    exit_code = 3
+
+
+class JobCancelled(VQMedSegError):
+    """Raised inside a job when a cancel was requested; the job stops cleanly."""
+
+    exit_code = 130

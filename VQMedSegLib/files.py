@@ -1,0 +1,99 @@
+"""File-system helpers that never leave a half-written file behind.
+
+Every output goes to a temporary file in the destination folder and is renamed into
+place only once complete (``os.replace`` is atomic on POSIX and Windows), so a reader
+sees either the old file or the new one, even if the writer is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import InputError
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    The temporary name keeps the final suffix (``.nrrd``, ``.seg.nrrd`` ...) so writers
+    that choose a format from the extension still work. On an exception the temporary
+    file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def safe_id(value: str, what: str = "case identifier") -> str:
+    """Return ``value`` if it is safe as a single path component, else raise.
+
+    Identifiers come from file names and user input; they must never reach outside the
+    folder they are joined to (no ``..``, no separators, no leading dot).
+    """
+    if not isinstance(value, str) or not _SAFE_ID.match(value) or value in {".", ".."}:
+        raise InputError(
+            f"{what} {value!r}: expected letters, digits, '.', '_' or '-' (at most 128, "
+            "not starting with '.' or '-'), so that it cannot name a path outside the workspace"
+        )
+    return value
+
+
+def sanitize_id(value: str) -> str:
+    """Turn an arbitrary name (a file stem, a patient id) into a safe identifier."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("._-") or "case"
+    return safe_id(cleaned[:128])
+
+
+def _fsync_file(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

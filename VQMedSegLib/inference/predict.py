@@ -1,0 +1,77 @@
+"""Prediction on a whole volume: slices in, label and uncertainty maps out, on the input grid."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data.preprocessing import extract_slices, normalize, plan_slices, slices_to_volume
+from ..data.volume import Volume
+from ..errors import InputError
+from ..jobs.checkpoints import load_checkpoint
+from ..models.unet import build_from_spec
+from ..tasks import get_task
+from ..uncertainty.entropy import predictive_entropy
+
+log = logging.getLogger("vqmedseg")
+
+SUPPORTED_METHODS = ("supervised",)
+
+
+@dataclass
+class Prediction:
+    label: Volume  # uint8, 1 = target, on the CT grid
+    probability: Volume  # float32, target probability
+    uncertainty: dict[str, Volume]  # name -> float32 map (nats for "entropy")
+
+
+def load_model(path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    ckpt = load_checkpoint(path, methods=SUPPORTED_METHODS, map_location=device)
+    model = build_from_spec(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint {path}: weights do not fit the recorded model ({str(exc).splitlines()[0]})") from None
+    model.to(device).eval()
+    return model, ckpt
+
+
+@torch.no_grad()
+def predict_volume(
+    model: torch.nn.Module,
+    ckpt: dict,
+    ct: Volume,
+    device: torch.device,
+    mr: Volume | None = None,
+    batch_size: int = 16,
+    progress=None,
+) -> Prediction:
+    """Segment ``ct`` slice by slice; probabilities are mapped back before the argmax.
+
+    ``mr`` is accepted for a uniform interface; the supervised baseline is CT-only and
+    ignores it (logged).
+    """
+    task = get_task(ckpt.get("task", "liver"))
+    size = int(ckpt.get("preprocessing", {}).get("slice_size") or ckpt["config"]["slice_size"])
+    if mr is not None:
+        log.info("the %s model is CT-only; the MR is not used", ckpt["method"])
+    plan = plan_slices(ct, size)
+    slices = extract_slices(ct, plan, values=normalize(ct, "CT", task.ct_window))
+    probs = np.empty((plan.n_slices, 2, size, size), np.float32)
+    for start in range(0, plan.n_slices, batch_size):
+        x = torch.as_tensor(slices[start : start + batch_size, None], device=device)
+        probs[start : start + batch_size] = torch.softmax(model(x), dim=1).float().cpu().numpy()
+        if progress is not None:
+            progress(min(start + batch_size, plan.n_slices), plan.n_slices)
+    on_grid = slices_to_volume(probs, plan)  # [2, K, J, I]
+    label = (on_grid[1] > on_grid[0]).astype(np.uint8)
+    entropy = predictive_entropy(on_grid, axis=0)
+    meta = {"task": task.name, "method": ckpt["method"]}
+    return Prediction(
+        label=ct.with_array(label, **meta, kind="label"),
+        probability=ct.with_array(on_grid[1].astype(np.float32), **meta, kind="probability"),
+        uncertainty={"entropy": ct.with_array(entropy, **meta, kind="uncertainty", units="nats")},
+    )

@@ -1,0 +1,265 @@
+"""Running a job: one process, its events, its cancel request, its lock.
+
+Inside the job process, :class:`JobContext` takes the workspace's job lock (a second job
+on the same workspace is refused), numbers and writes events, shows a tqdm bar on a
+terminal, and turns a cancel request into :class:`~VQMedSegLib.errors.JobCancelled` at the
+next safe point. A cancel request is either SIGTERM or a file ``jobs/<id>/cancel`` (or
+``cancel`` at the workspace root, for "whatever is running").
+
+Outside, :func:`launch` starts a job as ``python -m VQMedSegLib ...`` in its own process
+group with an argument list (never a shell string), and :func:`cancel` asks it to stop,
+then kills the whole process tree if it does not.
+
+Exit codes: 0 done, 2 bad input or configuration, 3 workspace busy or broken,
+130 cancelled, 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..errors import JobCancelled, VQMedSegError, WorkspaceError
+from .events import EventLog
+from .locks import HeldLock, read_lock_info
+from .workspace import Workspace
+
+__all__ = ["JobContext", "launch", "cancel", "running_job", "new_job_id"]
+
+
+def new_job_id(kind: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{uuid.uuid4().hex[:6]}"
+
+
+class JobContext:
+    """The running job's handle. Use as a context manager around the job's work."""
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        kind: str,
+        job_id: str | None = None,
+        params: dict[str, Any] | None = None,
+        progress_bar: bool | None = None,
+    ):
+        self.workspace = workspace
+        self.kind = kind
+        self.job_id = job_id or os.environ.get("VQMEDSEG_JOB_ID") or new_job_id(kind)
+        self.params = params or {}
+        self.events: EventLog = workspace.events(self.job_id)
+        self._lock = HeldLock(workspace.lock_path)
+        self._cancel_signal = False
+        self._previous_handler: Any = None
+        self._bar = None
+        self._progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        self._last_progress_emit = 0.0
+        self.status = "created"
+
+    # ---------------------------------------------------------------- entering
+    def __enter__(self) -> "JobContext":
+        if not self._lock.try_acquire():
+            info = read_lock_info(self.workspace.lock_path)
+            raise WorkspaceError(
+                f"workspace {self.workspace.root} is busy: another job holds its lock ({info.strip() or 'unknown job'}); "
+                "wait for it to finish or cancel it with 'vqmedseg cancel --workspace ...'"
+            )
+        self._lock.write_info(
+            json.dumps({"job": self.job_id, "kind": self.kind, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        )
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_cancel_files()
+        if _in_main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.status = "running"
+        self.events.emit("started", kind=self.kind, pid=os.getpid(), params=self.params)
+        self._record_job("running")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._bar is not None:
+            self._bar.close()
+        try:
+            if exc_type is None:
+                self.status = "done"
+                self.events.emit("finished", status="done")
+            elif issubclass(exc_type, JobCancelled):
+                self.status = "cancelled"
+                self.events.emit("cancelled", status="cancelled", reason=str(exc) or "cancel requested")
+            elif issubclass(exc_type, VQMedSegError):
+                self.status = "failed"
+                self.events.emit("error", status="failed", message=str(exc))
+            else:
+                self.status = "failed"
+                self.events.emit(
+                    "error",
+                    status="failed",
+                    message=f"{exc_type.__name__}: {exc}",
+                    traceback="".join(traceback.format_exception(exc_type, exc, tb))[-4000:],
+                )
+            self._record_job(self.status)
+        finally:
+            self._clear_cancel_files()
+            if self._previous_handler is not None and _in_main_thread():
+                signal.signal(signal.SIGTERM, self._previous_handler)
+            self._lock.release()
+        return False
+
+    # ------------------------------------------------------------ cancellation
+    @property
+    def job_dir(self) -> Path:
+        return self.workspace.job_dir(self.job_id)
+
+    def _cancel_files(self) -> list[Path]:
+        return [self.job_dir / "cancel", self.workspace.root / "cancel"]
+
+    def _clear_cancel_files(self) -> None:
+        for f in self._cancel_files():
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._cancel_signal = True
+
+    def cancel_requested(self) -> bool:
+        return self._cancel_signal or any(f.exists() for f in self._cancel_files())
+
+    def check_cancel(self) -> None:
+        """Raise :class:`JobCancelled` if a cancel was requested (call between steps)."""
+        if self.cancel_requested():
+            raise JobCancelled("cancel requested" + (" (SIGTERM)" if self._cancel_signal else ""))
+
+    # ----------------------------------------------------------------- events
+    def emit(self, type: str, **fields: Any) -> dict:
+        return self.events.emit(type, **fields)
+
+    def progress(self, done: int, total: int, message: str = "", force: bool = False, **fields: Any) -> None:
+        """Report progress; events are throttled to about two a second."""
+        if self._progress_bar:
+            if self._bar is None:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc=self.kind, unit="it", dynamic_ncols=True)
+            self._bar.n = done
+            if fields:
+                self._bar.set_postfix({k: (round(v, 4) if isinstance(v, float) else v) for k, v in fields.items()}, refresh=False)
+            self._bar.refresh()
+        now = time.monotonic()
+        if force or done >= total or now - self._last_progress_emit > 0.5:
+            self._last_progress_emit = now
+            self.events.emit("progress", done=done, total=total, fraction=done / max(total, 1), message=message, **fields)
+
+    def warn(self, message: str) -> None:
+        import logging
+
+        logging.getLogger("vqmedseg").warning(message)
+        self.events.emit("warning", message=message)
+
+    def _record_job(self, status: str) -> None:
+        def update(state: dict) -> None:
+            jobs = [j for j in state.get("jobs", []) if j.get("id") != self.job_id]
+            entry = {"id": self.job_id, "kind": self.kind, "status": status, "pid": os.getpid(), "updated": time.time()}
+            state["jobs"] = (jobs + [entry])[-50:]
+
+        try:
+            self.workspace.update(update)
+        except VQMedSegError:
+            pass  # the event log already says what happened
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------- from the outside
+def launch(
+    args: list[str],
+    workspace: Workspace,
+    kind: str,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m VQMedSegLib <args>`` as a job; returns the process and the job id.
+
+    The process gets its own session/process group, so :func:`cancel` can end it with all
+    its children; its output goes to ``jobs/<id>/log.txt``.
+    """
+    job_id = new_job_id(kind)
+    job_dir = workspace.job_dir(job_id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    run_env = dict(os.environ if env is None else env)
+    run_env["VQMEDSEG_JOB_ID"] = job_id
+    run_env.setdefault("PYTHONUNBUFFERED", "1")
+    repo_root = str(Path(__file__).resolve().parents[2])
+    run_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, run_env.get("PYTHONPATH", "")) if p)
+    cmd = [python or sys.executable, "-m", "VQMedSegLib", *[str(a) for a in args]]
+    log = open(job_dir / "log.txt", "ab")
+    kwargs: dict[str, Any] = {}
+    if os.name == "nt":  # pragma: no cover
+        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+    else:
+        kwargs["start_new_session"] = True
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=run_env, **kwargs)
+    finally:
+        log.close()
+    return proc, job_id
+
+
+def running_job(workspace: Workspace) -> dict | None:
+    """Who holds the workspace's job lock right now, or ``None``."""
+    probe = HeldLock(workspace.lock_path)
+    if probe.try_acquire():
+        probe.release()
+        return None
+    try:
+        return json.loads(read_lock_info(workspace.lock_path) or "{}") or {"job": "unknown"}
+    except json.JSONDecodeError:
+        return {"job": "unknown"}
+
+
+def cancel(workspace: Workspace, job_id: str | None = None, proc: subprocess.Popen | None = None, grace: float = 15.0) -> bool:
+    """Ask the running job to stop; kill its process tree if it has not within ``grace`` s.
+
+    Returns True if a job was running.
+    """
+    info = running_job(workspace)
+    target = job_id or (info or {}).get("job")
+    if target and target != "unknown":
+        workspace.job_dir(target).mkdir(parents=True, exist_ok=True)
+        (workspace.job_dir(target) / "cancel").touch()
+    else:
+        (workspace.root / "cancel").touch()
+    if proc is None:
+        return info is not None
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return True
+        time.sleep(0.1)
+    kill_tree(proc.pid)
+    proc.wait(timeout=10)
+    return True
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a process and every process in its group (it was launched as a group leader)."""
+    if os.name == "nt":  # pragma: no cover
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

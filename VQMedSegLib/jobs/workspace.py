@@ -1,0 +1,289 @@
+"""A workspace: one folder per project, everything a job needs and everything it made.
+
+Layout::
+
+    WS/
+      state.json              format version, task, cases, labelled slices, models, jobs
+      events.jsonl            numbered events of every job (see events.py)
+      inputs/<case>/ct.nrrd   registered input volumes (copied, so the folder is self-contained)
+      inputs/<case>/mr.nrrd
+      annotations/<case>.nrrd annotated label volume on the CT grid
+      checkpoints/<job-kind>/ resumable training state
+      models/<model-id>.pt    finished models
+      predictions/<case>/     prediction.seg.nrrd, uncertainty.nrrd
+      jobs/<job-id>/          log of one job, its cancel request
+      job.lock                held by the running job (released by the OS if it dies)
+
+``state.json`` is only ever replaced atomically, under a short lock, so a Slicer session
+marking a slice as annotated and a training job recording a model never overwrite each
+other. Labelled slices are indices along the case's ``slice_axis`` in the CT's own voxel
+index space; an annotated slice with no foreground is labelled (it says "nothing here"),
+unlike a slice nobody looked at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..data.preprocessing import plan_slices
+from ..data.volume import Volume
+from ..errors import InputError, WorkspaceError
+from ..files import atomic_write_json, safe_id
+from ..tasks import get_task
+from .events import EventLog
+from .locks import file_lock
+
+FORMAT_VERSION = 1
+
+
+class Workspace:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def events_path(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "job.lock"
+
+    def case_dir(self, case_id: str) -> Path:
+        return self.root / "inputs" / safe_id(case_id)
+
+    def annotation_path(self, case_id: str) -> Path:
+        return self.root / "annotations" / f"{safe_id(case_id)}.nrrd"
+
+    def prediction_dir(self, case_id: str) -> Path:
+        return self.root / "predictions" / safe_id(case_id)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / safe_id(job_id, "job identifier")
+
+    def checkpoint_dir(self, kind: str) -> Path:
+        return self.root / "checkpoints" / safe_id(kind, "checkpoint kind")
+
+    def resolve(self, relative: str) -> Path:
+        """A path recorded in ``state.json``, guaranteed to stay inside the workspace."""
+        path = (self.root / relative).resolve()
+        if self.root.resolve() not in path.parents and path != self.root.resolve():
+            raise WorkspaceError(f"workspace {self.root}: recorded path {relative!r} points outside the workspace")
+        return path
+
+    def events(self, job: str | None = None) -> EventLog:
+        return EventLog(self.events_path, job)
+
+    # ------------------------------------------------------------ life cycle
+    @classmethod
+    def create(cls, root: str | os.PathLike, task: str = "liver", exist_ok: bool = True) -> "Workspace":
+        ws = cls(root)
+        get_task(task)
+        if ws.state_path.exists():
+            if not exist_ok:
+                raise WorkspaceError(f"workspace {ws.root}: already exists")
+            existing = ws.load_state()
+            if existing["task"] != task:
+                raise WorkspaceError(
+                    f"workspace {ws.root}: holds task {existing['task']!r}, asked for {task!r}; use another folder"
+                )
+            return ws
+        try:
+            ws.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WorkspaceError(f"workspace {ws.root}: cannot create the folder ({exc.strerror})") from None
+        now = time.time()
+        state = {
+            "format_version": FORMAT_VERSION,
+            "created": now,
+            "updated": now,
+            "task": task,
+            "cases": {},
+            "annotations": {},
+            "rounds": [],
+            "models": [],
+            "jobs": [],
+        }
+        try:
+            atomic_write_json(ws.state_path, state)
+        except OSError as exc:
+            raise WorkspaceError(f"workspace {ws.root}: cannot write state.json ({exc.strerror})") from None
+        return ws
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "Workspace":
+        ws = cls(root)
+        ws.load_state()
+        return ws
+
+    def load_state(self) -> dict:
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise WorkspaceError(
+                f"workspace {self.root}: no state.json found; create one with 'vqmedseg workspace init'"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise WorkspaceError(f"workspace {self.state_path}: not valid JSON ({exc.msg})") from None
+        version = state.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise WorkspaceError(
+                f"workspace {self.state_path}: format version {version!r} is newer than this VQMedSeg "
+                f"understands (up to {FORMAT_VERSION}); update VQMedSeg"
+            )
+        return state
+
+    @contextmanager
+    def edit_state(self) -> Iterator[dict]:
+        """Read-modify-write ``state.json`` under the state lock; written only if the block succeeds."""
+        with file_lock(self.root / ".state.lock"):
+            state = self.load_state()
+            yield state
+            state["updated"] = time.time()
+            try:
+                atomic_write_json(self.state_path, state)
+            except OSError as exc:
+                raise WorkspaceError(f"workspace {self.state_path}: cannot write ({exc.strerror})") from None
+
+    @property
+    def task(self) -> str:
+        return self.load_state()["task"]
+
+    # ------------------------------------------------------------------ cases
+    def add_case(self, case_id: str, ct: Volume, mr: Volume | None = None, slice_size: int = 128) -> dict:
+        """Register a case: copy its volumes into ``inputs/`` and record their geometry."""
+        from ..data.io import write_volume  # local: keeps `import workspace` light
+
+        safe_id(case_id)
+        case_dir = self.case_dir(case_id)
+        write_volume(ct, case_dir / "ct.nrrd")
+        if mr is not None:
+            write_volume(mr, case_dir / "mr.nrrd")
+        plan = plan_slices(ct, slice_size)
+        entry = {
+            "ct": f"inputs/{case_id}/ct.nrrd",
+            "mr": f"inputs/{case_id}/mr.nrrd" if mr is not None else None,
+            "shape": list(ct.shape),
+            "spacing": list(ct.spacing),
+            "slice_axis": plan.slice_axis,
+            "n_slices": plan.n_slices,
+            "added": time.time(),
+        }
+        with self.edit_state() as state:
+            state["cases"][case_id] = entry
+        self.events().emit("case_added", case=case_id, has_mr=mr is not None)
+        return entry
+
+    def cases(self) -> dict[str, dict]:
+        return self.load_state()["cases"]
+
+    def case(self, case_id: str) -> dict:
+        cases = self.cases()
+        if case_id not in cases:
+            raise InputError(
+                f"case {case_id!r}: not in workspace {self.root}; known cases: {', '.join(sorted(cases)) or 'none'}"
+            )
+        return cases[case_id]
+
+    def load_ct(self, case_id: str) -> Volume:
+        from ..data.io import read_volume
+
+        return read_volume(self.resolve(self.case(case_id)["ct"]), modality="CT")
+
+    def load_mr(self, case_id: str) -> Volume | None:
+        from ..data.io import read_volume
+
+        rel = self.case(case_id).get("mr")
+        return read_volume(self.resolve(rel), modality="MR") if rel else None
+
+    # ------------------------------------------------------------ annotations
+    def annotate(
+        self,
+        case_id: str,
+        label: Volume,
+        slices: list[int] | None = None,
+        label_value: int | None = None,
+    ) -> list[int]:
+        """Store annotated slices of ``case_id`` and mark them labelled.
+
+        Args:
+            label: a label volume on the case's CT grid. Foreground is ``label_value``
+                when given, else any non-zero voxel.
+            slices: indices along the case's slice axis that the annotator looked at.
+                ``None`` means every slice of ``label`` (a fully annotated volume).
+        Returns the sorted list of all labelled slices of the case.
+        """
+        from ..data.io import read_label, write_volume
+
+        entry = self.case(case_id)
+        ct_geometry = Volume(np.zeros(entry["shape"], np.uint8), *self._geometry(case_id))
+        problems = ct_geometry.geometry_mismatch(label)
+        if problems:
+            raise InputError(f"annotation for case {case_id!r}: its grid differs from the CT: " + "; ".join(problems))
+        axis = entry["slice_axis"]
+        n = entry["n_slices"]
+        wanted = list(range(n)) if slices is None else sorted({int(s) for s in slices})
+        bad = [s for s in wanted if not 0 <= s < n]
+        if bad:
+            raise InputError(f"annotated slices {bad} of case {case_id!r}: expected indices in 0..{n - 1}")
+        fg = (label.array == label_value) if label_value is not None else (label.array != 0)
+        with file_lock(self.root / ".annotations.lock"):
+            path = self.annotation_path(case_id)
+            stored = read_label(path).array.copy() if path.exists() else np.zeros(entry["shape"], np.uint8)
+            index = [slice(None)] * 3
+            np_axis = 2 - axis  # numpy axis of index axis `axis`
+            for s in wanted:
+                index[np_axis] = s
+                stored[tuple(index)] = fg[tuple(index)].astype(np.uint8)
+            write_volume(ct_geometry.with_array(stored), path)
+            with self.edit_state() as state:
+                record = state["annotations"].setdefault(case_id, {"file": f"annotations/{case_id}.nrrd", "slices": []})
+                record["slices"] = sorted(set(record["slices"]) | set(wanted))
+                labelled = record["slices"]
+        self.events().emit("annotated", case=case_id, slices=wanted, labelled=len(labelled))
+        return labelled
+
+    def _geometry(self, case_id: str) -> tuple:
+        ct = self.load_ct(case_id)
+        return ct.spacing, ct.origin, ct.direction
+
+    def labelled_slices(self) -> dict[str, list[int]]:
+        return {c: rec["slices"] for c, rec in self.load_state()["annotations"].items() if rec["slices"]}
+
+    def load_annotation(self, case_id: str) -> Volume | None:
+        from ..data.io import read_label
+
+        rec = self.load_state()["annotations"].get(case_id)
+        return read_label(self.resolve(rec["file"])) if rec else None
+
+    # ----------------------------------------------------------------- models
+    def record_model(self, model_id: str, path: Path, method: str, **info: Any) -> dict:
+        entry = {
+            "id": model_id,
+            "method": method,
+            "path": str(path.relative_to(self.root)) if path.is_absolute() else str(path),
+            "created": time.time(),
+            **info,
+        }
+        with self.edit_state() as state:
+            state["models"] = [m for m in state["models"] if m["id"] != model_id] + [entry]
+        return entry
+
+    def latest_model(self, method: str | None = None) -> dict | None:
+        models = [m for m in self.load_state()["models"] if method is None or m["method"] == method]
+        return models[-1] if models else None
+
+    def update(self, fn: Callable[[dict], None]) -> None:
+        with self.edit_state() as state:
+            fn(state)

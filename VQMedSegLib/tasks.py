@@ -1,0 +1,50 @@
+"""Segmentation targets: which label to learn, how to show it, how to window the CT.
+
+A task fixes the intensity preset, the segment's name and colour, and a standard
+terminology entry (DICOM SCT codes, as Slicer's Segment Editor uses them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    segment_name: str
+    color: tuple[float, float, float]
+    ct_window: tuple[float, float]  # (lower, upper) HU
+    terminology: str
+    description: str
+
+
+TASKS: dict[str, Task] = {
+    "liver": Task(
+        name="liver",
+        segment_name="Liver",
+        color=(221 / 255, 130 / 255, 101 / 255),
+        ct_window=(-160.0, 240.0),  # abdominal window: level 40, width 400
+        terminology="Segmentation category and type - 3D Slicer General Anatomy list"
+        "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^",
+        description="Liver on contrast-enhanced abdominal CT",
+    ),
+    "lung-tumour": Task(
+        name="lung-tumour",
+        segment_name="Lung tumour",
+        color=(144 / 255, 238 / 255, 144 / 255),
+        ct_window=(-1000.0, 400.0),  # lung window wide enough to keep soft-tissue tumour contrast
+        terminology="Segmentation category and type - 3D Slicer General Anatomy list"
+        "~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^",
+        description="Solid tumour in the lung on chest CT",
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise InputError(f"task {name!r}: expected one of {', '.join(sorted(TASKS))}") from None
