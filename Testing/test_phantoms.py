@@ -117,12 +117,15 @@ def test_spleen_is_a_real_distractor(abdomen, seed: int) -> None:
 
 
 def test_no_single_threshold_isolates_the_liver(abdomen) -> None:
-    """Voxels in the liver HU band that are not liver must be plentiful (spleen, vessels, heart...)."""
+    """Even the best HU window, chosen with the answer known, gives a poor liver Dice."""
     case = abdomen[0]
     ct, liver = case.ct.array, case.ct_label.array == 1
-    lo, hi = np.percentile(ct[liver], [10, 90])
-    band = (ct >= lo) & (ct <= hi)
-    assert (band & ~liver).sum() > 0.3 * (band & liver).sum()
+    best = 0.0
+    for lo in range(50, 140, 10):
+        for hi in range(lo + 20, 260, 10):
+            band = (ct >= lo) & (ct <= hi)
+            best = max(best, 2.0 * (band & liver).sum() / (band.sum() + liver.sum()))
+    assert best < 0.85
 
 
 @pytest.mark.parametrize("seed", SEEDS)

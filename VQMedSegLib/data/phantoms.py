@@ -108,7 +108,7 @@ def _rotation(yaw_deg: float = 0.0, pitch_deg: float = 0.0, roll_deg: float = 0.
     return rz @ rx @ ry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Ellipsoid:
     """An ellipsoid in the patient frame; ``level`` is its squared normalised radius."""
 
@@ -121,7 +121,7 @@ class _Ellipsoid:
         dx, dy, dz = x - self.centre[0], y - self.centre[1], z - self.centre[2]
         if self.rot is None:
             return dx, dy, dz
-        r = self.rot
+        r = self.rot.astype(np.float32)  # float64 scalars would silently promote the grids
         return (
             r[0, 0] * dx + r[1, 0] * dy + r[2, 0] * dz,
             r[0, 1] * dx + r[1, 1] * dy + r[2, 1] * dz,
@@ -168,7 +168,7 @@ def _smooth_min(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
 
 def _superellipse(u: np.ndarray, v: np.ndarray, a: float, b: float, p_post: float) -> np.ndarray:
     """Normalised body-outline level: an ellipse in front, flatter behind (patient lies supine)."""
-    p = np.where(v > 0, p_post, 2.0)
+    p = np.where(v > 0, np.float32(p_post), np.float32(2.0))
     return np.abs(u / a) ** p + np.abs(v / b) ** p
 
 
@@ -377,7 +377,8 @@ class _Trunk:
         if paraspinal:
             for side in (-1.0, 1.0):
                 e = _Ellipsoid((side * 36.0, canal + 8.0, 0.0), (30.0, 22.0, big))
-                cv.paint(_T["muscle"], e.inside, (side * 36.0 - 30, canal - 14, -big), (side * 36.0 + 30, canal + 30, big))
+                lo, hi = (side * 36.0 - 30.0, canal - 14.0, -big), (side * 36.0 + 30.0, canal + 30.0, big)
+                cv.paint(_T["muscle"], e.inside, lo, hi)
         body = _Ellipsoid((0.0, vb, 0.0), (rx, ry, big))
         lo, hi = (-rx - 2, vb - ry - 2, -big), (rx + 2, vb + ry + 2, big)
         cv.paint(_T["bone_cortical"], body.inside, lo, hi)
@@ -563,6 +564,10 @@ class _AbdomenModel:
 
         # Above the diaphragm: lung bases, heart and a mediastinal strip.
         cv.tissue[above] = _T["lung"]
+        # Epicardial fat gives the heart a dark rim, as on real CT, so it does not merge
+        # with the liver dome across the thin diaphragm.
+        cv.paint(_T["visceral_fat"], lambda x, y, z: self.heart.inside(x, y, z, grow=5.0), *self.heart.bounds(5.0),
+                 within=above)
         cv.paint(_T["heart"], self.heart.inside, *self.heart.bounds(), within=above)
         cv.paint(_T["visceral_fat"], lambda x, y, z: (np.abs(x) < 26.0) & (y > -10.0), *everywhere, within=above)
         cv.paint(_T["muscle"], lambda x, y, z: (z >= self.diaphragm(x, y) - 4.0) & (z < self.diaphragm(x, y)),
@@ -611,8 +616,10 @@ class _AbdomenModel:
             cv.paint(_T["kidney_medulla"], lambda x, y, z, k=kid: k.level(x, y, z) < 0.55, *kid.bounds(), label=label,
                      within=cavity)
 
-            def sinus(x: np.ndarray, y: np.ndarray, z: np.ndarray, k: _Ellipsoid = kid, side: float = side) -> np.ndarray:
-                lx, ly, lz = k.local(x, y, z)
+            def sinus(
+                x: np.ndarray, y: np.ndarray, z: np.ndarray, k: _Ellipsoid = kid, side: float = side
+            ) -> np.ndarray:
+                lx, _, lz = k.local(x, y, z)
                 # The hilum opens medially (towards the spine).
                 return (k.level(x, y, z) < 0.6) & (-side * lx > 0.1 * k.radii[0]) & (np.abs(lz) < 0.45 * k.radii[2])
 
@@ -703,8 +710,8 @@ class _ChestModel:
         vb = t.vb_centre_v
         m = t.cavity(x, y, z)
         m &= ~self.mediastinum.inside(x, y, z)
-        m &= ~self.heart.inside(x, y, z)
-        m &= z > self.dome - 30.0 * ((np.abs(x) - 55.0 * self.sx) / 90.0) ** 2 + (x > 0) * -10.0
+        m &= ~self.heart.inside(x, y, z, grow=5.0)  # leaves a rim of epicardial fat
+        m &= ~self.below_dome(x, y, z)
         # The spine (with a rim of paravertebral tissue) and the oesophagus/azygos strip in
         # front of it bulge into the back of the chest.
         rx, ry = t.vb_radii[0] + 8.0, t.vb_radii[1] + 8.0
@@ -713,6 +720,11 @@ class _ChestModel:
         ax, ay, ar = self.desc_aorta
         m &= (x - ax) ** 2 + (y - ay) ** 2 > (ar + 2.0) ** 2
         return m
+
+    def below_dome(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Under the diaphragm (the left dome sits 10 mm lower than the right)."""
+        dome = self.dome - 30.0 * ((np.abs(x) - 55.0 * self.sx) / 90.0) ** 2 - 25.0 * ((y - 10.0) / 90.0) ** 2
+        return z <= dome - 10.0 * (x > 0)
 
     def tumour(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         c = self.tumour_centre
@@ -736,7 +748,7 @@ class _ChestModel:
         cv.tissue[cavity] = _T["visceral_fat"]  # mediastinal fat unless something else claims it
 
         # Upper abdomen under the domes (liver on the right, stomach/spleen on the left).
-        cv.paint(_T["liver"], lambda x, y, z: np.ones(x.shape, dtype=bool), *everywhere, within=cavity)
+        cv.paint(_T["liver"], self.below_dome, *everywhere, within=cavity)
         cv.paint(_T["lung"], self.lung, *everywhere, within=cavity)
         cv.paint(_T["heart"], self.heart.inside, *self.heart.bounds(), within=cavity)
 

@@ -1,0 +1,122 @@
+"""The command line end to end: the demo (quick preset, the one users run), predict,
+evaluate and dataset check, each in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from VQMedSegLib.data.io import read_label, read_volume, write_volume
+from VQMedSegLib.data.phantoms import make_abdominal_case
+from VQMedSegLib.data.volume import Volume
+
+from conftest import oblique_direction
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def vqmedseg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=REPO)
+    if check and r.returncode != 0:
+        raise AssertionError(f"vqmedseg {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    vqmedseg("demo", "--out", out, "--device", "cpu", "--json")
+    return out
+
+
+@pytest.mark.slow
+def test_demo_reaches_target_dice_and_writes_every_output(demo_out):
+    metrics = json.loads((demo_out / "metrics.json").read_text())
+    for key in ("dice", "hd95_mm", "asd_mm"):
+        assert key in metrics
+    assert metrics["dice"] >= 0.85, metrics
+    assert metrics["hd95_mm"] is not None and metrics["hd95_mm"] < 20
+    for name in ("prediction.seg.nrrd", "uncertainty.nrrd", "scene.mrb", "overview.png", "report.md"):
+        assert (demo_out / name).stat().st_size > 0, name
+    assert (demo_out / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{metrics['dice']:.4f}" in (demo_out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_scene_opens_with_segmentation_and_coloured_uncertainty(demo_out):
+    pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e '.[all]')")
+    from VQMedSegLib.export.mrml import read_mrb
+
+    scene, _logics = read_mrb(demo_out / "scene.mrb")
+    segs = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
+    assert len(segs) == 1
+    segmentation = segs[0].GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment = segmentation.GetNthSegment(0)
+    assert segment.GetName() == "Liver"
+    assert segment.GetColor() != (0.5, 0.5, 0.5)
+    volumes = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    uncertainty = [v for v in volumes if v.GetAttribute("VQMedSeg.Role") == "uncertainty"]
+    assert len(uncertainty) == 1
+    colour = uncertainty[0].GetDisplayNode().GetColorNode()
+    assert colour is not None and colour.GetNumberOfColors() == 256 and "viridis" in colour.GetName().lower()
+    assert {v.GetAttribute("VQMedSeg.Role") for v in volumes} >= {"image", "uncertainty"}
+    assert len(volumes) == 3  # CT, MR and the uncertainty map
+
+
+@pytest.mark.slow
+def test_demo_outputs_are_on_the_held_out_grid(demo_out):
+    seg = read_label(demo_out / "prediction.seg.nrrd")
+    unc = read_volume(demo_out / "uncertainty.nrrd")
+    assert seg.same_geometry(unc)
+    assert set(np.unique(seg.array)) <= {0, 1} and seg.array.sum() > 0
+    assert 0 <= unc.array.min() and unc.array.max() <= np.log(2) + 1e-5
+
+
+@pytest.mark.slow
+def test_predict_keeps_an_oblique_grid_and_evaluate_reports_mm(demo_out, tmp_path):
+    model = next((demo_out / "workspace" / "models").glob("*.pt"))
+    case = make_abdominal_case(seed=1234, with_mr=False)
+    # the same phantom, stored on a rotated grid with a shifted origin
+    ct = Volume(case.ct.array, case.ct.spacing, (12.5, -30.0, 47.0), oblique_direction((0.1, -0.05, 0.2)))
+    ref = ct.with_array((case.ct_label.array == 1).astype(np.uint8))
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    write_volume(ref, tmp_path / "ref.nrrd")
+    vqmedseg("predict", "--model", model, "--ct", tmp_path / "ct.nii.gz", "--out", tmp_path / "pred", "--device", "cpu")
+    pred = read_label(tmp_path / "pred" / "prediction.seg.nrrd")
+    assert pred.same_geometry(read_volume(tmp_path / "ct.nii.gz"), tol=1e-4)
+    result = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "pred" / "prediction.seg.nrrd", "--ref", tmp_path / "ref.nrrd", "--json").stdout)
+    assert result["units"] == "mm" and result["dice"] > 0.8 and result["hd95_mm"] > 0
+
+
+def test_evaluate_rejects_mismatched_grids(tmp_path):
+    a = Volume(np.ones((3, 8, 8), np.uint8), spacing=(1, 1, 2))
+    b = Volume(np.ones((3, 8, 8), np.uint8), spacing=(1, 1, 3))
+    write_volume(a, tmp_path / "a.nrrd")
+    write_volume(b, tmp_path / "b.nrrd")
+    r = vqmedseg("evaluate", "--pred", tmp_path / "a.nrrd", "--ref", tmp_path / "b.nrrd", check=False)
+    assert r.returncode == 2 and "spacing" in r.stderr and "a.nrrd" in r.stderr
+
+
+def test_predict_refuses_a_missing_model(tmp_path):
+    r = vqmedseg("predict", "--model", tmp_path / "none.pt", "--ct", tmp_path / "ct.nrrd", "--out", tmp_path, check=False)
+    assert r.returncode == 2 and "none.pt: not found" in r.stderr
+
+
+@pytest.mark.realdata
+def test_dataset_check_finds_chaos_ct_aligned(real_data):
+    r = vqmedseg("dataset", "check", real_data / "chaos" / "Train_Sets" / "CT" / "1", "--json")
+    cases = json.loads(r.stdout)["cases"]
+    assert len(cases) == 1
+    case = cases[0]
+    assert case["modality"] == "CT" and case["shape"] == [512, 512, 78]
+    assert np.allclose(case["spacing"][2], 2.0, atol=0.01)
+    liver = case["labels"]["1"]
+    assert liver["voxels"] > 100000
+    assert liver["mean_intensity"] > 100, "contrast-enhanced liver must be well above 100 HU when aligned"
+    assert case["labels"]["0"]["mean_intensity"] < 0
