@@ -163,3 +163,91 @@ def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
         raise ConfigError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
     data = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=f"preset {preset!r}")
+
+
+@dataclass
+class BEGALConfig(JsonConfig):
+    """VQ-BEGAL model, loss weights and round schedule.
+
+    Loss weights are the paper's (seg 5, VQ 0.5, discriminator 0.25, commitment 0.2).
+    Each round after the first trains in phases: ``encoder_iterations`` on the
+    low-uncertainty slices with the decoder frozen, then ``decoder_iterations`` on the
+    high-uncertainty slices with the encoders, codebook and D frozen, then an optional
+    ``joint_iterations`` on everything. Round 0 (the initial random set) and the
+    baseline strategies train end to end for the same total number of iterations.
+    """
+
+    slice_size: int = 128
+    features: tuple[int, ...] = (16, 32, 64, 128, 256)
+    code_dim: int = 64
+    num_codes: int = 1024
+    decoder_dropout: float = 0.1
+    mr_dropout: float = 0.3
+    adversarial_scale: float = 1.0
+    seg_weight: float = 5.0
+    vq_weight: float = 0.5
+    disc_weight: float = 0.25
+    commit_weight: float = 0.2
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    unlabelled_batch: int = 4
+    initial_iterations: int = 300
+    encoder_iterations: int = 100
+    decoder_iterations: int = 100
+    joint_iterations: int = 0
+    augment: bool = True
+    mc_samples: int = 10
+    patience: int = 0
+    min_delta: float = 0.005
+    checkpoint_interval: int = 50
+    seed: int = 0
+    validation_cases: list[str] = field(default_factory=list)
+
+    @property
+    def round_iterations(self) -> int:
+        return self.encoder_iterations + self.decoder_iterations + self.joint_iterations
+
+    def validate(self) -> None:
+        checks = [
+            (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
+            (len(self.features) == 5, "features", self.features, "five channel counts"),
+            (self.num_codes >= 2, "num_codes", self.num_codes, "at least 2"),
+            (self.code_dim >= 1, "code_dim", self.code_dim, "at least 1"),
+            (0 <= self.decoder_dropout < 1, "decoder_dropout", self.decoder_dropout, "in [0, 1)"),
+            (0 <= self.mr_dropout <= 1, "mr_dropout", self.mr_dropout, "in [0, 1]"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
+            (self.initial_iterations >= 1, "initial_iterations", self.initial_iterations, "at least 1"),
+            (self.round_iterations >= 1, "encoder/decoder/joint_iterations", self.round_iterations, "a positive sum"),
+            (self.mc_samples >= 2, "mc_samples", self.mc_samples, "at least 2"),
+            (self.patience >= 0, "patience", self.patience, "0 (off) or more rounds"),
+            (self.checkpoint_interval >= 1, "checkpoint_interval", self.checkpoint_interval, "at least 1"),
+        ]
+        for ok, key, value, expected in checks:
+            if not ok:
+                raise ConfigError(f"config key {key!r}: found {value!r}, expected {expected}")
+
+
+BEGAL_PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: a few seconds per round
+    "tiny": {"slice_size": 32, "features": (4, 8, 8, 16, 16), "code_dim": 8, "num_codes": 64, "batch_size": 4,
+             "unlabelled_batch": 2, "initial_iterations": 12, "encoder_iterations": 6, "decoder_iterations": 6,
+             "checkpoint_interval": 5, "mc_samples": 3},
+    # CPU: the six-strategy comparison on phantoms in minutes
+    "quick": {"slice_size": 64, "features": (8, 16, 32, 64, 64), "code_dim": 32, "num_codes": 256,
+              "initial_iterations": 100, "encoder_iterations": 40, "decoder_iterations": 40, "joint_iterations": 0},
+    # CPU, real scans (CHAOS): larger slices, longer rounds
+    "cpu": {"slice_size": 128, "features": (8, 16, 32, 64, 128), "code_dim": 32, "num_codes": 512,
+            "initial_iterations": 300, "encoder_iterations": 100, "decoder_iterations": 100},
+    # the paper's setting, for a GPU: K = 1024, 256x256 slices, long rounds
+    "paper": {"slice_size": 256, "features": (32, 64, 128, 256, 512), "code_dim": 256, "num_codes": 1024,
+              "batch_size": 16, "unlabelled_batch": 8, "initial_iterations": 3000, "encoder_iterations": 1500,
+              "decoder_iterations": 1500, "patience": 3},
+}
+
+
+def begal_config_from_preset(preset: str, **overrides: Any) -> BEGALConfig:
+    if preset not in BEGAL_PRESETS:
+        raise ConfigError(f"preset {preset!r}: expected one of {', '.join(BEGAL_PRESETS)}")
+    data = {**BEGAL_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return BEGALConfig.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=f"preset {preset!r}")

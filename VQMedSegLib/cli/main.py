@@ -176,26 +176,84 @@ def cmd_workspace_status(args) -> int:
     return 0
 
 
+def _begal_config(args):
+    from ..config import BEGALConfig, begal_config_from_preset
+
+    if getattr(args, "config", None):
+        return BEGALConfig.load(args.config)
+    preset = args.preset if args.preset in ("tiny", "quick", "cpu", "paper") else "quick"
+    return begal_config_from_preset(preset, seed=getattr(args, "seed", None))
+
+
 def cmd_train(args) -> int:
-    from ..config import TrainConfig, train_config_from_preset
     from ..device import resolve_device
     from ..jobs.runner import JobContext
     from ..jobs.workspace import Workspace
-    from ..training.supervised import train_supervised
 
-    if args.method != "supervised":
-        raise InputError(f"--method {args.method!r}: expected 'supervised' (VQ-BEGAL and VQ-Seg training are not built yet)")
     ws = Workspace.open(args.workspace)
-    if args.config:
-        config = TrainConfig.load(args.config)
+    device = resolve_device(args.device)
+    if args.method == "supervised":
+        from ..config import TrainConfig, train_config_from_preset
+        from ..training.supervised import train_supervised
+
+        preset = args.preset if args.preset in ("tiny", "quick", "standard") else "quick"
+        config = TrainConfig.load(args.config) if args.config else train_config_from_preset(preset, iterations=args.iterations, seed=args.seed)
+        run = train_supervised
+    elif args.method == "begal":
+        from ..active_learning.rounds import train_round
+
+        config = _begal_config(args)
+        run = train_round
     else:
-        config = train_config_from_preset(args.preset, iterations=args.iterations, seed=args.seed)
+        raise InputError(f"--method {args.method!r}: expected 'supervised' or 'begal'")
     if args.validation_cases:
         config = config.replace(validation_cases=[c.strip() for c in args.validation_cases.split(",") if c.strip()])
-    device = resolve_device(args.device)
     with JobContext(ws, "train", params={"method": args.method, "config": config.to_json(), "device": str(device)}) as ctx:
-        entry = train_supervised(ctx, ws, config, device)
+        entry = run(ctx, ws, config, device)
     sys.stdout.write(f"model {entry['id']} written to {ws.root / entry['path']}\n")
+    return 0
+
+
+def cmd_query(args) -> int:
+    from ..active_learning.rounds import query
+    from ..device import resolve_device
+    from ..jobs.runner import JobContext
+    from ..jobs.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    device = resolve_device(args.device)
+    config = _begal_config(args)
+    with JobContext(ws, "query", params={"strategy": args.strategy, "n": args.n}) as ctx:
+        result = query(ctx, ws, args.strategy, args.n, device, config, budget_total=args.budget, force=args.force)
+    if args.json:
+        _print_json(result)
+    else:
+        if result["message"]:
+            sys.stdout.write(result["message"] + "\n")
+        for s in result["suggestions"]:
+            sys.stdout.write(f"{s['rank']:4d}  {s['case']}  slice {s['slice']:4d}  score {s['score']:.4f}  {s['purpose']}\n")
+        b = result["budget"]
+        sys.stdout.write(f"budget: {b['spent']} of {b['total']} slices labelled, {b['remaining']} remaining\n")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from ..active_learning.simulation import simulate
+    from ..config import BEGALConfig, begal_config_from_preset
+    from ..device import resolve_device
+
+    device = resolve_device(args.device)
+    config = BEGALConfig.load(args.config) if args.config else begal_config_from_preset(args.preset)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    seeds = list(range(args.seeds)) if args.seeds > 0 else []
+    if not seeds:
+        raise InputError(f"--seeds {args.seeds}: expected at least 1")
+    results = simulate(args.dataset, strategies, args.rounds, args.per_round, seeds, config, Path(args.out), device,
+                       initial=args.initial, preset=args.preset if not args.config else "custom")
+    if args.json:
+        _print_json(results)
+    else:
+        sys.stdout.write((Path(args.out) / "results.md").read_text())
     return 0
 
 
@@ -294,14 +352,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train on the workspace's labelled slices (a resumable, cancellable job)")
     tr.add_argument("--workspace", required=True)
-    tr.add_argument("--method", default="supervised")
-    tr.add_argument("--preset", default="quick", choices=["tiny", "quick", "standard"])
-    tr.add_argument("--config", help="JSON training configuration (overrides the preset)")
-    tr.add_argument("--iterations", type=int)
+    tr.add_argument("--method", default="supervised", choices=["supervised", "begal"],
+                    help="supervised: the U-Net baseline; begal: one VQ-BEGAL round")
+    tr.add_argument("--preset", default="quick", choices=["tiny", "quick", "standard", "cpu", "paper"],
+                    help="supervised: tiny, quick, standard; begal: tiny, quick, cpu, paper")
+    tr.add_argument("--config", help="JSON configuration (overrides the preset)")
+    tr.add_argument("--iterations", type=int, help="supervised: training iterations")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--validation-cases", help="comma-separated annotated cases used only for validation")
     device_arg(tr)
     tr.set_defaults(func=cmd_train)
+
+    qu = sub.add_parser("query", help="suggest slices to annotate next (a job; writes suggestions.json)")
+    qu.add_argument("--workspace", required=True)
+    qu.add_argument("--strategy", default="begal", choices=["begal", "egal", "random", "entropy", "mcdropout", "coreset"])
+    qu.add_argument("--n", type=int, default=50, help="slices to suggest (BEGAL: half high-, half low-uncertainty)")
+    qu.add_argument("--budget", type=int, help="total slices that may be annotated (stored in the workspace)")
+    qu.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
+    qu.add_argument("--config", help="JSON VQ-BEGAL configuration")
+    qu.add_argument("--seed", type=int)
+    qu.add_argument("--force", action="store_true", help="suggest even when validation Dice has plateaued")
+    qu.add_argument("--json", action="store_true")
+    device_arg(qu)
+    qu.set_defaults(func=cmd_query)
+
+    si = sub.add_parser("simulate", help="compare active-learning strategies with the ground truth as oracle")
+    si.add_argument("--dataset", required=True, help="phantom-liver, chaos, or a dataset folder")
+    si.add_argument("--strategies", default="begal,random,entropy,mcdropout,coreset,egal")
+    si.add_argument("--rounds", type=int, default=4)
+    si.add_argument("--per-round", type=int, default=10, help="slices selected per round (B)")
+    si.add_argument("--initial", type=int, help="random initial slices (default: --per-round)")
+    si.add_argument("--seeds", type=int, default=2, help="number of seeds (0 .. S-1)")
+    si.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
+    si.add_argument("--config", help="JSON VQ-BEGAL configuration (overrides the preset)")
+    si.add_argument("--out", required=True)
+    si.add_argument("--json", action="store_true")
+    device_arg(si)
+    si.set_defaults(func=cmd_simulate)
 
     ca = sub.add_parser("cancel", help="ask the job running on a workspace to stop")
     ca.add_argument("--workspace", required=True)

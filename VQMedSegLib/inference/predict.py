@@ -18,7 +18,7 @@ from ..uncertainty.entropy import predictive_entropy
 
 log = logging.getLogger("vqmedseg")
 
-SUPPORTED_METHODS = ("supervised",)
+SUPPORTED_METHODS = ("supervised", "begal")
 
 
 @dataclass
@@ -28,9 +28,18 @@ class Prediction:
     uncertainty: dict[str, Volume]  # name -> float32 map (nats for "entropy")
 
 
+def _build(spec: dict) -> torch.nn.Module:
+    if spec.get("kind") == "vqbegal2d":
+        from ..config import BEGALConfig
+        from ..training.begal import build_model
+
+        return build_model(BEGALConfig.from_json(spec["config"], source="checkpoint configuration"))
+    return build_from_spec(spec)
+
+
 def load_model(path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     ckpt = load_checkpoint(path, methods=SUPPORTED_METHODS, map_location=device)
-    model = build_from_spec(ckpt["model"])
+    model = _build(ckpt["model"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
@@ -51,19 +60,35 @@ def predict_volume(
 ) -> Prediction:
     """Segment ``ct`` slice by slice; probabilities are mapped back before the argmax.
 
-    ``mr`` is accepted for a uniform interface; the supervised baseline is CT-only and
-    ignores it (logged).
+    The supervised baseline is CT-only and ignores ``mr`` (logged). A VQ-BEGAL model
+    pairs each CT slice with the MR slice at the same relative position in the body, or
+    runs CT-only when ``mr`` is ``None`` (see :mod:`VQMedSegLib.models.begal`).
     """
     task = get_task(ckpt.get("task", "liver"))
     size = int(ckpt.get("preprocessing", {}).get("slice_size") or ckpt["config"]["slice_size"])
-    if mr is not None:
-        log.info("the %s model is CT-only; the MR is not used", ckpt["method"])
     plan = plan_slices(ct, size)
-    slices = extract_slices(ct, plan, values=normalize(ct, "CT", task.ct_window))
+    begal = ckpt["model"].get("kind") == "vqbegal2d"
+    if begal:
+        from ..active_learning.pool import CaseInput, build_pool
+
+        pool = build_pool([CaseInput("input", ct, None, mr)], size, task.ct_window)
+    else:
+        if mr is not None:
+            log.info("the %s model is CT-only; the MR is not used", ckpt["method"])
+        slices = extract_slices(ct, plan, values=normalize(ct, "CT", task.ct_window))
     probs = np.empty((plan.n_slices, 2, size, size), np.float32)
     for start in range(0, plan.n_slices, batch_size):
-        x = torch.as_tensor(slices[start : start + batch_size, None], device=device)
-        probs[start : start + batch_size] = torch.softmax(model(x), dim=1).float().cpu().numpy()
+        if begal:
+            idx = np.arange(start, min(start + batch_size, plan.n_slices))
+            c, m, present = pool.batch(idx)
+            logits = model(
+                torch.as_tensor(c, device=device),
+                torch.as_tensor(m, device=device) if m is not None else None,
+                torch.as_tensor(present, device=device),
+            ).logits
+        else:
+            logits = model(torch.as_tensor(slices[start : start + batch_size, None], device=device))
+        probs[start : start + batch_size] = torch.softmax(logits, dim=1).float().cpu().numpy()
         if progress is not None:
             progress(min(start + batch_size, plan.n_slices), plan.n_slices)
     on_grid = slices_to_volume(probs, plan)  # [2, K, J, I]

@@ -1,0 +1,123 @@
+"""VQ-BEGAL rounds through a workspace, each command in a real subprocess:
+query -> annotate (a partial label volume) -> train -> query -> train -> predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from VQMedSegLib.data.io import read_label, read_volume, write_volume
+from VQMedSegLib.data.phantoms import make_dataset
+from VQMedSegLib.jobs.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def vq(*args, check=True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=REPO)
+    if check and r.returncode != 0:
+        raise AssertionError(f"vqmedseg {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("begal")
+    cases = make_dataset("phantom-liver", 2, seed=11, ct_shape=(16, 64, 64))
+    ws = root / "ws"
+    vq("workspace", "init", ws, "--task", "liver")
+    for c in cases:
+        write_volume(c.ct, root / f"{c.case_id}_ct.nrrd")
+        write_volume(c.mr, root / f"{c.case_id}_mr.nii.gz")
+        write_volume(c.ct_label, root / f"{c.case_id}_label.nrrd")
+        vq("workspace", "add", ws, "--case", c.case_id, "--ct", root / f"{c.case_id}_ct.nrrd", "--mr", root / f"{c.case_id}_mr.nii.gz")
+    return root, ws, cases
+
+
+def _annotate(root: Path, ws: Path, suggestions: list[dict]) -> None:
+    """Annotate exactly the suggested slices, as a partial label volume (the rest is empty)."""
+    by_case: dict[str, list[int]] = {}
+    for s in suggestions:
+        by_case.setdefault(s["case"], []).append(s["slice"])
+    for case, slices in by_case.items():
+        full = read_label(root / f"{case}_label.nrrd")
+        partial = np.zeros_like(full.array)
+        partial[slices] = full.array[slices]  # axial volumes: the slice axis is k (numpy axis 0)
+        write_volume(full.with_array(partial), root / f"{case}_partial.nrrd")
+        vq("workspace", "annotate", ws, "--case", case, "--label", root / f"{case}_partial.nrrd", "--label-value", "1",
+           "--slices", ",".join(map(str, slices)))
+
+
+def test_query_train_rounds(setup):
+    root, ws, cases = setup
+    first = json.loads(vq("query", "--workspace", ws, "--n", "6", "--budget", "14", "--preset", "tiny", "--json").stdout)
+    assert first["model"] is None and "random" in first["message"]
+    assert len(first["suggestions"]) == 6 and all(s["purpose"] == "both" for s in first["suggestions"])
+    assert json.loads((ws / "suggestions.json").read_text())["suggestions"] == first["suggestions"]
+    _annotate(root, ws, first["suggestions"])
+    state = Workspace.open(ws)
+    assert sum(len(v) for v in state.labelled_slices().values()) == 6
+
+    vq("train", "--workspace", ws, "--method", "begal", "--preset", "tiny")
+    second = json.loads(vq("query", "--workspace", ws, "--n", "6", "--preset", "tiny", "--json").stdout)
+    assert second["model"].startswith("begal-r00")
+    purposes = [s["purpose"] for s in second["suggestions"]]
+    assert purposes.count("decoder") == 3 and purposes.count("encoder") == 3
+    taken = {(s["case"], s["slice"]) for s in first["suggestions"]}
+    assert not taken & {(s["case"], s["slice"]) for s in second["suggestions"]}, "suggested an already labelled slice"
+    dec = [s["score"] for s in second["suggestions"] if s["purpose"] == "decoder"]
+    enc = [s["score"] for s in second["suggestions"] if s["purpose"] == "encoder"]
+    assert min(dec) >= max(enc)
+    _annotate(root, ws, second["suggestions"])
+
+    vq("train", "--workspace", ws, "--method", "begal", "--preset", "tiny")
+    events = [json.loads(l) for l in (ws / "events.jsonl").read_text().splitlines()]
+    info = [e for e in events if e["type"] == "info" and e.get("round") == 1][-1]
+    phases = {p["name"]: p["slices"] for p in info["phases"]}
+    assert phases == {"encoder": 9, "decoder": 9}  # 3 low + 6 initial, 3 high + 6 initial
+    state = Workspace.open(ws).load_state()
+    assert [r["round"] for r in state["rounds"]] == [0, 1]
+
+    # the budget: 12 of 14 spent, so only 2 more may be suggested, then none
+    third = json.loads(vq("query", "--workspace", ws, "--n", "6", "--preset", "tiny", "--json").stdout)
+    assert len(third["suggestions"]) == 2 and third["budget"]["remaining"] == 2
+    _annotate(root, ws, third["suggestions"])
+    done = vq("query", "--workspace", ws, "--n", "6", "--preset", "tiny")
+    assert "budget of 14 slices is spent" in done.stdout
+
+    model = Workspace.open(ws).latest_model("begal")["path"]
+    case = cases[0].case_id
+    vq("predict", "--model", ws / model, "--ct", root / f"{case}_ct.nrrd", "--out", root / "ct_only")
+    vq("predict", "--model", ws / model, "--ct", root / f"{case}_ct.nrrd", "--mr", root / f"{case}_mr.nii.gz", "--out", root / "with_mr")
+    for out in ("ct_only", "with_mr"):
+        seg = read_label(root / out / "prediction.seg.nrrd")
+        assert seg.same_geometry(read_volume(root / f"{case}_ct.nrrd"))
+
+
+def test_annotated_empty_slices_count_and_are_never_suggested(setup, tmp_path):
+    root, _, cases = setup
+    ws = tmp_path / "ws"
+    case = cases[1].case_id
+    vq("workspace", "init", ws)
+    vq("workspace", "add", ws, "--case", case, "--ct", root / f"{case}_ct.nrrd")
+    empty = read_label(root / f"{case}_label.nrrd")
+    write_volume(empty.with_array(np.zeros_like(empty.array)), tmp_path / "empty.nrrd")
+    vq("workspace", "annotate", ws, "--case", case, "--label", tmp_path / "empty.nrrd", "--slices", "0-9")
+    assert Workspace.open(ws).labelled_slices() == {case: list(range(10))}
+    r = json.loads(vq("query", "--workspace", ws, "--strategy", "random", "--n", "50", "--json").stdout)
+    assert sorted(s["slice"] for s in r["suggestions"]) == list(range(10, 16))  # only the 6 nobody looked at
+    vq("workspace", "annotate", ws, "--case", case, "--label", tmp_path / "empty.nrrd",
+       "--slices", ",".join(str(s["slice"]) for s in r["suggestions"]))
+    r = json.loads(vq("query", "--workspace", ws, "--strategy", "random", "--n", "5", "--json").stdout)
+    assert r["exhausted"] == "pool" and r["suggestions"] == [] and "every one of the 16 slices" in r["message"]
+
+
+def test_query_refuses_unknown_strategy(setup):
+    _, ws, _ = setup
+    r = vq("query", "--workspace", ws, "--strategy", "oracle", check=False)
+    assert r.returncode == 2 and "invalid choice" in r.stderr

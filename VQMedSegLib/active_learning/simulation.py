@@ -1,0 +1,335 @@
+"""Active-learning simulation with the ground truth as the oracle (``vqmedseg simulate``).
+
+Every strategy starts from the same random initial set for a given seed, trains the same
+VQ-BEGAL network, and gets the same number of slices per round; only what it selects (and,
+for BEGAL, which part of the network each slice trains) differs. After each round the
+model is scored on held-out test slices: 3-D Dice per test case over its slices, at the
+model's resolution, averaged over cases. Results are averaged over seeds (mean, std).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import BEGALConfig
+from ..errors import InputError
+from ..files import atomic_path, atomic_write_json, atomic_write_text
+from ..tasks import get_task
+from ..training.begal import PhaseTrainer, build_model, case_dice, round_schedule
+from .budget import Budget
+from .pool import CaseInput, SlicePool, build_pool
+from .strategies import BOTH, STRATEGIES, select
+
+log = logging.getLogger("vqmedseg")
+
+
+@dataclass
+class SimulationData:
+    pool: SlicePool
+    candidates: np.ndarray  # pool indices the strategies may select from
+    test: dict[str, np.ndarray]  # test group -> pool indices
+    val: dict[str, np.ndarray]
+    description: str
+
+
+def _groups(pool: SlicePool, cases: list[str]) -> dict[str, np.ndarray]:
+    return {c: np.flatnonzero(pool.case_ids == c) for c in cases}
+
+
+def load_simulation_data(dataset: str, size: int, seed: int = 0, n_phantoms: int = 9) -> SimulationData:
+    """Build the pool and the splits for ``phantom-liver``, ``chaos`` or a dataset folder."""
+    task = get_task("liver")
+    if dataset == "phantom-liver":
+        from ..data.phantoms import make_dataset
+
+        cases = make_dataset("phantom-liver", n_phantoms, seed=1000)
+        inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
+        pool = build_pool(inputs, size, task.ct_window, seed=seed)
+        ids = [c.case_id for c in cases]
+        n_test = max(1, n_phantoms // 4)
+        train_ids, val_ids, test_ids = ids[: -n_test - 1], ids[-n_test - 1 : -n_test], ids[-n_test:]
+        return SimulationData(
+            pool,
+            np.flatnonzero(np.isin(pool.case_ids, train_ids)),
+            _groups(pool, test_ids),
+            _groups(pool, val_ids),
+            f"{len(train_ids)} pool, {len(val_ids)} validation and {len(test_ids)} test phantom cases (paired CT/MR, liver)",
+        )
+    if dataset == "chaos":
+        from ..data.paths import shared_data_dir
+
+        root = shared_data_dir()
+        if root is None:
+            raise InputError("--dataset chaos: real scans not found; set VQMEDSEG_DATA or place them in ../shared/data")
+        return _chaos_data(root, size, seed)
+    path = Path(dataset)
+    if not path.exists():
+        raise InputError(f"--dataset {dataset!r}: expected phantom-liver, chaos, or an existing dataset folder")
+    return _folder_data(path, size, seed)
+
+
+def _chaos_data(root: Path, size: int, seed: int) -> SimulationData:
+    """The one CHAOS CT case with its liver masks, plus the 20 MR T2 cases as auxiliary MR.
+
+    With a single CT patient the test set must come from the same patient: the CT's
+    slices are cut into blocks of 8, alternately pool and test. Neighbouring blocks are
+    correlated, so these Dice values are optimistic against a patient-wise split; they
+    compare strategies, they do not predict performance on new patients.
+    """
+    from ..data.datasets import discover_cases, load_case
+
+    task = get_task("liver")
+    ct_refs = discover_cases(root / "chaos" / "Train_Sets" / "CT")
+    if not ct_refs:
+        raise InputError(f"CHAOS CT: no case found under {root / 'chaos' / 'Train_Sets' / 'CT'}")
+    inputs = []
+    for ref in ct_refs:
+        image, label = load_case(ref)
+        inputs.append(CaseInput(ref.case_id, image, label.with_array((label.array == 1).astype(np.uint8)), None))
+    extra_mr = []
+    for ref in discover_cases(root / "chaos_mr_t2", modality="MR"):
+        image, _ = load_case(ref)
+        extra_mr.append((ref.case_id, image))
+    pool = build_pool(inputs, size, task.ct_window, seed=seed, extra_mr=extra_mr)
+    block = (np.arange(len(pool)) // 8) % 2
+    test = np.flatnonzero(block == 1)
+    return SimulationData(
+        pool,
+        np.flatnonzero(block == 0),
+        {f"{inputs[0].case_id}-test-slabs": test},
+        {},
+        f"CHAOS CT case(s) {', '.join(c.case_id for c in inputs)} (alternate 8-slice slabs as pool/test) "
+        f"with {len(extra_mr)} CHAOS MR T2 cases as unpaired auxiliary MR",
+    )
+
+
+def _folder_data(path: Path, size: int, seed: int) -> SimulationData:
+    from ..data.datasets import discover_cases, load_case
+
+    task = get_task("liver")
+    refs = discover_cases(path)
+    ct_refs = [r for r in refs if r.modality == "CT" and r.label is not None]
+    mr_refs = [r for r in refs if r.modality == "MR"]
+    if len(ct_refs) < 3:
+        raise InputError(f"--dataset {path}: found {len(ct_refs)} labelled CT cases, expected at least 3 (pool, validation, test)")
+    inputs = []
+    for ref in ct_refs:
+        image, label = load_case(ref)
+        inputs.append(CaseInput(ref.case_id, image, label.with_array((label.array == 1).astype(np.uint8)), None))
+    extra = [(r.case_id, load_case(r)[0]) for r in mr_refs]
+    pool = build_pool(inputs, size, task.ct_window, seed=seed, extra_mr=extra)
+    ids = [c.case_id for c in inputs]
+    n_test = max(1, len(ids) // 5)
+    train_ids, val_ids, test_ids = ids[: -n_test - 1], ids[-n_test - 1 : -n_test], ids[-n_test:]
+    return SimulationData(
+        pool,
+        np.flatnonzero(np.isin(pool.case_ids, train_ids)),
+        _groups(pool, test_ids),
+        _groups(pool, val_ids),
+        f"{path.name}: {len(train_ids)} pool, 1 validation, {len(test_ids)} test CT cases, {len(extra)} MR cases",
+    )
+
+
+def _group_dice(model, pool: SlicePool, groups: dict[str, np.ndarray], device) -> float | None:
+    if not groups:
+        return None
+    scores = []
+    for idx in groups.values():
+        sub = pool.subset(idx, group="group")
+        scores.extend(case_dice(model, sub, device).values())
+    return float(np.mean(scores))
+
+
+def run_strategy(
+    strategy: str,
+    data: SimulationData,
+    config: BEGALConfig,
+    rounds: int,
+    per_round: int,
+    initial: np.ndarray,
+    seed: int,
+    device: torch.device,
+    budget_total: int | None = None,
+    progress=None,
+) -> dict:
+    """One strategy, one seed: returns per-round labelled fraction, test and validation Dice."""
+    torch.manual_seed(seed)
+    model = build_model(config)
+    trainer = PhaseTrainer(model, config, data.pool, device, seed)
+    rng = np.random.default_rng([seed, STRATEGIES.index(strategy)])
+    labelled: dict[int, str] = {int(i): BOTH for i in initial}
+    budget = Budget(budget_total if budget_total is not None else len(initial) + rounds * per_round, len(initial))
+    fractions, test_dice, val_dice, selected = [], [], [], []
+    best_val, stale = -1.0, 0
+    method = "begal" if strategy == "begal" else "end-to-end"
+    for r in range(rounds + 1):
+        trainer.run(round_schedule(method, r, labelled, config))
+        fractions.append(len(labelled) / len(data.candidates))
+        test_dice.append(_group_dice(model, data.pool, data.test, device))
+        val = _group_dice(model, data.pool, data.val, device)
+        val_dice.append(val)
+        if progress is not None:
+            progress(strategy, seed, r, test_dice[-1])
+        if r == rounds or budget.exhausted:
+            break
+        if config.patience and val is not None:
+            if val > best_val + config.min_delta:
+                best_val, stale = val, 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    log.info("%s seed %d: validation Dice plateaued after round %d", strategy, seed, r)
+                    break
+        taken = np.array(sorted(labelled), dtype=np.int64)
+        unlabelled = np.setdiff1d(data.candidates, taken)
+        picks = select(strategy, model, data.pool, unlabelled, taken, budget.allowance(per_round), device, rng, config.mc_samples)
+        budget.spend(len(picks), 0)
+        for s in picks:
+            labelled[s.index] = s.purpose
+        selected.append([{"case": data.pool.key(s.index)[0], "slice": data.pool.key(s.index)[1], "score": s.score, "purpose": s.purpose} for s in picks])
+    return {"labeled_fraction": fractions, "test_dice": test_dice, "val_dice": val_dice, "selected": selected}
+
+
+def simulate(
+    dataset: str,
+    strategies: list[str],
+    rounds: int,
+    per_round: int,
+    seeds: list[int],
+    config: BEGALConfig,
+    out: Path,
+    device: torch.device,
+    initial: int | None = None,
+    preset: str = "custom",
+) -> dict:
+    """Run every strategy for every seed; write results.json, results.md, dice_vs_budget.png, run.json."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise InputError(f"--strategies: unknown {unknown}; expected some of {', '.join(STRATEGIES)}")
+    if rounds < 1 or per_round < 1:
+        raise InputError(f"--rounds {rounds} / --per-round {per_round}: expected at least 1 each")
+    t0 = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_simulation_data(dataset, config.slice_size, seed=seeds[0])
+    n_initial = per_round if initial is None else initial
+    if n_initial + rounds * per_round > len(data.candidates):
+        raise InputError(
+            f"--rounds {rounds} x --per-round {per_round} + {n_initial} initial slices exceed the pool of "
+            f"{len(data.candidates)} slices"
+        )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(seeds) * len(strategies) * (rounds + 1), desc="simulate", unit="round", disable=None)
+
+    def progress(strategy, seed, r, dice):
+        log.info("%s seed %d round %d: test Dice %.4f", strategy, seed, r, dice)
+        bar.set_postfix_str(f"{strategy} seed {seed} round {r}: Dice {dice:.3f}")
+        bar.update(1)
+
+    runs: dict[str, list[dict]] = {s: [] for s in strategies}
+    for seed in seeds:
+        init = np.random.default_rng(seed).choice(data.candidates, n_initial, replace=False)
+        for strategy in strategies:
+            t = time.monotonic()
+            result = run_strategy(strategy, data, config, rounds, per_round, init, seed, device, progress=progress)
+            result["seconds"] = time.monotonic() - t
+            runs[strategy].append(result)
+    bar.close()
+    results = summarise(runs)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", results_table(results, dataset, data.description, seeds, preset))
+    plot_dice_vs_budget(results, out / "dice_vs_budget.png", title=f"{dataset}: Dice vs labelled fraction")
+    run_info = {
+        "dataset": dataset,
+        "description": data.description,
+        "strategies": strategies,
+        "rounds": rounds,
+        "per_round": per_round,
+        "initial": n_initial,
+        "seeds": seeds,
+        "preset": preset,
+        "config": config.to_json(),
+        "pool_slices": int(len(data.candidates)),
+        "seconds": time.monotonic() - t0,
+        "device": str(device),
+        "versions": {"vqmedseg": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "runs": {s: [{k: v for k, v in r.items()} for r in rs] for s, rs in runs.items()},
+    }
+    atomic_write_json(out / "run.json", run_info)
+    return results
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Mean and std over seeds, round by round (up to the shortest run)."""
+    out = {}
+    for strategy, rs in runs.items():
+        n = min(len(r["test_dice"]) for r in rs)
+        dice = np.array([r["test_dice"][:n] for r in rs], dtype=float)
+        frac = np.array([r["labeled_fraction"][:n] for r in rs], dtype=float)
+        out[strategy] = {
+            "labeled_fraction": frac.mean(0).tolist(),
+            "dice_mean": dice.mean(0).tolist(),
+            "dice_std": dice.std(0).tolist(),
+            "dice_per_seed": dice.tolist(),
+        }
+    return out
+
+
+NAMES = {
+    "begal": "VQ + BEGAL (ours)",
+    "egal": "VQ + EGAL",
+    "random": "VQ + Random",
+    "entropy": "VQ + Max Entropy",
+    "mcdropout": "VQ + MC Dropout",
+    "coreset": "VQ + Coreset",
+}
+
+
+def results_table(results: dict, dataset: str, description: str, seeds: list[int], preset: str) -> str:
+    first = next(iter(results.values()))
+    header = " | ".join(f"{100 * f:.1f}%" for f in first["labeled_fraction"])
+    lines = [
+        f"# Active learning on `{dataset}`",
+        "",
+        f"{description}. Preset `{preset}`, seeds {seeds}. Dice (%) on the test cases, mean ± std over seeds, "
+        "by the fraction of the pool labelled (in the style of VQ-BEGAL Table 2).",
+        "",
+        f"| strategy | {header} |",
+        "|---|" + "---|" * len(first["labeled_fraction"]),
+    ]
+    for strategy, r in results.items():
+        cells = " | ".join(f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in zip(r["dice_mean"], r["dice_std"]))
+        lines.append(f"| {NAMES.get(strategy, strategy)} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_dice_vs_budget(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2), dpi=120)
+    ax = fig.add_subplot()
+    for strategy, r in results.items():
+        x = 100 * np.asarray(r["labeled_fraction"])
+        m = 100 * np.asarray(r["dice_mean"])
+        s = 100 * np.asarray(r["dice_std"])
+        ax.plot(x, m, marker="o", label=NAMES.get(strategy, strategy), linewidth=2.2 if strategy == "begal" else 1.4)
+        ax.fill_between(x, m - s, m + s, alpha=0.15)
+    ax.set_xlabel("labelled slices (% of pool)")
+    ax.set_ylabel("test Dice (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
