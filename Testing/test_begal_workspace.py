@@ -121,3 +121,28 @@ def test_query_refuses_unknown_strategy(setup):
     _, ws, _ = setup
     r = vq("query", "--workspace", ws, "--strategy", "oracle", check=False)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_simulate_writes_results_table_and_plot(tmp_path):
+    out = tmp_path / "sim"
+    vq("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--strategies", "begal,random",
+       "--rounds", "1", "--per-round", "4", "--seeds", "2", "--out", out, "--device", "cpu")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"begal", "random"}
+    for r in results.values():
+        assert len(r["labeled_fraction"]) == len(r["dice_mean"]) == len(r["dice_std"]) == 2
+        assert r["labeled_fraction"][1] > r["labeled_fraction"][0] > 0
+        assert all(0 <= d <= 1 for d in r["dice_mean"])
+    # both strategies start from the same initial set, so round 0 is identical
+    assert results["begal"]["dice_per_seed"][0][0] == results["random"]["dice_per_seed"][0][0]
+    table = (out / "results.md").read_text()
+    assert "VQ + BEGAL (ours)" in table and "±" in table
+    assert (out / "dice_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    run = json.loads((out / "run.json").read_text())
+    assert run["seeds"] == [0, 1] and run["versions"]["torch"]
+
+
+def test_simulate_rejects_a_budget_larger_than_the_pool(tmp_path):
+    r = vq("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--rounds", "100", "--per-round", "50",
+           "--seeds", "1", "--out", tmp_path, check=False)
+    assert r.returncode == 2 and "exceed the pool" in r.stderr
