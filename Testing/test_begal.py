@@ -199,3 +199,14 @@ def test_mc_dropout_passes_differ(pool, config):
     assert not np.allclose(s1, s2)
     with pytest.raises(InputError, match="no active dropout"):
         mc_dropout_scores(build_model(config.replace(decoder_dropout=0.0)), pool, np.arange(2), CPU)
+
+
+def test_plateau_stops_queries_after_patience_rounds(config):
+    from VQMedSegLib.active_learning.rounds import _plateau
+
+    cfg = config.replace(patience=2, min_delta=0.01)
+    rounds = lambda *v: {"rounds": [{"val_dice": x} for x in v]}  # noqa: E731
+    assert _plateau(rounds(0.5, 0.6, 0.7), cfg) == ""
+    assert _plateau(rounds(0.5, 0.70, 0.705, 0.702), cfg).startswith("validation Dice has not improved by 0.01 for 2 rounds")
+    assert _plateau(rounds(0.5, 0.70, 0.705, 0.72), cfg) == ""
+    assert _plateau(rounds(0.5, 0.70, 0.69, 0.69), config.replace(patience=0)) == ""  # patience 0: never stop

@@ -140,3 +140,26 @@ def test_bad_input_exits_2_with_message(workspace):
     if r.returncode == 0:
         pytest.skip("a GPU is present")
     assert r.returncode == 2 and "--device cuda: CUDA is not available" in r.stderr
+
+
+def test_begal_round_cancels_and_resumes_mid_round(workspace):
+    args = ["train", "--workspace", str(workspace.root), "--method", "begal", "--preset", "tiny", "--device", "cpu",
+            "--config", str(_long_begal_config(workspace.root))]
+    proc, job = launch(args, workspace, "train")
+    ckpt = _wait_for(workspace, job, "checkpoint", proc)
+    cancel(workspace, job_id=job, proc=proc, grace=60)
+    assert proc.returncode == 130
+    assert workspace.load_state().get("rounds", []) == []  # a cancelled round is not a round
+    proc2, job2 = launch(args, workspace, "train")
+    resumed = _wait_for(workspace, job2, "resumed", proc2)
+    assert resumed["iteration"] >= ckpt["iteration"] and resumed["round"] == 0
+    cancel(workspace, job_id=job2, proc=proc2, grace=60)
+
+
+def _long_begal_config(root: Path) -> Path:
+    from VQMedSegLib.config import begal_config_from_preset
+
+    cfg = begal_config_from_preset("tiny", initial_iterations=100000, checkpoint_interval=5)
+    path = root.parent / "begal.json"
+    path.write_text(json.dumps(cfg.to_json()))
+    return path

@@ -143,9 +143,7 @@ class TrainConfig(JsonConfig):
             (self.checkpoint_interval >= 1, "checkpoint_interval", self.checkpoint_interval, "at least 1"),
             (self.val_interval >= 1, "val_interval", self.val_interval, "at least 1"),
         ]
-        for ok, key, value, expected in checks:
-            if not ok:
-                raise ConfigError(f"config key {key!r}: found {value!r}, expected {expected}")
+        check_values(checks)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -158,11 +156,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def config_from_preset(cls: type[T], presets: dict[str, dict[str, Any]], preset: str, overrides: dict[str, Any]) -> T:
+    """``cls`` built from a named preset; overrides that are ``None`` are ignored."""
+    if preset not in presets:
+        raise ConfigError(f"preset {preset!r}: expected one of {', '.join(presets)}")
+    data = {**presets[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return cls.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=f"preset {preset!r}")  # type: ignore[attr-defined]
+
+
+def check_values(checks: list[tuple[bool, str, Any, str]]) -> None:
+    """Raise for the first ``(ok, key, value, expected)`` that is not ok."""
+    for ok, key, value, expected in checks:
+        if not ok:
+            raise ConfigError(f"config key {key!r}: found {value!r}, expected {expected}")
+
+
 def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
-    if preset not in PRESETS:
-        raise ConfigError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    data = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return TrainConfig.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=f"preset {preset!r}")
+    return config_from_preset(TrainConfig, PRESETS, preset, overrides)
 
 
 @dataclass
@@ -223,9 +233,7 @@ class BEGALConfig(JsonConfig):
             (self.patience >= 0, "patience", self.patience, "0 (off) or more rounds"),
             (self.checkpoint_interval >= 1, "checkpoint_interval", self.checkpoint_interval, "at least 1"),
         ]
-        for ok, key, value, expected in checks:
-            if not ok:
-                raise ConfigError(f"config key {key!r}: found {value!r}, expected {expected}")
+        check_values(checks)
 
 
 BEGAL_PRESETS: dict[str, dict[str, Any]] = {
@@ -247,7 +255,26 @@ BEGAL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def begal_config_from_preset(preset: str, **overrides: Any) -> BEGALConfig:
-    if preset not in BEGAL_PRESETS:
-        raise ConfigError(f"preset {preset!r}: expected one of {', '.join(BEGAL_PRESETS)}")
-    data = {**BEGAL_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return BEGALConfig.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=f"preset {preset!r}")
+    return config_from_preset(BEGALConfig, BEGAL_PRESETS, preset, overrides)
+
+
+VQSEG_PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: seconds
+    "tiny": {"slice_size": 32, "features": (4, 8, 8, 16, 16), "code_dim": 8, "num_codes": 64, "iterations": 20,
+             "labelled_batch": 2, "unlabelled_batch": 2, "warmup_supervised": 5, "pfa_grid": 4, "pfa_slices": 6, "pfa_batch": 2},
+    # CPU, phantoms: supervised vs VQ-Seg, 2 seeds, in minutes
+    "quick": {"slice_size": 96, "features": (8, 16, 32, 64, 128), "code_dim": 32, "num_codes": 1024, "iterations": 600,
+              "warmup_supervised": 100, "pfa_grid": 12, "pfa_slices": 48, "pfa_batch": 2},
+    # CPU, real scans (ACDC, CHAOS MR)
+    "cpu": {"slice_size": 128, "features": (16, 32, 64, 128, 256), "code_dim": 64, "num_codes": 4096, "iterations": 2000,
+            "warmup_supervised": 200},
+    # the paper's setting for a GPU: 224 x 224, K = 16,384, 8 + 4 per batch
+    "paper": {"slice_size": 224, "features": (32, 64, 128, 256, 512), "code_dim": 256, "num_codes": 16384,
+              "iterations": 100000, "warmup_supervised": 1000, "backbone_lr": 1e-4, "head_lr_factor": 40.0},
+}
+
+
+def vqseg_config_from_preset(preset: str, **overrides: Any):
+    from .training.vqseg import VQSegConfig
+
+    return config_from_preset(VQSegConfig, VQSEG_PRESETS, preset, overrides)

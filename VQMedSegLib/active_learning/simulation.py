@@ -53,16 +53,8 @@ def load_simulation_data(dataset: str, size: int, seed: int = 0, n_phantoms: int
         cases = make_dataset("phantom-liver", n_phantoms, seed=1000)
         inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
         pool = build_pool(inputs, size, task.ct_window, seed=seed)
-        ids = [c.case_id for c in cases]
-        n_test = max(1, n_phantoms // 4)
-        train_ids, val_ids, test_ids = ids[: -n_test - 1], ids[-n_test - 1 : -n_test], ids[-n_test:]
-        return SimulationData(
-            pool,
-            np.flatnonzero(np.isin(pool.case_ids, train_ids)),
-            _groups(pool, test_ids),
-            _groups(pool, val_ids),
-            f"{len(train_ids)} pool, {len(val_ids)} validation and {len(test_ids)} test phantom cases (paired CT/MR, liver)",
-        )
+        return _case_split(pool, [c.case_id for c in cases], test_share=0.25,
+                           what="phantom cases (paired CT/MR, liver)")
     if dataset == "chaos":
         from ..data.paths import shared_data_dir
 
@@ -126,15 +118,20 @@ def _folder_data(path: Path, size: int, seed: int) -> SimulationData:
         inputs.append(CaseInput(ref.case_id, image, label.with_array((label.array == 1).astype(np.uint8)), None))
     extra = [(r.case_id, load_case(r)[0]) for r in mr_refs]
     pool = build_pool(inputs, size, task.ct_window, seed=seed, extra_mr=extra)
-    ids = [c.case_id for c in inputs]
-    n_test = max(1, len(ids) // 5)
+    return _case_split(pool, [c.case_id for c in inputs], test_share=0.2,
+                       what=f"CT cases of {path.name} with {len(extra)} MR cases")
+
+
+def _case_split(pool: SlicePool, ids: list[str], test_share: float, what: str) -> SimulationData:
+    """The last ``test_share`` of the cases test, the one before them validation, the rest the pool."""
+    n_test = max(1, int(len(ids) * test_share))
     train_ids, val_ids, test_ids = ids[: -n_test - 1], ids[-n_test - 1 : -n_test], ids[-n_test:]
     return SimulationData(
         pool,
         np.flatnonzero(np.isin(pool.case_ids, train_ids)),
         _groups(pool, test_ids),
         _groups(pool, val_ids),
-        f"{path.name}: {len(train_ids)} pool, 1 validation, {len(test_ids)} test CT cases, {len(extra)} MR cases",
+        f"{len(train_ids)} pool, {len(val_ids)} validation and {len(test_ids)} test {what}",
     )
 
 

@@ -257,6 +257,28 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_ssl(args) -> int:
+    from ..config import vqseg_config_from_preset
+    from ..device import resolve_device
+    from ..training.ssl_experiment import run_ssl
+    from ..training.vqseg import VQSegConfig
+
+    device = resolve_device(args.device)
+    config = VQSegConfig.load(args.config) if args.config else vqseg_config_from_preset(
+        args.preset, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
+        dropout_rate=args.dropout_rate)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.seeds < 1:
+        raise InputError(f"--seeds {args.seeds}: expected at least 1")
+    results = run_ssl(args.dataset, args.labeled_fraction, methods, list(range(args.seeds)), config, Path(args.out), device,
+                      preset=args.preset if not args.config else "custom")
+    if args.json:
+        _print_json(results)
+    else:
+        sys.stdout.write((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 def cmd_cancel(args) -> int:
     from ..jobs.runner import cancel, running_job
     from ..jobs.workspace import Workspace
@@ -389,6 +411,23 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--json", action="store_true")
     device_arg(si)
     si.set_defaults(func=cmd_simulate)
+
+    ss = sub.add_parser("ssl", help="semi-supervised experiment: supervised against VQ-Seg (and ablations)")
+    ss.add_argument("--dataset", required=True, help="phantom-liver, phantom-lung, acdc, chaos-mr, or a dataset folder")
+    ss.add_argument("--labeled-fraction", type=float, default=0.1)
+    ss.add_argument("--methods", default="supervised,vqseg",
+                    help="comma-separated: supervised, vqseg, vqseg-noqpm, vqseg-nodb, vqseg-nopfa, vqseg-dropout")
+    ss.add_argument("--seeds", type=int, default=2)
+    ss.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
+    ss.add_argument("--config", help="JSON VQ-Seg configuration (overrides the preset)")
+    ss.add_argument("--iterations", type=int)
+    ss.add_argument("--foundation", default=None, help="litemedsam (default), dinov2:PATH, or none")
+    ss.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None)
+    ss.add_argument("--dropout-rate", type=float, default=None)
+    ss.add_argument("--out", required=True)
+    ss.add_argument("--json", action="store_true")
+    device_arg(ss)
+    ss.set_defaults(func=cmd_ssl)
 
     ca = sub.add_parser("cancel", help="ask the job running on a workspace to stop")
     ca.add_argument("--workspace", required=True)

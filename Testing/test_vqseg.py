@@ -1,0 +1,84 @@
+"""VQ-Seg parts: quantiser, EMA teacher, patch InfoNCE, CutMix, and a few training steps."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from VQMedSegLib.models.vqseg import MappedEuclideanQuantizer, VQSegNet, patch_info_nce
+from VQMedSegLib.training.vqseg import VQSegConfig, VQSegTrainer, cutmix, cutmix_boxes, ema_update
+
+
+def test_quantizer_picks_the_nearest_codeword_and_passes_gradients():
+    torch.manual_seed(0)
+    vq = MappedEuclideanQuantizer(num_codes=50, dim=6, chunk=7)
+    z = torch.randn(2, 6, 3, 4, requires_grad=True)
+    out = vq(z)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 6)
+    expected = torch.cdist(flat, vq.codebook().detach()).argmin(1)
+    assert torch.equal(out.indices.flatten(), expected)
+    (out.quantized.sum() + out.entropy_loss + out.codebook_loss).backward()
+    assert z.grad.abs().sum() > 0 and vq.mapping.weight.grad.abs().sum() > 0
+
+
+def test_ema_update_moves_teacher_towards_student():
+    student, teacher = nn.Linear(3, 2), nn.Linear(3, 2)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+        teacher.weight.fill_(0.0)
+    ema_update(teacher, student, 0.996)
+    torch.testing.assert_close(teacher.weight, torch.full((2, 3), 0.004))
+    ema_update(teacher, student, 0.996)
+    torch.testing.assert_close(teacher.weight, torch.full((2, 3), 1 - 0.996**2))
+
+
+def test_info_nce_prefers_aligned_over_shuffled_features():
+    torch.manual_seed(0)
+    target = torch.randn(2, 16, 6, 6)
+    aligned = target + 0.1 * torch.randn_like(target)
+    shuffled = aligned.flatten(2)[:, :, torch.randperm(36)].reshape_as(aligned)
+    good = patch_info_nce(aligned, target, 0.07)
+    bad = patch_info_nce(shuffled, target, 0.07)
+    assert good < 0.1 < np.log(36) - 1 < bad
+
+
+def test_cutmix_keeps_labels_with_their_pixels():
+    rng = np.random.default_rng(0)
+    images = torch.arange(4.0)[:, None, None, None].expand(4, 1, 16, 16).clone()
+    labels = torch.arange(4)[:, None, None].expand(4, 16, 16).clone()
+    masks = cutmix_boxes(4, 16, rng)
+    assert 0 < masks.mean() < 1
+    perm = torch.tensor([1, 2, 3, 0])
+    mixed, mixed_labels = cutmix(images, labels, masks, perm)
+    # every pixel's label is the index of the image its intensity came from
+    torch.testing.assert_close(mixed[:, 0], mixed_labels.float())
+
+
+def test_qpm_perturbation_changes_codes_but_keeps_shapes():
+    torch.manual_seed(0)
+    net = VQSegNet(features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, epsilon=0.7)
+    x = torch.rand(2, 1, 32, 32)
+    clean = net(x, perturb=False)
+    noisy = net(x, perturb=True)
+    assert noisy.logits.shape == clean.logits.shape == (2, 2, 32, 32)
+    assert clean.reconstruction.shape == (2, 1, 32, 32)
+    assert not torch.equal(noisy.quantized_used, clean.quantized_used)
+
+
+def test_a_few_semi_supervised_steps_run_and_the_teacher_follows():
+    rng = np.random.default_rng(0)
+    lx = rng.random((6, 1, 32, 32)).astype(np.float32)
+    ly = (lx[:, 0] > 0.5).astype(np.int64)
+    ux = rng.random((6, 1, 32, 32)).astype(np.float32)
+    fm = rng.standard_normal((6, 8, 4, 4)).astype(np.float16)
+    cfg = VQSegConfig(slice_size=32, features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, iterations=4,
+                      labelled_batch=2, unlabelled_batch=2, warmup_supervised=1, pfa_grid=4)
+    trainer = VQSegTrainer(cfg, lx, ly, ux, fm, fm_channels=8, device=torch.device("cpu"))
+    before = [p.detach().clone() for p in trainer.teacher.parameters()]
+    seen = []
+    trainer.run(on_step=lambda it, total, losses: seen.append(losses))
+    assert len(seen) == 4 and {"seg_qpm", "seg_cutmix", "align", "rec_u"} <= set(seen[-1])
+    assert all(np.isfinite(v) for v in seen[-1].values())
+    after = list(trainer.teacher.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert trainer.predict(lx).shape == (6, 32, 32)

@@ -1,0 +1,239 @@
+"""VQ-Seg semi-supervised training (eq. 7-12) with an EMA teacher.
+
+Each iteration draws ``labelled_batch`` labelled and ``unlabelled_batch`` unlabelled
+slices (paper: 8 + 4):
+
+* labelled (eq. 8): ``L_l = L1(x_l, x^_l) + CE(y_l, y^_l)`` on a weakly augmented view
+  (random affine and intensity jitter).
+* unlabelled (eq. 9): the EMA teacher (alpha = 0.996) predicts the weak view; its argmax
+  is the pseudo-label (optionally only where its confidence reaches
+  ``confidence_threshold``; 0 keeps every pixel, the paper's setting). The student
+  learns it from its QPM-perturbed codes and from a CutMix strong view (a box of another
+  unlabelled slice pasted in, with its own pseudo-label pasted likewise), plus the L1
+  reconstruction of ``x_u``: ``L_u = L1 + CE(QPM view) + CE(CutMix view)``.
+* PFA (eq. 11): the quantised features of ``pfa_batch`` unlabelled slices (intensity
+  jitter only, no geometric change), adapted to the foundation model's grid, against
+  that model's features of the same slices. The foundation model is slow on a CPU
+  (about 1 s a slice for LiteMedSAM), so its features are computed once for
+  ``pfa_slices`` unlabelled slices (0: all of them) and cached at ``pfa_grid`` x
+  ``pfa_grid``.
+* total (eq. 12): ``L_l + lambda_u L_u + lambda_a L_align`` plus the quantiser's
+  codebook, commitment (0.25) and entropy terms.
+
+AdamW, separate learning rates for the backbone (encoder) and the heads, poly decay 0.9.
+Switches ``use_qpm``, ``use_reconstruction`` and ``use_pfa`` give the ablations of the
+paper's Table 2.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
+
+from ..config import JsonConfig
+from ..models.vqseg import VQSegNet, patch_info_nce
+from .supervised import augmentation
+
+
+@dataclass
+class VQSegConfig(JsonConfig):
+    slice_size: int = 128
+    features: tuple[int, ...] = (16, 32, 64, 128, 256)
+    code_dim: int = 64
+    num_codes: int = 16384
+    epsilon: float = 0.7
+    perturbation: str = "qpm"  # qpm | dropout | none
+    dropout_rate: float = 0.5
+    use_qpm: bool = True
+    use_reconstruction: bool = True
+    use_pfa: bool = True
+    foundation: str = "litemedsam"
+    pfa_grid: int = 16
+    pfa_slices: int = 0
+    pfa_batch: int = 4
+    temperature: float = 0.07
+    lambda_u: float = 1.0
+    lambda_a: float = 5.0
+    commitment: float = 0.25
+    entropy_weight: float = 0.05
+    ema_decay: float = 0.996
+    confidence_threshold: float = 0.0
+    iterations: int = 1000
+    labelled_batch: int = 8
+    unlabelled_batch: int = 4
+    backbone_lr: float = 1e-3
+    head_lr_factor: float = 2.0
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    warmup_supervised: int = 100
+    seed: int = 0
+    validation_cases: list[str] = field(default_factory=list)
+
+
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """``theta_t <- decay * theta_t + (1 - decay) * theta_s``; buffers are copied."""
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            t.copy_(s)
+
+
+def cutmix_boxes(batch: int, size: int, rng: np.random.Generator, area: tuple[float, float] = (0.1, 0.4)) -> torch.Tensor:
+    """``(B, 1, S, S)`` masks, 1 inside one random box per image."""
+    masks = torch.zeros(batch, 1, size, size)
+    for b in range(batch):
+        a = rng.uniform(*area) * size * size
+        ratio = rng.uniform(0.5, 2.0)
+        h = int(min(size, max(1, round(np.sqrt(a * ratio)))))
+        w = int(min(size, max(1, round(np.sqrt(a / ratio)))))
+        y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        masks[b, :, y : y + h, x : x + w] = 1
+    return masks
+
+
+def cutmix(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste ``images[perm]`` into ``images`` inside ``masks``; labels follow the same pixels."""
+    mixed = images * (1 - masks) + images[perm] * masks
+    mixed_labels = torch.where(masks[:, 0].bool(), labels[perm], labels)
+    return mixed, mixed_labels
+
+
+def build_vqseg(config: VQSegConfig, fm_channels: int) -> VQSegNet:
+    return VQSegNet(
+        features=tuple(config.features),
+        code_dim=config.code_dim,
+        num_codes=config.num_codes,
+        epsilon=config.epsilon,
+        perturbation=config.perturbation if config.use_qpm else "none",
+        dropout_rate=config.dropout_rate,
+        reconstruction=config.use_reconstruction,
+        fm_channels=fm_channels if config.use_pfa else 0,
+    )
+
+
+@torch.no_grad()
+def foundation_features(foundation: nn.Module, images: np.ndarray, grid: int, batch: int = 4) -> np.ndarray:
+    """Foundation features of every slice, average-pooled to ``grid x grid``, float16."""
+    out = []
+    for start in range(0, len(images), batch):
+        f = foundation(torch.as_tensor(images[start : start + batch]))
+        out.append(F.adaptive_avg_pool2d(f, grid).half().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, grid, grid), np.float16)
+
+
+class VQSegTrainer:
+    def __init__(self, config: VQSegConfig, labelled_x, labelled_y, unlabelled_x, fm_features, fm_channels: int, device,
+                 fm_slices: np.ndarray | None = None):
+        """``fm_features[n]`` are the foundation features of ``unlabelled_x[fm_slices[n]]``
+        (``fm_slices`` defaults to every unlabelled slice)."""
+        self.cfg = config
+        self.device = device
+        self.lx, self.ly, self.ux = labelled_x, labelled_y, unlabelled_x
+        self.fm = fm_features
+        self.fm_slices = np.arange(len(unlabelled_x)) if fm_slices is None else np.asarray(fm_slices)
+        self.rng = np.random.default_rng(config.seed)
+        torch.manual_seed(config.seed)
+        self.student = build_vqseg(config, fm_channels).to(device)
+        self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+        heads = self.student.head_parameters()
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.student.backbone_parameters(), "lr": config.backbone_lr},
+                {"params": heads, "lr": config.backbone_lr * config.head_lr_factor},
+            ],
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=config.iterations, power=config.poly_power)
+        self.weak = augmentation(config.seed)
+        self.intensity = Compose([RandScaleIntensityd(keys="image", factors=0.1, prob=0.5), RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)])
+        self.intensity.set_random_state(seed=config.seed + 1)
+        self.iteration = 0
+
+    def _labelled(self):
+        idx = self.rng.integers(0, len(self.lx), self.cfg.labelled_batch)
+        xs, ys = [], []
+        for i in idx:
+            item = self.weak({"image": self.lx[i], "label": self.ly[i][None].astype(np.float32)})
+            xs.append(np.asarray(item["image"], np.float32))
+            ys.append(np.asarray(item["label"]).round().astype(np.int64)[0])
+        return torch.as_tensor(np.stack(xs), device=self.device), torch.as_tensor(np.stack(ys), device=self.device)
+
+    def _intensity_view(self, idx: np.ndarray) -> torch.Tensor:
+        xs = [np.asarray(self.intensity({"image": self.ux[i]})["image"], np.float32) for i in idx]
+        return torch.as_tensor(np.stack(xs), device=self.device)
+
+    def alignment_loss(self) -> torch.Tensor:
+        """Eq. 11 on ``pfa_batch`` slices whose foundation features are cached."""
+        pick = self.rng.integers(0, len(self.fm), min(self.cfg.pfa_batch, len(self.fm)))
+        x = self._intensity_view(self.fm_slices[pick])
+        target = torch.as_tensor(self.fm[pick].astype(np.float32), device=self.device)
+        net = self.student
+        q = net.quantizer(net.pre_quant(net.encoder(x)[4])).quantized
+        return patch_info_nce(net.adapt(q, target.shape[-1]), target, self.cfg.temperature)
+
+    def step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.student.train()
+        x_l, y_l = self._labelled()
+        out_l = self.student(x_l, perturb=False)
+        seg_l = F.cross_entropy(out_l.logits, y_l)
+        rec_l = F.l1_loss(out_l.reconstruction, x_l) if out_l.reconstruction is not None else x_l.new_zeros(())
+        vq = out_l.vq.codebook_loss + cfg.commitment * out_l.vq.commitment_loss + cfg.entropy_weight * out_l.vq.entropy_loss
+        total = seg_l + rec_l + vq
+        losses = {"seg_l": seg_l, "rec_l": rec_l, "vq": vq, "perplexity": out_l.vq.perplexity, "utilisation": out_l.vq.utilisation}
+        if self.iteration >= cfg.warmup_supervised and len(self.ux):
+            x_u = self._intensity_view(self.rng.integers(0, len(self.ux), cfg.unlabelled_batch))
+            with torch.no_grad():
+                probs = torch.softmax(self.teacher(x_u, reconstruct=False).logits, dim=1)
+                conf, pseudo = probs.max(1)
+                weight = (conf >= cfg.confidence_threshold).float()
+            out_u = self.student(x_u, perturb=True)
+            seg_qpm = (F.cross_entropy(out_u.logits, pseudo, reduction="none") * weight).mean()
+            rec_u = F.l1_loss(out_u.reconstruction, x_u) if out_u.reconstruction is not None else x_u.new_zeros(())
+            perm = torch.as_tensor(self.rng.permutation(len(x_u)), device=self.device)
+            masks = cutmix_boxes(len(x_u), x_u.shape[-1], self.rng).to(self.device)
+            x_a, y_a = cutmix(x_u, pseudo, masks, perm)
+            w_a = torch.where(masks[:, 0].bool(), weight[perm], weight)
+            out_a = self.student(x_a, perturb=False, reconstruct=False)
+            seg_mix = (F.cross_entropy(out_a.logits, y_a, reduction="none") * w_a).mean()
+            loss_u = rec_u + seg_qpm + seg_mix
+            total = total + cfg.lambda_u * loss_u + out_u.vq.codebook_loss + cfg.commitment * out_u.vq.commitment_loss
+            losses.update(seg_qpm=seg_qpm, seg_cutmix=seg_mix, rec_u=rec_u)
+            if self.fm is not None and len(self.fm) and self.student.pfa is not None:
+                align = self.alignment_loss()
+                total = total + cfg.lambda_a * align
+                losses["align"] = align
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        ema_update(self.teacher, self.student, cfg.ema_decay)
+        self.iteration += 1
+        losses["total"] = total
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def run(self, on_step: Callable[[int, int, dict], None] | None = None, check_cancel: Callable[[], None] | None = None) -> None:
+        while self.iteration < self.cfg.iterations:
+            if check_cancel is not None:
+                check_cancel()
+            losses = self.step()
+            if on_step is not None:
+                on_step(self.iteration, self.cfg.iterations, losses)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch: int = 16, model: nn.Module | None = None) -> np.ndarray:
+        """Argmax slices of the teacher (the EMA model is the one that is kept)."""
+        net = (model or self.teacher).eval()
+        out = []
+        for start in range(0, len(images), batch):
+            logits = net(torch.as_tensor(images[start : start + batch], device=self.device), reconstruct=False).logits
+            out.append(logits.argmax(1).cpu().numpy().astype(np.uint8))
+        return np.concatenate(out)
