@@ -263,7 +263,7 @@ VQSEG_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"slice_size": 32, "features": (4, 8, 8, 16, 16), "code_dim": 8, "num_codes": 64, "iterations": 20,
              "labelled_batch": 2, "unlabelled_batch": 2, "warmup_supervised": 5, "pfa_grid": 4, "pfa_slices": 6, "pfa_batch": 2},
     # CPU, phantoms: supervised vs VQ-Seg, 2 seeds, in minutes
-    "quick": {"slice_size": 96, "features": (8, 16, 32, 64, 128), "code_dim": 32, "num_codes": 1024, "iterations": 600,
+    "quick": {"slice_size": 128, "features": (8, 16, 32, 64, 128), "code_dim": 32, "num_codes": 1024, "iterations": 600,
               "warmup_supervised": 100, "pfa_grid": 12, "pfa_slices": 48, "pfa_batch": 2},
     # CPU, real scans (ACDC, CHAOS MR)
     "cpu": {"slice_size": 128, "features": (16, 32, 64, 128, 256), "code_dim": 64, "num_codes": 4096, "iterations": 2000,

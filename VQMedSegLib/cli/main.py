@@ -204,8 +204,18 @@ def cmd_train(args) -> int:
 
         config = _begal_config(args)
         run = train_round
+    elif args.method == "vqseg":
+        from ..config import vqseg_config_from_preset
+        from ..training.vqseg import VQSegConfig
+        from ..training.vqseg_workspace import train_vqseg
+
+        preset = args.preset if args.preset in ("tiny", "quick", "cpu", "paper") else "quick"
+        config = VQSegConfig.load(args.config) if args.config else vqseg_config_from_preset(
+            preset, iterations=args.iterations, seed=args.seed, perturbation=args.perturbation,
+            dropout_rate=args.dropout_rate, foundation=args.foundation)
+        run = train_vqseg
     else:
-        raise InputError(f"--method {args.method!r}: expected 'supervised' or 'begal'")
+        raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
     if args.validation_cases:
         config = config.replace(validation_cases=[c.strip() for c in args.validation_cases.split(",") if c.strip()])
     with JobContext(ws, "train", params={"method": args.method, "config": config.to_json(), "device": str(device)}) as ctx:
@@ -374,14 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train on the workspace's labelled slices (a resumable, cancellable job)")
     tr.add_argument("--workspace", required=True)
-    tr.add_argument("--method", default="supervised", choices=["supervised", "begal"],
-                    help="supervised: the U-Net baseline; begal: one VQ-BEGAL round")
+    tr.add_argument("--method", default="supervised", choices=["supervised", "begal", "vqseg"],
+                    help="supervised: the U-Net baseline; begal: one VQ-BEGAL round; vqseg: VQ-Seg semi-supervised")
     tr.add_argument("--preset", default="quick", choices=["tiny", "quick", "standard", "cpu", "paper"],
-                    help="supervised: tiny, quick, standard; begal: tiny, quick, cpu, paper")
+                    help="supervised: tiny, quick, standard; begal and vqseg: tiny, quick, cpu, paper")
     tr.add_argument("--config", help="JSON configuration (overrides the preset)")
-    tr.add_argument("--iterations", type=int, help="supervised: training iterations")
+    tr.add_argument("--iterations", type=int, help="supervised and vqseg: training iterations")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--validation-cases", help="comma-separated annotated cases used only for validation")
+    tr.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None, help="vqseg: QPM (default) or the dropout baseline")
+    tr.add_argument("--dropout-rate", type=float, default=None, help="vqseg with --perturbation dropout")
+    tr.add_argument("--foundation", default=None, help="vqseg: litemedsam (default), dinov2:PATH or none")
     device_arg(tr)
     tr.set_defaults(func=cmd_train)
 

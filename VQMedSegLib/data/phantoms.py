@@ -676,7 +676,7 @@ class _ChestModel:
                 self._branch(rng, hilum, d / np.linalg.norm(d), 5.0, 40.0, 0)
 
         # Tumour: lobulated sphere near one hilum, placed where it sits inside lung.
-        self.tumour_radius = _u(rng, 6.0, 20.0)
+        self.tumour_radius = _u(rng, 12.0, 28.0)  # central carcinomas: 2.5-6 cm across
         self.tumour_lobes = [(_u(rng, 0.06, 0.14), rng.normal(size=3), _u(rng, 1.5, 3.0)) for _ in range(3)]
         side = 1.0 if rng.random() < 0.5 else -1.0
         hilum = self.hila[0 if side < 0 else 1]

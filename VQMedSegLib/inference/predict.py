@@ -1,4 +1,15 @@
-"""Prediction on a whole volume: slices in, label and uncertainty maps out, on the input grid."""
+"""Prediction on a whole volume: slices in, label and uncertainty maps out, on the input grid.
+
+Uncertainty maps:
+
+* ``entropy`` (every model): predictive entropy of the softmax, in nats.
+* ``qpm`` (VQ-Seg models): the QPM perturbation uncertainty. Each of ``QPM_DECODINGS``
+  decodings re-draws the bottleneck codes with QPM at the trained strength; the map is
+  the fraction of decodings whose label differs from the unperturbed prediction: 0 where
+  the answer does not depend on which nearby codes encode the image, up to 1 where it
+  flips. It perturbs within the learned codebook, so it asks "would a similar-looking
+  image be segmented differently?" rather than "is this network unsure?".
+"""
 
 from __future__ import annotations
 
@@ -18,7 +29,8 @@ from ..uncertainty.entropy import predictive_entropy
 
 log = logging.getLogger("vqmedseg")
 
-SUPPORTED_METHODS = ("supervised", "begal")
+SUPPORTED_METHODS = ("supervised", "begal", "vqseg")
+QPM_DECODINGS = 8
 
 
 @dataclass
@@ -29,6 +41,10 @@ class Prediction:
 
 
 def _build(spec: dict) -> torch.nn.Module:
+    if spec.get("kind") == "vqseg2d":
+        from ..training.vqseg import VQSegConfig, build_vqseg
+
+        return build_vqseg(VQSegConfig.from_json(spec["config"], source="checkpoint configuration"), int(spec.get("fm_channels", 0)))
     if spec.get("kind") == "vqbegal2d":
         from ..config import BEGALConfig
         from ..training.begal import build_model
@@ -76,9 +92,18 @@ def predict_volume(
         if mr is not None:
             log.info("the %s model is CT-only; the MR is not used", ckpt["method"])
         slices = extract_slices(ct, plan, values=normalize(ct, "CT", task.ct_window))
+    vqseg = ckpt["model"].get("kind") == "vqseg2d"
     probs = np.empty((plan.n_slices, 2, size, size), np.float32)
+    disagreement = np.zeros((plan.n_slices, 1, size, size), np.float32) if vqseg else None
     for start in range(0, plan.n_slices, batch_size):
-        if begal:
+        if vqseg:
+            x = torch.as_tensor(slices[start : start + batch_size, None], device=device)
+            logits = model(x, perturb=False, reconstruct=False).logits
+            label = logits.argmax(1)
+            for _ in range(QPM_DECODINGS):
+                moved = model(x, perturb=True, reconstruct=False).logits.argmax(1)
+                disagreement[start : start + batch_size, 0] += (moved != label).float().cpu().numpy() / QPM_DECODINGS
+        elif begal:
             idx = np.arange(start, min(start + batch_size, plan.n_slices))
             c, m, present = pool.batch(idx)
             logits = model(
@@ -95,8 +120,12 @@ def predict_volume(
     label = (on_grid[1] > on_grid[0]).astype(np.uint8)
     entropy = predictive_entropy(on_grid, axis=0)
     meta = {"task": task.name, "method": ckpt["method"]}
+    maps = {"entropy": ct.with_array(entropy, **meta, kind="uncertainty", units="nats")}
+    if disagreement is not None:
+        qpm_map = np.clip(slices_to_volume(disagreement, plan)[0], 0.0, 1.0).astype(np.float32)
+        maps["qpm"] = ct.with_array(qpm_map, **meta, kind="uncertainty", units="fraction of QPM decodings")
     return Prediction(
         label=ct.with_array(label, **meta, kind="label"),
         probability=ct.with_array(on_grid[1].astype(np.float32), **meta, kind="probability"),
-        uncertainty={"entropy": ct.with_array(entropy, **meta, kind="uncertainty", units="nats")},
+        uncertainty=maps,
     )

@@ -228,16 +228,17 @@ def run_ssl(
 
 
 def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
-    from .supervised import augmentation
+    from .slices import SliceSet
+    from .supervised import BatchSampler, augmentation
 
     torch.manual_seed(cfg.seed)
     net = SupervisedNet(tuple(cfg.features)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.backbone_lr * cfg.head_lr_factor, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.iterations, power=cfg.poly_power)
     aug = augmentation(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    sampler = BatchSampler(SliceSet(x, y), cfg.labelled_batch, cfg.foreground_fraction, np.random.default_rng(cfg.seed))
     for _ in range(cfg.iterations):
-        idx = rng.integers(0, len(x), cfg.labelled_batch)
+        idx = sampler.indices()
         items = [aug({"image": x[i], "label": y[i][None].astype(np.float32)}) for i in idx]
         xb = torch.as_tensor(np.stack([np.asarray(it["image"], np.float32) for it in items]), device=device)
         yb = torch.as_tensor(np.stack([np.asarray(it["label"])[0].round().astype(np.int64) for it in items]), device=device)

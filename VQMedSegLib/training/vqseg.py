@@ -39,7 +39,8 @@ from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
 
 from ..config import JsonConfig
 from ..models.vqseg import VQSegNet, patch_info_nce
-from .supervised import augmentation
+from .slices import SliceSet
+from .supervised import BatchSampler, augmentation
 
 
 @dataclass
@@ -67,6 +68,7 @@ class VQSegConfig(JsonConfig):
     confidence_threshold: float = 0.0
     iterations: int = 1000
     labelled_batch: int = 8
+    foreground_fraction: float = 0.5
     unlabelled_batch: int = 4
     backbone_lr: float = 1e-3
     head_lr_factor: float = 2.0
@@ -156,9 +158,11 @@ class VQSegTrainer:
         self.intensity = Compose([RandScaleIntensityd(keys="image", factors=0.1, prob=0.5), RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)])
         self.intensity.set_random_state(seed=config.seed + 1)
         self.iteration = 0
+        # small targets (a lung tumour) appear in few labelled slices: keep them in every batch
+        self.sampler = BatchSampler(SliceSet(labelled_x, labelled_y), config.labelled_batch, config.foreground_fraction, self.rng)
 
     def _labelled(self):
-        idx = self.rng.integers(0, len(self.lx), self.cfg.labelled_batch)
+        idx = self.sampler.indices()
         xs, ys = [], []
         for i in idx:
             item = self.weak({"image": self.lx[i], "label": self.ly[i][None].astype(np.float32)})
@@ -215,7 +219,9 @@ class VQSegTrainer:
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
-        ema_update(self.teacher, self.student, cfg.ema_decay)
+        # Tarvainen & Valpola's ramp: the teacher tracks the student closely at first, so
+        # short CPU runs do not keep a teacher that is mostly its random initialisation
+        ema_update(self.teacher, self.student, min(cfg.ema_decay, 1.0 - 1.0 / (self.iteration + 1)))
         self.iteration += 1
         losses["total"] = total
         return {k: float(v.detach()) for k, v in losses.items()}

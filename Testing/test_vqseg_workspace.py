@@ -1,0 +1,51 @@
+"""VQ-Seg through a workspace in a real subprocess: train on labelled + unlabelled
+slices, then predict with both uncertainty maps (entropy and QPM)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from VQMedSegLib.data.io import read_label, read_volume, write_volume
+from VQMedSegLib.data.phantoms import make_dataset
+from VQMedSegLib.jobs.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def vq(*args):
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_vqseg_trains_on_a_workspace_and_predicts_two_uncertainty_maps(tmp_path):
+    case = make_dataset("phantom-lung", 1, seed=4, ct_shape=(12, 64, 64))[0]
+    write_volume(case.ct, tmp_path / "ct.nrrd")
+    write_volume(case.ct_label, tmp_path / "label.nrrd")
+    ws = tmp_path / "ws"
+    vq("workspace", "init", ws, "--task", "lung-tumour")
+    vq("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd")
+    vq("workspace", "annotate", ws, "--case", "c1", "--label", tmp_path / "label.nrrd", "--slices", "3-6")
+    config = {"slice_size": 32, "features": [4, 8, 8, 16, 16], "code_dim": 8, "num_codes": 64, "iterations": 12,
+              "labelled_batch": 2, "unlabelled_batch": 2, "warmup_supervised": 2, "foundation": "none"}
+    (tmp_path / "vqseg.json").write_text(json.dumps(config))
+    vq("train", "--workspace", ws, "--method", "vqseg", "--config", tmp_path / "vqseg.json", "--device", "cpu")
+    events = [json.loads(line) for line in (ws / "events.jsonl").read_text().splitlines()]
+    info = next(e for e in events if e["type"] == "info" and e.get("method") == "vqseg")
+    assert info["labelled_slices"] == 4 and info["unlabelled_slices"] == 8 and info["qpm_kl"] > 0
+    losses = [e for e in events if e["type"] == "loss"]
+    assert {"seg_qpm", "seg_cutmix", "perplexity", "utilisation"} <= set(losses[-1])
+    assert any(e["type"] == "warning" and "PFA is off" in e["message"] for e in events)
+    model = Workspace.open(ws).latest_model("vqseg")
+    vq("predict", "--model", ws / model["path"], "--ct", tmp_path / "ct.nrrd", "--out", tmp_path / "pred")
+    entropy = read_volume(tmp_path / "pred" / "uncertainty.nrrd")
+    qpm = read_volume(tmp_path / "pred" / "uncertainty_qpm.nrrd")
+    ct = read_volume(tmp_path / "ct.nrrd")
+    assert entropy.same_geometry(ct) and qpm.same_geometry(ct)
+    assert 0 <= qpm.array.min() and qpm.array.max() <= 1
+    assert read_label(tmp_path / "pred" / "prediction.seg.nrrd").same_geometry(ct)
