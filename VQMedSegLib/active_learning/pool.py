@@ -88,6 +88,17 @@ class SlicePool:
             size=self.size,
         )
 
+    def tensors(self, idx: np.ndarray, device):
+        """:meth:`batch` as tensors on ``device``: the arguments of a VQ-BEGAL forward pass."""
+        import torch
+
+        ct, mr, present = self.batch(idx)
+        return (
+            torch.as_tensor(ct, device=device),
+            torch.as_tensor(mr, device=device) if mr is not None else None,
+            torch.as_tensor(present, device=device),
+        )
+
     def batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """CT slices, paired MR slices (None if the pool has no MR) and the MR-present mask."""
         ct = self.ct[idx]

@@ -48,24 +48,21 @@ def _batches(idx: np.ndarray, batch: int):
         yield idx[start : start + batch]
 
 
-def _to_device(pool: SlicePool, idx: np.ndarray, device: torch.device):
-    ct, mr, present = pool.batch(idx)
-    ct_t = torch.as_tensor(ct, device=device)
-    mr_t = torch.as_tensor(mr, device=device) if mr is not None else None
-    return ct_t, mr_t, torch.as_tensor(present, device=device)
+def _stream(idx: np.ndarray, batch: int, score: Callable[[np.ndarray], torch.Tensor]) -> np.ndarray:
+    """One score per pool index, computed ``batch`` slices at a time (memory flat in the pool size)."""
+    out = np.empty(len(idx), np.float32)
+    pos = 0
+    for b in _batches(idx, batch):
+        out[pos : pos + len(b)] = score(b).float().cpu().numpy()
+        pos += len(b)
+    return out
 
 
 @torch.no_grad()
 def modality_scores(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:
     """Eq. 5 for each pool slice (one encoder pass, no decoder)."""
     model.eval()
-    out = np.empty(len(idx), np.float32)
-    pos = 0
-    for b in _batches(idx, batch):
-        ct, mr, _ = _to_device(pool, b, device)
-        out[pos : pos + len(b)] = model.modality_uncertainty(ct, mr).float().cpu().numpy()
-        pos += len(b)
-    return out
+    return _stream(idx, batch, lambda b: model.modality_uncertainty(*pool.tensors(b, device)[:2]))
 
 
 def _pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -75,14 +72,7 @@ def _pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def prediction_entropy_scores(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:
     model.eval()
-    out = np.empty(len(idx), np.float32)
-    pos = 0
-    for b in _batches(idx, batch):
-        ct, mr, present = _to_device(pool, b, device)
-        probs = torch.softmax(model(ct, mr, present).logits, dim=1)
-        out[pos : pos + len(b)] = _pixel_entropy(probs).cpu().numpy()
-        pos += len(b)
-    return out
+    return _stream(idx, batch, lambda b: _pixel_entropy(torch.softmax(model(*pool.tensors(b, device)).logits, dim=1)))
 
 
 def _enable_dropout(model: nn.Module) -> None:
@@ -100,16 +90,13 @@ def mc_dropout_scores(
     _enable_dropout(model)
     if not any(isinstance(m, (nn.Dropout, nn.Dropout2d)) and m.p > 0 for m in model.modules()):
         raise InputError("mcdropout: the model has no active dropout layer, so every pass would be identical")
-    out = np.empty(len(idx), np.float32)
-    pos = 0
-    for b in _batches(idx, batch):
-        ct, mr, present = _to_device(pool, b, device)
-        mean = None
-        for _ in range(samples):
-            p = torch.softmax(model(ct, mr, present).logits, dim=1)
-            mean = p if mean is None else mean + p
-        out[pos : pos + len(b)] = _pixel_entropy(mean / samples).cpu().numpy()
-        pos += len(b)
+
+    def score(b: np.ndarray) -> torch.Tensor:
+        inputs = pool.tensors(b, device)
+        mean = sum(torch.softmax(model(*inputs).logits, dim=1) for _ in range(samples))
+        return _pixel_entropy(mean / samples)
+
+    out = _stream(idx, batch, score)
     model.eval()
     return out
 
@@ -119,8 +106,7 @@ def bottleneck_features(model: nn.Module, pool: SlicePool, idx: np.ndarray, devi
     model.eval()
     feats = []
     for b in _batches(idx, batch):
-        ct, _, _ = _to_device(pool, b, device)
-        feats.append(model.ct_encoder(ct)[4].mean(dim=(2, 3)).float().cpu().numpy())
+        feats.append(model.ct_encoder(pool.tensors(b, device)[0])[4].mean(dim=(2, 3)).float().cpu().numpy())
     return np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
 
 

@@ -104,13 +104,7 @@ def predict_volume(
                 moved = model(x, perturb=True, reconstruct=False).logits.argmax(1)
                 disagreement[start : start + batch_size, 0] += (moved != label).float().cpu().numpy() / QPM_DECODINGS
         elif begal:
-            idx = np.arange(start, min(start + batch_size, plan.n_slices))
-            c, m, present = pool.batch(idx)
-            logits = model(
-                torch.as_tensor(c, device=device),
-                torch.as_tensor(m, device=device) if m is not None else None,
-                torch.as_tensor(present, device=device),
-            ).logits
+            logits = model(*pool.tensors(np.arange(start, min(start + batch_size, plan.n_slices)), device)).logits
         else:
             logits = model(torch.as_tensor(slices[start : start + batch_size, None], device=device))
         probs[start : start + batch_size] = torch.softmax(logits, dim=1).float().cpu().numpy()

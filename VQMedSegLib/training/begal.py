@@ -209,12 +209,7 @@ def predict_pool(model: VQBEGALNet, pool: SlicePool, idx: np.ndarray, device: to
     out = np.empty((len(idx), pool.size, pool.size), np.uint8)
     for start in range(0, len(idx), batch):
         b = idx[start : start + batch]
-        ct, mr, present = pool.batch(b)
-        logits = model(
-            torch.as_tensor(ct, device=device),
-            torch.as_tensor(mr, device=device) if mr is not None else None,
-            torch.as_tensor(present, device=device),
-        ).logits
+        logits = model(*pool.tensors(b, device)).logits
         out[start : start + len(b)] = logits.argmax(1).cpu().numpy().astype(np.uint8)
     return out
 
