@@ -210,3 +210,15 @@ def test_plateau_stops_queries_after_patience_rounds(config):
     assert _plateau(rounds(0.5, 0.70, 0.705, 0.702), cfg).startswith("validation Dice has not improved by 0.01 for 2 rounds")
     assert _plateau(rounds(0.5, 0.70, 0.705, 0.72), cfg) == ""
     assert _plateau(rounds(0.5, 0.70, 0.69, 0.69), config.replace(patience=0)) == ""  # patience 0: never stop
+
+
+def test_pool_can_live_in_memory_mapped_files(cases, pool, tmp_path):
+    """The same pool, memory-mapped: RAM no longer grows with the number of slices."""
+    inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
+    mapped = build_pool(inputs, 32, (-160, 240), seed=0, storage=tmp_path)
+    assert isinstance(mapped.ct, np.memmap) and isinstance(mapped.mr, np.memmap) and isinstance(mapped.labels, np.memmap)
+    np.testing.assert_array_equal(mapped.ct, pool.ct)
+    np.testing.assert_array_equal(mapped.mr, pool.mr)
+    np.testing.assert_array_equal(mapped.labels, pool.labels)
+    np.testing.assert_array_equal(mapped.pair, pool.pair)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.npy", "labels.npy", "mr.npy"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -127,35 +128,56 @@ def _stable_rng(seed: int, text: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def _allocate(storage: Path | None, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An array in memory, or a memory-mapped ``.npy`` file under ``storage``."""
+    if storage is None:
+        return np.empty(shape, dtype)
+    storage.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(storage / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
 def build_pool(
     cases: list[CaseInput],
     size: int,
     ct_window: tuple[float, float],
     seed: int = 0,
     extra_mr: list[tuple[str, Volume]] | None = None,
+    storage: Path | None = None,
 ) -> SlicePool:
-    """Slice, normalise and pair every case; ``extra_mr`` adds MR-only cases (other patients)."""
+    """Slice, normalise and pair every case; ``extra_mr`` adds MR-only cases (other patients).
+
+    With ``storage``, the slice arrays are memory-mapped ``.npy`` files in that folder,
+    filled case by case: the pool's slices then live in the page cache, not in the
+    process's memory, whatever the number of slices.
+    """
     if not cases:
         raise InputError("slice pool: found no CT case, expected at least one")
-    ct_parts, label_parts, ids, index, pos = [], [], [], [], []
-    mr_parts, mr_ids, mr_pos = [], [], []
+    ids, index, pos = [], [], []
+    mr_ids, mr_pos = [], []
     mr_sources = [(c.case_id, c.mr) for c in cases if c.mr is not None] + list(extra_mr or [])
+    mr_plans = [(mr_id, mr, plan_slices(mr, size)) for mr_id, mr in mr_sources]
+    ct_plans = [(case, plan_slices(case.ct, size)) for case in cases]
+    mr_arr = _allocate(storage, "mr", (sum(p.n_slices for _, _, p in mr_plans), 1, size, size), np.float32)
     mr_range: dict[str, tuple[int, int]] = {}
-    for mr_id, mr in mr_sources:
-        plan = plan_slices(mr, size)
+    start = 0
+    for mr_id, mr, plan in mr_plans:
         slices = extract_slices(mr, plan, values=mr_normalize(mr.array))
-        start = sum(len(p) for p in mr_parts)
-        mr_parts.append(slices[:, None])
+        mr_arr[start : start + len(slices), 0] = slices
         mr_ids += [mr_id] * len(slices)
         mr_pos.append(body_positions(slices, BODY_MR))
         mr_range[mr_id] = (start, start + len(slices))
+        start += len(slices)
     have_labels = all(c.label is not None for c in cases)
-    for case in cases:
-        plan = plan_slices(case.ct, size)
+    n_ct = sum(p.n_slices for _, p in ct_plans)
+    ct_arr = _allocate(storage, "ct", (n_ct, 1, size, size), np.float32)
+    labels = _allocate(storage, "labels", (n_ct, size, size), np.int64) if have_labels else None
+    start = 0
+    for case, plan in ct_plans:
         slices = extract_slices(case.ct, plan, values=normalize(case.ct, "CT", ct_window))
-        ct_parts.append(slices[:, None])
-        if have_labels:
-            label_parts.append((extract_label_slices(case.label, plan) > 0).astype(np.int64))
+        ct_arr[start : start + len(slices), 0] = slices
+        if labels is not None:
+            labels[start : start + len(slices)] = extract_label_slices(case.label, plan) > 0
+        start += len(slices)
         ids += [case.case_id] * plan.n_slices
         index.append(np.array([plan.canonical_to_index_slice(s) for s in range(plan.n_slices)]))
         pos.append(body_positions(slices, BODY_CT))
@@ -171,13 +193,16 @@ def build_pool(
             lo, hi = mr_range[partner]
             cand = mr_position[lo:hi]
             pair[rows] = lo + np.abs(position[rows, None] - cand[None, :]).argmin(axis=1)
+    for array in (ct_arr, mr_arr, labels):
+        if isinstance(array, np.memmap):
+            array.flush()
     return SlicePool(
-        ct=np.concatenate(ct_parts).astype(np.float32),
-        labels=np.concatenate(label_parts) if have_labels else None,
+        ct=ct_arr,
+        labels=labels,
         case_ids=case_ids,
         slice_index=np.concatenate(index),
         position=position,
-        mr=np.concatenate(mr_parts).astype(np.float32) if mr_parts else np.zeros((0, 1, size, size), np.float32),
+        mr=mr_arr,
         mr_case_ids=np.array(mr_ids),
         mr_position=mr_position,
         pair=pair,
