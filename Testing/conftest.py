@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,3 +42,11 @@ def real_data() -> Path:
     if path is None:
         pytest.skip("real scans not found: set VQMEDSEG_DATA or place them in ../shared/data")
     return path
+
+
+def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m VQMedSegLib ARGS`` in a real subprocess; with ``check``, a non-zero exit fails the test with stderr."""
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=REPO)
+    if check and r.returncode != 0:
+        raise AssertionError(f"vqmedseg {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r

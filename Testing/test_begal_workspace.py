@@ -4,8 +4,6 @@ query -> annotate (a partial label volume) -> train -> query -> train -> predict
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +13,8 @@ from VQMedSegLib.data.io import read_label, read_volume, write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.jobs.workspace import Workspace
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_cli as vq
 
-
-def vq(*args, check=True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=REPO)
-    if check and r.returncode != 0:
-        raise AssertionError(f"vqmedseg {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ evaluate and dataset check, each in a real subprocess."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +14,8 @@ from VQMedSegLib.data.phantoms import make_abdominal_case
 from VQMedSegLib.data.volume import Volume
 
 from conftest import oblique_direction
+from conftest import run_cli as vqmedseg
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def vqmedseg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=REPO)
-    if check and r.returncode != 0:
-        raise AssertionError(f"vqmedseg {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
-    return r
 
 
 @pytest.fixture(scope="module")

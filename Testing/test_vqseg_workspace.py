@@ -4,23 +4,14 @@ slices, then predict with both uncertainty maps (entropy and QPM)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 
 from VQMedSegLib.data.io import read_label, read_volume, write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.jobs.workspace import Workspace
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_cli as vq
 
-
-def vq(*args):
-    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def test_vqseg_trains_on_a_workspace_and_predicts_two_uncertainty_maps(tmp_path):

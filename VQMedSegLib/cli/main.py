@@ -42,6 +42,21 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+def _seed_list(n: int) -> list[int]:
+    if n < 1:
+        raise InputError(f"--seeds {n}: expected at least 1")
+    return list(range(n))
+
+
+def _report_experiment(args, results: dict) -> int:
+    """Print an experiment's results: JSON with --json, else its results.md table."""
+    if args.json:
+        _print_json(results)
+    else:
+        sys.stdout.write((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 # ------------------------------------------------------------------ commands
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -255,16 +270,9 @@ def cmd_simulate(args) -> int:
     device = resolve_device(args.device)
     config = BEGALConfig.load(args.config) if args.config else begal_config_from_preset(args.preset)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    seeds = list(range(args.seeds)) if args.seeds > 0 else []
-    if not seeds:
-        raise InputError(f"--seeds {args.seeds}: expected at least 1")
-    results = simulate(args.dataset, strategies, args.rounds, args.per_round, seeds, config, Path(args.out), device,
-                       initial=args.initial, preset=args.preset if not args.config else "custom")
-    if args.json:
-        _print_json(results)
-    else:
-        sys.stdout.write((Path(args.out) / "results.md").read_text())
-    return 0
+    results = simulate(args.dataset, strategies, args.rounds, args.per_round, _seed_list(args.seeds), config, Path(args.out),
+                       device, initial=args.initial, preset=args.preset if not args.config else "custom")
+    return _report_experiment(args, results)
 
 
 def cmd_ssl(args) -> int:
@@ -278,15 +286,9 @@ def cmd_ssl(args) -> int:
         args.preset, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.seeds < 1:
-        raise InputError(f"--seeds {args.seeds}: expected at least 1")
-    results = run_ssl(args.dataset, args.labeled_fraction, methods, list(range(args.seeds)), config, Path(args.out), device,
+    results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args.seeds), config, Path(args.out), device,
                       preset=args.preset if not args.config else "custom")
-    if args.json:
-        _print_json(results)
-    else:
-        sys.stdout.write((Path(args.out) / "results.md").read_text())
-    return 0
+    return _report_experiment(args, results)
 
 
 def cmd_cancel(args) -> int:
