@@ -176,7 +176,7 @@ def test_module_help_cites_both_papers_and_links_the_readme():
     text = " ".join(module_source().split())
     assert "Vector-Quantization-Driven Active Learning for Efficient Multi-Modal Medical Segmentation" in text
     assert "VQ-Seg: Vector-Quantized Token Perturbation for Semi-Supervised Medical Image Segmentation" in text
-    assert f'README_URL = f"{{HOMEPAGE_URL}}#readme"' in text
+    assert 'README_URL = f"{HOMEPAGE_URL}#readme"' in text
     assert f'HOMEPAGE_URL = "{HOMEPAGE}"' in text
     for acknowledged in ("CHAOS", "ACDC", "MONAI"):
         assert acknowledged in text

@@ -82,3 +82,24 @@ def test_a_few_semi_supervised_steps_run_and_the_teacher_follows():
     after = list(trainer.teacher.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     assert trainer.predict(lx).shape == (6, 32, 32)
+
+
+def test_unlabelled_weight_ramps_up_after_the_supervised_warm_up():
+    from VQMedSegLib.training.vqseg import rampup_weight
+
+    assert rampup_weight(9, start=10, length=100) == 0.0
+    assert rampup_weight(10, start=10, length=100) == pytest.approx(np.exp(-5.0))
+    assert rampup_weight(60, start=10, length=100) == pytest.approx(np.exp(-5.0 * 0.25))
+    assert rampup_weight(110, start=10, length=100) == 1.0 == rampup_weight(5000, start=10, length=100)
+    assert rampup_weight(10, start=10, length=0) == 1.0
+    values = [rampup_weight(i, 10, 100) for i in range(10, 111)]
+    assert values == sorted(values)
+
+
+@pytest.mark.parametrize("bad, key", [({"epsilon": 1.5}, "epsilon"), ({"perturbation": "gaussian"}, "perturbation"),
+                                      ({"confidence_threshold": 1.0}, "confidence_threshold"), ({"num_code": 8}, "num_code")])
+def test_vqseg_config_names_the_bad_key(bad, key):
+    from VQMedSegLib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        VQSegConfig.from_json(bad)

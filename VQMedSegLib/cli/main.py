@@ -221,7 +221,7 @@ def cmd_train(args) -> int:
         run = train_round
     elif args.method == "vqseg":
         from ..config import vqseg_config_from_preset
-        from ..training.vqseg import VQSegConfig
+        from ..config import VQSegConfig
         from ..training.vqseg_workspace import train_vqseg
 
         preset = args.preset if args.preset in ("tiny", "quick", "cpu", "paper") else "quick"
@@ -279,7 +279,7 @@ def cmd_ssl(args) -> int:
     from ..config import vqseg_config_from_preset
     from ..device import resolve_device
     from ..training.ssl_experiment import run_ssl
-    from ..training.vqseg import VQSegConfig
+    from ..config import VQSegConfig
 
     device = resolve_device(args.device)
     config = VQSegConfig.load(args.config) if args.config else vqseg_config_from_preset(

@@ -42,7 +42,8 @@ class Prediction:
 
 def _build(spec: dict) -> torch.nn.Module:
     if spec.get("kind") == "vqseg2d":
-        from ..training.vqseg import VQSegConfig, build_vqseg
+        from ..config import VQSegConfig
+        from ..training.vqseg import build_vqseg
 
         return build_vqseg(VQSegConfig.from_json(spec["config"], source="checkpoint configuration"), int(spec.get("fm_channels", 0)))
     if spec.get("kind") == "vqbegal2d":

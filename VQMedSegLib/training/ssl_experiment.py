@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 
 from .. import __version__
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
@@ -29,7 +30,8 @@ from ..errors import InputError
 from ..files import atomic_write_json, atomic_write_text
 from ..metrics.segmentation import score_volumes, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
-from .vqseg import VQSegConfig, VQSegTrainer, foundation_features
+from ..config import VQSegConfig
+from .vqseg import VQSegTrainer, foundation_features
 
 log = logging.getLogger("vqmedseg")
 
@@ -233,7 +235,13 @@ def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
 
     torch.manual_seed(cfg.seed)
     net = SupervisedNet(tuple(cfg.features)).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.backbone_lr * cfg.head_lr_factor, weight_decay=cfg.weight_decay)
+    # the same optimiser, learning rates and labelled loss as the VQ-Seg student
+    opt = torch.optim.AdamW(
+        [{"params": net.encoder.parameters(), "lr": cfg.backbone_lr},
+         {"params": net.decoder.parameters(), "lr": cfg.backbone_lr * cfg.head_lr_factor}],
+        weight_decay=cfg.weight_decay,
+    )
+    dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.iterations, power=cfg.poly_power)
     aug = augmentation(cfg.seed)
     sampler = BatchSampler(SliceSet(x, y), cfg.labelled_batch, cfg.foreground_fraction, np.random.default_rng(cfg.seed))
@@ -242,7 +250,10 @@ def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
         items = [aug({"image": x[i], "label": y[i][None].astype(np.float32)}) for i in idx]
         xb = torch.as_tensor(np.stack([np.asarray(it["image"], np.float32) for it in items]), device=device)
         yb = torch.as_tensor(np.stack([np.asarray(it["label"])[0].round().astype(np.int64) for it in items]), device=device)
-        loss = F.cross_entropy(net(xb), yb)
+        logits = net(xb)
+        loss = F.cross_entropy(logits, yb)
+        if cfg.dice_weight:
+            loss = loss + cfg.dice_weight * dice(logits, yb[:, None])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

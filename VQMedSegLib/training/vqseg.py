@@ -28,55 +28,19 @@ paper's Table 2.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
 
-from ..config import JsonConfig
+from ..config import VQSegConfig
 from ..models.vqseg import VQSegNet, patch_info_nce
 from .slices import SliceSet
 from .supervised import BatchSampler, augmentation
-
-
-@dataclass
-class VQSegConfig(JsonConfig):
-    slice_size: int = 128
-    features: tuple[int, ...] = (16, 32, 64, 128, 256)
-    code_dim: int = 64
-    num_codes: int = 16384
-    epsilon: float = 0.7
-    perturbation: str = "qpm"  # qpm | dropout | none
-    dropout_rate: float = 0.5
-    use_qpm: bool = True
-    use_reconstruction: bool = True
-    use_pfa: bool = True
-    foundation: str = "litemedsam"
-    pfa_grid: int = 16
-    pfa_slices: int = 0
-    pfa_batch: int = 4
-    temperature: float = 0.07
-    lambda_u: float = 1.0
-    lambda_a: float = 5.0
-    commitment: float = 0.25
-    entropy_weight: float = 0.05
-    ema_decay: float = 0.996
-    confidence_threshold: float = 0.0
-    iterations: int = 1000
-    labelled_batch: int = 8
-    foreground_fraction: float = 0.5
-    unlabelled_batch: int = 4
-    backbone_lr: float = 1e-3
-    head_lr_factor: float = 2.0
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    warmup_supervised: int = 100
-    seed: int = 0
-    validation_cases: list[str] = field(default_factory=list)
 
 
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
@@ -106,6 +70,17 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, perm
     mixed = images * (1 - masks) + images[perm] * masks
     mixed_labels = torch.where(masks[:, 0].bool(), labels[perm], labels)
     return mixed, mixed_labels
+
+
+def rampup_weight(iteration: int, start: int, length: int) -> float:
+    """Laine and Aila's sigmoid ramp ``exp(-5 (1 - t)^2)`` from ``start`` over ``length``
+    iterations (1 at once when ``length`` is 0)."""
+    if iteration < start:
+        return 0.0
+    if length <= 0:
+        return 1.0
+    t = min(1.0, (iteration - start) / length)
+    return float(np.exp(-5.0 * (1.0 - t) ** 2))
 
 
 def build_vqseg(config: VQSegConfig, fm_channels: int) -> VQSegNet:
@@ -158,6 +133,7 @@ class VQSegTrainer:
         self.intensity = Compose([RandScaleIntensityd(keys="image", factors=0.1, prob=0.5), RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)])
         self.intensity.set_random_state(seed=config.seed + 1)
         self.iteration = 0
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
         # small targets (a lung tumour) appear in few labelled slices: keep them in every batch
         self.sampler = BatchSampler(SliceSet(labelled_x, labelled_y), config.labelled_batch, config.foreground_fraction, self.rng)
 
@@ -189,6 +165,8 @@ class VQSegTrainer:
         x_l, y_l = self._labelled()
         out_l = self.student(x_l, perturb=False)
         seg_l = F.cross_entropy(out_l.logits, y_l)
+        if cfg.dice_weight:
+            seg_l = seg_l + cfg.dice_weight * self.dice(out_l.logits, y_l[:, None])
         rec_l = F.l1_loss(out_l.reconstruction, x_l) if out_l.reconstruction is not None else x_l.new_zeros(())
         vq = out_l.vq.codebook_loss + cfg.commitment * out_l.vq.commitment_loss + cfg.entropy_weight * out_l.vq.entropy_loss
         total = seg_l + rec_l + vq
@@ -209,8 +187,9 @@ class VQSegTrainer:
             out_a = self.student(x_a, perturb=False, reconstruct=False)
             seg_mix = (F.cross_entropy(out_a.logits, y_a, reduction="none") * w_a).mean()
             loss_u = rec_u + seg_qpm + seg_mix
-            total = total + cfg.lambda_u * loss_u + out_u.vq.codebook_loss + cfg.commitment * out_u.vq.commitment_loss
-            losses.update(seg_qpm=seg_qpm, seg_cutmix=seg_mix, rec_u=rec_u)
+            ramp = rampup_weight(self.iteration, cfg.warmup_supervised, cfg.rampup)
+            total = total + ramp * cfg.lambda_u * loss_u + out_u.vq.codebook_loss + cfg.commitment * out_u.vq.commitment_loss
+            losses.update(seg_qpm=seg_qpm, seg_cutmix=seg_mix, rec_u=rec_u, ramp=torch.tensor(ramp))
             if self.fm is not None and len(self.fm) and self.student.pfa is not None:
                 align = self.alignment_loss()
                 total = total + cfg.lambda_a * align

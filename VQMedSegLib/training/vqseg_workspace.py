@@ -20,7 +20,8 @@ from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..models.qpm import qpm_kl
 from .slices import labelled_signature
-from .vqseg import VQSegConfig, VQSegTrainer, foundation_features
+from ..config import VQSegConfig
+from .vqseg import VQSegTrainer, foundation_features
 
 METHOD = "vqseg"
 CHECKPOINT_INTERVAL = 50
