@@ -34,9 +34,40 @@ EXPECTED_CLASSES = {
     "targetComboBox": "QComboBox",
     "workspacePathLineEdit": "ctkPathLineEdit",
     "deviceComboBox": "QComboBox",
+    "pythonPathLineEdit": "ctkPathLineEdit",
+    "presetComboBox": "QComboBox",
     "applyButton": "QPushButton",
+    "statusLabel": "QLabel",
+    "activeLearningCollapsibleButton": "ctkCollapsibleButton",
+    "strategyComboBox": "QComboBox",
+    "budgetSpinBox": "QSpinBox",
+    "perRoundSpinBox": "QSpinBox",
+    "suggestButton": "QPushButton",
+    "suggestionsTable": "QTableWidget",
+    "markAnnotatedButton": "QPushButton",
+    "budgetProgressBar": "QProgressBar",
+    "trainingCollapsibleButton": "ctkCollapsibleButton",
+    "methodComboBox": "QComboBox",
+    "iterationsSpinBox": "QSpinBox",
+    "startCancelButton": "QPushButton",
     "progressBar": "QProgressBar",
     "logTextEdit": "QPlainTextEdit",
+    "resultsCollapsibleButton": "ctkCollapsibleButton",
+    "loadResultsButton": "QPushButton",
+    "uncertaintyComboBox": "QComboBox",
+    "opacitySlider": "ctkSliderWidget",
+    "referenceSelector": "qMRMLNodeComboBox",
+    "scoresLabel": "QLabel",
+}
+
+# Which section each control belongs to.
+SECTIONS = {
+    "inputsCollapsibleButton": ("Inputs", ["ctSelector", "mrSelector", "targetComboBox", "workspacePathLineEdit", "deviceComboBox",
+                                           "pythonPathLineEdit"]),
+    "activeLearningCollapsibleButton": ("Active learning", ["strategyComboBox", "budgetSpinBox", "perRoundSpinBox", "suggestButton",
+                                                            "suggestionsTable", "markAnnotatedButton", "budgetProgressBar"]),
+    "trainingCollapsibleButton": ("Training", ["methodComboBox", "iterationsSpinBox", "startCancelButton", "progressBar", "logTextEdit"]),
+    "resultsCollapsibleButton": ("Results", ["loadResultsButton", "uncertaintyComboBox", "opacitySlider", "referenceSelector", "scoresLabel"]),
 }
 
 # Widget class -> which parameter annotation Slicer's parameterNodeWrapper GUI connectors
@@ -44,6 +75,8 @@ EXPECTED_CLASSES = {
 NODE_WIDGETS = {"qMRMLNodeComboBox"}
 CHOICE_WIDGETS = {"QComboBox", "ctkComboBox"}
 PATH_WIDGETS = {"ctkPathLineEdit", "ctkDirectoryButton"}
+INT_WIDGETS = {"QSpinBox"}
+FLOAT_WIDGETS = {"ctkSliderWidget", "QDoubleSpinBox", "ctkDoubleSpinBox"}
 PATH_TYPES = {"pathlib.Path", "Path", "pathlib.PurePath", "pathlib.PosixPath", "pathlib.WindowsPath"}
 
 
@@ -223,11 +256,12 @@ def test_known_widgets_have_the_expected_class():
         if widgets.get(name) != expected
     }
     assert not wrong, f"widget: (found, expected) = {wrong}"
-    inputs = ui_widget("inputsCollapsibleButton")
-    assert widget_property(inputs, "text").findtext("string") == "Inputs"
-    inside_inputs = {w.get("name") for w in inputs.iter("widget")}
-    for name in ("ctSelector", "mrSelector", "targetComboBox", "workspacePathLineEdit", "deviceComboBox"):
-        assert name in inside_inputs, f"{name} is not inside the Inputs section"
+    for section, (title, names) in SECTIONS.items():
+        element = ui_widget(section)
+        assert widget_property(element, "text").findtext("string") == title
+        inside = {w.get("name") for w in element.iter("widget")}
+        for name in names:
+            assert name in inside, f"{name} is not inside the {title} section"
 
 
 def test_every_custom_widget_is_declared():
@@ -248,7 +282,7 @@ def test_every_mrml_widget_receives_the_scene():
         and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
     }
     mrml_widgets = {name for name, cls in ui_widgets().items() if cls.startswith("qMRML") and name != "VQMedSeg"}
-    assert mrml_widgets == {"ctSelector", "mrSelector"}
+    assert mrml_widgets == {"ctSelector", "mrSelector", "referenceSelector"}
     assert mrml_widgets <= connected, f"not connected to mrmlSceneChanged: {sorted(mrml_widgets - connected)}"
 
 
@@ -284,6 +318,15 @@ def test_every_bound_widget_names_a_parameter():
         "target": ("targetComboBox", "QComboBox"),
         "workspace": ("workspacePathLineEdit", "ctkPathLineEdit"),
         "device": ("deviceComboBox", "QComboBox"),
+        "pythonExecutable": ("pythonPathLineEdit", "ctkPathLineEdit"),
+        "preset": ("presetComboBox", "QComboBox"),
+        "strategy": ("strategyComboBox", "QComboBox"),
+        "budget": ("budgetSpinBox", "QSpinBox"),
+        "perRound": ("perRoundSpinBox", "QSpinBox"),
+        "method": ("methodComboBox", "QComboBox"),
+        "iterations": ("iterationsSpinBox", "QSpinBox"),
+        "overlayOpacity": ("opacitySlider", "ctkSliderWidget"),
+        "referenceSegmentation": ("referenceSelector", "qMRMLNodeComboBox"),
     }
 
 
@@ -300,6 +343,10 @@ def test_bound_parameters_have_types_the_gui_connectors_accept():
             assert choice_values(annotation), f"{parameter}: a QComboBox needs Annotated[..., Choice([...])]"
         elif widget_class in PATH_WIDGETS:
             assert type_name in PATH_TYPES, f"{parameter}: {type_name} for {widget}"
+        elif widget_class in INT_WIDGETS:
+            assert type_name == "int", f"{parameter}: {type_name} for {widget}"
+        elif widget_class in FLOAT_WIDGETS:
+            assert type_name == "float", f"{parameter}: {type_name} for {widget}"
         else:
             pytest.fail(f"{parameter}: no check for widget class {widget_class}")
 
@@ -323,6 +370,33 @@ def test_target_choices_are_the_library_tasks():
     assert choice_values(parameter_fields()["device"].annotation) == ["auto", "cpu", "cuda"]
 
 
+def test_strategy_method_and_preset_choices_are_what_the_library_accepts():
+    from VQMedSegLib.config import BEGAL_PRESETS
+    from VQMedSegLib.workflow.logic import METHODS, STRATEGIES
+
+    fields = parameter_fields()
+    assert set(choice_values(fields["strategy"].annotation)) == set(STRATEGIES)
+    assert set(choice_values(fields["method"].annotation)) == set(METHODS)
+    assert set(choice_values(fields["preset"].annotation)) <= set(BEGAL_PRESETS)
+
+
+def test_the_gui_polls_jobs_with_a_timer_and_never_waits_on_them():
+    """The widget starts jobs and reads their events from a QTimer; only the Logic's
+    console/test helper waits."""
+    widget = ast.unparse(class_def("VQMedSegWidget"))
+    assert "QTimer" in widget and "onPollTimer" in widget
+    for blocking in ("waitForJob", ".wait(", "time.sleep", "subprocess", "block=True"):
+        assert blocking not in widget, f"the widget calls {blocking}"
+    assert "block=False" in ast.unparse(class_def("VQMedSegLogic"))
+
+
+def test_self_test_runs_query_training_and_checks_dice_and_overlay():
+    test = ast.unparse(class_def("VQMedSegTest"))
+    assert "self.test_QueryTrainPredict()" in test
+    for needed in ("suggest(", "startTraining(", "scoreAgainstReference", "assertGreater(scores['dice']", "GetForegroundVolumeID"):
+        assert needed in test, needed
+
+
 # ---------------------------------------------------------------------------------------
 # (d) CMake and resources
 
@@ -342,8 +416,16 @@ def test_extension_cmake_metadata():
     icon_url = cmake_set(text, "EXTENSION_ICONURL")
     assert icon_url.startswith(RAW_PREFIX + "Resources/"), icon_url
     assert (REPO / icon_url[len(RAW_PREFIX):]).is_file(), f"{icon_url} has no file in the repository"
-    for url in cmake_set(text, "EXTENSION_SCREENSHOTURLS").split():
+    screenshots = cmake_set(text, "EXTENSION_SCREENSHOTURLS").split()
+    assert screenshots
+    for url in screenshots:
         assert url.startswith(RAW_PREFIX + "Resources/"), url
+        png = REPO / url[len(RAW_PREFIX):]
+        assert png.is_file(), f"{url} has no file in the repository (make it with Utilities/render_panel_screenshot.py)"
+        header = png.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+        assert width >= 300 and height >= 600, (width, height)
 
     # The order the extension template uses.
     steps = [

@@ -14,14 +14,19 @@ from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import (
     parameterNodeWrapper,
     Choice,
+    WithinRange,
 )
 
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 
 HOMEPAGE_URL = "https://github.com/vqmedseg/SlicerVQMedSeg"
 README_URL = f"{HOMEPAGE_URL}#readme"
 LIBRARY_PACKAGE = "VQMedSegLib"
+METHOD_TITLES = {"begal": "VQ-BEGAL round", "vqseg": "VQ-Seg semi-supervised", "supervised": "Supervised baseline"}
+# What the jobs import; SimpleITK is Slicer's own and is never installed or replaced.
+PIP_REQUIREMENTS = ["monai>=1.4", "scikit-image", "tqdm", "slicerio"]
+POLL_INTERVAL_MS = 500
 
 
 #
@@ -42,15 +47,19 @@ class VQMedSeg(ScriptedLoadableModule):
         self.parent.contributors = ["VQMedSeg contributors"]
         self.parent.helpText = _("""
 Label-efficient segmentation of the liver or lung tumours on CT, with an optional MR of the same patient.
-You annotate a few slices that the module picks; it trains on them and segments the rest.
+You annotate a few slices that the module picks; it trains on them (and, with VQ-Seg, on the rest) and segments the CT.
 <ol>
-<li>Load a CT (and, if you have one, an MR of the same patient) and select them under <b>Inputs</b>.</li>
-<li>Choose the target (liver or lung tumour) and a workspace folder for the training data and models.</li>
-<li>Ask for slice suggestions: the module ranks unlabelled slices by uncertainty.</li>
-<li>Annotate the suggested slices in the Segment Editor.</li>
-<li>Mark those slices as annotated.</li>
-<li>Train. Training runs in a separate process; the log and progress appear here.</li>
-<li>Review the prediction and its uncertainty map; annotate more where the model is unsure and repeat.</li>
+<li><b>Inputs</b>: select the CT (and, if you have one, an MR of the same patient), the target and a workspace folder,
+then press <b>Prepare workspace</b>. Reopening a workspace shows its state: labelled slices, rounds, the last model.</li>
+<li><b>Active learning</b>: <b>Suggest slices</b> ranks the unlabelled slices (VQ-BEGAL or a baseline) in a background job.
+Click a row to jump to that slice, draw the target in the Segment Editor (or leave it empty if it is absent),
+and press <b>Mark annotated</b>.</li>
+<li><b>Training</b>: choose VQ-BEGAL, VQ-Seg (semi-supervised) or the supervised baseline and press <b>Start training</b>.
+It runs in a separate process, then segments the CT; the progress bar, losses and validation Dice appear here, and the
+same button cancels.</li>
+<li><b>Results</b>: the segmentation appears with its name and colour, and the uncertainty map as an overlay; pick the map
+(entropy, or VQ-Seg's QPM disagreement) and its opacity. Choose a reference segmentation to see Dice and HD95.
+Annotate more where the model is unsure and repeat.</li>
 </ol>
 Slice selection follows VQ-BEGAL (X. Du, H. Wang, M. Wang, Z. Song: <i>Vector-Quantization-Driven Active
 Learning for Efficient Multi-Modal Medical Segmentation with Cross-Modal Assistance</i>); semi-supervised
@@ -83,6 +92,13 @@ class VQMedSegParameterNode:
     target - What to segment; the names match VQMedSegLib.tasks.TASKS.
     workspace - Folder holding the training slices, annotations, checkpoints and job logs.
     device - Where training and inference run; "auto" uses CUDA when present.
+    pythonExecutable - Python that runs the jobs; unset means Slicer's own PythonSlicer.
+    preset - Configuration preset of every job (tiny, quick, cpu, paper).
+    strategy, budget, perRound - Active learning: how slices are chosen, the total number of
+        slices to annotate (0: no limit), and how many one query suggests.
+    method, iterations - Training: VQ-BEGAL round, VQ-Seg or supervised; 0 iterations keeps the preset's.
+    overlayOpacity - Opacity of the uncertainty overlay.
+    referenceSegmentation - Optional reference to score the prediction against.
     """
 
     ctVolume: vtkMRMLScalarVolumeNode
@@ -90,6 +106,15 @@ class VQMedSegParameterNode:
     target: Annotated[str, Choice(["liver", "lung-tumour"])] = "liver"
     workspace: pathlib.Path
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    pythonExecutable: pathlib.Path
+    preset: Annotated[str, Choice(["tiny", "quick", "cpu", "paper"])] = "quick"
+    strategy: Annotated[str, Choice(["begal", "random", "entropy", "mcdropout", "coreset", "egal"])] = "begal"
+    budget: Annotated[int, WithinRange(0, 100000)] = 0
+    perRound: Annotated[int, WithinRange(1, 1000)] = 10
+    method: Annotated[str, Choice(["begal", "vqseg", "supervised"])] = "begal"
+    iterations: Annotated[int, WithinRange(0, 1000000)] = 0
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
+    referenceSegmentation: vtkMRMLSegmentationNode
 
 
 #
@@ -98,7 +123,9 @@ class VQMedSegParameterNode:
 
 
 class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Uses ScriptedLoadableModuleWidget base class, available at:
+    """The panels. UI only: every action is one call into VQMedSegLogic.
+
+    Uses ScriptedLoadableModuleWidget base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
@@ -109,9 +136,13 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._timer = None
+        self._suggestions = []
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
+        import qt
+
         ScriptedLoadableModuleWidget.setup(self)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/VQMedSeg.ui"))
@@ -129,13 +160,29 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
+        self.ui.suggestionsTable.connect("cellClicked(int,int)", self.onSuggestionClicked)
+        self.ui.markAnnotatedButton.connect("clicked(bool)", self.onMarkAnnotatedButton)
+        self.ui.startCancelButton.connect("clicked(bool)", self.onStartCancelButton)
+        self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResultsButton)
+        self.ui.uncertaintyComboBox.connect("currentTextChanged(QString)", self.onUncertaintyChanged)
+        self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.referenceSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onReferenceChanged)
+        self.ui.suggestionsTable.horizontalHeader().setStretchLastSection(True)
         self._setProgress(0, _("Idle"))
+
+        # The job runs in another process; this timer reads its events, so the GUI never waits.
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollTimer)
 
         # Needed for module reload.
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        if self._timer is not None:
+            self._timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -144,7 +191,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
-        # The GUI is refreshed from the parameter node when the user comes back.
+        # The GUI is refreshed from the parameter node when the user comes back; a running
+        # job keeps being followed by the timer.
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -185,25 +233,151 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         reason = self.logic.cannotApplyReason(self._parameterNode) if self._parameterNode else _("No parameter node.")
-        if reason is None:
-            self.ui.applyButton.toolTip = _("Check the inputs and create the workspace folder.")
-            self.ui.applyButton.enabled = True
-        else:
-            self.ui.applyButton.toolTip = reason
-            self.ui.applyButton.enabled = False
+        self.ui.applyButton.enabled = reason is None
+        self.ui.applyButton.toolTip = reason or _("Check the inputs, create or open the workspace and copy the volumes into it.")
+        ready = self.logic.caseId is not None
+        running = self.logic.jobRunning()
+        self.ui.suggestButton.enabled = ready and not running
+        self.ui.markAnnotatedButton.enabled = ready and self.ui.suggestionsTable.currentRow() >= 0
+        self.ui.startCancelButton.enabled = ready
+        self.ui.startCancelButton.text = _("Cancel") if running else _("Start training")
+        self.ui.loadResultsButton.enabled = ready and not running
 
+    # ------------------------------------------------------------------ actions
     def onApplyButton(self) -> None:
-        """Check the inputs, create the workspace and check that the library can be imported."""
+        """Create or open the workspace and copy the CT (and MR) into it."""
         with slicer.util.tryWithErrorDisplay(_("Failed to prepare the workspace."), waitCursor=True):
-            self._setProgress(0, _("Preparing workspace"))
-            workspace = self.logic.prepareWorkspace(self._parameterNode)
-            self._appendLog(_("Workspace ready: {path}").format(path=workspace))
-            self._setProgress(50, _("Checking the VQMedSeg library"))
-            if self.logic.libraryAvailable():
-                self._appendLog(_("VQMedSeg library found."))
-            else:
-                self._appendLog(_("VQMedSeg library not found; see the application log for the reason."))
-            self._setProgress(100, _("Done"))
+            if not self.logic.ensureDependencies(ask=True):
+                self._appendLog(_("The Python packages VQMedSeg needs are not installed."))
+                return
+            caseId = self.logic.prepareWorkspace(self._parameterNode)
+            self._appendLog(_("Workspace ready: {path} (case {case})").format(path=self._parameterNode.workspace, case=caseId))
+            self._refreshState()
+            if self.logic.attachToRunningJob():
+                self._appendLog(_("A job is already running on this workspace; following it."))
+                self._timer.start()
+        self._checkCanApply()
+
+    def onSuggestButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the query."), waitCursor=True):
+            p = self._parameterNode
+            self.logic.suggest(p.strategy, p.perRound, p.budget or None)
+            self._jobStarted(_("Ranking unlabelled slices ({strategy})").format(strategy=p.strategy))
+
+    def onSuggestionClicked(self, row: int, column: int) -> None:
+        if 0 <= row < len(self._suggestions):
+            s = self._suggestions[row]
+            with slicer.util.tryWithErrorDisplay(_("Failed to show the slice."), waitCursor=False):
+                self.logic.jumpToSuggestion(s["case"], s["slice"])
+        self._checkCanApply()
+
+    def onMarkAnnotatedButton(self) -> None:
+        row = self.ui.suggestionsTable.currentRow()
+        if not 0 <= row < len(self._suggestions):
+            return
+        s = self._suggestions[row]
+        with slicer.util.tryWithErrorDisplay(_("Failed to store the annotation."), waitCursor=True):
+            labelled = self.logic.markAnnotated(s["case"], s["slice"])
+            self._appendLog(_("Slice {slice} of {case} stored as annotated ({n} labelled in this case).").format(
+                slice=s["slice"], case=s["case"], n=len(labelled)))
+            self._refreshState()
+
+    def onStartCancelButton(self) -> None:
+        if self.logic.jobRunning():
+            if slicer.util.confirmYesNoDisplay(_("Stop the running job? Training can resume from its last checkpoint.")):
+                self.logic.cancelJob()
+                self._appendLog(_("Cancel requested."))
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
+            p = self._parameterNode
+            self.logic.startTraining(p.method, p.iterations or None)
+            self._jobStarted(_("Training ({method}), then segmenting").format(method=METHOD_TITLES[p.method]))
+
+    def onLoadResultsButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the prediction."), waitCursor=True):
+            self.logic.loadResults(opacity=self._parameterNode.overlayOpacity)
+            self._refreshResults()
+
+    def onUncertaintyChanged(self, name: str) -> None:
+        if name and self.logic.loadedResults():
+            with slicer.util.tryWithErrorDisplay(_("Failed to show the uncertainty map."), waitCursor=False):
+                self.logic.showUncertainty(name, self._parameterNode.overlayOpacity)
+
+    def onOpacityChanged(self, value: float) -> None:
+        self.logic.setOverlayOpacity(value)
+
+    def onReferenceChanged(self, node) -> None:
+        self._refreshScores()
+
+    # --------------------------------------------------------------- job follow-up
+    def _jobStarted(self, text: str) -> None:
+        self._setProgress(0, text)
+        self._appendLog(text)
+        self._timer.start()
+        self._checkCanApply()
+
+    def onPollTimer(self) -> None:
+        update = self.logic.poll()
+        for line in update.lines:
+            self._appendLog(line)
+        job = update.job
+        if job is not None:
+            self._setProgress(int(round(100 * job.fraction)), f"{job.kind}: {job.message or job.status}")
+        if job is None or job.finished:
+            self._timer.stop()
+            if job is not None and job.status != "done":
+                slicer.util.warningDisplay(_("The {kind} job {status}: {reason}").format(kind=job.kind, status=job.status, reason=job.reason),
+                                           windowTitle="VQMedSeg")
+            self._refreshState()
+            self._refreshResults()
+        self._checkCanApply()
+
+    # ------------------------------------------------------------------ display
+    def _refreshState(self) -> None:
+        status = self.logic.workspaceStatus()
+        if status is None:
+            self.ui.statusLabel.text = _("No workspace open.")
+            return
+        model = status["last_model"]
+        self.ui.statusLabel.text = _(
+            "{task}: {cases} case(s), {labelled} of {total} slices labelled, {rounds} round(s) done; last model: {model}"
+        ).format(task=status["task"], cases=len(status["cases"]), labelled=status["labelled_slices"], total=status["total_slices"],
+                 rounds=status["rounds"], model=f"{model['id']} ({model['method']})" if model else _("none"))
+        budget = status["budget"] if self._parameterNode.budget == 0 else self._parameterNode.budget
+        self.ui.budgetProgressBar.setMaximum(max(1, budget))
+        self.ui.budgetProgressBar.setValue(min(status["labelled_slices"], budget))
+        self._suggestions = self.logic.suggestions()
+        table = self.ui.suggestionsTable
+        table.setRowCount(len(self._suggestions))
+        import qt
+
+        for row, s in enumerate(self._suggestions):
+            for column, value in enumerate((s["case"], str(s["slice"]), f"{s['score']:.3f}", s["purpose"])):
+                table.setItem(row, column, qt.QTableWidgetItem(value))
+
+    def _refreshResults(self) -> None:
+        names = self.logic.uncertaintyNames()
+        combo = self.ui.uncertaintyComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for name in names:
+            combo.addItem(name)
+        shown = self.logic.shownUncertainty()
+        if shown in names:
+            combo.setCurrentIndex(names.index(shown))
+        combo.blockSignals(wasBlocked)
+        self._refreshScores()
+
+    def _refreshScores(self) -> None:
+        reference = self._parameterNode.referenceSegmentation if self._parameterNode else None
+        if reference is None or not self.logic.loadedResults():
+            self.ui.scoresLabel.text = ""
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to score the prediction."), waitCursor=True):
+            scores = self.logic.scoreAgainstReference(reference)
+            hd = scores.get("hd95_mm")
+            self.ui.scoresLabel.text = _("Dice {dice:.3f}, HD95 {hd}").format(
+                dice=scores["dice"], hd=_("undefined") if hd is None else f"{hd:.1f} mm")
 
     def _appendLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -222,12 +396,18 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class VQMedSegLogic(ScriptedLoadableModuleLogic):
     """The module's computation, usable without the widget (Python console, tests).
 
+    The workflow itself is VQMedSegLib.workflow.WorkflowLogic, which needs only MRML and
+    is tested under pytest with slicer-core; this class adds what needs the Slicer app:
+    the parameter node, the job Python, dependency installation and the slice views.
+
     Uses ScriptedLoadableModuleLogic base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.workflow = None
+        self.caseId = None
 
     def getParameterNode(self) -> VQMedSegParameterNode:
         return VQMedSegParameterNode(super().getParameterNode())
@@ -239,6 +419,7 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         target: str = "liver",
         workspace: pathlib.Path | str | None = None,
         device: str = "auto",
+        preset: str | None = None,
     ) -> VQMedSegParameterNode:
         """Store the inputs in the module's parameter node and return it.
 
@@ -250,6 +431,8 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
             parameterNode.mrVolume = mrVolume
             parameterNode.target = target
             parameterNode.device = device
+            if preset is not None:
+                parameterNode.preset = preset
             if workspace is not None:
                 parameterNode.workspace = pathlib.Path(workspace)
         return parameterNode
@@ -280,16 +463,59 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
             return _("Choose a workspace folder.")
         return None
 
-    def prepareWorkspace(self, parameterNode: VQMedSegParameterNode) -> pathlib.Path:
-        """Check the inputs and create the workspace folder; return its path."""
-        reason = self.cannotApplyReason(parameterNode)
-        if reason is not None:
-            raise ValueError(reason)
-        workspace = pathlib.Path(parameterNode.workspace).expanduser()
-        if workspace.exists() and not workspace.is_dir():
-            raise ValueError(f"workspace {workspace}: exists but is not a folder")
-        workspace.mkdir(parents=True, exist_ok=True)
-        return workspace
+    # ----------------------------------------------------------- environment
+    def jobPython(self, parameterNode: VQMedSegParameterNode | None = None) -> str:
+        """The interpreter that runs jobs: the chosen one, else Slicer's PythonSlicer."""
+        import shutil
+
+        parameterNode = parameterNode or self.getParameterNode()
+        chosen = parameterNode.pythonExecutable
+        if self.isWorkspaceSet(chosen):
+            if not pathlib.Path(chosen).is_file():
+                raise ValueError(f"job Python {chosen}: not found; expected an executable file, or leave it empty for Slicer's own")
+            return str(chosen)
+        return shutil.which("PythonSlicer") or sys.executable
+
+    @staticmethod
+    def missingPackages() -> list[str]:
+        missing = []
+        for module in ("torch", "monai", "skimage", "tqdm", "slicerio"):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing.append(module)
+        return missing
+
+    def ensureDependencies(self, ask: bool = True) -> bool:
+        """Install what the jobs need into Slicer's Python, after asking.
+
+        PyTorch comes through the PyTorch extension (it picks the CUDA build that fits the
+        machine); the rest through pip with SimpleITK pinned to Slicer's own version, so
+        that pip never replaces it.
+        """
+        missing = self.missingPackages()
+        if not missing:
+            return self.libraryAvailable()
+        if ask and not slicer.util.confirmOkCancelDisplay(
+            _("VQMedSeg needs these Python packages, which will be downloaded and installed now: {packages}. Continue?").format(
+                packages=", ".join(missing)), windowTitle="VQMedSeg"):
+            return False
+        if "torch" in missing:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError("VQMedSeg needs the PyTorch extension: install it from the Extensions Manager, then restart Slicer.")
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.1") is None:
+                raise RuntimeError("PyTorch could not be installed; see the Python console.")
+        rest = [m for m in missing if m != "torch"]
+        if rest:
+            import SimpleITK
+            import tempfile
+
+            constraints = pathlib.Path(tempfile.mkdtemp()) / "constraints.txt"
+            constraints.write_text(f"SimpleITK=={SimpleITK.Version_VersionString()}\n")
+            slicer.util.pip_install(PIP_REQUIREMENTS + ["-c", str(constraints)])
+        return not self.missingPackages() and self.libraryAvailable()
 
     def libraryAvailable(self) -> bool:
         """Whether the VQMedSegLib package can be imported.
@@ -320,6 +546,114 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         logging.warning(f"{LIBRARY_PACKAGE} not found beside {moduleDir} or in {moduleDir.parent}")
         return False
 
+    # -------------------------------------------------------------- workflow
+    def prepareWorkspace(self, parameterNode: VQMedSegParameterNode | None = None) -> str:
+        """Open (or create) the workspace and copy the CT and MR into it; returns the case id."""
+        parameterNode = parameterNode or self.getParameterNode()
+        reason = self.cannotApplyReason(parameterNode)
+        if reason is not None:
+            raise ValueError(reason)
+        if not self.libraryAvailable():
+            raise RuntimeError(f"the {LIBRARY_PACKAGE} library cannot be imported; see the application log")
+        from VQMedSegLib.workflow import WorkflowLogic
+
+        if self.workflow is None or self.workflow.job is None or self.workflow.job.finished:
+            self.workflow = WorkflowLogic(slicer.mrmlScene, python=self.jobPython(parameterNode), device=parameterNode.device,
+                                          preset=parameterNode.preset)
+        workspace = pathlib.Path(parameterNode.workspace).expanduser()
+        self.caseId = self.workflow.prepare(parameterNode.ctVolume, parameterNode.mrVolume, task=parameterNode.target, folder=workspace)
+        return self.caseId
+
+    def _flow(self):
+        if self.workflow is None or self.caseId is None:
+            raise RuntimeError("prepare the workspace first")
+        return self.workflow
+
+    def workspaceStatus(self) -> dict | None:
+        return self.workflow.status() if self.workflow is not None and self.workflow.workspace is not None else None
+
+    def attachToRunningJob(self) -> bool:
+        return self._flow().attach() is not None
+
+    def jobRunning(self) -> bool:
+        return self.workflow is not None and self.workflow.job is not None and not self.workflow.job.finished
+
+    def suggest(self, strategy: str = "begal", n: int = 10, budget: int | None = None):
+        """Start a query job; its suggestions appear in :meth:`suggestions` when it is done."""
+        return self._flow().start_query(strategy, n, budget)
+
+    def suggestions(self) -> list[dict]:
+        return self._flow().suggestions() if self.workflow is not None and self.workflow.workspace is not None else []
+
+    def jumpToSuggestion(self, caseId: str, sliceIndex: int):
+        """Centre the slice views on the slice and select its annotation segmentation in
+        the Segment Editor, so the user can start drawing."""
+        flow = self._flow()
+        point = flow.jump_to_slice(caseId, sliceIndex)
+        annotation = flow.annotation_node(caseId)
+        editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        if editorNode is not None:
+            editorNode.SetAndObserveSegmentationNode(annotation)
+            editorNode.SetAndObserveSourceVolumeNode(flow.ct_node(caseId))
+        return point
+
+    def markAnnotated(self, caseId: str, sliceIndex: int | list[int], segmentationNode=None) -> list[int]:
+        slices = [sliceIndex] if isinstance(sliceIndex, int) else list(sliceIndex)
+        return self._flow().mark_annotated(caseId, slices, segmentationNode)
+
+    def startTraining(self, method: str = "begal", iterations: int | None = None, thenPredict: bool = True):
+        """Train in a background process; on success, predict every case and load the result."""
+        return self._flow().start_training(method, iterations, then_predict=thenPredict)
+
+    def poll(self):
+        """Read the running job's new events (the widget's timer calls this)."""
+        from VQMedSegLib.workflow.logic import PollUpdate
+
+        return self.workflow.poll() if self.workflow is not None else PollUpdate(None, [], False)
+
+    def waitForJob(self, timeout: float = 600.0):
+        """Poll until the job (and any job it queued) has ended, keeping the GUI alive."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.jobRunning():
+            self.poll()
+            slicer.app.processEvents()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job still running after {timeout:.0f} s")
+            time.sleep(0.1)
+        return self.workflow.job
+
+    def cancelJob(self, grace: float = 10.0) -> bool:
+        """Ask the job to stop; its whole process tree is killed after ``grace`` seconds."""
+        return self.workflow is not None and self.workflow.cancel(grace=grace, block=False)
+
+    def loadResults(self, caseId: str | None = None, opacity: float = 0.4) -> dict:
+        return self._flow().load_results(caseId or self.caseId, opacity=opacity)
+
+    def loadedResults(self) -> dict | None:
+        return self.workflow.loaded.get(self.caseId) if self.workflow is not None else None
+
+    def uncertaintyNames(self) -> list[str]:
+        loaded = self.loadedResults()
+        return list(loaded["overlays"]) if loaded else []
+
+    def shownUncertainty(self) -> str | None:
+        loaded = self.loadedResults()
+        return loaded["shown"] if loaded else None
+
+    def showUncertainty(self, name: str, opacity: float = 0.4):
+        return self._flow().show_uncertainty(self.caseId, name, opacity)
+
+    def setOverlayOpacity(self, opacity: float) -> None:
+        for view in ("Red", "Yellow", "Green"):
+            composite = slicer.mrmlScene.GetSingletonNode(view, "vtkMRMLSliceCompositeNode")
+            if composite is not None and composite.GetForegroundVolumeID():
+                composite.SetForegroundOpacity(opacity)
+
+    def scoreAgainstReference(self, referenceSegmentation) -> dict:
+        return self._flow().score_against(self.caseId, referenceSegmentation)
+
 
 #
 # VQMedSegTest
@@ -345,6 +679,8 @@ class VQMedSegTest(ScriptedLoadableModuleTest):
         self.test_CannotApplyReason()
         self.setUp()
         self.test_LibraryAvailable()
+        self.setUp()
+        self.test_QueryTrainPredict()
 
     def _addVolumes(self):
         import numpy as np
@@ -392,6 +728,8 @@ class VQMedSegTest(ScriptedLoadableModuleTest):
             logic.getParameterNode().target = "kidney"
         with self.assertRaises(ValueError):
             logic.getParameterNode().device = "tpu"
+        with self.assertRaises(ValueError):
+            logic.getParameterNode().overlayOpacity = 1.5
 
         self.delayDisplay("Test passed")
 
@@ -410,12 +748,53 @@ class VQMedSegTest(ScriptedLoadableModuleTest):
         parameterNode.mrVolume = mrVolume
         self.assertIsNone(logic.cannotApplyReason(parameterNode))
 
-        workspace = logic.prepareWorkspace(parameterNode)
-        self.assertTrue(workspace.is_dir())
-
     def test_LibraryAvailable(self):
         logic = VQMedSegLogic()
         self.assertTrue(logic.libraryAvailable())
         import VQMedSegLib
 
         self.assertTrue(VQMedSegLib.__version__)
+
+    def test_QueryTrainPredict(self):
+        """Phantom CT and MR in the scene, a tiny query and training job through the Logic,
+        the result segmentation scored against the phantom's truth, the overlay shown."""
+        import shutil
+        import numpy as np
+
+        self.delayDisplay("Building phantom volumes")
+        logic = VQMedSegLogic()
+        self.assertTrue(logic.ensureDependencies(ask=False))
+        from VQMedSegLib.data.phantoms import make_dataset
+        from VQMedSegLib.export.mrml import add_segmentation, add_volume
+
+        phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+        ctVolume = add_volume(slicer.mrmlScene, phantom.ct, "Phantom CT")
+        mrVolume = add_volume(slicer.mrmlScene, phantom.mr, "Phantom MR")
+        truth = add_segmentation(slicer.mrmlScene, phantom.ct_label.with_array((phantom.ct_label.array == 1).astype(np.uint8)),
+                                 [{"value": 1, "name": "Liver", "color": (1.0, 0.0, 0.0)}], reference_node=ctVolume, name="Truth")
+        workspace = pathlib.Path(slicer.app.temporaryPath) / "VQMedSegSelfTest"
+        shutil.rmtree(workspace, ignore_errors=True)
+        logic.setInputs(ctVolume, mrVolume, target="liver", workspace=workspace, device="cpu", preset="tiny")
+        caseId = logic.prepareWorkspace()
+
+        self.delayDisplay("Query job")
+        logic.suggest("begal", 8)
+        self.assertEqual(logic.waitForJob(300).status, "done")
+        suggestions = logic.suggestions()
+        self.assertEqual(len(suggestions), 8)
+        logic.jumpToSuggestion(caseId, suggestions[0]["slice"])
+        logic.markAnnotated(caseId, [s["slice"] for s in suggestions], truth)
+
+        self.delayDisplay("Training job, then prediction")
+        logic.startTraining("supervised", iterations=120)
+        job = logic.waitForJob(600)
+        self.assertEqual((job.kind, job.status), ("predict", "done"), job.reason)
+        loaded = logic.loadedResults()
+        self.assertIsNotNone(loaded)
+        self.assertEqual(loaded["segmentation"].GetSegmentation().GetNthSegment(0).GetName(), "Liver")
+        scores = logic.scoreAgainstReference(truth)
+        self.assertGreater(scores["dice"], 0.6)
+        composite = slicer.mrmlScene.GetSingletonNode("Red", "vtkMRMLSliceCompositeNode")
+        self.assertEqual(composite.GetForegroundVolumeID(), loaded["overlays"][loaded["shown"]].GetID())
+        self.assertGreater(composite.GetForegroundOpacity(), 0.0)
+        self.delayDisplay(f"Test passed: Dice {scores['dice']:.3f}")

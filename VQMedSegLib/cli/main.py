@@ -75,10 +75,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from ..data.io import read_volume
     from ..device import resolve_device
-    from ..inference.predict import load_model, predict_volume
+
+    if args.workspace:
+        return _predict_workspace(args, resolve_device(args.device))
+    missing = [flag for flag, value in (("--model", args.model), ("--ct", args.ct), ("--out", args.out)) if not value]
+    if missing:
+        raise InputError(f"predict: {', '.join(missing)} missing; give --model, --ct and --out, or --workspace")
+    from ..data.io import read_volume
     from ..export.prediction import write_prediction
+    from ..inference.predict import load_model, predict_volume
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.model, device)
@@ -91,6 +97,23 @@ def cmd_predict(args) -> int:
     else:
         for name, path in files.items():
             sys.stdout.write(f"{name}: {path}\n")
+    return 0
+
+
+def _predict_workspace(args, device) -> int:
+    from ..inference.workspace import predict_workspace
+    from ..jobs.runner import JobContext
+    from ..jobs.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    cases = [c.strip() for c in args.case.split(",") if c.strip()] if args.case else None
+    with JobContext(ws, "predict", params={"cases": cases, "model": args.model_id}) as ctx:
+        result = predict_workspace(ctx, ws, device, cases, args.model_id)
+    if args.json:
+        _print_json(result)
+    else:
+        for case_id, record in result["predictions"].items():
+            sys.stdout.write(f"{case_id}: {', '.join(record['files'].values())}\n")
     return 0
 
 
@@ -337,10 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     pr = sub.add_parser("predict", help="segment a CT with a trained model; writes label and uncertainty")
-    pr.add_argument("--model", required=True, help="checkpoint (.pt) written by vqmedseg train")
-    pr.add_argument("--ct", required=True, help="CT volume: NRRD, NIfTI, MHA or a DICOM folder")
+    pr.add_argument("--model", help="checkpoint (.pt) written by vqmedseg train")
+    pr.add_argument("--ct", help="CT volume: NRRD, NIfTI, MHA or a DICOM folder")
     pr.add_argument("--mr", help="optional MR volume")
-    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--out", help="output folder")
+    pr.add_argument("--workspace", help="instead: predict the workspace's cases as a job (into predictions/<case>/)")
+    pr.add_argument("--case", help="with --workspace: comma-separated cases (default: all)")
+    pr.add_argument("--model-id", help="with --workspace: a model id from 'workspace status' (default: the newest)")
     pr.add_argument("--json", action="store_true")
     device_arg(pr)
     pr.set_defaults(func=cmd_predict)

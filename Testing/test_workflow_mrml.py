@@ -1,0 +1,197 @@
+"""The Slicer module's workflow on a real MRML scene (slicer-core), jobs in real subprocesses.
+
+These are the module Logic's behaviours: :class:`VQMedSeg.VQMedSegLogic` delegates to
+:class:`VQMedSegLib.workflow.WorkflowLogic`, which needs only MRML.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from VQMedSegLib.data.phantoms import make_dataset
+from VQMedSegLib.data.volume import Volume
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without the Slicer app) is not installed: pip install slicer-core")
+
+from VQMedSegLib.export import mrml  # noqa: E402
+from VQMedSegLib.workflow import WorkflowLogic, case_id_for  # noqa: E402
+
+
+def _oblique() -> np.ndarray:
+    axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(0.3) * cross + (1 - np.cos(0.3)) * cross @ cross
+
+
+@pytest.fixture
+def scene():
+    scene, logics = mrml.new_scene()
+    yield scene
+    del logics
+
+
+@pytest.fixture
+def phantom():
+    return make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+
+
+def test_case_ids_from_node_names_are_safe():
+    assert case_id_for("CT chest #2") == "CT_chest_2"
+    assert case_id_for("../../etc") == "etc"
+    assert case_id_for("...") == "case"
+
+
+def test_ct_and_mr_nodes_become_a_workspace_case_with_their_geometry(scene, tmp_path):
+    rng = np.random.default_rng(0)
+    ct = Volume(rng.integers(-1000, 400, (10, 24, 20)).astype(np.int16), (0.7, 0.9, 2.5), (-12.5, 30.25, -200.0), _oblique())
+    mr = Volume(rng.random((8, 16, 16)).astype(np.float32), (1.5, 1.5, 3.0), (5.0, 6.0, -190.0))
+    ct_node = mrml.add_volume(scene, ct, "CT abdomen")
+    mr_node = mrml.add_volume(scene, mr, "MR T2")
+    logic = WorkflowLogic(scene)
+    case_id = logic.prepare(ct_node, mr_node, task="liver", folder=tmp_path / "ws")
+    assert case_id == "CT_abdomen"
+    stored_ct, stored_mr = logic.workspace.load_ct(case_id), logic.workspace.load_mr(case_id)
+    np.testing.assert_array_equal(stored_ct.array, ct.array)
+    np.testing.assert_allclose(stored_ct.direction, ct.direction, atol=1e-9)
+    np.testing.assert_allclose(stored_ct.origin, ct.origin, atol=1e-9)
+    np.testing.assert_allclose(stored_ct.spacing, ct.spacing, atol=1e-9)
+    np.testing.assert_array_equal(stored_mr.array, mr.array)
+    np.testing.assert_allclose(stored_mr.origin, mr.origin, atol=1e-9)
+    # preparing again keeps the case; a different grid under the same name is refused
+    assert logic.prepare(ct_node, mr_node) == case_id
+    other = mrml.add_volume(scene, Volume(np.zeros((4, 8, 8), np.int16)), "CT abdomen")
+    with pytest.raises(Exception, match="shape"):
+        logic.prepare(other, None, case_id=case_id)
+    with pytest.raises(Exception, match="is the CT"):
+        logic.prepare(ct_node, ct_node)
+    status = logic.status()
+    assert status["cases"] == [case_id] and status["labelled_slices"] == 0 and status["total_slices"] == 10
+
+
+def test_a_segmentation_edited_on_two_slices_gives_exactly_two_labelled_slices(scene, tmp_path, phantom):
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    logic = WorkflowLogic(scene)
+    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    # the annotator paints the liver on slices 6 and 9 only (as the Segment Editor would)
+    painted = np.zeros(phantom.ct.shape, np.uint8)
+    truth = (phantom.ct_label.array == 1).astype(np.uint8)
+    painted[6], painted[9] = truth[6], truth[9]
+    assert truth[6].any() and truth[9].any()
+    node = logic.annotation_node(case_id)
+    edited = mrml.add_segmentation(scene, phantom.ct.with_array(painted), [{"value": 1, "name": "Liver", "color": (1, 0, 0)}],
+                                   reference_node=ct_node, name="edited")
+    assert logic.annotated_slices(edited, case_id) == [6, 9]
+    assert logic.mark_annotated(case_id, logic.annotated_slices(edited, case_id), edited) == [6, 9]
+    assert logic.workspace.labelled_slices() == {case_id: [6, 9]}
+    stored = logic.workspace.load_annotation(case_id).array
+    np.testing.assert_array_equal(stored[6], truth[6])
+    np.testing.assert_array_equal(stored[9], truth[9])
+    assert stored[7].sum() == 0
+    # an annotated empty slice counts: slice 0 holds no liver
+    assert logic.mark_annotated(case_id, [0], node) == [0, 6, 9]
+    assert logic.status()["labelled_slices"] == 3
+    # the slice centre lies on that slice's plane
+    r, a, s = logic.slice_center(case_id, 9)
+    ct = phantom.ct
+    lps = np.array([-r, -a, s])
+    ijk = np.linalg.solve(np.asarray(ct.direction) * np.asarray(ct.spacing), lps - np.asarray(ct.origin))
+    assert ijk[2] == pytest.approx(9.0)
+
+
+def _truth_node(scene, phantom, ct_node):
+    return mrml.add_segmentation(scene, phantom.ct_label.with_array((phantom.ct_label.array == 1).astype(np.uint8)),
+                                 [{"value": 1, "name": "Liver", "color": (1, 0, 0)}], reference_node=ct_node, name="truth")
+
+
+def test_query_train_predict_loop_through_the_logic_ends_with_the_segmentation_in_the_scene(scene, tmp_path, phantom):
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    mr_node = mrml.add_volume(scene, phantom.mr, "MR")
+    truth = _truth_node(scene, phantom, ct_node)
+    logic = WorkflowLogic(scene, device="cpu", preset="tiny")
+    case_id = logic.prepare(ct_node, mr_node, folder=tmp_path / "ws")
+
+    job = logic.start_query("begal", n=8)
+    assert logic.wait(timeout=300).status == "done", job.reason
+    rows = logic.suggestions()
+    assert len(rows) == 8 and {"case", "slice", "score", "purpose"} <= set(rows[0])
+    logic.mark_annotated(case_id, [r["slice"] for r in rows], truth)
+    assert logic.status()["labelled_slices"] == 8
+    assert logic.suggestions() == []  # annotated rows leave the table
+
+    logic.start_training("supervised", iterations=120)
+    assert logic.wait(timeout=600).status == "done"  # training, then the queued prediction
+    assert logic.job.kind == "predict" and logic.job.status == "done", logic.job.reason
+    loaded = logic.loaded[case_id]
+    seg = loaded["segmentation"]
+    segment = seg.GetSegmentation().GetNthSegment(0)
+    assert segment.GetName() == "Liver"
+    assert tuple(round(c, 3) for c in segment.GetColor()) == tuple(round(c, 3) for c in (221 / 255, 130 / 255, 101 / 255))
+    assert seg.GetScene() is scene
+    # the overlay is the foreground of every slice view, through a colour table
+    overlay = loaded["overlays"][loaded["shown"]]
+    composite = scene.GetSingletonNode("Red", "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == overlay.GetID() and composite.GetForegroundOpacity() > 0
+    assert overlay.GetDisplayNode().GetColorNode().IsA("vtkMRMLColorTableNode")
+    # results sit in one folder of the subject hierarchy
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    folder = sh.GetItemParent(sh.GetItemByDataNode(seg))
+    assert folder and sh.GetItemParent(sh.GetItemByDataNode(overlay)) == folder
+    scores = logic.score_against(case_id, truth)
+    assert scores["dice"] > 0.6, scores
+    assert scores["hd95_mm"] is not None
+
+
+def test_a_cancelled_training_is_reported_and_loads_nothing(scene, tmp_path, phantom):
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    truth = _truth_node(scene, phantom, ct_node)
+    logic = WorkflowLogic(scene, device="cpu", preset="tiny")
+    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    logic.mark_annotated(case_id, [4, 8, 12], truth)
+    logic.start_training("supervised", iterations=100000)
+    deadline = time.monotonic() + 120
+    while logic.job.fraction == 0 and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.2)
+    assert logic.cancel(grace=30)
+    job = logic.wait(timeout=60)
+    assert job.kind == "train" and job.status == "cancelled"
+    assert logic.loaded == {} and logic.available_predictions() == {}
+    assert logic.status()["running_job"] is None
+
+
+def test_a_killed_job_is_reported_as_crashed_with_its_reason(scene, tmp_path, phantom):
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    truth = _truth_node(scene, phantom, ct_node)
+    logic = WorkflowLogic(scene, device="cpu", preset="tiny")
+    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    logic.mark_annotated(case_id, [4, 8, 12], truth)
+    logic.start_training("supervised", iterations=100000)
+    deadline = time.monotonic() + 120
+    while logic.job.fraction == 0 and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.2)
+    os.killpg(logic.job.proc.pid, signal.SIGKILL)
+    job = logic.wait(timeout=60)
+    assert job.status == "crashed" and "exit code" in job.reason
+    assert logic.loaded == {} and logic.available_predictions() == {}
+    # the workspace is free again and its state still parses
+    assert logic.status()["running_job"] is None
+    json.loads((logic.workspace.root / "state.json").read_text())
+
+
+def test_partial_prediction_files_are_never_loaded(scene, tmp_path, phantom):
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    logic = WorkflowLogic(scene)
+    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    # files on disk without the state's record (a job killed after writing them)
+    folder = logic.workspace.prediction_dir(case_id)
+    folder.mkdir(parents=True)
+    (folder / "prediction.seg.nrrd").write_bytes(b"NRRD0004\n")
+    with pytest.raises(Exception, match="no finished prediction"):
+        logic.load_results(case_id)

@@ -1,0 +1,535 @@
+"""What the Slicer module does, on any MRML scene, without Qt or the Slicer application.
+
+:class:`WorkflowLogic` is the body of the module's Logic. It needs only MRML (the Slicer
+app's scene, or slicer-core's in the tests), so the whole loop runs and is tested
+without a GUI:
+
+1. :meth:`~WorkflowLogic.prepare` copies the CT (and optional MR) volume nodes into the
+   workspace as a case, with their geometry, and makes an annotation segmentation for
+   the Segment Editor.
+2. :meth:`~WorkflowLogic.start_query`, :meth:`~WorkflowLogic.start_training` and
+   :meth:`~WorkflowLogic.start_prediction` launch background jobs (``python -m
+   VQMedSegLib ...`` in their own process group); :meth:`~WorkflowLogic.poll`, called by
+   the module's timer, reads their events and reports progress, losses, and how the job
+   ended. Nothing here blocks: a caller may poll as often as it likes.
+3. :meth:`~WorkflowLogic.suggestions` lists the slices to annotate;
+   :meth:`~WorkflowLogic.slice_center` gives the point that centres the slice views on
+   one; :meth:`~WorkflowLogic.mark_annotated` stores the segmentation on those slices (an
+   empty slice counts: it says "no target here").
+4. When a prediction job has finished, :meth:`~WorkflowLogic.load_results` imports the
+   segmentation (named, coloured, with terminology) and the uncertainty maps, under the
+   CT's subject-hierarchy folder. Only predictions the workspace state records as
+   complete are loaded; a crashed or cancelled job's partial output never is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, WorkspaceError
+from ..jobs.events import read_events
+from ..jobs.runner import cancel as cancel_job
+from ..jobs.runner import kill_tree, launch, running_job
+from ..jobs.workspace import Workspace
+from ..tasks import get_task
+
+CASE_ATTRIBUTE = "VQMedSeg.CaseID"
+"""Node attribute naming the workspace case a CT, MR or annotation node belongs to."""
+
+ANNOTATION_ROLE = "annotation"
+TERMINAL = ("finished", "cancelled", "error")
+
+STRATEGIES = ("begal", "egal", "random", "entropy", "mcdropout", "coreset")
+METHODS = {"begal": "VQ-BEGAL round", "vqseg": "VQ-Seg semi-supervised", "supervised": "supervised baseline"}
+
+
+def case_id_for(name: str) -> str:
+    """A safe workspace case id from a node name (``"CT chest #2"`` -> ``"CT_chest_2"``)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")
+    return cleaned[:64] or "case"
+
+
+@dataclass
+class JobState:
+    """A job the logic started (or found running) and follows through its events."""
+
+    kind: str
+    job_id: str
+    proc: subprocess.Popen | None = None
+    status: str = "running"  # running | done | failed | cancelled | crashed
+    reason: str = ""
+    fraction: float = 0.0
+    message: str = ""
+    offset: int = 0
+    last_seq: int = 0
+    started: float = field(default_factory=time.time)
+    results: list[dict] = field(default_factory=list)
+    gaps: int = 0
+    kill_at: float | None = None  # monotonic time after which a cancelled job's tree is killed
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
+
+
+@dataclass
+class PollUpdate:
+    """What changed since the last :meth:`WorkflowLogic.poll`."""
+
+    job: JobState | None
+    lines: list[str]
+    ended: bool  # the job ended during this poll
+
+
+class WorkflowLogic:
+    """The module's logic on ``scene`` (a ``vtkMRMLScene``).
+
+    Args:
+        scene: the MRML scene (``slicer.mrmlScene`` in Slicer).
+        python: the interpreter that runs jobs (Slicer's ``PythonSlicer`` by default in
+            the module; any environment with VQMedSegLib and torch, e.g. on a GPU box).
+        device: ``auto``, ``cpu`` or ``cuda``, passed to every job.
+        preset: configuration preset passed to every job (``tiny`` for self-tests).
+    """
+
+    def __init__(self, scene: Any, python: str | None = None, device: str = "auto", preset: str = "quick"):
+        self.scene = scene
+        self.python = python
+        self.device = device
+        self.preset = preset
+        self.workspace: Workspace | None = None
+        self.job: JobState | None = None
+        self._queue: list[tuple[str, list[str]]] = []
+        self.loaded: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ workspace
+    def open_workspace(self, folder: str | os.PathLike, task: str = "liver") -> Workspace:
+        """Open the workspace at ``folder``, creating it for ``task`` if it is new."""
+        folder = Path(folder).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"workspace {folder}: exists but is not a folder")
+        if (folder / "state.json").exists():
+            ws = Workspace.open(folder)
+            if ws.task != task:
+                raise WorkspaceError(f"workspace {folder}: made for target {ws.task!r}, not {task!r}; choose another folder")
+        else:
+            ws = Workspace.create(folder, task=task)
+        self.workspace = ws
+        return ws
+
+    def _ws(self) -> Workspace:
+        if self.workspace is None:
+            raise WorkspaceError("no workspace is open: choose a workspace folder first")
+        return self.workspace
+
+    def prepare(self, ct_node: Any, mr_node: Any = None, task: str = "liver", folder: str | os.PathLike | None = None,
+                case_id: str | None = None) -> str:
+        """Copy the CT (and MR) nodes into the workspace as a case; returns the case id.
+
+        A case already in the workspace under that id is kept (its annotations too) when
+        the CT grid is the same; a different grid is an error, never an overwrite.
+        """
+        from ..export.mrml import volume_from_node
+
+        if ct_node is None:
+            raise InputError("CT volume: none selected, expected a scalar volume node")
+        if mr_node is not None and mr_node is ct_node:
+            raise InputError(f"MR volume {mr_node.GetName()!r}: is the CT volume; expected a different node or none")
+        ws = self.open_workspace(folder, task) if folder is not None else self._ws()
+        case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or case_id_for(ct_node.GetName())
+        ct = volume_from_node(ct_node)
+        mr = volume_from_node(mr_node) if mr_node is not None else None
+        known = ws.cases().get(case_id)
+        if known is not None:
+            if list(known["shape"]) != list(ct.shape):
+                raise WorkspaceError(
+                    f"case {case_id!r}: the workspace holds a CT of shape {tuple(known['shape'])}, the selected CT "
+                    f"{ct_node.GetName()!r} has {ct.shape}; rename the volume or use another workspace"
+                )
+        else:
+            ws.add_case(case_id, ct, mr)
+        ct_node.SetAttribute(CASE_ATTRIBUTE, case_id)
+        if mr_node is not None:
+            mr_node.SetAttribute(CASE_ATTRIBUTE, case_id)
+            mr_node.SetAttribute("VQMedSeg.Modality", "MR")
+        return case_id
+
+    def status(self) -> dict[str, Any]:
+        """Rounds done, labelled slices, the last model, predictions, a running job."""
+        ws = self._ws()
+        state = ws.load_state()
+        labelled = ws.labelled_slices()
+        total = sum(c["n_slices"] for c in state["cases"].values())
+        models = state["models"]
+        return {
+            "task": state["task"],
+            "cases": sorted(state["cases"]),
+            "labelled_slices": sum(len(v) for v in labelled.values()),
+            "total_slices": total,
+            "budget": int(state.get("budget", total)),
+            "rounds": len(state.get("rounds", [])),
+            "last_model": models[-1] if models else None,
+            "predictions": sorted(state.get("predictions", {})),
+            "running_job": running_job(ws),
+            "last_job": (state.get("jobs") or [None])[-1],
+        }
+
+    # ----------------------------------------------------------------- annotation
+    def case_nodes(self, case_id: str, role: str = "image") -> list[Any]:
+        out = []
+        for i in range(self.scene.GetNumberOfNodes()):
+            node = self.scene.GetNthNode(i)
+            if node.GetAttribute(CASE_ATTRIBUTE) == case_id and (node.GetAttribute("VQMedSeg.Role") or "image") == role:
+                out.append(node)
+        return out
+
+    def ct_node(self, case_id: str) -> Any:
+        """The case's CT node in the scene; loaded from the workspace if it is not there."""
+        for node in self.case_nodes(case_id):
+            if node.IsA("vtkMRMLScalarVolumeNode") and node.GetAttribute("VQMedSeg.Modality") != "MR":
+                return node
+        from ..export.mrml import add_volume
+
+        node = add_volume(self.scene, self._ws().load_ct(case_id), f"{case_id} CT", window=get_task(self._ws().task).ct_window)
+        node.SetAttribute(CASE_ATTRIBUTE, case_id)
+        return node
+
+    def annotation_node(self, case_id: str) -> Any:
+        """The segmentation the annotator edits for ``case_id`` (made on first use, with the
+        target's segment and the case's stored annotation)."""
+        for node in self.case_nodes(case_id, ANNOTATION_ROLE):
+            return node
+        from ..export.mrml import add_segmentation
+        from ..export.prediction import segments_for
+
+        ws = self._ws()
+        ct_node = self.ct_node(case_id)
+        stored = ws.load_annotation(case_id)
+        if stored is None:
+            from ..export.mrml import volume_from_node
+
+            ct = volume_from_node(ct_node)
+            stored = ct.with_array(np.zeros(ct.shape, np.uint8))
+        node = add_segmentation(self.scene, stored, segments_for(ws.task), reference_node=ct_node, name=f"{case_id} annotation")
+        node.SetAttribute(CASE_ATTRIBUTE, case_id)
+        node.SetAttribute("VQMedSeg.Role", ANNOTATION_ROLE)
+        return node
+
+    def mark_annotated(self, case_id: str, slices: list[int], segmentation_node: Any = None) -> list[int]:
+        """Store the annotation of ``slices`` (indices along the case's slice axis) from
+        ``segmentation_node`` (default: the case's annotation node); returns all labelled
+        slices of the case. An empty slice is stored as annotated background."""
+        from ..export.mrml import labelmap_from_segmentation
+
+        ws = self._ws()
+        node = segmentation_node if segmentation_node is not None else self.annotation_node(case_id)
+        label = labelmap_from_segmentation(node, self.ct_node(case_id))
+        label = label.with_array((label.array != 0).astype(np.uint8))
+        return ws.annotate(case_id, label, slices=slices)
+
+    def annotated_slices(self, segmentation_node: Any, case_id: str) -> list[int]:
+        """Slices of the case's slice axis on which ``segmentation_node`` has any voxel."""
+        from ..export.mrml import labelmap_from_segmentation
+
+        label = labelmap_from_segmentation(segmentation_node, self.ct_node(case_id)).array
+        axis = self._ws().case(case_id)["slice_axis"]
+        other = tuple(a for a in range(3) if a != 2 - axis)
+        return [int(s) for s in np.flatnonzero((label != 0).any(axis=other))]
+
+    def slice_center(self, case_id: str, slice_index: int) -> tuple[float, float, float]:
+        """RAS point at the centre of slice ``slice_index`` of the case's CT."""
+        from ..export.mrml import volume_from_node
+
+        entry = self._ws().case(case_id)
+        if not 0 <= slice_index < entry["n_slices"]:
+            raise InputError(f"slice {slice_index} of case {case_id!r}: expected 0..{entry['n_slices'] - 1}")
+        ct = volume_from_node(self.ct_node(case_id))
+        ijk = (np.array(ct.shape[::-1], float) - 1) / 2.0  # (i, j, k) centre
+        ijk[entry["slice_axis"]] = slice_index
+        lps = np.asarray(ct.origin) + np.asarray(ct.direction) @ (np.asarray(ct.spacing) * ijk)
+        return (float(-lps[0]), float(-lps[1]), float(lps[2]))
+
+    def jump_to_slice(self, case_id: str, slice_index: int) -> tuple[float, float, float]:
+        """Centre every slice view on the slice (the Segment Editor is then on it)."""
+        import slicer
+
+        r, a, s = self.slice_center(case_id, slice_index)
+        slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        return r, a, s
+
+    def suggestions(self) -> list[dict]:
+        """The last query's suggestions that are not labelled yet (``case``, ``slice``,
+        ``score``, ``purpose``, ``rank``)."""
+        ws = self._ws()
+        path = ws.root / "suggestions.json"
+        if not path.exists():
+            return []
+        data = json.loads(path.read_text(encoding="utf-8"))
+        labelled = {c: set(v) for c, v in ws.labelled_slices().items()}
+        return [s for s in data.get("suggestions", []) if s["slice"] not in labelled.get(s["case"], set())]
+
+    # ----------------------------------------------------------------------- jobs
+    def _common(self) -> list[str]:
+        return ["--workspace", str(self._ws().root), "--device", self.device]
+
+    def start_query(self, strategy: str = "begal", n: int = 10, budget: int | None = None) -> JobState:
+        if strategy not in STRATEGIES:
+            raise InputError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        args = ["query", *self._common(), "--strategy", strategy, "--n", str(n), "--preset", self.preset]
+        if budget is not None:
+            args += ["--budget", str(budget)]
+        return self._start("query", args)
+
+    def training_args(self, method: str, iterations: int | None = None) -> list[str]:
+        if method not in METHODS:
+            raise InputError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+        args = ["train", *self._common(), "--method", method, "--preset", self.preset]
+        if iterations and method != "begal":
+            args += ["--iterations", str(int(iterations))]
+        return args
+
+    def start_training(self, method: str = "begal", iterations: int | None = None, then_predict: bool = True) -> JobState:
+        """Train; when it succeeds, predict every case (``then_predict``)."""
+        job = self._start("train", self.training_args(method, iterations))
+        if then_predict:
+            self._queue.append(("predict", ["predict", *self._common()]))
+        return job
+
+    def start_prediction(self, case_id: str | None = None) -> JobState:
+        args = ["predict", *self._common()] + (["--case", case_id] if case_id else [])
+        return self._start("predict", args)
+
+    def _start(self, kind: str, args: list[str]) -> JobState:
+        ws = self._ws()
+        if self.job is not None and not self.job.finished:
+            raise WorkspaceError(f"a {self.job.kind} job ({self.job.job_id}) is still running; cancel it or wait")
+        other = running_job(ws)
+        if other is not None:
+            raise WorkspaceError(f"workspace {ws.root} is busy with job {other.get('job')} ({other.get('kind', 'unknown kind')}); "
+                                 "wait for it or cancel it")
+        offset = ws.events_path.stat().st_size if ws.events_path.exists() else 0
+        proc, job_id = launch(args, ws, kind, python=self.python)
+        self.job = JobState(kind, job_id, proc, offset=offset)
+        return self.job
+
+    def attach(self) -> JobState | None:
+        """Follow a job that is already running on the workspace (e.g. started before
+        Slicer was restarted); it can be cancelled but it has no process handle here."""
+        info = running_job(self._ws())
+        if info is None or info.get("job") in (None, "unknown"):
+            return None
+        self.job = JobState(info.get("kind", "job"), info["job"])
+        return self.job
+
+    def cancel(self, grace: float = 10.0, block: bool = True) -> bool:
+        """Ask the job to stop; kill its whole process tree if it has not within ``grace`` s.
+
+        ``block=False`` (the module's GUI) returns at once: :meth:`poll` kills the tree
+        when the grace period is over and reports the end. Returns False if no job runs.
+        """
+        job = self.job
+        self._queue.clear()
+        if job is None or job.finished:
+            return False
+        if block and job.proc is not None:
+            cancel_job(self._ws(), job.job_id, proc=job.proc, grace=grace)
+        else:
+            cancel_job(self._ws(), job.job_id)
+            job.kill_at = time.monotonic() + grace
+        return True
+
+    def kill(self) -> None:
+        """Kill the job's process tree now (no grace)."""
+        if self.job is not None and self.job.proc is not None and self.job.proc.poll() is None:
+            kill_tree(self.job.proc.pid)
+        self._queue.clear()
+
+    def poll(self) -> PollUpdate:
+        """Read the job's new events; start the next queued job when one succeeds."""
+        job = self.job
+        if job is None or job.finished:
+            return PollUpdate(job, [], False)
+        ws = self._ws()
+        if job.kill_at is not None and time.monotonic() > job.kill_at and job.proc is not None and job.proc.poll() is None:
+            kill_tree(job.proc.pid)
+        # whether the process had ended is checked before reading, so that its last events are read
+        exited = job.proc is not None and job.proc.poll() is not None
+        read = read_events(ws.events_path, job.offset, job.last_seq)
+        job.offset = read.offset
+        job.gaps += len(read.gaps)
+        lines: list[str] = []
+        terminal: dict | None = None
+        for event in read.events:
+            job.last_seq = max(job.last_seq, int(event["seq"]))
+            if event.get("job") != job.job_id:
+                continue
+            kind = event["type"]
+            if kind == "progress":
+                job.fraction = float(event.get("fraction", 0.0))
+                job.message = event.get("message") or job.message
+            elif kind == "loss":
+                lines.append(f"iteration {event.get('iteration')}: loss {event.get('loss', float('nan')):.4f}")
+            elif kind == "metric":
+                details = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items()
+                                    if k not in ("seq", "time", "type", "job"))
+                lines.append(f"validation: {details}")
+            elif kind == "warning":
+                lines.append(f"warning: {event.get('message')}")
+            elif kind == "result":
+                job.results.append(event)
+                if event.get("message"):
+                    lines.append(str(event["message"]))
+            elif kind in TERMINAL:
+                terminal = event
+        if terminal is not None:
+            job.status = {"finished": "done", "cancelled": "cancelled", "error": "failed"}[terminal["type"]]
+            job.reason = terminal.get("message") or terminal.get("reason") or ""
+        elif exited and job.kill_at is not None:
+            job.status = "cancelled"
+            job.reason = "cancelled; the job did not stop within the grace period and was killed"
+        elif exited:
+            # the process ended without a final event: killed, or died before its context
+            job.status = "crashed"
+            job.reason = f"the job process ended with exit code {job.proc.returncode} and no final event; " + self._log_tail(job)
+        elif job.proc is None and running_job(ws) is None and terminal is None:
+            job.status = "crashed"
+            job.reason = "the job no longer holds the workspace lock and wrote no final event"
+        ended = job.finished
+        if ended:
+            if job.proc is not None:
+                try:
+                    job.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    kill_tree(job.proc.pid)
+            lines.append(f"{job.kind} job {job.status}" + (f": {job.reason}" if job.reason else ""))
+            if job.status == "done" and job.kind == "predict":
+                for case_id in {r["case"] for r in job.results if r.get("kind") == "prediction"}:
+                    self.load_results(case_id)
+                    lines.append(f"loaded the prediction of {case_id}")
+            if job.status == "done" and self._queue:
+                kind, args = self._queue.pop(0)
+                self._start(kind, args)
+                lines.append(f"started the {kind} job")
+                return PollUpdate(self.job, lines, True)
+            self._queue.clear()
+        return PollUpdate(job, lines, ended)
+
+    def wait(self, timeout: float = 600.0, interval: float = 0.2) -> JobState:
+        """Poll until no job is running (used from the Python console and in tests)."""
+        deadline = time.monotonic() + timeout
+        while self.job is not None and not self.job.finished:
+            self.poll()
+            if self.job is not None and self.job.finished:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.job.kind} job {self.job.job_id} still running after {timeout:.0f} s")
+            time.sleep(interval)
+        assert self.job is not None
+        return self.job
+
+    def _log_tail(self, job: JobState, lines: int = 5) -> str:
+        path = self._ws().job_dir(job.job_id) / "log.txt"
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return "no log"
+        return "last log lines: " + " | ".join(text[-lines:]) if text else "empty log"
+
+    # -------------------------------------------------------------------- results
+    def available_predictions(self) -> dict[str, dict]:
+        """Predictions the workspace records as complete, by case."""
+        return dict(self._ws().load_state().get("predictions", {}))
+
+    def load_results(self, case_id: str, uncertainty: str | None = None, opacity: float = 0.4) -> dict[str, Any]:
+        """Import the recorded prediction of ``case_id``: a segmentation node and one
+        overlay volume per uncertainty map, under the CT's subject-hierarchy folder; the
+        chosen map (default: the first) is shown as the foreground of the slice views."""
+        import slicer
+
+        from ..data.io import read_label, read_volume
+        from ..export.mrml import add_segmentation, add_uncertainty_overlay, show_in_slice_views
+        from ..export.prediction import segments_for
+
+        ws = self._ws()
+        record = self.available_predictions().get(case_id)
+        if record is None:
+            raise WorkspaceError(f"case {case_id!r}: no finished prediction in workspace {ws.root}; run a prediction first")
+        self.unload_results(case_id)
+        ct_node = self.ct_node(case_id)
+        files = record["files"]
+        label = read_label(ws.resolve(files["segmentation"]))
+        seg = add_segmentation(self.scene, label, segments_for(ws.task), reference_node=ct_node,
+                               name=f"{case_id} {get_task(ws.task).segment_name} ({record['method']})")
+        seg.SetAttribute(CASE_ATTRIBUTE, case_id)
+        seg.SetAttribute("VQMedSeg.Role", "prediction")
+        overlays = {}
+        for role, rel in files.items():
+            if not role.startswith("uncertainty"):
+                continue
+            volume = read_volume(ws.resolve(rel))
+            name = "entropy" if role == "uncertainty" else role.split("_", 1)[1]
+            node = add_uncertainty_overlay(self.scene, volume, f"{case_id} uncertainty ({name})")
+            node.SetAttribute(CASE_ATTRIBUTE, case_id)
+            overlays[name] = node
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        if sh is not None:
+            parent = sh.GetItemParent(_sh_item(sh, ct_node)) or sh.GetSceneItemID()
+            folder = sh.CreateFolderItem(parent, f"{case_id} results")
+            for node in [seg, *overlays.values()]:
+                sh.SetItemParent(_sh_item(sh, node), folder)
+        shown = uncertainty if uncertainty in overlays else next(iter(overlays), None)
+        show_in_slice_views(self.scene, ct_node, overlays.get(shown), opacity)
+        self.loaded[case_id] = {"segmentation": seg, "overlays": overlays, "shown": shown, "record": record}
+        return self.loaded[case_id]
+
+    def unload_results(self, case_id: str) -> None:
+        old = self.loaded.pop(case_id, None)
+        if not old:
+            return
+        for node in [old["segmentation"], *old["overlays"].values()]:
+            if node.GetScene() is not None:
+                self.scene.RemoveNode(node)
+
+    def show_uncertainty(self, case_id: str, name: str, opacity: float = 0.4) -> Any:
+        """Show another loaded uncertainty map (``entropy``, ``qpm`` ...) as the overlay."""
+        from ..export.mrml import show_in_slice_views
+
+        loaded = self.loaded.get(case_id)
+        if not loaded or name not in loaded["overlays"]:
+            raise InputError(f"uncertainty {name!r} of case {case_id!r}: not loaded; available: "
+                             f"{', '.join(loaded['overlays']) if loaded else 'none'}")
+        show_in_slice_views(self.scene, self.ct_node(case_id), loaded["overlays"][name], opacity)
+        loaded["shown"] = name
+        return loaded["overlays"][name]
+
+    def score_against(self, case_id: str, reference_node: Any) -> dict[str, Any]:
+        """Dice and HD95 (mm) of the loaded prediction against a reference segmentation."""
+        from ..export.mrml import labelmap_from_segmentation
+        from ..metrics.segmentation import score_volumes
+
+        loaded = self.loaded.get(case_id)
+        if not loaded:
+            raise WorkspaceError(f"case {case_id!r}: load its prediction first")
+        ct_node = self.ct_node(case_id)
+        pred = labelmap_from_segmentation(loaded["segmentation"], ct_node)
+        ref = labelmap_from_segmentation(reference_node, ct_node)
+        pred = pred.with_array((pred.array != 0).astype(np.uint8))
+        ref = ref.with_array((ref.array != 0).astype(np.uint8))
+        return score_volumes(pred, ref).to_json()
+
+
+def _sh_item(sh: Any, node: Any) -> int:
+    """The node's subject-hierarchy item, created under the scene if the app has not."""
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        item = sh.CreateItem(sh.GetSceneItemID(), node)
+    return item
