@@ -103,3 +103,16 @@ def test_vqseg_config_names_the_bad_key(bad, key):
 
     with pytest.raises(ConfigError, match=key):
         VQSegConfig.from_json(bad)
+
+
+def test_euclidean_assignment_matches_cdist_and_eval_mode_uses_it():
+    from VQMedSegLib.models.vqseg import euclidean_assign
+
+    torch.manual_seed(1)
+    flat, codebook = torch.randn(1000, 16), torch.randn(300, 16)
+    assert torch.equal(euclidean_assign(flat, codebook, chunk=97), torch.cdist(flat, codebook).argmin(1))
+    vq = MappedEuclideanQuantizer(num_codes=300, dim=16).eval()
+    z = torch.randn(2, 16, 5, 5)
+    out = vq(z)
+    expected = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 16), vq.codebook().detach()).argmin(1)
+    assert torch.equal(out.indices.flatten(), expected) and float(out.entropy_loss) == 0.0

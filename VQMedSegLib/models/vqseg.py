@@ -47,6 +47,21 @@ class VQOutput(NamedTuple):
     utilisation: torch.Tensor
 
 
+def euclidean_assign(flat: torch.Tensor, codebook: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Eq. 2: index of the nearest codeword (Euclidean) for each row of ``flat`` (N, D).
+
+    ``|z|^2 + |c|^2 - 2 z.c`` in blocks of ``chunk`` rows: one matrix multiply per block,
+    memory ``chunk x K``.
+    """
+    cb_sq = (codebook * codebook).sum(1)
+    idx = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    for lo in range(0, flat.shape[0], chunk):
+        part = flat[lo : lo + chunk]
+        # |z|^2 is constant per row and does not change the argmin
+        idx[lo : lo + chunk] = torch.addmm(cb_sq[None], part, codebook.t(), alpha=-2.0).argmin(1)
+    return idx
+
+
 class MappedEuclideanQuantizer(nn.Module):
     """Nearest-codeword VQ (eq. 2) with codebook mapping and entropy regularisation.
 
@@ -71,19 +86,26 @@ class MappedEuclideanQuantizer(nn.Module):
         """The effective codewords ``C W``: ``(K, D)``."""
         return self.mapping(self.base)
 
-    def forward(self, z: torch.Tensor) -> VQOutput:
-        b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-        codebook = self.codebook()
+    def _assign_with_entropy(self, flat: torch.Tensor, codebook: torch.Tensor, ent_terms: list) -> torch.Tensor:
+        """Nearest codes plus the soft assignments the entropy regulariser needs (training)."""
         cb_sq = (codebook * codebook).sum(1)
-        idx = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
-        ent_terms = []
+        idx = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
         for lo in range(0, flat.shape[0], self.chunk):
             part = flat[lo : lo + self.chunk]
             dist = (part * part).sum(1, keepdim=True) + cb_sq[None] - 2 * part @ codebook.t()
             idx[lo : lo + self.chunk] = dist.argmin(1)
-            if self.training:
-                ent_terms.append(F.softmax(-dist / self.entropy_temperature, dim=1))
+            ent_terms.append(F.softmax(-dist / self.entropy_temperature, dim=1))
+        return idx
+
+    def forward(self, z: torch.Tensor) -> VQOutput:
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        codebook = self.codebook()
+        ent_terms = []
+        if not self.training:
+            idx = euclidean_assign(flat.detach(), codebook.detach(), self.chunk)
+        else:
+            idx = self._assign_with_entropy(flat, codebook, ent_terms)
         q = codebook[idx]
         commitment = F.mse_loss(flat, q.detach())
         codebook_loss = F.mse_loss(q, flat.detach())

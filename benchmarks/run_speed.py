@@ -1,0 +1,419 @@
+"""Speed and memory of VQMedSeg's hot paths, against the alternatives, measured in one run.
+
+Usage::
+
+    python benchmarks/run_speed.py --out bench-out [--threads 2] [--full]
+
+writes ``bench-out/speed.json`` and ``bench-out/speed.md``. Every ratio compares two
+measurements taken in the same process, one after the other, on the same inputs. Times
+are medians of several repeats after a warm-up. Peak memory is the rise of the process's
+resident-set high-water mark (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``)
+over its resident size just before the call; elsewhere it is reported as ``null``.
+
+Sections (see ``benchmarks/README.md`` for the targets):
+
+1. quantiser assignment at K = 1,024 and 16,384: our cosine and Euclidean assignment
+   against ``torch.cdist`` + argmin, MONAI's ``EMAQuantizer`` and one matrix multiply +
+   argmax (the floor);
+2. QPM at K = 16,384 on 8 x 16 x 16 tokens: ours against a naive K x K implementation and
+   against a Python loop over the unique codes (as in the released VQ-Seg code);
+3. pool scoring: VQ-BEGAL's single pass against MC-dropout with T = 10 on the same
+   VQ-BEGAL network, at 1k, 10k and 100k slices (MC-dropout at 100k only with
+   ``--full``: it takes most of an hour on 2 cores); slices are generated on the fly so
+   that only the scorer's own memory is measured;
+4. inference on a 512 x 512 x 100 CT: total time and the share spent outside the
+   network's forward pass;
+5. one VQ-Seg training step against the same U-Net without VQ and QPM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from VQMedSegLib import __version__  # noqa: E402
+from VQMedSegLib.files import atomic_write_json, atomic_write_text  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- tools
+def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_mb(fn) -> float | None:
+    """Rise of the resident high-water mark during ``fn()`` over the resident size before it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        fn()
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0.0, (peak - before) / 1024.0)
+
+
+# ---------------------------------------------------------------- 1. assignment
+def bench_assignment(tokens: int = 8192, dim: int = 64) -> dict:
+    from monai.networks.layers.vector_quantizer import EMAQuantizer
+
+    from VQMedSegLib.models.quantizers import cosine_assign
+    from VQMedSegLib.models.vqseg import euclidean_assign
+
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(tokens, dim, generator=g)
+    for k in (1024, 16384):
+        codebook = torch.randn(k, dim, generator=g)
+        normed = F.normalize(codebook, dim=1)
+        monai_vq = EMAQuantizer(spatial_dims=2, num_embeddings=k, embedding_dim=dim).eval()
+        z_image = z.reshape(8, -1, dim).permute(0, 2, 1).reshape(8, dim, 32, 32)  # (B, D, H, W) for MONAI
+        with torch.no_grad():
+            t = {
+                "matmul_argmax_floor": median_time(lambda: (z @ normed.t()).argmax(1)),
+                "cosine_ours": median_time(lambda: cosine_assign(z, normed)),
+                "euclidean_ours": median_time(lambda: euclidean_assign(z, codebook)),
+                "cdist_argmin": median_time(lambda: torch.cdist(z, codebook).argmin(1)),
+                "monai_ema_quantizer": median_time(lambda: monai_vq.quantize(z_image)),
+            }
+        assert torch.equal(euclidean_assign(z, codebook), torch.cdist(z, codebook).argmin(1))
+        floor = t["matmul_argmax_floor"]
+        out[f"k{k}"] = {
+            "tokens": tokens, "dim": dim,
+            "seconds": t,
+            "million_tokens_per_s": {name: tokens / s / 1e6 for name, s in t.items()},
+            "cosine_vs_floor": t["cosine_ours"] / floor,
+            "euclidean_vs_floor": t["euclidean_ours"] / floor,
+            "cdist_vs_euclidean_ours": t["cdist_argmin"] / t["euclidean_ours"],
+            "monai_vs_euclidean_ours": t["monai_ema_quantizer"] / t["euclidean_ours"],
+        }
+    return out
+
+
+# ---------------------------------------------------------------------- 2. QPM
+def naive_qpm(indices: torch.Tensor, codebook: torch.Tensor, epsilon: float, generator) -> torch.Tensor:
+    """The textbook version: the whole K x K transition matrix, then one draw per token."""
+    d = torch.cdist(codebook, codebook)
+    logits = -d
+    logits.fill_diagonal_(float("-inf"))
+    probs = torch.softmax(logits, dim=1)
+    flat = indices.reshape(-1)
+    move = torch.rand(flat.shape, generator=generator) < epsilon
+    new = torch.multinomial(probs[flat[move]], 1, generator=generator)[:, 0]
+    out = flat.clone()
+    out[move] = new
+    return out.reshape(indices.shape)
+
+
+def loop_qpm(indices: torch.Tensor, codebook: torch.Tensor, epsilon: float, generator) -> torch.Tensor:
+    """A Python loop over the unique codes of the batch, one distance row each (as in the
+    released VQ-Seg code)."""
+    flat = indices.reshape(-1)
+    move = torch.rand(flat.shape, generator=generator) < epsilon
+    out = flat.clone()
+    for code in torch.unique(flat[move]).tolist():
+        where = move & (flat == code)
+        d = torch.linalg.vector_norm(codebook - codebook[code], dim=1)
+        logits = -d
+        logits[code] = float("-inf")
+        out[where] = torch.multinomial(torch.softmax(logits, dim=0), int(where.sum()), replacement=True, generator=generator)
+    return out.reshape(indices.shape)
+
+
+def bench_qpm(k: int = 16384, dim: int = 64, shape=(8, 16, 16), epsilon: float = 0.7) -> dict:
+    from VQMedSegLib.models.qpm import QuantizedPerturbation
+
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(k, dim, generator=g)
+    indices = torch.randint(0, k, shape, generator=g)
+    ours = QuantizedPerturbation(epsilon)
+    runs = {
+        "ours_chunked": lambda: ours(indices, codebook, generator=g),
+        "naive_kxk": lambda: naive_qpm(indices, codebook, epsilon, g),
+        "python_loop_unique": lambda: loop_qpm(indices, codebook, epsilon, g),
+    }
+    seconds = {name: median_time(fn, repeat=3) for name, fn in runs.items()}
+    peak = {name: peak_extra_mb(fn) for name, fn in runs.items()}
+    return {
+        "k": k, "dim": dim, "tokens": int(np.prod(shape)), "epsilon": epsilon,
+        "seconds": seconds, "peak_extra_mb": peak,
+        "kxk_matrix_mb": k * k * 4 / 2**20,
+        "speedup_vs_naive": seconds["naive_kxk"] / seconds["ours_chunked"],
+        "speedup_vs_python_loop": seconds["python_loop_unique"] / seconds["ours_chunked"],
+    }
+
+
+# ------------------------------------------------------------- 3. pool scoring
+class GeneratedPool:
+    """A stand-in for :class:`~VQMedSegLib.active_learning.pool.SlicePool` with ``n``
+    slices made on demand (deterministic noise), so that the scorer's own memory is what
+    is measured, not the pool's storage."""
+
+    def __init__(self, n: int, size: int):
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tensors(self, idx, device):
+        g = torch.Generator().manual_seed(int(idx[0]))
+        ct = torch.randn(len(idx), 1, self.size, self.size, generator=g)
+        mr = torch.randn(len(idx), 1, self.size, self.size, generator=g)
+        return ct.to(device), mr.to(device), torch.ones(len(idx), dtype=torch.bool, device=device)
+
+
+def bench_pool_scoring(full: bool) -> dict:
+    from VQMedSegLib.active_learning.strategies import mc_dropout_scores, modality_scores
+    from VQMedSegLib.config import begal_config_from_preset
+    from VQMedSegLib.training.begal import build_model
+
+    config = begal_config_from_preset("quick")
+    model = build_model(config).eval()
+    device = torch.device("cpu")
+    out = {"preset": "quick", "slice_size": config.slice_size, "mc_samples": 10, "sizes": {}}
+    for n in (1000, 10000, 100000):
+        pool = GeneratedPool(n, config.slice_size)
+        idx = np.arange(n)
+        row = {}
+        t = time.perf_counter()
+        mem = peak_extra_mb(lambda: modality_scores(model, pool, idx, device, batch=64))
+        row["begal_seconds"] = time.perf_counter() - t
+        row["begal_slices_per_s"] = n / row["begal_seconds"]
+        row["begal_peak_extra_mb"] = mem
+        if n <= 10000 or full:
+            t = time.perf_counter()
+            mem = peak_extra_mb(lambda: mc_dropout_scores(model, pool, idx, device, samples=10, batch=64))
+            row["mcdropout_seconds"] = time.perf_counter() - t
+            row["mcdropout_slices_per_s"] = n / row["mcdropout_seconds"]
+            row["mcdropout_peak_extra_mb"] = mem
+            row["speedup"] = row["begal_slices_per_s"] / row["mcdropout_slices_per_s"]
+        out["sizes"][str(n)] = row
+        print(f"  pool {n}: {row}", flush=True)
+    speedups = [r["speedup"] for r in out["sizes"].values() if "speedup" in r]
+    out["speedup_median"] = statistics.median(speedups)
+    mems = [r["begal_peak_extra_mb"] for r in out["sizes"].values() if r["begal_peak_extra_mb"] is not None]
+    out["begal_peak_mb_1k_vs_100k"] = [mems[0], mems[-1]] if mems else None
+    return out
+
+
+# ------------------------------------------------------------------ 4. inference
+def bench_inference(shape=(100, 512, 512)) -> dict:
+    from VQMedSegLib.config import train_config_from_preset
+    from VQMedSegLib.data.volume import Volume
+    from VQMedSegLib.inference.predict import predict_volume
+    from VQMedSegLib.models.unet import build_unet, model_spec
+
+    config = train_config_from_preset("quick")
+    model = build_unet(features=tuple(config.features)).eval()
+    ckpt = {"task": "liver", "method": "supervised", "config": config.to_json(), "model": model_spec(1, 2, config.features, 0.0),
+            "preprocessing": {"slice_size": config.slice_size}}
+    rng = np.random.default_rng(0)
+    ct = Volume(rng.normal(40, 200, shape).astype(np.int16), (0.7, 0.7, 2.5))
+    spent = {"forward": 0.0}
+    original = model.forward
+
+    def timed_forward(*args, **kwargs):
+        t = time.perf_counter()
+        result = original(*args, **kwargs)
+        spent["forward"] += time.perf_counter() - t
+        return result
+
+    model.forward = timed_forward
+    device = torch.device("cpu")
+    predict_volume(model, ckpt, ct, device)  # warm-up
+    spent["forward"] = 0.0
+    mem_box = {}
+
+    def run():
+        t = time.perf_counter()
+        mem_box["pred"] = predict_volume(model, ckpt, ct, device)
+        mem_box["seconds"] = time.perf_counter() - t
+
+    peak = peak_extra_mb(run)
+    total = mem_box["seconds"]
+    return {
+        "shape_kji": list(shape), "slice_size": config.slice_size, "seconds_total": total,
+        "seconds_forward": spent["forward"], "overhead_fraction": (total - spent["forward"]) / total,
+        "peak_extra_mb": peak, "input_mb": ct.array.nbytes / 2**20,
+    }
+
+
+# ----------------------------------------------------------------- 5. training step
+def bench_training_step() -> dict:
+    from VQMedSegLib.config import vqseg_config_from_preset
+    from VQMedSegLib.training.ssl_experiment import SupervisedNet
+    from VQMedSegLib.training.vqseg import VQSegTrainer
+
+    cfg = vqseg_config_from_preset("quick", warmup_supervised=0, rampup=0, use_pfa=False, iterations=1000)
+    s = cfg.slice_size
+    rng = np.random.default_rng(0)
+    lx = rng.random((32, 1, s, s)).astype(np.float32)
+    ly = (lx[:, 0] > 0.6).astype(np.int64)
+    ux = rng.random((64, 1, s, s)).astype(np.float32)
+    trainer = VQSegTrainer(cfg, lx, ly, ux, None, 0, torch.device("cpu"))
+    vq_step = median_time(trainer.step, repeat=5, warmup=2)
+    plain = VQSegTrainer(cfg.replace(use_qpm=False, use_reconstruction=False), lx, ly, ux, None, 0, torch.device("cpu"))
+    no_qpm_step = median_time(plain.step, repeat=5, warmup=2)
+
+    net = SupervisedNet(tuple(cfg.features))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x = torch.as_tensor(lx[: cfg.labelled_batch])
+    y = torch.as_tensor(ly[: cfg.labelled_batch])
+
+    def supervised_step():
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    sup = median_time(supervised_step, repeat=5, warmup=2)
+    return {
+        "slice_size": s, "labelled_batch": cfg.labelled_batch, "unlabelled_batch": cfg.unlabelled_batch,
+        "vqseg_step_s": vq_step, "vqseg_without_qpm_and_reconstruction_step_s": no_qpm_step,
+        "unet_labelled_only_step_s": sup,
+        "vqseg_vs_unet": vq_step / sup,
+        "note": "a VQ-Seg step runs the student on the labelled batch, on QPM-perturbed and CutMix views of the "
+                "unlabelled batch and the teacher once: four forward passes where the U-Net step runs one",
+    }
+
+
+# ------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the targets are for 2 CPU threads)")
+    p.add_argument("--full", action="store_true", help="also MC-dropout on the 100k-slice pool (slow)")
+    p.add_argument("--only", help="comma-separated sections: assignment,qpm,pool,inference,training")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = {"assignment": bench_assignment, "qpm": bench_qpm, "pool": lambda: bench_pool_scoring(args.full),
+                "inference": bench_inference, "training": bench_training_step}
+    chosen = args.only.split(",") if args.only else list(sections)
+    t0 = time.perf_counter()
+    result: dict = {"sections": {}}
+    for name in chosen:
+        print(f"{name} ...", flush=True)
+        t = time.perf_counter()
+        result["sections"][name] = sections[name]()
+        result["sections"][name]["wall_seconds"] = time.perf_counter() - t
+        print(f"{name}: {time.perf_counter() - t:.1f} s", flush=True)
+    sec = result["sections"]
+    if "pool" in sec:
+        result["begal_vs_mcdropout_scoring_speedup"] = sec["pool"]["speedup_median"]
+    if "qpm" in sec:
+        result["qpm_peak_mem_mb_k16384"] = sec["qpm"]["peak_extra_mb"]["ours_chunked"]
+        result["qpm_vs_naive_speedup"] = sec["qpm"]["speedup_vs_naive"]
+    if "inference" in sec:
+        result["inference_overhead_fraction"] = sec["inference"]["overhead_fraction"]
+    if "assignment" in sec:
+        result["cosine_assignment_vs_matmul_argmax"] = sec["assignment"]["k16384"]["cosine_vs_floor"]
+    result["environment"] = {
+        "vqmedseg": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "threads": args.threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "cuda": torch.cuda.is_available(), "full": args.full,
+    }
+    result["wall_seconds"] = time.perf_counter() - t0
+    result["targets"] = check_targets(result)
+    atomic_write_json(out / "speed.json", result)
+    atomic_write_text(out / "speed.md", report(result))
+    print(report(result))
+    return 0
+
+
+TARGETS = [
+    ("begal_vs_mcdropout_scoring_speedup", ">=", 8.0, "BEGAL pool scoring speed-up against MC-dropout (T = 10)"),
+    ("qpm_peak_mem_mb_k16384", "<", 100.0, "QPM peak extra memory at K = 16,384, 8 x 16 x 16 tokens (MB)"),
+    ("qpm_vs_naive_speedup", ">=", 5.0, "QPM speed-up against the naive K x K version"),
+    ("cosine_assignment_vs_matmul_argmax", "<=", 1.3, "cosine assignment time / one matmul + argmax (K = 16,384)"),
+    ("inference_overhead_fraction", "<=", 0.2, "inference time outside the forward pass (512 x 512 x 100 CT)"),
+]
+
+
+def check_targets(result: dict) -> dict:
+    out = {}
+    for key, op, bound, _ in TARGETS:
+        value = result.get(key)
+        if value is None:
+            out[key] = None
+            continue
+        out[key] = bool(value >= bound if op == ">=" else value < bound if op == "<" else value <= bound)
+    pool = result["sections"].get("pool")
+    if pool and pool.get("begal_peak_mb_1k_vs_100k"):
+        small, large = pool["begal_peak_mb_1k_vs_100k"]
+        out["pool_scoring_memory_flat"] = bool(large <= small + 50.0)
+    return out
+
+
+def report(result: dict) -> str:
+    lines = ["# Speed and memory", "", f"{result['environment']}", "", "| measurement | value | target | met |", "|---|---|---|---|"]
+    for key, op, bound, text in TARGETS:
+        value = result.get(key)
+        shown = "n/a" if value is None else f"{value:.3f}"
+        lines.append(f"| {text} | {shown} | {op} {bound} | {result['targets'].get(key)} |")
+    pool = result["sections"].get("pool")
+    if pool:
+        mem = pool.get("begal_peak_mb_1k_vs_100k")
+        lines.append(f"| pool-scoring peak extra memory, 1k vs 100k slices (MB) | {mem} | flat | {result['targets'].get('pool_scoring_memory_flat')} |")
+        lines += ["", "| pool size | BEGAL slices/s | MC-dropout slices/s | speed-up | BEGAL peak MB | MC peak MB |", "|---|---|---|---|---|---|"]
+        for n, r in pool["sizes"].items():
+            lines.append(f"| {n} | {r['begal_slices_per_s']:.0f} | {r.get('mcdropout_slices_per_s', float('nan')):.0f} | "
+                         f"{r.get('speedup', float('nan')):.1f} | {r['begal_peak_extra_mb']} | {r.get('mcdropout_peak_extra_mb')} |")
+    a = result["sections"].get("assignment")
+    if a:
+        lines += ["", "| K | method | M tokens/s |", "|---|---|---|"]
+        for k, r in a.items():
+            if not k.startswith("k"):
+                continue
+            for name, v in r["million_tokens_per_s"].items():
+                lines.append(f"| {k[1:]} | {name} | {v:.2f} |")
+    q = result["sections"].get("qpm")
+    if q:
+        lines += ["", "| QPM (K = 16,384) | seconds | peak extra MB |", "|---|---|---|"]
+        for name in q["seconds"]:
+            lines.append(f"| {name} | {q['seconds'][name]:.4f} | {q['peak_extra_mb'][name]} |")
+    inf = result["sections"].get("inference")
+    if inf:
+        lines += ["", f"Inference, 512 x 512 x 100 CT: {inf['seconds_total']:.2f} s total, {inf['seconds_forward']:.2f} s in the "
+                  f"forward pass, peak extra {inf['peak_extra_mb']} MB."]
+    tr = result["sections"].get("training")
+    if tr:
+        lines += ["", f"Training step: VQ-Seg {tr['vqseg_step_s']:.3f} s, VQ-Seg without QPM and reconstruction "
+                  f"{tr['vqseg_without_qpm_and_reconstruction_step_s']:.3f} s, U-Net (labelled only) {tr['unet_labelled_only_step_s']:.3f} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
