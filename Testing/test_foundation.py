@@ -44,3 +44,20 @@ def test_unknown_or_missing_foundation_models_are_clear_errors(tmp_path):
         build_foundation("sam-huge")
     with pytest.raises(InputError, match="not found"):
         build_foundation(f"dinov2:{tmp_path / 'missing'}")
+
+
+def test_dinov2_loads_offline_from_a_local_checkpoint_folder(tmp_path, no_network):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[all]'")
+    # a small DINOv2 with random weights, saved the way a user's downloaded checkpoint is
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                       patch_size=14, image_size=224)
+    transformers.Dinov2Model(config).save_pretrained(tmp_path / "dinov2-small-test", safe_serialization=True)
+    enc = build_foundation(f"dinov2:{tmp_path / 'dinov2-small-test'}")
+    assert enc.out_channels == 32
+    x = torch.rand(2, 1, 96, 96)
+    feats = enc(x)
+    assert feats.shape == (2, 32, 16, 16) and torch.isfinite(feats).all()
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training
+    assert torch.equal(enc(x), feats)
