@@ -147,22 +147,36 @@ def test_query_train_predict_loop_through_the_logic_ends_with_the_segmentation_i
     assert scores["hd95_mm"] is not None
 
 
-def test_a_cancelled_training_is_reported_and_loads_nothing(scene, tmp_path, phantom):
+def _poll_until(logic, condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition(logic.job) and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.2)
+    assert condition(logic.job), f"{logic.job.kind} job: condition not met within {timeout} s ({logic.job.status} {logic.job.reason})"
+
+
+def test_a_cancelled_training_is_reported_loads_nothing_and_resumes(scene, tmp_path, phantom):
     ct_node = mrml.add_volume(scene, phantom.ct, "CT")
     truth = _truth_node(scene, phantom, ct_node)
     logic = WorkflowLogic(scene, device="cpu", preset="tiny")
     case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
     logic.mark_annotated(case_id, [4, 8, 12], truth)
     logic.start_training("supervised", iterations=100000)
-    deadline = time.monotonic() + 120
-    while logic.job.fraction == 0 and time.monotonic() < deadline:
-        logic.poll()
-        time.sleep(0.2)
-    assert logic.cancel(grace=30)
+    _poll_until(logic, lambda job: job.checkpoints > 0)
+    assert logic.cancel(grace=30, block=False)  # the GUI's way: returns at once, poll reports the end
     job = logic.wait(timeout=60)
     assert job.kind == "train" and job.status == "cancelled"
     assert logic.loaded == {} and logic.available_predictions() == {}
-    assert logic.status()["running_job"] is None
+    assert logic.status()["running_job"] is None and logic.status()["last_model"] is None
+    # reopening the workspace (a new session) shows its state and resumes the training
+    again = WorkflowLogic(scene, device="cpu", preset="tiny")
+    again.open_workspace(tmp_path / "ws")
+    assert again.status()["labelled_slices"] == 3
+    again.start_training("supervised", iterations=100000)
+    _poll_until(again, lambda job: job.resumed_from is not None)
+    assert again.job.resumed_from >= 10
+    again.cancel(grace=30)
+    assert again.wait(timeout=60).status == "cancelled"
 
 
 def test_a_killed_job_is_reported_as_crashed_with_its_reason(scene, tmp_path, phantom):

@@ -75,6 +75,8 @@ class JobState:
     results: list[dict] = field(default_factory=list)
     gaps: int = 0
     kill_at: float | None = None  # monotonic time after which a cancelled job's tree is killed
+    checkpoints: int = 0
+    resumed_from: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -382,6 +384,11 @@ class WorkflowLogic:
                 details = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in event.items()
                                     if k not in ("seq", "time", "type", "job"))
                 lines.append(f"validation: {details}")
+            elif kind == "checkpoint":
+                job.checkpoints += 1
+            elif kind == "resumed":
+                job.resumed_from = int(event.get("iteration", 0))
+                lines.append(f"resumed from the checkpoint at iteration {job.resumed_from}")
             elif kind == "warning":
                 lines.append(f"warning: {event.get('message')}")
             elif kind == "result":
