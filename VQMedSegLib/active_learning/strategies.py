@@ -49,13 +49,20 @@ def _batches(idx: np.ndarray, batch: int):
 
 
 def _stream(idx: np.ndarray, batch: int, score: Callable[[np.ndarray], torch.Tensor]) -> np.ndarray:
-    """One score per pool index, computed ``batch`` slices at a time (memory flat in the pool size)."""
-    out = np.empty(len(idx), np.float32)
+    """One score per pool index, computed ``batch`` slices at a time (memory flat in the pool size).
+
+    Under torchrun each rank scores its share of ``idx`` and the scores are gathered back
+    into ``idx``'s order on every rank (:mod:`VQMedSegLib.training.distributed`)."""
+    from ..training.distributed import current, gather_scores, shard
+
+    info = current()
+    mine = shard(idx, info)
+    out = np.empty(len(mine), np.float32)
     pos = 0
-    for b in _batches(idx, batch):
+    for b in _batches(mine, batch):
         out[pos : pos + len(b)] = score(b).float().cpu().numpy()
         pos += len(b)
-    return out
+    return gather_scores(out, len(idx), info)
 
 
 @torch.no_grad()
@@ -103,11 +110,16 @@ def mc_dropout_scores(
 
 @torch.no_grad()
 def bottleneck_features(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:
+    from ..training.distributed import current, gather_scores, shard
+
     model.eval()
+    info = current()
     feats = []
-    for b in _batches(idx, batch):
+    for b in _batches(shard(idx, info), batch):
         feats.append(model.ct_encoder(pool.tensors(b, device)[0])[4].mean(dim=(2, 3)).float().cpu().numpy())
-    return np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
+    width = model.ct_encoder.features[4] if hasattr(model.ct_encoder, "features") else 1
+    local = np.concatenate(feats) if feats else np.zeros((0, width), np.float32)
+    return gather_scores(local, len(idx), info)
 
 
 def kcenter_greedy(candidates: np.ndarray, centres: np.ndarray, n: int) -> list[int]:

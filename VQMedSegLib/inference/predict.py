@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..jobs.checkpoints import load_checkpoint
 from ..models.unet import build_from_spec
 from ..tasks import get_task
-from ..uncertainty.entropy import predictive_entropy
+from ..uncertainty.entropy import binary_entropy
 
 log = logging.getLogger("vqmedseg")
 
@@ -111,9 +111,13 @@ def predict_volume(
         probs[start : start + batch_size] = torch.softmax(logits, dim=1).float().cpu().numpy()
         if progress is not None:
             progress(min(start + batch_size, plan.n_slices), plan.n_slices)
-    on_grid = slices_to_volume(probs, plan)  # [2, K, J, I]
-    label = (on_grid[1] > on_grid[0]).astype(np.uint8)
-    entropy = predictive_entropy(on_grid, axis=0)
+    # Two classes: only the target's probability is mapped back (bilinear resizing keeps
+    # p0 + p1 = 1, so p1 > p0 exactly where p1 > 0.5). The entropy is computed on the
+    # model's slices and resampled with it, as the QPM map is: the full-resolution grid
+    # then costs one resize instead of two passes of logarithms.
+    slice_maps = np.concatenate([probs[:, 1:2], binary_entropy(probs[:, 1:2])], axis=1)
+    target, entropy = slices_to_volume(slice_maps, plan)  # [K, J, I] each
+    label = (target > 0.5).view(np.uint8)  # bool and uint8 share the layout: no copy
     meta = {"task": task.name, "method": ckpt["method"]}
     maps = {"entropy": ct.with_array(entropy, **meta, kind="uncertainty", units="nats")}
     if disagreement is not None:
@@ -121,6 +125,6 @@ def predict_volume(
         maps["qpm"] = ct.with_array(qpm_map, **meta, kind="uncertainty", units="fraction of QPM decodings")
     return Prediction(
         label=ct.with_array(label, **meta, kind="label"),
-        probability=ct.with_array(on_grid[1].astype(np.float32), **meta, kind="probability"),
+        probability=ct.with_array(target, **meta, kind="probability"),
         uncertainty=maps,
     )

@@ -24,11 +24,15 @@ import torch
 import torch.nn as nn
 
 
-def _neg_distance_rows(codebook: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``-d(c_r, c_j)`` for the codes ``rows`` against the whole codebook: ``(len(rows), K)``."""
+def _neg_distance_rows(codebook: torch.Tensor, rows: torch.Tensor, codebook_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """``-d(c_r, c_j)`` for the codes ``rows`` against the whole codebook: ``(len(rows), K)``.
+
+    One ``addmm`` and in-place updates: a single ``len(rows) x K`` buffer."""
     c = codebook[rows]
-    sq = (c * c).sum(1, keepdim=True) + (codebook * codebook).sum(1)[None, :] - 2.0 * c @ codebook.t()
-    return -sq.clamp_min(0.0).sqrt()
+    sq_all = (codebook * codebook).sum(1) if codebook_sq is None else codebook_sq
+    out = torch.addmm(sq_all[None, :], c, codebook.t(), alpha=-2.0)
+    out += (c * c).sum(1, keepdim=True)
+    return out.clamp_min_(0.0).sqrt_().neg_()
 
 
 def transition_rows(codebook: torch.Tensor, rows: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -51,7 +55,7 @@ class QuantizedPerturbation(nn.Module):
     Sampling runs without gradient; the decoder then reads ``codebook[perturbed]``.
     """
 
-    def __init__(self, epsilon: float = 0.7, chunk: int = 256):
+    def __init__(self, epsilon: float = 0.7, chunk: int = 64):
         super().__init__()
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"QPM epsilon: found {epsilon}, expected a value in [0, 1]")
@@ -77,11 +81,14 @@ class QuantizedPerturbation(nn.Module):
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order), device=device) - starts[inverse[order]]
         new = torch.empty_like(moving)
+        cb = codebook.detach().float()
+        cb_sq = (cb * cb).sum(1)
         for lo in range(0, len(codes), self.chunk):
             rows = codes[lo : lo + self.chunk]
-            logits = _neg_distance_rows(codebook.detach().float(), rows)
+            logits = _neg_distance_rows(cb, rows, cb_sq)
             logits[torch.arange(len(rows), device=device), rows] = float("-inf")  # j != i
             probs = torch.softmax(logits, dim=1)
+            del logits
             draws = torch.multinomial(probs, int(counts[lo : lo + self.chunk].max()), replacement=True, generator=generator)
             sel = (inverse >= lo) & (inverse < lo + len(rows))
             new[sel] = draws[inverse[sel] - lo, rank[sel]]

@@ -24,6 +24,8 @@ from ..jobs.checkpoints import load_checkpoint, save_checkpoint
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..models.unet import build_from_spec, model_spec
+from .distributed import DistInfo, barrier, shard, stop_together
+from .distributed import current as current_dist
 from .slices import SliceSet, labelled_signature, load_labelled_slices
 
 METHOD = "supervised"
@@ -94,8 +96,10 @@ def validation_dice(model: torch.nn.Module, data: SliceSet, device: torch.device
     return 1.0 if total == 0 else 2 * inter / total
 
 
-def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device: torch.device) -> dict:
-    """Train (or resume) the baseline; returns the recorded model entry."""
+def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device: torch.device, dist_info: DistInfo | None = None) -> dict:
+    """Train (or resume) the baseline; returns the recorded model entry (``{}`` on ranks
+    other than 0 under torchrun, see :mod:`.distributed`)."""
+    info = dist_info or current_dist()
     torch.manual_seed(config.seed)
     train_set, val_set = load_labelled_slices(ws, config.slice_size, config.validation_cases)
     if len(train_set) == 0:
@@ -107,7 +111,8 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=config.iterations, power=config.poly_power)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False, lambda_dice=1.0, lambda_ce=1.0)
     rng = np.random.default_rng(config.seed)
-    transform = augmentation(config.seed) if config.augment else None
+    # every rank draws the same global batch (same sampler seed); augmentation streams differ per rank
+    transform = augmentation(config.seed + info.rank) if config.augment else None
 
     ckpt_dir = ws.checkpoint_dir(METHOD)
     last_path = ckpt_dir / "last.pt"
@@ -123,13 +128,22 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
             best_state = ckpt.get("best_state_dict")
             history = list(ckpt.get("history", []))
             rng = np.random.default_rng([config.seed, start_iter])
-            transform = augmentation(config.seed + start_iter) if config.augment else None
+            transform = augmentation(config.seed + start_iter + info.rank) if config.augment else None
             ctx.emit("resumed", iteration=start_iter, checkpoint=str(last_path.relative_to(ws.root)))
         else:
             ctx.warn("found a checkpoint from another configuration or labelled set; starting afresh")
     sampler = BatchSampler(train_set, config.batch_size, config.foreground_fraction, rng)
+    net = model
+    if info.enabled:
+        if config.batch_size % info.world:
+            raise InputError(f"batch_size {config.batch_size}: expected a multiple of the {info.world} processes")
+        from torch.nn.parallel import DistributedDataParallel
+
+        # wrapping broadcasts rank 0's weights; every rank has loaded the same checkpoint anyway
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx.emit(
         "info",
+        processes=info.world,
         method=METHOD,
         train_slices=len(train_set),
         val_slices=len(val_set),
@@ -138,6 +152,8 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
     )
 
     def save(iteration: int) -> None:
+        if not info.is_main:
+            return  # checkpoints are written once, by rank 0
         save_checkpoint(
             last_path,
             {
@@ -161,10 +177,13 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
     t0 = time.monotonic()
     running = None
     for it in range(start_iter, config.iterations):
-        ctx.check_cancel()
-        x, y = make_batch(train_set, sampler.indices(), transform)
+        if info.enabled:
+            stop_together(ctx.cancel_requested(), info)
+        else:
+            ctx.check_cancel()
+        x, y = make_batch(train_set, shard(sampler.indices(), info), transform)
         x, y = x.to(device), y.to(device)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -174,7 +193,7 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
         done = it + 1
         if done % 10 == 0 or done == config.iterations:
             ctx.emit("loss", iteration=done, loss=value, loss_smoothed=running, lr=scheduler.get_last_lr()[0])
-        if len(val_set) and (done % config.val_interval == 0 or done == config.iterations):
+        if info.is_main and len(val_set) and (done % config.val_interval == 0 or done == config.iterations):
             dice = validation_dice(model, val_set, device)
             history.append({"iteration": done, "val_dice": dice})
             ctx.emit("metric", iteration=done, val_dice=dice)
@@ -185,6 +204,9 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
         if done % config.checkpoint_interval == 0 and done < config.iterations:
             save(done)
 
+    if not info.is_main:
+        barrier(info)
+        return {}
     final_state = best_state if best_state is not None else model.state_dict()
     model_id = f"{METHOD}-{time.strftime('%Y%m%d-%H%M%S')}"
     model_path = ws.root / "models" / f"{model_id}.pt"
@@ -212,6 +234,7 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
     )
     last_path.unlink(missing_ok=True)
     ctx.emit("result", model=entry["path"], model_id=model_id, val_dice=entry["val_dice"])
+    barrier(info)
     return entry
 
 

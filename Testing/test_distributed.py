@@ -1,0 +1,145 @@
+"""torch.distributed: 2 Gloo processes on CPU under torchrun, against one process.
+
+* a few training steps of the supervised baseline give the same parameters as one
+  process on the same global batch;
+* a distributed run resumes from the checkpoint rank 0 wrote, and only rank 0 writes;
+* pool scoring is sharded across the ranks and gathered back in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from VQMedSegLib.config import TrainConfig
+from VQMedSegLib.data.phantoms import make_dataset
+from VQMedSegLib.jobs.workspace import Workspace
+
+from conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch build has no Gloo backend for torch.distributed")
+
+
+def torchrun(*args, nproc: int = 2, check: bool = True, popen: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(map(str, args))} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    case = make_dataset("phantom-liver", 1, seed=21, ct_shape=(16, 48, 48))[0]
+    ws = Workspace.create(tmp_path / "ws", task="liver")
+    ws.add_case(case.case_id, case.ct, None, slice_size=32)
+    ws.annotate(case.case_id, case.ct_label.with_array((case.ct_label.array == 1).astype(np.uint8)), slices=[3, 6, 8, 10, 12])
+    return ws.root
+
+
+def _config(path: Path, **changes) -> Path:
+    config = TrainConfig(iterations=3, batch_size=4, slice_size=32, features=(4, 8, 8, 16, 16, 4), augment=False,
+                         val_interval=1000, checkpoint_interval=1000, learning_rate=1e-2).replace(**changes)
+    path.write_text(json.dumps(config.to_json()))
+    return path
+
+
+def _final_weights(root: Path) -> dict:
+    ws = Workspace.open(root)
+    entry = ws.latest_model("supervised")
+    assert entry is not None, f"no model recorded in {root}"
+    return torch.load(ws.resolve(entry["path"]), map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _logits(state: dict, x: torch.Tensor) -> torch.Tensor:
+    from VQMedSegLib.models.unet import build_unet
+
+    net = build_unet(features=(4, 8, 8, 16, 16, 4))
+    net.load_state_dict(state)
+    with torch.no_grad():
+        return net.eval()(x)
+
+
+def _events(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(workspace, tmp_path):
+    config = _config(tmp_path / "config.json")
+    single = tmp_path / "single"
+    shutil.copytree(workspace, single)
+    run_cli("train", "--workspace", single, "--config", config, "--device", "cpu")
+    torchrun("-m", "VQMedSegLib", "train", "--workspace", workspace, "--config", config, "--device", "cpu")
+    one, two = _final_weights(single), _final_weights(workspace)
+    assert one.keys() == two.keys()
+    # A convolution bias followed by instance normalisation gets a gradient that is zero
+    # up to rounding, and Adam scales that noise up to full-size steps, so those biases
+    # differ between any two summation orders. They do not change the output.
+    compared = [n for n in one if not (n.endswith(".conv.bias") and not n.startswith("final_conv"))]
+    assert len(compared) > len(one) / 2
+    for name in compared:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=2e-4, msg=lambda m, name=name: f"{name}: {m}")
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(two, x), _logits(one, x), rtol=1e-4, atol=1e-4)
+    # and the check can fail: a run on other batches ends elsewhere
+    other = tmp_path / "other"
+    shutil.copytree(single, other)
+    shutil.rmtree(other / "models")
+    Workspace.open(other).update(lambda s: s.__setitem__("models", []))
+    run_cli("train", "--workspace", other, "--config", _config(tmp_path / "other.json", seed=1), "--device", "cpu")
+    assert not torch.allclose(_logits(_final_weights(other), x), _logits(one, x), rtol=1e-4, atol=1e-4)
+    started = [e for e in _events(workspace) if e["type"] == "started"]
+    assert started[-1]["params"]["processes"] == 2
+
+
+def test_a_distributed_run_resumes_from_rank_0s_checkpoint(workspace, tmp_path):
+    config = _config(tmp_path / "config.json", iterations=400, checkpoint_interval=5)
+    proc = torchrun("-m", "VQMedSegLib", "train", "--workspace", workspace, "--config", config, "--device", "cpu", popen=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (workspace / "events.jsonl").exists() and any(e["type"] == "checkpoint" for e in _events(workspace)):
+            (workspace / "cancel").touch()
+            break
+        time.sleep(0.2)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, "the run should have been cancelled"
+    events = _events(workspace)
+    assert any(e["type"] == "cancelled" for e in events), output[-2000:]
+    checkpoints = [e["iteration"] for e in events if e["type"] == "checkpoint"]
+    assert checkpoints and len(checkpoints) == len(set(checkpoints)), "a checkpoint was written by more than one rank"
+    assert (workspace / "checkpoints" / "supervised" / "last.pt").exists()
+
+    torchrun("-m", "VQMedSegLib", "train", "--workspace", workspace, "--config", config, "--device", "cpu")
+    resumed = [e for e in _events(workspace) if e["type"] == "resumed"]
+    assert resumed and resumed[-1]["iteration"] >= checkpoints[0]
+    assert Workspace.open(workspace).latest_model("supervised") is not None
+    assert not (workspace / "checkpoints" / "supervised" / "last.pt").exists()
+
+
+def test_pool_scoring_is_sharded_and_gathered_in_order(tmp_path):
+    sys.path.insert(0, str(REPO / "Testing" / "helpers"))
+    from distributed_scoring import scores_and_shares
+
+    out = tmp_path / "scores.npz"
+    torchrun(REPO / "Testing" / "helpers" / "distributed_scoring.py", out)
+    got = np.load(out)
+    idx, expected, shares = scores_and_shares()  # one process
+    assert int(got["world"]) == 2 and len(shares) == 1
+    assert list(got["shares"]) == [(len(idx) + 1) // 2, len(idx) // 2]
+    np.testing.assert_array_equal(got["idx"], idx)
+    np.testing.assert_allclose(got["scores"], expected, rtol=1e-5, atol=1e-6)
