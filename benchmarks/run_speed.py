@@ -29,7 +29,6 @@ Sections (see ``benchmarks/README.md`` for the targets):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
