@@ -110,6 +110,7 @@ def test_msd_images_tr(tmp_path: Path) -> None:
     (tmp_path / "imagesTs").mkdir()
     (tmp_path / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}}))
     image = np.full((3, 4, 5), 40.0)
+    image[0, 0, :] = -1000.0  # air: a CT in Hounsfield units
     write_volume(make_volume(image), tmp_path / "imagesTr" / "liver_0.nii.gz")
     write_volume(make_volume(np.ones((3, 4, 5), np.uint8)), tmp_path / "labelsTr" / "liver_0.nii.gz")
     write_volume(make_volume(image), tmp_path / "imagesTs" / "liver_7.nii.gz")
@@ -171,12 +172,12 @@ def test_single_file_with_label(tmp_path: Path) -> None:
 
 
 def test_dicom_folder_layout(tmp_path: Path) -> None:
-    write_dicom_slices(tmp_path / "scan", [np.full((4, 4), v) for v in (1, 2, 3)], [0.0, 2.0, 4.0], [1, 2, 3])
+    write_dicom_slices(tmp_path / "scan", [np.full((4, 4), v) for v in (-1000, 2, 3)], [0.0, 2.0, 4.0], [1, 2, 3])
     (ref,) = discover_cases(tmp_path / "scan")
     assert (ref.case_id, ref.modality, ref.layout, ref.label) == ("scan", "CT", "dicom", None)
     assert ref.options["modality_source"] == "dicom"
     image, label = load_case(ref)
-    assert image.array[:, 0, 0].tolist() == [1, 2, 3] and label is None
+    assert image.array[:, 0, 0].tolist() == [-1000, 2, 3] and label is None
 
 
 def test_chaos_layout_mask_order(tmp_path: Path) -> None:
@@ -187,7 +188,7 @@ def test_chaos_layout_mask_order(tmp_path: Path) -> None:
     n, rows, cols = 4, 6, 5
     slices, pngs = [], []
     for number in range(1, n + 1):  # InstanceNumber 1 is the top slice, as in CHAOS CT
-        pixels = np.zeros((rows, cols), np.int16)
+        pixels = np.full((rows, cols), -1000, np.int16)  # air
         pixels[number, number % cols] = 1000 + number  # asymmetric spot: catches flips
         slices.append(pixels)
         pngs.append(pixels > 0)

@@ -26,6 +26,10 @@ class WorkspaceError(VQMedSegError):
     exit_code = 3
 
 
+class StorageError(WorkspaceError):
+    """A file could not be written: the disk is full, the folder is read-only, or access is denied."""
+
+
 class JobCancelled(VQMedSegError):
     """Raised inside a job when a cancel was requested; the job stops cleanly."""
 

@@ -15,7 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import InputError
+import errno
+
+from .errors import InputError, StorageError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -29,10 +31,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -40,10 +45,28 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if exc.errno in _STORAGE_ERRNOS:
+            raise storage_error(path, exc) from exc
+        raise
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    """A clear error for a write that the file system refused; the old file (if any) is intact."""
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for the file system"}.get(exc.errno, exc.strerror)
+    return StorageError(f"{path}: could not write ({reason}); expected a writable folder with free space. "
+                        "Nothing was half-written: the previous version of the file, if any, is unchanged")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -26,9 +26,12 @@ file says so (DICOM).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..files import atomic_path
+from ..files import atomic_path, storage_error
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,13 @@ def _itk_reason(exc: BaseException) -> str:
 def _require_exists(path: Path) -> None:
     if not path.exists():
         raise InputError(f"{path}: not found; expected an image file ({READ_FORMATS})")
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            os.close(os.open(path, os.O_RDONLY))
+    except PermissionError:
+        raise InputError(f"{path}: permission denied; expected a {'folder' if path.is_dir() else 'file'} you can read") from None
 
 
 def _check_sitk_dimension(image: sitk.Image, path: Path) -> sitk.Image:
@@ -132,6 +142,49 @@ def _check_sitk_dimension(image: sitk.Image, path: Path) -> sitk.Image:
             f"({image.GetPixelIDTypeAsString()}); expected a scalar (grey-level) volume"
         )
     return image
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+MAX_AXIS = 2048
+
+
+def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volume:
+    """Refuse images no segmentation should run on, naming what was found.
+
+    Always: voxel spacing <= 0 and absurd sizes (an axis over :data:`MAX_AXIS`). For an
+    image read as ``modality`` ``CT`` or ``MR``: NaN or infinite voxels. For a CT: no
+    negative value at all, which means either raw unsigned values without the rescale to
+    Hounsfield units (0..4095) or an MR passed as the CT.
+    """
+    spacing = np.asarray(volume.spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{path}: voxel spacing {tuple(float(s) for s in spacing)}; expected three positive numbers (mm)")
+    if max(volume.shape) > MAX_AXIS:
+        raise InputError(f"{path}: image size {volume.shape[::-1]} (i, j, k); expected at most {MAX_AXIS} voxels along every axis")
+    if modality is None or volume.array.size == 0:
+        return volume
+    array = volume.array
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        bad = int((~np.isfinite(array)).sum())
+        raise InputError(f"{path}: found {bad} NaN or infinite voxel(s); expected finite intensities")
+    if modality == "CT":
+        lo, hi = float(array.min()), float(array.max())
+        if lo >= 0:
+            if array.dtype.kind in "iu" and hi <= 4095:
+                kind = "raw unsigned CT values without the rescale to Hounsfield units (RescaleIntercept, usually -1024)"
+            else:
+                kind = "an MR or another non-CT image"
+            raise InputError(
+                f"{path}: read as the CT, but its values run from {lo:g} to {hi:g} with nothing below 0; this looks like {kind}. "
+                "expected Hounsfield units (air about -1000, water 0)"
+            )
+    return volume
 
 
 def _volume_from_sitk(image: sitk.Image, path: Path, **metadata: Any) -> Volume:
@@ -188,8 +241,37 @@ def _dicom_series_uid_of_file(path: Path) -> str | None:
     return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else None
 
 
+def _broken_dicom_files(folder: Path, series_files: Sequence[str]) -> list[Path]:
+    """Files of ``folder`` that look like DICOM (``.dcm``/``.ima`` or the ``DICM`` marker)
+    but that GDCM left out of every series because their header cannot be read."""
+    listed = {Path(f).resolve() for f in series_files}
+    broken = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.resolve() not in listed):
+        looks_dicom = path.suffix.lower() in (".dcm", ".ima")
+        if not looks_dicom:
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                f.seek(128)
+                looks_dicom = f.read(4) == b"DICM"
+        if not looks_dicom:
+            continue
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        try:
+            info.ReadImageInformation()
+        except RuntimeError:
+            broken.append(path)
+    return broken
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None, modality: str | None) -> Volume:
     uid, files = _select_series(folder, series_uid)
+    broken = _broken_dicom_files(folder, files)
+    if broken:
+        names = ", ".join(p.name for p in broken[:5]) + (" ..." if len(broken) > 5 else "")
+        raise InputError(
+            f"{folder}: {len(broken)} DICOM file(s) cannot be read ({names}): truncated or corrupt, so the series would "
+            "miss slices; expected every file of the series complete"
+        )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -285,6 +367,9 @@ def _read_sitk_file(path: Path, modality: str | None) -> Volume:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
+        if "spacing" in str(exc).lower():
+            raise InputError(f"{path}: voxel spacing is zero or invalid ({_itk_reason(exc)}); "
+                             "expected three positive numbers (mm)") from exc
         raise InputError(
             f"{path}: could not read the image ({_itk_reason(exc)}); expected a complete, "
             f"uncorrupted file in one of: {READ_FORMATS}"
@@ -432,17 +517,17 @@ def read_volume(
     modality = normalize_modality(modality)
     _require_exists(path)
     if path.is_dir():
-        return _read_dicom_series(path, series_uid, modality)
+        return check_image(_read_dicom_series(path, series_uid, modality), path, modality)
     if _is_seg_nrrd(path):
         return _read_seg_nrrd(path, modality)
     if _has_suffix(path, _H5_SUFFIXES):
         return _read_h5(path, dataset, modality)
     if _has_suffix(path, (".dcm", ".ima")):
         uid = series_uid or _dicom_series_uid_of_file(path)
-        return _read_dicom_series(path.parent, uid, modality)
+        return check_image(_read_dicom_series(path.parent, uid, modality), path, modality)
     if not _has_suffix(path, _SITK_SUFFIXES):
         log.info("%s: unfamiliar extension; trying SimpleITK's readers", path)
-    return _read_sitk_file(path, modality)
+    return check_image(_read_sitk_file(path, modality), path, modality)
 
 
 def read_label(
@@ -536,6 +621,11 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, compress: bool = Tr
         try:
             sitk.WriteImage(image, str(tmp), useCompression=bool(compress))
         except RuntimeError as exc:
+            free = _free_bytes(path.parent)
+            if free is not None and free < 1 << 20:
+                raise storage_error(path, OSError(errno.ENOSPC, "No space left on device")) from exc
+            if not os.access(path.parent, os.W_OK):
+                raise storage_error(path, OSError(errno.EACCES, "Permission denied")) from exc
             raise InputError(f"{path}: could not write the image ({_itk_reason(exc)})") from exc
     return path
 

@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..data.preprocessing import plan_slices
 from ..data.volume import Volume
 from ..errors import InputError, WorkspaceError
 from ..files import atomic_write_json, safe_id
@@ -163,7 +162,8 @@ class Workspace:
     # ------------------------------------------------------------------ cases
     def add_case(self, case_id: str, ct: Volume, mr: Volume | None = None, slice_size: int = 128) -> dict:
         """Register a case: copy its volumes into ``inputs/`` and record their geometry."""
-        from ..data.io import write_volume  # local: keeps `import workspace` light
+        from ..data.io import write_volume  # local: keeps `import workspace` light (no torch)
+        from ..data.preprocessing import plan_slices
 
         safe_id(case_id)
         case_dir = self.case_dir(case_id)
@@ -237,7 +237,21 @@ class Workspace:
         bad = [s for s in wanted if not 0 <= s < n]
         if bad:
             raise InputError(f"annotated slices {bad} of case {case_id!r}: expected indices in 0..{n - 1}")
+        present = np.unique(label.array)
+        if label_value is None:
+            extra = [int(v) for v in present if v not in (0, 1)]
+            if extra:
+                raise InputError(
+                    f"annotation for case {case_id!r}: found label values {extra[:10]}; expected 0 (background) and 1 "
+                    f"({get_task(self.task).segment_name}) for task {self.task!r}. Pass --label-value to say which value is the target"
+                )
         fg = (label.array == label_value) if label_value is not None else (label.array != 0)
+        if slices is None and not fg.any():
+            raise InputError(
+                f"annotation for case {case_id!r}: the label map has no labelled voxel"
+                + (f" of value {label_value}" if label_value is not None else "")
+                + "; expected at least one. To record slices you looked at where the target is absent, name them with --slices"
+            )
         with file_lock(self.root / ".annotations.lock"):
             path = self.annotation_path(case_id)
             stored = read_label(path).array.copy() if path.exists() else np.zeros(entry["shape"], np.uint8)

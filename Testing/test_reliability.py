@@ -1,0 +1,484 @@
+"""Fault injection: bad input, killed jobs, hostile files, no network.
+
+Every case runs the real command line in a subprocess and checks what a user sees: a
+non-zero exit code, one message naming the file or parameter with what was found and
+what was expected, no traceback, and nothing half-written. ``Testing/RELIABILITY.md``
+lists each case with the test that proves it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from VQMedSegLib.data.io import write_volume
+from VQMedSegLib.data.phantoms import make_dataset
+from VQMedSegLib.data.volume import Volume
+from VQMedSegLib.jobs.workspace import Workspace
+
+from conftest import REPO, run_cli
+
+
+# ------------------------------------------------------------------------- helpers
+def refused(result: subprocess.CompletedProcess, *needles: str, code: int | None = None) -> str:
+    """The command failed cleanly: non-zero exit, no traceback, the message says all of ``needles``."""
+    message = result.stderr
+    assert result.returncode != 0, f"expected a failure, got exit 0:\n{result.stdout[-1000:]}"
+    if code is not None:
+        assert result.returncode == code, (result.returncode, message)
+    assert "Traceback" not in message, message
+    for needle in needles:
+        assert needle.lower() in message.lower(), f"{needle!r} not in: {message}"
+    return message
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+def no_temporaries(root: Path) -> None:
+    leftovers = [p for p in files_under(root) if Path(p).name.startswith(".") and not Path(p).name.endswith(".lock")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def ct_volume(shape=(8, 24, 24), spacing=(1.0, 1.0, 2.5), dtype=np.int16, low=-1000, high=400, seed=0) -> Volume:
+    rng = np.random.default_rng(seed)
+    return Volume(rng.integers(low, high, shape).astype(dtype), spacing=spacing)
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    return Workspace.create(tmp_path / "ws", task="liver").root
+
+
+def add_ct(ws: Path, path: Path, case: str = "c1") -> subprocess.CompletedProcess:
+    return run_cli("workspace", "add", ws, "--case", case, "--ct", path, check=False)
+
+
+def unchanged_workspace(ws: Path, before: set[str]) -> None:
+    assert files_under(ws) - {"events.jsonl", "events.jsonl.lock"} <= before | {"events.jsonl", "events.jsonl.lock"}
+    json.loads((ws / "state.json").read_text())
+    no_temporaries(ws)
+
+
+# ------------------------------------------------------------------------- files
+def test_missing_path(ws, tmp_path):
+    refused(add_ct(ws, tmp_path / "nope.nrrd"), "nope.nrrd", "not found", code=2)
+
+
+def test_unreadable_file(ws, tmp_path, monkeypatch):
+    path = tmp_path / "ct.nrrd"
+    write_volume(ct_volume(), path)
+    os.chmod(path, 0)
+    if os.geteuid() != 0:
+        refused(add_ct(ws, path), "ct.nrrd", "permission denied", code=2)
+        return
+    # root reads any file: the kernel's refusal is simulated where the library opens it
+    from VQMedSegLib.data.io import read_volume
+    from VQMedSegLib.errors import InputError
+
+    real_open = os.open
+
+    def denied(p, flags, *args, **kwargs):
+        if Path(p) == path:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(InputError, match="ct.nrrd: permission denied; expected a file you can read"):
+        read_volume(path, modality="CT")
+
+
+def test_truncated_nrrd(ws, tmp_path):
+    path = tmp_path / "ct.nrrd"
+    write_volume(ct_volume(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    before = files_under(ws)
+    refused(add_ct(ws, path), "ct.nrrd", code=2)
+    unchanged_workspace(ws, before)
+
+
+def test_corrupt_nifti(ws, tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(os.urandom(4000)))
+    refused(add_ct(ws, path), "ct.nii.gz", code=2)
+
+
+def test_corrupt_dicom_file_in_a_series(ws, tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 400, (4, 16, 16)).astype(np.int16))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(4):
+        s = image[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"), ("0020|0013", str(k + 1)),
+                           ("0020|0032", f"0\\0\\{2.5 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "1\\1")):
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(s)
+    victim = folder / "002.dcm"
+    victim.write_bytes(victim.read_bytes()[:300])
+    refused(add_ct(ws, folder), "dicom", code=2)
+
+
+def test_empty_dicom_folder(ws, tmp_path):
+    (tmp_path / "empty").mkdir()
+    refused(add_ct(ws, tmp_path / "empty"), "empty", code=2)
+
+
+# ---------------------------------------------------------------- wrong images
+@pytest.mark.parametrize(
+    "name, volume, needles",
+    [
+        ("2d", None, ("2-D", "expected a 3-D volume")),
+        ("4d", None, ("4-D", "expected a 3-D volume")),
+        ("nan", Volume(np.where(np.arange(8 * 24 * 24).reshape(8, 24, 24) % 97 == 0, np.nan, -500.0).astype(np.float32)),
+         ("NaN", "expected finite")),
+        ("unsigned", ct_volume(dtype=np.uint16, low=0, high=4096), ("without the rescale", "Hounsfield")),
+        ("mr-as-ct", Volume(np.random.default_rng(1).random((8, 24, 24)).astype(np.float32) * 900), ("MR", "Hounsfield")),
+        ("zero-spacing", None, ("spacing", "positive")),
+        ("huge", Volume(np.full((2, 2, 2049), -1000, np.int16)), ("2049", "at most 2048")),
+    ],
+)
+def test_images_of_the_wrong_kind_are_refused(ws, tmp_path, name, volume, needles):
+    path = tmp_path / f"{name}.nrrd"
+    if name == "2d":
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((24, 24), np.int16)), str(path))
+    elif name == "4d":
+        frame = sitk.GetImageFromArray(np.zeros((4, 24, 24), np.int16))
+        sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(path))
+    elif name == "zero-spacing":
+        write_volume(ct_volume(), path)
+        text = path.read_bytes()
+        header, _, body = text.partition(b"\n\n")
+        lines = [b"space directions: (1,0,0) (0,1,0) (0,0,0)" if l.startswith(b"space directions") else l for l in header.split(b"\n")]
+        path.write_bytes(b"\n".join(lines) + b"\n\n" + body)
+    else:
+        write_volume(volume, path)
+    before = files_under(ws)
+    message = refused(add_ct(ws, path), path.name, *needles, code=2)
+    assert "expected" in message
+    unchanged_workspace(ws, before)
+    assert Workspace.open(ws).cases() == {}
+
+
+# ------------------------------------------------------------------------ labels
+@pytest.fixture
+def ws_with_case(ws, tmp_path):
+    Workspace.open(ws).add_case("c1", ct_volume())
+    return ws
+
+
+def test_label_on_another_grid(ws_with_case, tmp_path):
+    write_volume(Volume(np.ones((8, 20, 24), np.uint8), spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
+    r = run_cli("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", check=False)
+    refused(r, "c1", "grid", code=2)
+    assert Workspace.open(ws_with_case).labelled_slices() == {}
+
+
+def test_label_values_outside_the_task(ws_with_case, tmp_path):
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[2, 5:9, 5:9], label[4, 10:12, 10:12] = 1, 3
+    write_volume(Volume(label, spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
+    r = run_cli("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", check=False)
+    refused(r, "c1", "[3]", "expected 0 (background) and 1", "--label-value", code=2)
+    assert Workspace.open(ws_with_case).labelled_slices() == {}
+    # naming the target's value is accepted
+    run_cli("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", "--label-value", "1")
+    assert Workspace.open(ws_with_case).labelled_slices() == {"c1": list(range(8))}
+
+
+def test_label_with_no_labelled_voxel(ws_with_case, tmp_path):
+    write_volume(Volume(np.zeros((8, 24, 24), np.uint8), spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
+    r = run_cli("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", check=False)
+    refused(r, "no labelled voxel", "--slices", code=2)
+    assert Workspace.open(ws_with_case).labelled_slices() == {}
+
+
+# ----------------------------------------------------------------- configuration
+def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
+    (tmp_path / "typo.json").write_text(json.dumps({"iteratoins": 10}))
+    refused(run_cli("train", "--workspace", ws_with_case, "--config", tmp_path / "typo.json", check=False), "iteratoins", code=2)
+    (tmp_path / "type.json").write_text(json.dumps({"iterations": "ten"}))
+    refused(run_cli("train", "--workspace", ws_with_case, "--config", tmp_path / "type.json", check=False),
+            "iterations", "expected an integer", code=2)
+
+
+def test_workspace_from_a_newer_format(ws_with_case):
+    state = json.loads((ws_with_case / "state.json").read_text())
+    state["format_version"] = 99
+    (ws_with_case / "state.json").write_text(json.dumps(state))
+    refused(run_cli("workspace", "status", ws_with_case, check=False), "99", code=3)
+
+
+# ------------------------------------------------------------ run-time conditions
+def test_checkpoints_from_another_model_or_method(tmp_path):
+    from VQMedSegLib.errors import InputError
+    from VQMedSegLib.inference.predict import load_model
+    from VQMedSegLib.jobs.checkpoints import load_checkpoint, save_checkpoint
+    from VQMedSegLib.models.unet import build_unet, model_spec
+
+    net = build_unet(features=(4, 8, 8, 16, 16, 4))
+    path = tmp_path / "model.pt"
+    # weights of one U-Net recorded as another
+    save_checkpoint(path, {"method": "supervised", "model": model_spec(1, 2, (8, 16, 32, 64, 128, 8), 0.0),
+                           "state_dict": net.state_dict(), "config": {}, "task": "liver"})
+    with pytest.raises(InputError, match="weights do not fit"):
+        load_model(path, torch.device("cpu"))
+    write_volume(ct_volume(), tmp_path / "ct.nrrd")
+    refused(run_cli("predict", "--model", path, "--ct", tmp_path / "ct.nrrd", "--out", tmp_path / "out", check=False),
+            "model.pt", "do not fit", code=2)
+    assert not (tmp_path / "out" / "prediction.seg.nrrd").exists()
+    # a checkpoint of another method
+    with pytest.raises(InputError, match="made by method 'supervised', expected 'vqseg'"):
+        load_checkpoint(path, methods=("vqseg",))
+
+
+def test_cuda_where_there_is_none(ws_with_case):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    refused(run_cli("train", "--workspace", ws_with_case, "--device", "cuda", check=False), "--device cuda", "CUDA is not available", code=2)
+
+
+def test_read_only_workspace(ws_with_case, tmp_path):
+    write_volume(ct_volume(seed=3), tmp_path / "ct2.nrrd")
+    before = {p: p.read_bytes() for p in ws_with_case.rglob("*") if p.is_file()}
+    if os.geteuid() == 0:
+        # root writes through permission bits: make the file system itself read-only
+        r = subprocess.run(["mount", "--bind", str(ws_with_case), str(ws_with_case)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot make a read-only mount here ({r.stderr.strip() or 'not permitted'})")
+        try:
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(ws_with_case)], check=True, capture_output=True)
+            result = add_ct(ws_with_case, tmp_path / "ct2.nrrd", case="c2")
+        finally:
+            subprocess.run(["umount", str(ws_with_case)], check=False)
+        refused(result, str(ws_with_case), "read-only", "nothing was half-written", code=3)
+    else:
+        for p in [ws_with_case, *ws_with_case.rglob("*")]:
+            os.chmod(p, 0o555 if p.is_dir() else 0o444)
+        try:
+            refused(add_ct(ws_with_case, tmp_path / "ct2.nrrd", case="c2"), str(ws_with_case), "permission denied", code=3)
+        finally:
+            for p in [ws_with_case, *ws_with_case.rglob("*")]:
+                os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    assert {p: p.read_bytes() for p in ws_with_case.rglob("*") if p.is_file()} == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to simulate a full disk here ({r.stderr.strip() or 'not permitted'})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk(small_disk, tmp_path):
+    ws = small_disk / "ws"
+    run_cli("workspace", "init", ws)
+    state = (ws / "state.json").read_bytes()
+    write_volume(ct_volume(shape=(40, 96, 96)), tmp_path / "big.nrrd", compress=False)  # 720 kB of noise
+    r = add_ct(ws, tmp_path / "big.nrrd")
+    refused(r, "ct.nrrd", "disk is full", "nothing was half-written", code=3)
+    assert (ws / "state.json").read_bytes() == state and Workspace.open(ws).cases() == {}
+    no_temporaries(ws)
+
+
+# ------------------------------------------------------------------------- faults
+def _training_workspace(tmp_path) -> Path:
+    case = make_dataset("phantom-liver", 1, seed=3, ct_shape=(12, 48, 48))[0]
+    write_volume(case.ct, tmp_path / "ct.nrrd")
+    write_volume(case.ct_label, tmp_path / "label.nrrd")
+    ws = tmp_path / "ws"
+    run_cli("workspace", "init", ws)
+    run_cli("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd")
+    run_cli("workspace", "annotate", ws, "--case", "c1", "--label", tmp_path / "label.nrrd", "--label-value", "1", "--slices", "2-9")
+    return ws
+
+
+def _events(ws: Path) -> list[dict]:
+    from VQMedSegLib.jobs.events import read_events
+
+    return read_events(ws / "events.jsonl").events
+
+
+def _spawn(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "VQMedSegLib", *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+
+
+def test_kill_9_during_training_20_times_loses_at_most_one_checkpoint_interval(tmp_path):
+    ws = _training_workspace(tmp_path)
+    annotation = (ws / "annotations" / "c1.nrrd").read_bytes()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"iterations": 100000, "batch_size": 2, "slice_size": 32, "features": [4, 8, 8, 16, 16, 4],
+                                  "val_interval": 100000, "checkpoint_interval": 5, "augment": False}))
+    from VQMedSegLib.jobs.runner import running_job
+
+    rng = random.Random(7)
+    for attempt in range(20):
+        proc = _spawn("train", "--workspace", ws, "--config", config, "--device", "cpu")
+        if attempt % 5 == 4:
+            time.sleep(rng.uniform(0.3, 1.5))  # during start-up
+        else:
+            n = len(_events(ws))
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(e["type"] == "started" for e in _events(ws)[n:]):
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 2.0))  # anywhere in training, checkpoint writes included
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # state.json parses, the annotations and earlier records are intact, the lock is free again
+        state = json.loads((ws / "state.json").read_text())
+        assert state["annotations"]["c1"]["slices"] == list(range(2, 10))
+        assert (ws / "annotations" / "c1.nrrd").read_bytes() == annotation
+        assert running_job(Workspace.open(ws)) is None
+    proc = _spawn("train", "--workspace", ws, "--config", config, "--device", "cpu")  # one more restart, to check it
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(e["type"] in ("resumed", "checkpoint") for e in _events(ws)[-3:]):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    events = _events(ws)
+    starts = [e for e in events if e["type"] == "started"]
+    assert len(starts) >= 15, f"only {len(starts)} of 21 runs got far enough to start"
+    resumed_runs = 0
+    for start in starts[1:]:
+        before = [e["iteration"] for e in events if e["type"] == "checkpoint" and e["seq"] < start["seq"]]
+        resumed = [e["iteration"] for e in events if e["type"] == "resumed" and e.get("job") == start["job"]]
+        if before:
+            # each restart resumes from the newest checkpoint: the work lost is what followed it, less than one interval
+            assert resumed == [max(before)], (start["job"], resumed, max(before))
+            resumed_runs += 1
+    assert resumed_runs >= 10, f"only {resumed_runs} of 20 restarts had a checkpoint to resume from"
+    checkpoints = sorted({e["iteration"] for e in events if e["type"] == "checkpoint"})
+    assert all(c % 5 == 0 for c in checkpoints)
+
+
+def test_kill_9_during_query_or_prediction_leaves_nothing_that_looks_final(tmp_path):
+    ws = _training_workspace(tmp_path)
+    run_cli("train", "--workspace", ws, "--method", "begal", "--preset", "tiny", "--device", "cpu")
+    run_cli("query", "--workspace", ws, "--strategy", "begal", "--n", "4", "--preset", "tiny", "--device", "cpu")
+    before = (ws / "suggestions.json").read_bytes()
+    for delay in (0.5, 1.5, 2.5):
+        proc = _spawn("query", "--workspace", ws, "--strategy", "mcdropout", "--n", "4", "--preset", "tiny", "--device", "cpu")
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        now = (ws / "suggestions.json").read_bytes()
+        data = json.loads(now)  # never half-written
+        assert now == before or data["strategy"] == "mcdropout"
+        before = now
+        no_temporaries(ws)
+    for delay in (0.5, 1.5, 2.5):
+        proc = _spawn("predict", "--workspace", ws, "--device", "cpu")
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        state = json.loads((ws / "state.json").read_text())
+        for case, record in state.get("predictions", {}).items():
+            for rel in record["files"].values():
+                assert (ws / rel).is_file()
+        folder = ws / "predictions" / "c1"
+        if "c1" not in state.get("predictions", {}):
+            assert not (folder / "prediction.seg.nrrd").exists(), "an unrecorded prediction looks final"
+
+
+# ----------------------------------------------------------------------- security
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_executed(tmp_path):
+    import pickle
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "method": "supervised", "payload": _Exploit()}, path, pickle_module=pickle)
+    write_volume(ct_volume(), tmp_path / "ct.nrrd")
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", "predict", "--model", str(path), "--ct", str(tmp_path / "ct.nrrd"),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    refused(r, "evil.pt", "refused", code=2)
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+
+
+@pytest.mark.parametrize("case_id", ["../evil", "a/b", "..", ".hidden", "x" * 200])
+def test_case_identifiers_cannot_escape_the_workspace(ws, tmp_path, case_id):
+    write_volume(ct_volume(), tmp_path / "ct.nrrd")
+    refused(run_cli("workspace", "add", ws, "--case", case_id, "--ct", tmp_path / "ct.nrrd", check=False), "cannot name a path outside")
+    assert not (tmp_path / "evil").exists() and not (ws.parent / "evil").exists()
+    assert Workspace.open(ws).cases() == {}
+
+
+def test_main_commands_run_with_networking_disabled(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import socket\n"
+        "def _refuse(*a, **k):\n"
+        "    raise OSError('network access attempted while networking is disabled')\n"
+        "socket.socket.connect = _refuse\n"
+        "socket.socket.connect_ex = _refuse\n"
+        "socket.create_connection = _refuse\n"
+        "socket.getaddrinfo = _refuse\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "HF_HUB_OFFLINE": "0"}
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert r.returncode == 0, f"{args[0]}: {r.stderr[-2000:]}"
+        return r
+
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
+                           capture_output=True, text=True, env=env)
+    assert "networking is disabled" in probe.stderr  # the guard is active in the subprocesses
+    run("demo", "--out", tmp_path / "demo", "--preset", "tiny", "--device", "cpu")
+    ws = tmp_path / "ws"
+    run("workspace", "init", ws)
+    case = make_dataset("phantom-liver", 1, seed=2, ct_shape=(12, 48, 48))[0]
+    write_volume(case.ct, tmp_path / "ct.nrrd")
+    write_volume(case.ct_label, tmp_path / "label.nrrd")
+    run("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd")
+    run("query", "--workspace", ws, "--n", "4", "--preset", "tiny", "--device", "cpu")
+    run("workspace", "annotate", ws, "--case", "c1", "--label", tmp_path / "label.nrrd", "--label-value", "1", "--slices", "3-8")
+    run("train", "--workspace", ws, "--method", "vqseg", "--preset", "tiny", "--device", "cpu")
+    run("predict", "--workspace", ws, "--device", "cpu")
+
+
+def test_subprocesses_get_argument_lists_never_a_shell_string():
+    import ast
+
+    offenders = []
+    for path in [*(REPO / "VQMedSegLib").rglob("*.py"), REPO / "VQMedSeg" / "VQMedSeg.py"]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name in ("os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"):
+                    offenders.append(f"{path.name}:{node.lineno} {name}")
+                for kw in node.keywords:
+                    if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
+                        offenders.append(f"{path.name}:{node.lineno} shell=")
+                if name.startswith("subprocess.") and node.args and isinstance(node.args[0], (ast.Constant, ast.JoinedStr)):
+                    offenders.append(f"{path.name}:{node.lineno} string command")
+    assert not offenders, offenders
