@@ -155,13 +155,19 @@ def _poll_until(logic, condition, timeout=120.0):
     assert condition(logic.job), f"{logic.job.kind} job: condition not met within {timeout} s ({logic.job.status} {logic.job.reason})"
 
 
-def test_a_cancelled_training_is_reported_loads_nothing_and_resumes(scene, tmp_path, phantom):
+def _endless_training(scene, tmp_path, phantom) -> WorkflowLogic:
+    """A workspace with 3 annotated slices and a training job that would run for hours."""
     ct_node = mrml.add_volume(scene, phantom.ct, "CT")
     truth = _truth_node(scene, phantom, ct_node)
     logic = WorkflowLogic(scene, device="cpu", preset="tiny")
     case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
     logic.mark_annotated(case_id, [4, 8, 12], truth)
     logic.start_training("supervised", iterations=100000)
+    return logic
+
+
+def test_a_cancelled_training_is_reported_loads_nothing_and_resumes(scene, tmp_path, phantom):
+    logic = _endless_training(scene, tmp_path, phantom)
     _poll_until(logic, lambda job: job.checkpoints > 0)
     assert logic.cancel(grace=30, block=False)  # the GUI's way: returns at once, poll reports the end
     job = logic.wait(timeout=60)
@@ -180,16 +186,8 @@ def test_a_cancelled_training_is_reported_loads_nothing_and_resumes(scene, tmp_p
 
 
 def test_a_killed_job_is_reported_as_crashed_with_its_reason(scene, tmp_path, phantom):
-    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
-    truth = _truth_node(scene, phantom, ct_node)
-    logic = WorkflowLogic(scene, device="cpu", preset="tiny")
-    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
-    logic.mark_annotated(case_id, [4, 8, 12], truth)
-    logic.start_training("supervised", iterations=100000)
-    deadline = time.monotonic() + 120
-    while logic.job.fraction == 0 and time.monotonic() < deadline:
-        logic.poll()
-        time.sleep(0.2)
+    logic = _endless_training(scene, tmp_path, phantom)
+    _poll_until(logic, lambda job: job.fraction > 0)
     os.killpg(logic.job.proc.pid, signal.SIGKILL)
     job = logic.wait(timeout=60)
     assert job.status == "crashed" and "exit code" in job.reason

@@ -349,12 +349,6 @@ class WorkflowLogic:
             job.kill_at = time.monotonic() + grace
         return True
 
-    def kill(self) -> None:
-        """Kill the job's process tree now (no grace)."""
-        if self.job is not None and self.job.proc is not None and self.job.proc.poll() is None:
-            kill_tree(self.job.proc.pid)
-        self._queue.clear()
-
     def poll(self) -> PollUpdate:
         """Read the job's new events; start the next queued job when one succeeds."""
         job = self.job
@@ -365,6 +359,7 @@ class WorkflowLogic:
             kill_tree(job.proc.pid)
         # whether the process had ended is checked before reading, so that its last events are read
         exited = job.proc is not None and job.proc.poll() is not None
+        released = job.proc is None and running_job(ws) is None  # an attached job without a process handle
         read = read_events(ws.events_path, job.offset, job.last_seq)
         job.offset = read.offset
         job.gaps += len(read.gaps)
@@ -407,7 +402,7 @@ class WorkflowLogic:
             # the process ended without a final event: killed, or died before its context
             job.status = "crashed"
             job.reason = f"the job process ended with exit code {job.proc.returncode} and no final event; " + self._log_tail(job)
-        elif job.proc is None and running_job(ws) is None and terminal is None:
+        elif released:
             job.status = "crashed"
             job.reason = "the job no longer holds the workspace lock and wrote no final event"
         ended = job.finished
