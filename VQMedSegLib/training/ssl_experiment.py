@@ -20,18 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from monai.losses import DiceLoss
 
 from .. import __version__
+from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
 from ..data.volume import Volume
 from ..errors import InputError
 from ..files import atomic_write_json, atomic_write_text
 from ..metrics.segmentation import score_volumes, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
-from ..config import VQSegConfig
-from .vqseg import VQSegTrainer, foundation_features
+from .vqseg import VQSegTrainer, foundation_features, labelled_loss
 
 log = logging.getLogger("vqmedseg")
 
@@ -231,7 +230,7 @@ def run_ssl(
 
 def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
     from .slices import SliceSet
-    from .supervised import BatchSampler, augmentation
+    from .supervised import BatchSampler, augmentation, make_batch
 
     torch.manual_seed(cfg.seed)
     net = SupervisedNet(tuple(cfg.features)).to(device)
@@ -246,14 +245,8 @@ def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
     aug = augmentation(cfg.seed)
     sampler = BatchSampler(SliceSet(x, y), cfg.labelled_batch, cfg.foreground_fraction, np.random.default_rng(cfg.seed))
     for _ in range(cfg.iterations):
-        idx = sampler.indices()
-        items = [aug({"image": x[i], "label": y[i][None].astype(np.float32)}) for i in idx]
-        xb = torch.as_tensor(np.stack([np.asarray(it["image"], np.float32) for it in items]), device=device)
-        yb = torch.as_tensor(np.stack([np.asarray(it["label"])[0].round().astype(np.int64) for it in items]), device=device)
-        logits = net(xb)
-        loss = F.cross_entropy(logits, yb)
-        if cfg.dice_weight:
-            loss = loss + cfg.dice_weight * dice(logits, yb[:, None])
+        xb, yb = make_batch(sampler.data, sampler.indices(), aug)
+        loss = labelled_loss(net(xb.to(device)), yb[:, 0].to(device), dice, cfg.dice_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -40,7 +40,7 @@ from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
 from ..config import VQSegConfig
 from ..models.vqseg import VQSegNet, patch_info_nce
 from .slices import SliceSet
-from .supervised import BatchSampler, augmentation
+from .supervised import BatchSampler, augmentation, make_batch
 
 
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
@@ -70,6 +70,15 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, perm
     mixed = images * (1 - masks) + images[perm] * masks
     mixed_labels = torch.where(masks[:, 0].bool(), labels[perm], labels)
     return mixed, mixed_labels
+
+
+def labelled_loss(logits: torch.Tensor, target: torch.Tensor, dice: DiceLoss, dice_weight: float) -> torch.Tensor:
+    """The segmentation loss on labelled slices: cross-entropy plus ``dice_weight`` times
+    the batch-pooled Dice loss (``target``: ``(B, H, W)`` class indices)."""
+    loss = F.cross_entropy(logits, target)
+    if dice_weight:
+        loss = loss + dice_weight * dice(logits, target[:, None])
+    return loss
 
 
 def rampup_weight(iteration: int, start: int, length: int) -> float:
@@ -138,13 +147,8 @@ class VQSegTrainer:
         self.sampler = BatchSampler(SliceSet(labelled_x, labelled_y), config.labelled_batch, config.foreground_fraction, self.rng)
 
     def _labelled(self):
-        idx = self.sampler.indices()
-        xs, ys = [], []
-        for i in idx:
-            item = self.weak({"image": self.lx[i], "label": self.ly[i][None].astype(np.float32)})
-            xs.append(np.asarray(item["image"], np.float32))
-            ys.append(np.asarray(item["label"]).round().astype(np.int64)[0])
-        return torch.as_tensor(np.stack(xs), device=self.device), torch.as_tensor(np.stack(ys), device=self.device)
+        x, y = make_batch(self.sampler.data, self.sampler.indices(), self.weak)
+        return x.to(self.device), y[:, 0].to(self.device)
 
     def _intensity_view(self, idx: np.ndarray) -> torch.Tensor:
         xs = [np.asarray(self.intensity({"image": self.ux[i]})["image"], np.float32) for i in idx]
@@ -164,9 +168,7 @@ class VQSegTrainer:
         self.student.train()
         x_l, y_l = self._labelled()
         out_l = self.student(x_l, perturb=False)
-        seg_l = F.cross_entropy(out_l.logits, y_l)
-        if cfg.dice_weight:
-            seg_l = seg_l + cfg.dice_weight * self.dice(out_l.logits, y_l[:, None])
+        seg_l = labelled_loss(out_l.logits, y_l, self.dice, cfg.dice_weight)
         rec_l = F.l1_loss(out_l.reconstruction, x_l) if out_l.reconstruction is not None else x_l.new_zeros(())
         vq = out_l.vq.codebook_loss + cfg.commitment * out_l.vq.commitment_loss + cfg.entropy_weight * out_l.vq.entropy_loss
         total = seg_l + rec_l + vq

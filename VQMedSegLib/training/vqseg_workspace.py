@@ -14,13 +14,13 @@ import time
 import numpy as np
 import torch
 
+from ..config import VQSegConfig
 from ..errors import InputError
 from ..jobs.checkpoints import load_checkpoint, save_checkpoint
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..models.qpm import qpm_kl
 from .slices import labelled_signature
-from ..config import VQSegConfig
 from .vqseg import VQSegTrainer, foundation_features
 
 METHOD = "vqseg"
