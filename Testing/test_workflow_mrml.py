@@ -20,7 +20,8 @@ from VQMedSegLib.data.volume import Volume
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without the Slicer app) is not installed: pip install slicer-core")
 
 from VQMedSegLib.export import mrml  # noqa: E402
-from VQMedSegLib.workflow import WorkflowLogic, case_id_for  # noqa: E402
+from VQMedSegLib.files import sanitize_id  # noqa: E402
+from VQMedSegLib.workflow import WorkflowLogic  # noqa: E402
 
 
 def _oblique() -> np.ndarray:
@@ -42,9 +43,9 @@ def phantom():
 
 
 def test_case_ids_from_node_names_are_safe():
-    assert case_id_for("CT chest #2") == "CT_chest_2"
-    assert case_id_for("../../etc") == "etc"
-    assert case_id_for("...") == "case"
+    assert sanitize_id("CT chest #2") == "CT_chest_2"
+    assert sanitize_id("../../etc") == "etc"
+    assert sanitize_id("...") == "case"
 
 
 def test_ct_and_mr_nodes_become_a_workspace_case_with_their_geometry(scene, tmp_path):

@@ -182,17 +182,23 @@ def volume_from_node(node: Any) -> Volume:
         logger.warning("volume node %r has a parent transform; it is not applied", node.GetName())
     dims = image.GetDimensions()
     array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    spacing, origin, direction = node_geometry(node)
+    return Volume(array, spacing, origin, direction, {"source": f"MRML node {node.GetName()}"})
 
+
+def node_geometry(node: Any) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
+    """``(spacing, origin, direction)`` of a volume node in LPS, without copying its voxels."""
     matrix = vtkMatrix4x4()
     node.GetIJKToRASDirectionMatrix(matrix)
     direction_ras = np.array([[matrix.GetElement(r, c) for c in range(3)] for r in range(3)])
     direction = LPS_TO_RAS @ direction_ras
     spacing = np.asarray(node.GetSpacing(), dtype=float)
     origin = LPS_TO_RAS @ np.asarray(node.GetOrigin(), dtype=float)
-    extent_start = np.asarray(image.GetExtent()[0::2], dtype=float)
+    image = node.GetImageData()
+    extent_start = np.asarray(image.GetExtent()[0::2], dtype=float) if image is not None else np.zeros(3)
     if extent_start.any():  # voxel (0, 0, 0) of the array sits at the extent's start
         origin = origin + direction @ (spacing * extent_start)
-    return Volume(array, tuple(spacing), tuple(origin), direction, {"source": f"MRML node {node.GetName()}"})
+    return tuple(spacing), tuple(origin), direction
 
 
 def _set_node_geometry(node: Any, volume: Volume) -> None:

@@ -1,5 +1,5 @@
 """The Slicer module's workflow on an MRML scene, free of Qt (see :mod:`.logic`)."""
 
-from .logic import WorkflowLogic, case_id_for
+from .logic import WorkflowLogic
 
-__all__ = ["WorkflowLogic", "case_id_for"]
+__all__ = ["WorkflowLogic"]

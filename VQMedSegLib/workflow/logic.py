@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, WorkspaceError
+from ..files import sanitize_id
 from ..jobs.events import read_events
 from ..jobs.runner import cancel as cancel_job
 from ..jobs.runner import kill_tree, launch, running_job
@@ -50,12 +50,6 @@ TERMINAL = ("finished", "cancelled", "error")
 
 STRATEGIES = ("begal", "egal", "random", "entropy", "mcdropout", "coreset")
 METHODS = {"begal": "VQ-BEGAL round", "vqseg": "VQ-Seg semi-supervised", "supervised": "supervised baseline"}
-
-
-def case_id_for(name: str) -> str:
-    """A safe workspace case id from a node name (``"CT chest #2"`` -> ``"CT_chest_2"``)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")
-    return cleaned[:64] or "case"
 
 
 @dataclass
@@ -147,7 +141,7 @@ class WorkflowLogic:
         if mr_node is not None and mr_node is ct_node:
             raise InputError(f"MR volume {mr_node.GetName()!r}: is the CT volume; expected a different node or none")
         ws = self.open_workspace(folder, task) if folder is not None else self._ws()
-        case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or case_id_for(ct_node.GetName())
+        case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or sanitize_id(ct_node.GetName())
         ct = volume_from_node(ct_node)
         mr = volume_from_node(mr_node) if mr_node is not None else None
         known = ws.cases().get(case_id)
@@ -249,15 +243,15 @@ class WorkflowLogic:
 
     def slice_center(self, case_id: str, slice_index: int) -> tuple[float, float, float]:
         """RAS point at the centre of slice ``slice_index`` of the case's CT."""
-        from ..export.mrml import volume_from_node
+        from ..export.mrml import node_geometry
 
         entry = self._ws().case(case_id)
         if not 0 <= slice_index < entry["n_slices"]:
             raise InputError(f"slice {slice_index} of case {case_id!r}: expected 0..{entry['n_slices'] - 1}")
-        ct = volume_from_node(self.ct_node(case_id))
-        ijk = (np.array(ct.shape[::-1], float) - 1) / 2.0  # (i, j, k) centre
+        spacing, origin, direction = node_geometry(self.ct_node(case_id))  # geometry only: no voxel copy per click
+        ijk = (np.array(entry["shape"][::-1], float) - 1) / 2.0  # (i, j, k) centre
         ijk[entry["slice_axis"]] = slice_index
-        lps = np.asarray(ct.origin) + np.asarray(ct.direction) @ (np.asarray(ct.spacing) * ijk)
+        lps = np.asarray(origin) + np.asarray(direction) @ (np.asarray(spacing) * ijk)
         return (float(-lps[0]), float(-lps[1]), float(lps[2]))
 
     def jump_to_slice(self, case_id: str, slice_index: int) -> tuple[float, float, float]:
