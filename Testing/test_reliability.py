@@ -183,29 +183,29 @@ def ws_with_case(ws, tmp_path):
     return ws
 
 
+def annotate(ws: Path, tmp_path: Path, label: np.ndarray, *extra, check: bool = False) -> subprocess.CompletedProcess:
+    """``vqmedseg workspace annotate`` of case c1 with ``label`` (spacing of :func:`ct_volume`)."""
+    write_volume(Volume(label, spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
+    return run_cli("workspace", "annotate", ws, "--case", "c1", "--label", tmp_path / "label.nrrd", *extra, check=check)
+
+
 def test_label_on_another_grid(ws_with_case, tmp_path):
-    write_volume(Volume(np.ones((8, 20, 24), np.uint8), spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
-    r = run_cli("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", check=False)
-    refused(r, "c1", "grid", code=2)
+    refused(annotate(ws_with_case, tmp_path, np.ones((8, 20, 24), np.uint8)), "c1", "grid", code=2)
     assert Workspace.open(ws_with_case).labelled_slices() == {}
 
 
 def test_label_values_outside_the_task(ws_with_case, tmp_path):
     label = np.zeros((8, 24, 24), np.uint8)
     label[2, 5:9, 5:9], label[4, 10:12, 10:12] = 1, 3
-    write_volume(Volume(label, spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
-    r = run_cli("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", check=False)
-    refused(r, "c1", "[3]", "expected 0 (background) and 1", "--label-value", code=2)
+    refused(annotate(ws_with_case, tmp_path, label), "c1", "[3]", "expected 0 (background) and 1", "--label-value", code=2)
     assert Workspace.open(ws_with_case).labelled_slices() == {}
     # naming the target's value is accepted
-    run_cli("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", "--label-value", "1")
+    annotate(ws_with_case, tmp_path, label, "--label-value", "1", check=True)
     assert Workspace.open(ws_with_case).labelled_slices() == {"c1": list(range(8))}
 
 
 def test_label_with_no_labelled_voxel(ws_with_case, tmp_path):
-    write_volume(Volume(np.zeros((8, 24, 24), np.uint8), spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
-    r = run_cli("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", check=False)
-    refused(r, "no labelled voxel", "--slices", code=2)
+    refused(annotate(ws_with_case, tmp_path, np.zeros((8, 24, 24), np.uint8)), "no labelled voxel", "--slices", code=2)
     assert Workspace.open(ws_with_case).labelled_slices() == {}
 
 
