@@ -15,7 +15,7 @@ from VQMedSegLib.config import begal_config_from_preset
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.tasks import get_task
 from VQMedSegLib.training.begal import build_model
-from VQMedSegLib.training.distributed import current, from_environment, gather_scores, shard
+from VQMedSegLib.training.distributed import current, gather_scores, process_group, shard
 
 
 def scores_and_shares():
@@ -31,7 +31,7 @@ def scores_and_shares():
 
 
 if __name__ == "__main__":
-    info, _ = from_environment(torch.device("cpu"))
-    idx, scores, shares = scores_and_shares()
+    with process_group(torch.device("cpu")) as (info, _):
+        idx, scores, shares = scores_and_shares()
     if info.is_main:
         np.savez(sys.argv[1], idx=idx, scores=scores, shares=shares, world=info.world)

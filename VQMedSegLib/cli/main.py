@@ -256,16 +256,16 @@ def cmd_train(args) -> int:
         raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
     if args.validation_cases:
         config = config.replace(validation_cases=[c.strip() for c in args.validation_cases.split(",") if c.strip()])
-    from ..training.distributed import FollowerContext, from_environment
+    from ..training.distributed import FollowerContext, process_group
 
-    info, device = from_environment(device)  # under torchrun: join the process group
-    if info.enabled and args.method != "supervised":
-        raise InputError(f"--method {args.method}: distributed training (torchrun, {info.world} processes) is implemented for "
-                         "the supervised baseline only; run begal and vqseg as one process")
-    params = {"method": args.method, "config": config.to_json(), "device": str(device), "processes": info.world}
-    context = JobContext(ws, "train", params=params) if info.is_main else FollowerContext(ws, "train", info)
-    with context as ctx:
-        entry = run(ctx, ws, config, device)
+    with process_group(device) as (info, device):  # under torchrun: join the process group
+        if info.enabled and args.method != "supervised":
+            raise InputError(f"--method {args.method}: distributed training (torchrun, {info.world} processes) is "
+                             "implemented for the supervised baseline only; run begal and vqseg as one process")
+        params = {"method": args.method, "config": config.to_json(), "device": str(device), "processes": info.world}
+        context = JobContext(ws, "train", params=params) if info.is_main else FollowerContext(ws, "train", info)
+        with context as ctx:
+            entry = run(ctx, ws, config, device)
     if info.is_main:
         sys.stdout.write(f"model {entry['id']} written to {ws.root / entry['path']}\n")
     return 0

@@ -20,6 +20,7 @@ The conventions every distributed code path follows:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,21 @@ def from_environment(device: torch.device | None = None) -> tuple[DistInfo, torc
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return info, device
+
+
+@contextmanager
+def process_group(device: torch.device | None = None):
+    """:func:`from_environment`, then leave the process group on the way out.
+
+    A process that exits while still in a Gloo group can be aborted by the C++ runtime
+    ("terminate called without an active exception") as the group's threads are torn
+    down at interpreter exit; leaving it explicitly avoids that."""
+    info, device = from_environment(device)
+    try:
+        yield info, device
+    finally:
+        if info.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def current() -> DistInfo:
