@@ -270,6 +270,7 @@ class VQSegConfig(JsonConfig):
 
     slice_size: int = 128
     features: tuple[int, ...] = (16, 32, 64, 128, 256)
+    num_classes: int = 2  # background + structures (ACDC: 4)
     code_dim: int = 64
     num_codes: int = 16384
     epsilon: float = 0.7
@@ -307,6 +308,7 @@ class VQSegConfig(JsonConfig):
         checks = [
             (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
             (len(self.features) == 5, "features", self.features, "five channel counts"),
+            (self.num_classes >= 2, "num_classes", self.num_classes, "at least 2 (background and one structure)"),
             (self.num_codes >= 2, "num_codes", self.num_codes, "at least 2"),
             (self.code_dim >= 1, "code_dim", self.code_dim, "at least 1"),
             (0.0 <= self.epsilon <= 1.0, "epsilon", self.epsilon, "in [0, 1]"),

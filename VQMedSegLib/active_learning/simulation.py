@@ -10,7 +10,6 @@ model's resolution, averaged over cases. Results are averaged over seeds (mean, 
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
 from ..config import BEGALConfig
 from ..errors import InputError
 from ..files import atomic_path, atomic_write_json, atomic_write_text
+from ..provenance import software_versions
 from ..tasks import get_task
 from ..training.begal import PhaseTrainer, build_model, case_dice, round_schedule
 from .budget import Budget
@@ -257,7 +256,7 @@ def simulate(
         "pool_slices": int(len(data.candidates)),
         "seconds": time.monotonic() - t0,
         "device": str(device),
-        "versions": {"vqmedseg": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": software_versions(),
         "runs": {s: [{k: v for k, v in r.items()} for r in rs] for s, rs in runs.items()},
     }
     atomic_write_json(out / "run.json", run_info)

@@ -168,6 +168,7 @@ class VQSegNet(nn.Module):
             dropout on the quantised map at ``dropout_rate``) or ``"none"``.
         reconstruction: build the image decoder (the dual branch, DB).
         fm_channels: foundation-model width for the PFA projection (0: no PFA).
+        num_classes: segmentation outputs, background included.
     """
 
     def __init__(
@@ -180,6 +181,7 @@ class VQSegNet(nn.Module):
         dropout_rate: float = 0.5,
         reconstruction: bool = True,
         fm_channels: int = 0,
+        num_classes: int = 2,
     ):
         super().__init__()
         f = tuple(features)
@@ -189,7 +191,7 @@ class VQSegNet(nn.Module):
         self.pre_quant = nn.Conv2d(f[4], code_dim, 1)
         self.quantizer = MappedEuclideanQuantizer(num_codes, code_dim)
         self.post_quant = nn.Conv2d(code_dim, f[4], 1)
-        self.seg_decoder = UNetDecoder(f, 2)
+        self.seg_decoder = UNetDecoder(f, num_classes)
         self.rec_decoder = UNetDecoder(f, 1, use_skips=False) if reconstruction else None
         self.qpm = QuantizedPerturbation(epsilon)
         self.perturbation = perturbation

@@ -1,18 +1,20 @@
 """Semi-supervised experiments (``vqmedseg ssl``): supervised-only against VQ-Seg and its
 ablations, at a fraction of labelled training slices, over seeds.
 
-Splits are by case (patient): no case is in both training and test. Within the training
-cases, ``labeled_fraction`` of the slices (at least one) are labelled at random, the rest
-are the unlabelled pool. Scores are 3-D, on each test case's original grid: the model's
-slice probabilities are mapped back (:func:`slices_to_volume`) before the argmax, then
-Dice and HD95 (millimetres when the spacing is known, else voxels) come from
-:mod:`VQMedSegLib.metrics.segmentation`.
+Splits are by patient: no patient is in both training and test. A dataset folder with a
+``test.list`` (ACDC's published split lists) puts the patients listed there in the test
+set; otherwise the last quarter of the patients, in sorted order, is the test set.
+Within the training cases, ``labeled_fraction`` of the slices (at least one) are labelled
+at random, the rest are the unlabelled pool; ``supervised-full`` labels every training
+slice (the ceiling). Scores are 3-D, on each test case's original grid: the model's slice
+probabilities are mapped back (:func:`slices_to_volume`) before the argmax, then Dice and
+HD95 of every structure (millimetres when the spacing is known, else voxels) come from
+:mod:`VQMedSegLib.metrics.segmentation`. A case's Dice is the mean over the structures.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,6 @@ import torch
 import torch.nn as nn
 from monai.losses import DiceLoss
 
-from .. import __version__
 from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
 from ..data.volume import Volume
@@ -30,12 +31,14 @@ from ..errors import InputError
 from ..files import atomic_write_json, atomic_write_text
 from ..metrics.segmentation import score_volumes, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
+from ..provenance import software_versions
 from .vqseg import VQSegTrainer, foundation_features, labelled_loss
 
 log = logging.getLogger("vqmedseg")
 
 METHODS = {
     "supervised": {},
+    "supervised-full": {},  # every training slice labelled: the ceiling
     "vqseg": {},
     "vqseg-noqpm": {"use_qpm": False},
     "vqseg-nodb": {"use_reconstruction": False},
@@ -43,24 +46,36 @@ METHODS = {
     "vqseg-dropout": {"perturbation": "dropout"},
 }
 
+# the structures scored on the named real datasets: label value -> name
+ACDC_STRUCTURES = {1: "RV", 2: "Myo", 3: "LV"}
+CHAOS_MR_STRUCTURES = {1: "liver"}
+
 
 @dataclass
 class Case:
     case_id: str
     image: Volume
-    label: Volume  # binary target on the image grid
+    label: Volume  # structure values (0 background) on the image grid
     modality: str
 
 
-def load_cases(dataset: str) -> tuple[list[Case], str]:
-    """Cases with a binary target for the named datasets or a folder."""
+@dataclass
+class SSLData:
+    cases: list[Case]
+    structures: dict[int, str]  # label value in Case.label -> name
+    test_list: set[str] | None  # case ids of the published test split, if any
+    what: str
+
+
+def load_cases(dataset: str) -> SSLData:
+    """Cases and their scored structures for the named datasets or a folder."""
     if dataset in ("phantom-liver", "phantom-lung"):
         from ..data.phantoms import make_dataset
 
         cases = make_dataset(dataset, 8, seed=2000)
-        return [Case(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), "CT") for c in cases], (
-            "liver" if dataset == "phantom-liver" else "lung tumour"
-        )
+        name = "liver" if dataset == "phantom-liver" else "lung tumour"
+        return SSLData([Case(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), "CT")
+                        for c in cases], {1: name}, None, f"{dataset} phantoms")
     from ..data.datasets import discover_cases, load_case
     from ..data.paths import shared_data_dir
 
@@ -69,19 +84,28 @@ def load_cases(dataset: str) -> tuple[list[Case], str]:
         if root is None:
             raise InputError(f"--dataset {dataset}: real scans not found; set VQMEDSEG_DATA or place them in ../shared/data")
         path = root / ("acdc" if dataset == "acdc" else "chaos_mr_t2")
-        target = "left ventricle (label 3)" if dataset == "acdc" else "liver (label 1)"
-        value = 3 if dataset == "acdc" else 1
+        structures = ACDC_STRUCTURES if dataset == "acdc" else CHAOS_MR_STRUCTURES
     else:
-        path, target, value = Path(dataset), "label 1", 1
+        path, structures = Path(dataset), None
         if not path.exists():
             raise InputError(f"--dataset {dataset!r}: expected phantom-liver, phantom-lung, acdc, chaos-mr or a dataset folder")
-    out = []
+    loaded = []
     for ref in discover_cases(path):
         image, label = load_case(ref)
-        if label is None:
-            continue
-        out.append(Case(ref.case_id, image, label.with_array((label.array == value).astype(np.uint8)), ref.modality))
-    return out, target
+        if label is not None:
+            loaded.append((ref, image, label))
+    if structures is None:  # a folder: every label value found is a structure
+        values = sorted({int(v) for _, _, label in loaded for v in np.unique(label.array)} - {0})
+        structures = {v: f"label {v}" for v in values}
+    out = []
+    for ref, image, label in loaded:
+        arr = np.asarray(label.array)
+        scored = np.where(np.isin(arr, list(structures)), arr, 0).astype(np.uint8)  # other labels count as background
+        out.append(Case(ref.case_id, image, label.with_array(scored), ref.modality))
+    test_list = None
+    if path.is_dir() and (path / "test.list").is_file():
+        test_list = {line.strip() for line in (path / "test.list").read_text().splitlines() if line.strip()}
+    return SSLData(out, structures, test_list, str(dataset))
 
 
 def patient_of(case_id: str) -> str:
@@ -89,21 +113,30 @@ def patient_of(case_id: str) -> str:
     return case_id.split("_frame")[0]
 
 
-def split_by_patient(cases: list[Case], test_share: float = 0.25) -> tuple[list[Case], list[Case]]:
-    """The last quarter of the patients (in sorted order) is the test set; never a patient on both sides."""
+def split_by_patient(cases: list[Case], test_share: float = 0.25,
+                     test_list: set[str] | None = None) -> tuple[list[Case], list[Case]]:
+    """Training and test cases, never a patient on both sides.
+
+    With ``test_list`` (case ids), the patients of the listed cases are the test set;
+    otherwise the last ``test_share`` of the patients in sorted order."""
     patients = sorted({patient_of(c.case_id) for c in cases})
-    n_test = max(1, int(round(test_share * len(patients))))
-    test = set(patients[-n_test:])
+    if test_list is not None:
+        test = {patient_of(c) for c in test_list} & set(patients)
+        if not test or test == set(patients):
+            raise InputError(f"test.list names {len(test)} of the {len(patients)} patients found; expected some, not all")
+    else:
+        n_test = max(1, int(round(test_share * len(patients))))
+        test = set(patients[-n_test:])
     return [c for c in cases if patient_of(c.case_id) not in test], [c for c in cases if patient_of(c.case_id) in test]
 
 
 class SupervisedNet(nn.Module):
     """The same U-Net backbone without VQ (the ``supervised`` row)."""
 
-    def __init__(self, features):
+    def __init__(self, features, num_classes: int = 2):
         super().__init__()
         self.encoder = UNetEncoder(1, features)
-        self.decoder = UNetDecoder(features, 2)
+        self.decoder = UNetDecoder(features, num_classes)
 
     def forward(self, x):
         f = self.encoder(x)
@@ -114,19 +147,37 @@ def _slices(case: Case, size: int):
     plan = plan_slices(case.image, size)
     modality = "CT" if case.modality == "CT" else "MR"
     x = extract_slices(case.image, plan, values=normalize(case.image, modality, (-160.0, 240.0)))[:, None]
-    y = (extract_label_slices(case.label, plan) > 0).astype(np.int64)
+    y = extract_label_slices(case.label, plan)
     return plan, x, y
 
 
-def _evaluate(predict_probs, cases: list[Case], size: int):
-    scores = []
+def _evaluate(predict_probs, cases: list[Case], size: int, structures: dict[int, str]) -> list[dict]:
+    """Per test case: the scores of every structure (by name)."""
+    out = []
     for case in cases:
         plan, x, _ = _slices(case, size)
-        probs = predict_probs(x)
-        on_grid = slices_to_volume(probs, plan)
-        pred = case.image.with_array((on_grid[1] > on_grid[0]).astype(np.uint8))
-        scores.append(score_volumes(pred, case.label))
-    return scores
+        on_grid = slices_to_volume(predict_probs(x), plan)
+        pred = case.image.with_array(on_grid.argmax(0).astype(np.uint8))
+        out.append({name: score_volumes(pred, case.label, label=value) for value, name in structures.items()})
+    return out
+
+
+def _seed_summary(per_case: list[dict], structures: dict[int, str]) -> dict:
+    """One seed: the mean over structures of each case's Dice, averaged over cases, and
+    every structure's own summary."""
+    by_structure = {name: summarize([c[name] for c in per_case]) for name in structures.values()}
+    units = next(iter(by_structure.values()))["units"]
+    key = "hd95_mm_mean" if units == "mm" else "hd95_vox_mean"
+    case_dice = [float(np.mean([c[name].dice for name in structures.values()])) for c in per_case]
+    hd = [s[key] for s in by_structure.values() if s[key] is not None]
+    return {
+        "dice_mean": float(np.mean(case_dice)),
+        "hd95_mean": float(np.mean(hd)) if hd else None,
+        "units": units,
+        "n_cases": len(per_case),
+        "structures": {name: {"dice_mean": s["dice_mean"], "dice_std_cases": s["dice_std"], "hd95_mean": s[key]}
+                       for name, s in by_structure.items()},
+    }
 
 
 def run_ssl(
@@ -139,6 +190,7 @@ def run_ssl(
     device: torch.device,
     preset: str = "custom",
 ) -> dict:
+    """Train and score every method for every seed; write results.json, results.md, run.json."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
@@ -146,10 +198,14 @@ def run_ssl(
         raise InputError(f"--labeled-fraction {labeled_fraction}: expected a value in (0, 1]")
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    cases, target = load_cases(dataset)
-    if len(cases) < 3:
-        raise InputError(f"--dataset {dataset}: found {len(cases)} labelled cases, expected at least 3")
-    train_cases, test_cases = split_by_patient(cases)
+    data = load_cases(dataset)
+    if len(data.cases) < 3:
+        raise InputError(f"--dataset {dataset}: found {len(data.cases)} labelled cases, expected at least 3")
+    if not data.structures:
+        raise InputError(f"--dataset {dataset}: the labels hold no structure (all background)")
+    structures = data.structures
+    config = config.replace(num_classes=max(structures) + 1)
+    train_cases, test_cases = split_by_patient(data.cases, test_list=data.test_list)
     size = config.slice_size
     xs, ys = [], []
     for c in train_cases:
@@ -160,7 +216,7 @@ def run_ssl(
 
     foundation, fm_all, fm_channels = None, None, 0
     fm_rows = np.arange(len(x_all))
-    if any(m != "supervised" and METHODS[m].get("use_pfa", config.use_pfa) for m in methods) and config.foundation != "none":
+    if any(m.startswith("vqseg") and METHODS[m].get("use_pfa", config.use_pfa) for m in methods) and config.foundation != "none":
         from ..models.foundation import build_foundation
 
         foundation = build_foundation(config.foundation)
@@ -170,20 +226,21 @@ def run_ssl(
         fm_all = foundation_features(foundation, x_all[fm_rows], config.pfa_grid)
         fm_channels = fm_all.shape[1]
         log.info("foundation features of %d slices in %.0f s", len(fm_rows), time.monotonic() - t)
-    elif any(m != "supervised" for m in methods) and config.use_pfa:
+    elif any(m.startswith("vqseg") for m in methods) and config.use_pfa:
         log.warning("PFA is off: no foundation model (--foundation none)")
 
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    n_lab = max(1, int(round(labeled_fraction * len(x_all))))
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        n_lab = max(1, int(round(labeled_fraction * len(x_all))))
         lab = np.sort(rng.choice(len(x_all), n_lab, replace=False))
         unl = np.setdiff1d(np.arange(len(x_all)), lab)
         for method in methods:
             t = time.monotonic()
             cfg = config.replace(seed=seed, **METHODS.get(method, {}))
-            if method == "supervised":
-                predict = _train_supervised(cfg, x_all[lab], y_all[lab], device)
+            if method.startswith("supervised"):
+                rows = np.arange(len(x_all)) if method == "supervised-full" else lab
+                predict = _train_supervised(cfg, x_all[rows], y_all[rows], device)
             else:
                 use_fm = fm_all is not None and cfg.use_pfa
                 # foundation features of the unlabelled slices that have them
@@ -198,34 +255,43 @@ def run_ssl(
                 def predict(x, net=net):
                     return np.concatenate([torch.softmax(net(torch.as_tensor(x[i : i + 16], device=device), reconstruct=False).logits, 1).cpu().numpy()
                                            for i in range(0, len(x), 16)])
-            scores = _evaluate(predict, test_cases, size)
-            s = summarize(scores)
+            s = _seed_summary(_evaluate(predict, test_cases, size, structures), structures)
             per_method[method].append({"seed": seed, **s, "seconds": time.monotonic() - t})
-            log.info("%s seed %d: Dice %.4f", method, seed, s["dice_mean"])
+            log.info("%s seed %d: Dice %.4f (%.0f s)", method, seed, s["dice_mean"], time.monotonic() - t)
 
     results = {}
     for method, runs in per_method.items():
-        dice = np.array([r["dice_mean"] for r in runs])
-        hd_key = "hd95_mm_mean" if runs[0]["units"] == "mm" else "hd95_vox_mean"
-        hd = np.array([r[hd_key] for r in runs if r[hd_key] is not None], dtype=float)
+        units = runs[0]["units"]
+        hd = [r["hd95_mean"] for r in runs if r["hd95_mean"] is not None]
         results[method] = {
-            "labeled_fraction": labeled_fraction,
-            "dice_mean": float(dice.mean()),
-            "dice_std": float(dice.std()),
-            "hd95_mm_mean": float(hd.mean()) if (len(hd) and runs[0]["units"] == "mm") else None,
-            "hd95_mean": float(hd.mean()) if len(hd) else None,
-            "hd95_units": runs[0]["units"],
+            "labeled_fraction": 1.0 if method == "supervised-full" else labeled_fraction,
+            "labelled_slices": int(len(x_all)) if method == "supervised-full" else n_lab,
+            **_mean_std([r["dice_mean"] for r in runs], "dice"),
+            "hd95_mm_mean": float(np.mean(hd)) if (hd and units == "mm") else None,
+            "hd95_mean": float(np.mean(hd)) if hd else None,
+            "hd95_units": units,
+            "structures": {name: _mean_std([r["structures"][name]["dice_mean"] for r in runs], "dice")
+                           for name in structures.values()},
             "per_seed": runs,
         }
+    seconds = time.monotonic() - t0
+    split = {"rule": "test.list patients" if data.test_list is not None else "last quarter of the patients (sorted)",
+             "train_cases": [c.case_id for c in train_cases], "test_cases": [c.case_id for c in test_cases]}
     atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", _table(results, dataset, target, labeled_fraction, seeds, preset, len(train_cases), len(test_cases)))
+    atomic_write_text(out / "results.md", _table(results, dataset, structures, labeled_fraction, seeds, preset,
+                                                 len(train_cases), len(test_cases), split["rule"], seconds))
     atomic_write_json(out / "run.json", {
-        "dataset": dataset, "target": target, "methods": methods, "seeds": seeds, "preset": preset,
-        "config": config.to_json(), "train_cases": [c.case_id for c in train_cases], "test_cases": [c.case_id for c in test_cases],
-        "train_slices": int(len(x_all)), "seconds": time.monotonic() - t0, "device": str(device),
-        "versions": {"vqmedseg": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "dataset": dataset, "structures": {str(k): v for k, v in structures.items()}, "methods": methods, "seeds": seeds,
+        "labeled_fraction": labeled_fraction, "preset": preset, "config": config.to_json(), "split": split,
+        "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": seconds, "device": str(device),
+        "versions": software_versions(),
     })
     return results
+
+
+def _mean_std(values: list[float], name: str) -> dict:
+    arr = np.asarray(values, dtype=float)
+    return {f"{name}_mean": float(arr.mean()), f"{name}_std": float(arr.std())}
 
 
 def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
@@ -233,7 +299,7 @@ def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
     from .supervised import BatchSampler, augmentation, make_batch
 
     torch.manual_seed(cfg.seed)
-    net = SupervisedNet(tuple(cfg.features)).to(device)
+    net = SupervisedNet(tuple(cfg.features), cfg.num_classes).to(device)
     # the same optimiser, learning rates and labelled loss as the VQ-Seg student
     opt = torch.optim.AdamW(
         [{"params": net.encoder.parameters(), "lr": cfg.backbone_lr},
@@ -260,17 +326,22 @@ def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
     return predict
 
 
-def _table(results, dataset, target, fraction, seeds, preset, n_train, n_test) -> str:
+def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_test, rule, seconds) -> str:
+    names = list(structures.values())
+    per_structure = len(names) > 1
     lines = [
-        f"# Semi-supervised segmentation on `{dataset}` ({target})",
+        f"# Semi-supervised segmentation on `{dataset}` ({', '.join(names)})",
         "",
-        f"{n_train} training and {n_test} test cases (split by case); {100 * fraction:.0f}% of the training slices labelled; "
-        f"preset `{preset}`; seeds {seeds}. 3-D scores on the original grids, mean ± std over seeds.",
+        f"{n_train} training and {n_test} test cases, split by patient ({rule}); {100 * fraction:g}% of the training "
+        f"slices labelled (`supervised-full`: all); preset `{preset}`; seeds {seeds}; {seconds / 60:.1f} min. "
+        "3-D scores on the original grids, mean ± std over seeds.",
         "",
-        "| method | Dice (%) | HD95 |",
-        "|---|---|---|",
+        "| method | labelled slices | Dice (%) |" + "".join(f" {n} Dice (%) |" for n in names if per_structure) + " HD95 |",
+        "|---|---|---|" + "---|" * (len(names) if per_structure else 0) + "---|",
     ]
     for m, r in results.items():
         hd = "n/a" if r["hd95_mean"] is None else f"{r['hd95_mean']:.2f} {'mm' if r['hd95_units'] == 'mm' else 'voxels'}"
-        lines.append(f"| {m} | {100 * r['dice_mean']:.2f} ± {100 * r['dice_std']:.2f} | {hd} |")
+        cells = "".join(f" {100 * r['structures'][n]['dice_mean']:.2f} ± {100 * r['structures'][n]['dice_std']:.2f} |"
+                        for n in names if per_structure)
+        lines.append(f"| {m} | {r['labelled_slices']} | {100 * r['dice_mean']:.2f} ± {100 * r['dice_std']:.2f} |{cells} {hd} |")
     return "\n".join(lines) + "\n"

@@ -102,6 +102,7 @@ def build_vqseg(config: VQSegConfig, fm_channels: int) -> VQSegNet:
         dropout_rate=config.dropout_rate,
         reconstruction=config.use_reconstruction,
         fm_channels=fm_channels if config.use_pfa else 0,
+        num_classes=config.num_classes,
     )
 
 

@@ -1,0 +1,84 @@
+"""`vqmedseg ssl`: patient-wise splits, every structure scored, the fully supervised ceiling,
+and result files that record how they were made."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from VQMedSegLib.config import vqseg_config_from_preset
+from VQMedSegLib.data.io import write_volume
+from VQMedSegLib.data.phantoms import make_dataset
+from VQMedSegLib.errors import ConfigError, InputError
+from VQMedSegLib.training.ssl_experiment import Case, split_by_patient
+from VQMedSegLib.training.vqseg import build_vqseg
+
+from conftest import run_cli
+
+
+def _cases(ids):
+    return [Case(i, None, None, "MR") for i in ids]
+
+
+def test_split_keeps_both_frames_of_a_patient_on_one_side():
+    ids = [f"patient{p:03d}_frame0{f}" for p in range(1, 9) for f in (1, 2)]
+    train, test = split_by_patient(_cases(ids))
+    train_patients = {c.case_id.split("_")[0] for c in train}
+    test_patients = {c.case_id.split("_")[0] for c in test}
+    assert not train_patients & test_patients
+    assert test_patients == {"patient007", "patient008"}  # the last quarter, sorted
+    assert len(train) + len(test) == len(ids)
+
+
+def test_split_follows_a_published_test_list():
+    ids = [f"patient{p:03d}_frame0{f}" for p in range(1, 9) for f in (1, 2)]
+    # listing one frame puts the whole patient in the test set
+    train, test = split_by_patient(_cases(ids), test_list={"patient002_frame01", "patient005_frame02", "patient099_frame01"})
+    assert sorted(c.case_id for c in test) == ["patient002_frame01", "patient002_frame02", "patient005_frame01", "patient005_frame02"]
+    with pytest.raises(InputError, match="test.list names 0 of the 8 patients"):
+        split_by_patient(_cases(ids), test_list={"patient099_frame01"})
+    with pytest.raises(InputError, match="test.list names 8 of the 8 patients"):
+        split_by_patient(_cases(ids), test_list=set(ids))
+
+
+def test_vqseg_network_has_one_output_per_class():
+    config = vqseg_config_from_preset("tiny", num_classes=4)
+    net = build_vqseg(config, fm_channels=0).eval()
+    out = net(torch.zeros(2, 1, 32, 32), reconstruct=False)
+    assert out.logits.shape == (2, 4, 32, 32)
+    with pytest.raises(ConfigError, match="'num_classes': found 1, expected at least 2"):
+        vqseg_config_from_preset("tiny", num_classes=1)
+
+
+def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, case in enumerate(make_dataset("phantom-liver", 4, seed=7, ct_shape=(10, 48, 48))):
+        write_volume(case.ct, folder / f"image_{i}.nii.gz")
+        write_volume(case.ct_label, folder / f"label_{i}.nii.gz")
+    (folder / "test.list").write_text("3\n")
+    out = tmp_path / "out"
+    run_cli("ssl", "--dataset", folder, "--labeled-fraction", "0.2", "--methods", "supervised,supervised-full,vqseg",
+            "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--out", out)
+
+    results = json.loads((out / "results.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    names = ["label 1", "label 2", "label 3", "label 4"]  # the phantom's liver, kidneys and spleen
+    assert run["structures"] == {"1": "label 1", "2": "label 2", "3": "label 3", "4": "label 4"}
+    assert run["split"] == {"rule": "test.list patients", "train_cases": ["0", "1", "2"], "test_cases": ["3"]}
+    assert run["preset"] == "tiny" and run["seeds"] == [0] and run["seconds"] > 0
+    assert {"vqmedseg", "torch", "monai", "python"} <= set(run["versions"])
+    assert run["config"]["num_classes"] == 5
+
+    n = run["train_slices"]
+    assert results["supervised"]["labelled_slices"] == results["vqseg"]["labelled_slices"] == round(0.2 * n)
+    assert results["supervised-full"]["labelled_slices"] == n and results["supervised-full"]["labeled_fraction"] == 1.0
+    for method, r in results.items():
+        assert list(r["structures"]) == names
+        # one test case: its Dice is the mean of its structures' Dice
+        structure_mean = np.mean([r["structures"][s]["dice_mean"] for s in names])
+        assert r["dice_mean"] == pytest.approx(structure_mean), method
+        assert r["hd95_units"] == "mm"
+    table = (out / "results.md").read_text()
+    assert "| label 4 Dice (%) |" in table and "| supervised-full | " in table

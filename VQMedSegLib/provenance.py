@@ -1,0 +1,16 @@
+"""What a result file records about the software that produced it."""
+
+from __future__ import annotations
+
+import platform
+
+
+def software_versions() -> dict:
+    import monai
+    import numpy as np
+    import torch
+
+    from . import __version__
+
+    return {"vqmedseg": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}

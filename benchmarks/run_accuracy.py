@@ -1,0 +1,200 @@
+"""Accuracy on the real scans, side by side with the alternatives, in one run.
+
+Usage::
+
+    python benchmarks/run_accuracy.py --out acc-out                  # CPU presets, 3 seeds
+    python benchmarks/run_accuracy.py --out acc-out --preset gpu     # the papers' settings
+    python benchmarks/run_accuracy.py --out acc-out --only acdc-10,chaos-begal
+
+reads the scans from ``$VQMEDSEG_DATA`` (or ``../shared/data``) and writes, per part,
+``acc-out/<part>/`` (the ``vqmedseg ssl`` / ``simulate`` outputs: ``results.json``,
+``results.md``, ``run.json`` with the preset, seeds, split, software versions and wall
+time), then ``acc-out/accuracy.json`` and ``acc-out/accuracy.md`` with every part and
+the targets of the accuracy benchmark. A part whose ``run.json`` already records the same
+settings is read back instead of rerun (the parts take hours on 2 CPU cores); pass
+``--fresh`` to rerun it.
+
+Parts:
+
+* ``acdc-5``, ``acdc-10``: VQ-Seg against the same U-Net trained on the labelled slices
+  only, at 5% and 10% labelled slices, and (``acdc-10``) the fully supervised ceiling;
+  Dice per structure (RV, myocardium, LV) and their mean. Split: ACDC's published
+  ``test.list`` patients are the test set, the other patients the training set.
+* ``chaos-begal``: VQ-BEGAL against random, max-entropy and MC-dropout selection at
+  equal budgets up to 40% of the pool; liver on the CHAOS CT case, the 20 CHAOS MR T2
+  cases as the auxiliary modality.
+* ``chaos-mr-10``: liver on CHAOS MR T2 alone, split by patient, supervised against
+  VQ-Seg at 10% labelled slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from VQMedSegLib.files import atomic_write_json, atomic_write_text  # noqa: E402
+from VQMedSegLib.provenance import software_versions  # noqa: E402
+
+# benchmark preset -> the library presets and the active-learning schedule it uses
+PRESETS = {
+    # 2 CPU cores: VQ-Seg's `quick` network (600 iterations, K = 1,024, 128 x 128) and
+    # VQ-BEGAL's `cpu` network; CHAOS budget 20% initial + 2 rounds of 10% -> 40%
+    "cpu": {"ssl_preset": "quick", "al_preset": "cpu", "initial": 8, "rounds": 2, "per_round": 4},
+    # a GPU: the papers' networks (224 x 224, K = 16,384, paper schedules); budget to 50%
+    "gpu": {"ssl_preset": "paper", "al_preset": "paper", "initial": 8, "rounds": 3, "per_round": 4},
+}
+
+PARTS = {
+    "acdc-5": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.05, "methods": ["supervised", "vqseg"]},
+    "acdc-10": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "methods": ["supervised", "vqseg", "supervised-full"]},
+    "chaos-begal": {"kind": "simulate", "dataset": "chaos", "strategies": ["begal", "random", "entropy", "mcdropout"]},
+    "chaos-mr-10": {"kind": "ssl", "dataset": "chaos-mr", "labeled_fraction": 0.10, "methods": ["supervised", "vqseg"]},
+}
+
+# the papers' figures for the closest settings (Dice %), see benchmarks/README.md
+PAPER = {
+    "acdc": {"source": "VQ-Seg Table 7 (ACDC; 70 training patients, labelled fraction of patients)",
+             "5%": {"supervised": 46.74, "vqseg": 90.57}, "10%": {"supervised": 79.52, "vqseg": 91.03},
+             "full": 91.30},
+    "chaos": {"source": "VQ-BEGAL Table 1 (CHAOS, 40% budget)",
+              "40%": {"random": 79.45, "entropy": 80.12, "mcdropout": 81.85, "begal": 87.30}},
+}
+
+TARGETS = {
+    "acdc_vqseg10_vs_full_ratio": (0.97, "VQ-Seg at 10% labelled slices on ACDC / fully supervised Dice"),
+    "chaos_begal_minus_random_at_40": (3.0, "BEGAL minus random on CHAOS at a 40% budget (Dice points, mean of seeds)"),
+}
+
+
+def part_settings(name: str, preset: str, seeds: int) -> dict:
+    part, p = PARTS[name], PRESETS[preset]
+    if part["kind"] == "ssl":
+        return {"kind": "ssl", "dataset": part["dataset"], "labeled_fraction": part["labeled_fraction"],
+                "methods": part["methods"], "preset": p["ssl_preset"], "seeds": list(range(seeds))}
+    return {"kind": "simulate", "dataset": part["dataset"], "strategies": part["strategies"], "preset": p["al_preset"],
+            "seeds": list(range(seeds)), "initial": p["initial"], "rounds": p["rounds"], "per_round": p["per_round"]}
+
+
+def recorded_settings(run: dict, kind: str) -> dict:
+    if kind == "ssl":
+        return {"kind": "ssl", "dataset": run["dataset"], "labeled_fraction": run.get("labeled_fraction"),
+                "methods": run["methods"], "preset": run["preset"], "seeds": run["seeds"]}
+    return {"kind": "simulate", "dataset": run["dataset"], "strategies": run["strategies"], "preset": run["preset"],
+            "seeds": run["seeds"], "initial": run["initial"], "rounds": run["rounds"], "per_round": run["per_round"]}
+
+
+def run_part(settings: dict, out: Path, device: torch.device) -> None:
+    if settings["kind"] == "ssl":
+        from VQMedSegLib.config import vqseg_config_from_preset
+        from VQMedSegLib.training.ssl_experiment import run_ssl
+
+        run_ssl(settings["dataset"], settings["labeled_fraction"], settings["methods"], settings["seeds"],
+                vqseg_config_from_preset(settings["preset"]), out, device, preset=settings["preset"])
+    else:
+        from VQMedSegLib.active_learning.simulation import simulate
+        from VQMedSegLib.config import begal_config_from_preset
+
+        simulate(settings["dataset"], settings["strategies"], settings["rounds"], settings["per_round"], settings["seeds"],
+                 begal_config_from_preset(settings["preset"]), out, device, initial=settings["initial"],
+                 preset=settings["preset"])
+
+
+def headline(parts: dict) -> dict:
+    """The figures the targets are judged on, from whichever parts ran."""
+    out: dict = {}
+    acdc = parts.get("acdc-10", {}).get("results")
+    if acdc and "vqseg" in acdc and "supervised-full" in acdc:
+        out["acdc_vqseg10_vs_full_ratio"] = acdc["vqseg"]["dice_mean"] / acdc["supervised-full"]["dice_mean"]
+        out["acdc_supervised10_vs_full_ratio"] = acdc["supervised"]["dice_mean"] / acdc["supervised-full"]["dice_mean"]
+    chaos = parts.get("chaos-begal", {}).get("results")
+    if chaos and "begal" in chaos and "random" in chaos:
+        last = len(chaos["begal"]["labeled_fraction"]) - 1
+        out["chaos_budget_at_last_round"] = chaos["begal"]["labeled_fraction"][last]
+        out["chaos_begal_minus_random_at_40"] = 100 * (chaos["begal"]["dice_mean"][last] - chaos["random"]["dice_mean"][last])
+    return out
+
+
+def report(summary: dict) -> str:
+    lines = ["# Accuracy on the real scans", "",
+             f"Benchmark preset `{summary['preset']}`, seeds {summary['seeds']}; software {summary['versions']}; "
+             f"{summary['wall_seconds'] / 3600:.2f} h of compute in the parts "
+             f"({summary['threads']} threads, device {summary['device']}).", ""]
+    lines += ["## Targets", "", "| figure | target | measured | met |", "|---|---|---|---|"]
+    for key, (target, what) in TARGETS.items():
+        value = summary["figures"].get(key)
+        shown = "not run" if value is None else f"{value:.3f}"
+        met = "n/a" if value is None else ("yes" if value >= target else "**no**")
+        lines.append(f"| {what} | ≥ {target:g} | {shown} | {met} |")
+    for name, part in summary["parts"].items():
+        lines += ["", f"## {name} ({part['seconds'] / 60:.0f} min)", "", part["table"].split("\n", 2)[2].strip()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--only", help=f"comma-separated parts: {','.join(PARTS)}")
+    p.add_argument("--fresh", action="store_true", help="rerun parts even when their results are already in --out")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from VQMedSegLib.device import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    chosen = [s.strip() for s in args.only.split(",")] if args.only else list(PARTS)
+    unknown = [c for c in chosen if c not in PARTS]
+    if unknown:
+        p.error(f"--only: unknown parts {unknown}; expected some of {', '.join(PARTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for name in chosen:
+        settings = part_settings(name, args.preset, args.seeds)
+        folder = out / name
+        run_file = folder / "run.json"
+        reuse = False
+        if run_file.exists() and not args.fresh:
+            recorded = recorded_settings(json.loads(run_file.read_text()), settings["kind"])
+            reuse = recorded == settings
+            if not reuse:
+                print(f"{name}: {run_file} holds other settings ({recorded}); rerunning", flush=True)
+        if not reuse:
+            print(f"{name}: running {settings}", flush=True)
+            run_part(settings, folder, device)
+        run = json.loads(run_file.read_text())
+        parts[name] = {"settings": settings, "results": json.loads((folder / "results.json").read_text()),
+                       "table": (folder / "results.md").read_text(), "seconds": run["seconds"],
+                       "split": run.get("split") or run.get("description"), "versions": run["versions"],
+                       "reused": reuse}
+        print(f"{name}: {run['seconds'] / 60:.1f} min{' (read back)' if reuse else ''}", flush=True)
+    summary = {
+        "preset": args.preset, "seeds": list(range(args.seeds)), "device": str(device),
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "versions": software_versions(),
+        "wall_seconds": sum(p["seconds"] for p in parts.values()), "parts": parts, "figures": headline(parts),
+        "papers": PAPER, "measured_at": time.strftime("%Y-%m-%d"),
+    }
+    summary["targets"] = {k: {"target": t, "what": w, "value": summary["figures"].get(k),
+                              "met": None if summary["figures"].get(k) is None else summary["figures"][k] >= t}
+                          for k, (t, w) in TARGETS.items()}
+    atomic_write_json(out / "accuracy.json", summary)
+    atomic_write_text(out / "accuracy.md", report(summary))
+    print(report(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
