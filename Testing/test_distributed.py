@@ -3,6 +3,8 @@
 * a few training steps of the supervised baseline give the same parameters as one
   process on the same global batch;
 * a distributed run resumes from the checkpoint rank 0 wrote, and only rank 0 writes;
+* VQ-Seg: the labelled part of a step matches one process on the same global batch, and
+  the whole semi-supervised step (teacher, QPM, CutMix) runs with rank 0 recording the model;
 * pool scoring is sharded across the ranks and gathered back in order.
 """
 
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from VQMedSegLib.config import TrainConfig
+from VQMedSegLib.config import TrainConfig, vqseg_config_from_preset
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.jobs.workspace import Workspace
 
@@ -59,9 +61,9 @@ def _config(path: Path, **changes) -> Path:
     return path
 
 
-def _final_weights(root: Path) -> dict:
+def _final_weights(root: Path, method: str = "supervised") -> dict:
     ws = Workspace.open(root)
-    entry = ws.latest_model("supervised")
+    entry = ws.latest_model(method)
     assert entry is not None, f"no model recorded in {root}"
     return torch.load(ws.resolve(entry["path"]), map_location="cpu", weights_only=True)["state_dict"]
 
@@ -129,6 +131,59 @@ def test_a_distributed_run_resumes_from_rank_0s_checkpoint(workspace, tmp_path):
     assert resumed and resumed[-1]["iteration"] >= checkpoints[0]
     assert Workspace.open(workspace).latest_model("supervised") is not None
     assert not (workspace / "checkpoints" / "supervised" / "last.pt").exists()
+
+
+def _vqseg_config(path: Path, **changes) -> Path:
+    config = vqseg_config_from_preset(
+        "tiny", iterations=3, labelled_batch=4, unlabelled_batch=2, pfa_batch=2, use_pfa=False, foundation="none",
+        augment=False, warmup_supervised=1000, dice_weight=0.0, entropy_weight=0.0, seed=3).replace(**changes)
+    path.write_text(json.dumps(config.to_json()))
+    return path
+
+
+def test_vqseg_two_processes_match_one_process_on_the_same_global_batch(workspace, tmp_path):
+    # the labelled losses without the batch-pooled Dice and entropy terms are means over
+    # the batch, so DDP's averaged gradients equal one process's on the whole batch
+    config = _vqseg_config(tmp_path / "vqseg.json")
+    single = tmp_path / "single"
+    shutil.copytree(workspace, single)
+    run_cli("train", "--workspace", single, "--method", "vqseg", "--config", config, "--device", "cpu")
+    torchrun("-m", "VQMedSegLib", "train", "--workspace", workspace, "--method", "vqseg", "--config", config, "--device", "cpu")
+    one, two = _final_weights(single, "vqseg"), _final_weights(workspace, "vqseg")
+    assert one.keys() == two.keys()
+    compared = [n for n in one if not n.endswith(".conv.bias")]  # before instance normalisation: see above
+    assert len(compared) > len(one) / 2
+    for name in compared:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=2e-4, msg=lambda m, name=name: f"{name}: {m}")
+    started = [e for e in _events(workspace) if e["type"] == "started"]
+    assert started[-1]["params"]["processes"] == 2
+    # and the check can fail: another seed ends elsewhere
+    other = tmp_path / "other"
+    shutil.copytree(single, other)
+    Workspace.open(other).update(lambda s: s.__setitem__("models", []))
+    run_cli("train", "--workspace", other, "--method", "vqseg", "--config", _vqseg_config(tmp_path / "other.json", seed=4),
+            "--device", "cpu")
+    moved = _final_weights(other, "vqseg")
+    assert any(not torch.allclose(moved[n], one[n], rtol=1e-3, atol=2e-4) for n in compared)
+
+
+def test_vqseg_semi_supervised_step_runs_under_torchrun_and_rank_0_records_the_model(workspace, tmp_path):
+    config = _vqseg_config(tmp_path / "vqseg.json", iterations=4, warmup_supervised=1, dice_weight=1.0,
+                           entropy_weight=0.05, augment=True)
+    torchrun("-m", "VQMedSegLib", "train", "--workspace", workspace, "--method", "vqseg", "--config", config, "--device", "cpu")
+    events = _events(workspace)
+    losses = [e for e in events if e["type"] == "loss"]
+    assert losses and {"seg_qpm", "seg_cutmix", "rec_u"} <= set(losses[-1]), losses[-1]
+    assert len([e for e in events if e["type"] == "result"]) == 1  # rank 0 only
+    assert [m["method"] for m in Workspace.open(workspace).load_state()["models"]] == ["vqseg"]
+    assert _final_weights(workspace, "vqseg")
+
+
+def test_begal_refuses_torchrun_with_a_clear_error(workspace, tmp_path):
+    r = torchrun("-m", "VQMedSegLib", "train", "--workspace", workspace, "--method", "begal", "--preset", "tiny",
+                 "--device", "cpu", check=False)
+    assert r.returncode != 0
+    assert "--method begal: distributed training (torchrun, 2 processes) is implemented for supervised and vqseg" in r.stderr + r.stdout
 
 
 def test_pool_scoring_is_sharded_and_gathered_in_order(tmp_path):

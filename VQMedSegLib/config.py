@@ -296,6 +296,7 @@ class VQSegConfig(JsonConfig):
     labelled_batch: int = 8
     foreground_fraction: float = 0.5
     unlabelled_batch: int = 4
+    augment: bool = True  # weak geometric and intensity augmentation of the labelled slices
     backbone_lr: float = 1e-3
     head_lr_factor: float = 2.0
     weight_decay: float = 1e-4

@@ -23,11 +23,18 @@ slices (paper: 8 + 4):
 AdamW, separate learning rates for the backbone (encoder) and the heads, poly decay 0.9.
 Switches ``use_qpm``, ``use_reconstruction`` and ``use_pfa`` give the ablations of the
 paper's Table 2.
+
+Under ``torchrun`` (:mod:`.distributed`) every rank draws the same global batches and
+trains on its share of each (``labelled_batch``, ``unlabelled_batch`` and ``pfa_batch``
+must be multiples of the number of processes); the loss of a step is one forward pass of
+:class:`VQSegObjective` wrapped in DistributedDataParallel, which averages the gradients.
+CutMix pastes within a rank's share. The teacher is updated identically on every rank.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -38,7 +45,9 @@ from monai.losses import DiceLoss
 from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
 
 from ..config import VQSegConfig
+from ..errors import InputError
 from ..models.vqseg import VQSegNet, patch_info_nce
+from .distributed import SINGLE, DistInfo, shard
 from .slices import SliceSet
 from .supervised import BatchSampler, augmentation, make_batch
 
@@ -116,13 +125,71 @@ def foundation_features(foundation: nn.Module, images: np.ndarray, grid: int, ba
     return np.concatenate(out) if out else np.zeros((0, 1, grid, grid), np.float16)
 
 
+@dataclass
+class UnlabelledViews:
+    """One step's unlabelled slices, the teacher's pseudo-labels and confidence weights,
+    and the CutMix view with its mixed labels and weights."""
+
+    x: torch.Tensor
+    pseudo: torch.Tensor
+    weight: torch.Tensor
+    x_mix: torch.Tensor
+    y_mix: torch.Tensor
+    w_mix: torch.Tensor
+
+
+class VQSegObjective(nn.Module):
+    """The loss of one VQ-Seg step (eq. 8-12) as one forward pass of the student."""
+
+    def __init__(self, student: VQSegNet, config: VQSegConfig):
+        super().__init__()
+        self.student = student
+        self.cfg = config
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
+
+    def alignment(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        net = self.student
+        q = net.quantizer(net.pre_quant(net.encoder(x)[4])).quantized
+        return patch_info_nce(net.adapt(q, target.shape[-1]), target, self.cfg.temperature)
+
+    def forward(self, x_l, y_l, unlabelled: UnlabelledViews | None = None,
+                align: tuple[torch.Tensor, torch.Tensor] | None = None, ramp: float = 0.0):
+        cfg, net = self.cfg, self.student
+        out_l = net(x_l, perturb=False)
+        seg_l = labelled_loss(out_l.logits, y_l, self.dice, cfg.dice_weight)
+        rec_l = F.l1_loss(out_l.reconstruction, x_l) if out_l.reconstruction is not None else x_l.new_zeros(())
+        vq = out_l.vq.codebook_loss + cfg.commitment * out_l.vq.commitment_loss + cfg.entropy_weight * out_l.vq.entropy_loss
+        total = seg_l + rec_l + vq
+        losses = {"seg_l": seg_l, "rec_l": rec_l, "vq": vq, "perplexity": out_l.vq.perplexity, "utilisation": out_l.vq.utilisation}
+        if unlabelled is not None:
+            u = unlabelled
+            out_u = net(u.x, perturb=True)
+            seg_qpm = (F.cross_entropy(out_u.logits, u.pseudo, reduction="none") * u.weight).mean()
+            rec_u = F.l1_loss(out_u.reconstruction, u.x) if out_u.reconstruction is not None else u.x.new_zeros(())
+            out_a = net(u.x_mix, perturb=False, reconstruct=False)
+            seg_mix = (F.cross_entropy(out_a.logits, u.y_mix, reduction="none") * u.w_mix).mean()
+            loss_u = rec_u + seg_qpm + seg_mix
+            total = total + ramp * cfg.lambda_u * loss_u + out_u.vq.codebook_loss + cfg.commitment * out_u.vq.commitment_loss
+            losses.update(seg_qpm=seg_qpm, seg_cutmix=seg_mix, rec_u=rec_u, ramp=ramp)
+            if align is not None:
+                loss_a = self.alignment(*align)
+                total = total + cfg.lambda_a * loss_a
+                losses["align"] = loss_a
+        return total, losses
+
+
 class VQSegTrainer:
     def __init__(self, config: VQSegConfig, labelled_x, labelled_y, unlabelled_x, fm_features, fm_channels: int, device,
-                 fm_slices: np.ndarray | None = None):
+                 fm_slices: np.ndarray | None = None, dist_info: DistInfo = SINGLE):
         """``fm_features[n]`` are the foundation features of ``unlabelled_x[fm_slices[n]]``
         (``fm_slices`` defaults to every unlabelled slice)."""
         self.cfg = config
         self.device = device
+        self.info = dist_info
+        if dist_info.enabled:
+            uneven = {k: getattr(config, k) for k in ("labelled_batch", "unlabelled_batch", "pfa_batch") if getattr(config, k) % dist_info.world}
+            if uneven:
+                raise InputError(f"VQ-Seg batch sizes {uneven}: expected multiples of the {dist_info.world} processes")
         self.lx, self.ly, self.ux = labelled_x, labelled_y, unlabelled_x
         self.fm = fm_features
         self.fm_slices = np.arange(len(unlabelled_x)) if fm_slices is None else np.asarray(fm_slices)
@@ -139,64 +206,63 @@ class VQSegTrainer:
             weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=config.iterations, power=config.poly_power)
-        self.weak = augmentation(config.seed)
+        self.weak = augmentation(config.seed + dist_info.rank) if config.augment else None
         self.intensity = Compose([RandScaleIntensityd(keys="image", factors=0.1, prob=0.5), RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)])
-        self.intensity.set_random_state(seed=config.seed + 1)
+        self.intensity.set_random_state(seed=config.seed + 1 + dist_info.rank)
         self.iteration = 0
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
+        self.objective = VQSegObjective(self.student, config)
+        self.step_loss: nn.Module = self.objective
+        if dist_info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # one forward per step; parameters idle in a step (PFA during the warm-up) are allowed
+            self.step_loss = DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                                     find_unused_parameters=True)
         # small targets (a lung tumour) appear in few labelled slices: keep them in every batch
         self.sampler = BatchSampler(SliceSet(labelled_x, labelled_y), config.labelled_batch, config.foreground_fraction, self.rng)
 
     def _labelled(self):
-        x, y = make_batch(self.sampler.data, self.sampler.indices(), self.weak)
+        x, y = make_batch(self.sampler.data, shard(self.sampler.indices(), self.info), self.weak)
         return x.to(self.device), y[:, 0].to(self.device)
 
     def _intensity_view(self, idx: np.ndarray) -> torch.Tensor:
         xs = [np.asarray(self.intensity({"image": self.ux[i]})["image"], np.float32) for i in idx]
         return torch.as_tensor(np.stack(xs), device=self.device)
 
+    def alignment_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pfa_batch`` unlabelled slices whose foundation features are cached, and those features."""
+        pick = shard(self.rng.integers(0, len(self.fm), min(self.cfg.pfa_batch, len(self.fm))), self.info)
+        return self._intensity_view(self.fm_slices[pick]), torch.as_tensor(self.fm[pick].astype(np.float32), device=self.device)
+
     def alignment_loss(self) -> torch.Tensor:
-        """Eq. 11 on ``pfa_batch`` slices whose foundation features are cached."""
-        pick = self.rng.integers(0, len(self.fm), min(self.cfg.pfa_batch, len(self.fm)))
-        x = self._intensity_view(self.fm_slices[pick])
-        target = torch.as_tensor(self.fm[pick].astype(np.float32), device=self.device)
-        net = self.student
-        q = net.quantizer(net.pre_quant(net.encoder(x)[4])).quantized
-        return patch_info_nce(net.adapt(q, target.shape[-1]), target, self.cfg.temperature)
+        """Eq. 11 on one :meth:`alignment_batch`."""
+        return self.objective.alignment(*self.alignment_batch())
+
+    def unlabelled_batch(self) -> UnlabelledViews:
+        """The teacher's pseudo-labels of ``unlabelled_batch`` slices and their CutMix view."""
+        cfg = self.cfg
+        x_u = self._intensity_view(shard(self.rng.integers(0, len(self.ux), cfg.unlabelled_batch), self.info))
+        with torch.no_grad():
+            probs = torch.softmax(self.teacher(x_u, reconstruct=False).logits, dim=1)
+            conf, pseudo = probs.max(1)
+            weight = (conf >= cfg.confidence_threshold).float()
+        perm = torch.as_tensor(self.rng.permutation(len(x_u)), device=self.device)
+        masks = cutmix_boxes(len(x_u), x_u.shape[-1], self.rng).to(self.device)
+        x_a, y_a = cutmix(x_u, pseudo, masks, perm)
+        w_a = torch.where(masks[:, 0].bool(), weight[perm], weight)
+        return UnlabelledViews(x_u, pseudo, weight, x_a, y_a, w_a)
 
     def step(self) -> dict[str, float]:
         cfg = self.cfg
         self.student.train()
         x_l, y_l = self._labelled()
-        out_l = self.student(x_l, perturb=False)
-        seg_l = labelled_loss(out_l.logits, y_l, self.dice, cfg.dice_weight)
-        rec_l = F.l1_loss(out_l.reconstruction, x_l) if out_l.reconstruction is not None else x_l.new_zeros(())
-        vq = out_l.vq.codebook_loss + cfg.commitment * out_l.vq.commitment_loss + cfg.entropy_weight * out_l.vq.entropy_loss
-        total = seg_l + rec_l + vq
-        losses = {"seg_l": seg_l, "rec_l": rec_l, "vq": vq, "perplexity": out_l.vq.perplexity, "utilisation": out_l.vq.utilisation}
+        unlabelled, align, ramp = None, None, 0.0
         if self.iteration >= cfg.warmup_supervised and len(self.ux):
-            x_u = self._intensity_view(self.rng.integers(0, len(self.ux), cfg.unlabelled_batch))
-            with torch.no_grad():
-                probs = torch.softmax(self.teacher(x_u, reconstruct=False).logits, dim=1)
-                conf, pseudo = probs.max(1)
-                weight = (conf >= cfg.confidence_threshold).float()
-            out_u = self.student(x_u, perturb=True)
-            seg_qpm = (F.cross_entropy(out_u.logits, pseudo, reduction="none") * weight).mean()
-            rec_u = F.l1_loss(out_u.reconstruction, x_u) if out_u.reconstruction is not None else x_u.new_zeros(())
-            perm = torch.as_tensor(self.rng.permutation(len(x_u)), device=self.device)
-            masks = cutmix_boxes(len(x_u), x_u.shape[-1], self.rng).to(self.device)
-            x_a, y_a = cutmix(x_u, pseudo, masks, perm)
-            w_a = torch.where(masks[:, 0].bool(), weight[perm], weight)
-            out_a = self.student(x_a, perturb=False, reconstruct=False)
-            seg_mix = (F.cross_entropy(out_a.logits, y_a, reduction="none") * w_a).mean()
-            loss_u = rec_u + seg_qpm + seg_mix
+            unlabelled = self.unlabelled_batch()
             ramp = rampup_weight(self.iteration, cfg.warmup_supervised, cfg.rampup)
-            total = total + ramp * cfg.lambda_u * loss_u + out_u.vq.codebook_loss + cfg.commitment * out_u.vq.commitment_loss
-            losses.update(seg_qpm=seg_qpm, seg_cutmix=seg_mix, rec_u=rec_u, ramp=torch.tensor(ramp))
             if self.fm is not None and len(self.fm) and self.student.pfa is not None:
-                align = self.alignment_loss()
-                total = total + cfg.lambda_a * align
-                losses["align"] = align
+                align = self.alignment_batch()
+        total, losses = self.step_loss(x_l, y_l, unlabelled, align, ramp)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -206,7 +272,7 @@ class VQSegTrainer:
         ema_update(self.teacher, self.student, min(cfg.ema_decay, 1.0 - 1.0 / (self.iteration + 1)))
         self.iteration += 1
         losses["total"] = total
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
 
     def run(self, on_step: Callable[[int, int, dict], None] | None = None, check_cancel: Callable[[], None] | None = None) -> None:
         while self.iteration < self.cfg.iterations:

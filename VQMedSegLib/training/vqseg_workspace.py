@@ -5,6 +5,10 @@ case is unlabelled data. The job emits loss, utilisation and perplexity events,
 checkpoints student, teacher, optimiser and iteration every ``checkpoint_interval``
 iterations (atomically) and resumes from there; the finished model (the EMA teacher) is
 recorded only when training completes.
+
+Under ``torchrun`` every rank builds the same pool and trains on its share of each batch
+(see :mod:`.vqseg`); only rank 0 writes checkpoints, events and the model, and every
+rank resumes from rank 0's last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..jobs.checkpoints import load_checkpoint, save_checkpoint
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..models.qpm import qpm_kl
+from .distributed import DistInfo, barrier, current, stop_together
 from .slices import labelled_signature
 from .vqseg import VQSegTrainer, foundation_features
 
@@ -27,8 +32,13 @@ METHOD = "vqseg"
 CHECKPOINT_INTERVAL = 50
 
 
-def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: torch.device) -> dict:
+def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: torch.device,
+                dist_info: DistInfo | None = None) -> dict:
+    """Train (or resume) VQ-Seg; returns the recorded model entry (``{}`` on ranks other
+    than 0 under torchrun)."""
     from ..active_learning.rounds import workspace_pool
+
+    info = dist_info or current()
 
     pool, labelled = workspace_pool(ws, config.slice_size, config.seed)
     if not labelled:
@@ -46,7 +56,8 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
         fm_channels, fm_rows = fm.shape[1], np.searchsorted(unl, rows)
     elif config.use_pfa:
         ctx.warn("PFA is off: no foundation model (foundation 'none')")
-    trainer = VQSegTrainer(config, pool.ct[lab], pool.labels[lab], pool.ct[unl], fm, fm_channels, device, fm_slices=fm_rows)
+    trainer = VQSegTrainer(config, pool.ct[lab], pool.labels[lab], pool.ct[unl], fm, fm_channels, device, fm_slices=fm_rows,
+                           dist_info=info)
     signature = labelled_signature(ws.labelled_slices())
     last = ws.checkpoint_dir(METHOD) / "last.pt"
     if last.exists():
@@ -61,7 +72,7 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
             ctx.emit("resumed", iteration=trainer.iteration)
         else:
             ctx.warn("found a VQ-Seg checkpoint from another configuration or labelled set; starting afresh")
-    ctx.emit("info", method=METHOD, labelled_slices=int(len(lab)), unlabelled_slices=int(len(unl)), device=str(device),
+    ctx.emit("info", method=METHOD, processes=info.world, labelled_slices=int(len(lab)), unlabelled_slices=int(len(unl)), device=str(device),
              qpm_kl=qpm_kl(trainer.student.quantizer.codebook(), config.epsilon) if config.use_qpm else None)
 
     def spec() -> dict:
@@ -71,7 +82,7 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
         if it % 10 == 0 or it == total:
             ctx.emit("loss", iteration=it, **losses)
         ctx.progress(it, total, "vqseg", loss=losses["total"])
-        if it % CHECKPOINT_INTERVAL == 0 and it < total:
+        if it % CHECKPOINT_INTERVAL == 0 and it < total and info.is_main:  # written once, by rank 0
             save_checkpoint(last, {
                 "method": METHOD, "model": spec(), "state_dict": trainer.student.state_dict(),
                 "teacher_state_dict": trainer.teacher.state_dict(), "optimizer": trainer.optimizer.state_dict(),
@@ -81,7 +92,13 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
             ctx.emit("checkpoint", iteration=it)
 
     t0 = time.monotonic()
-    trainer.run(on_step=on_step, check_cancel=ctx.check_cancel)
+    if info.enabled:
+        trainer.run(on_step=on_step, check_cancel=lambda: stop_together(ctx.cancel_requested(), info))
+    else:
+        trainer.run(on_step=on_step, check_cancel=ctx.check_cancel)
+    if not info.is_main:
+        barrier(info)
+        return {}
     model_id = f"{METHOD}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = ws.root / "models" / f"{model_id}.pt"
     save_checkpoint(path, {
@@ -92,4 +109,5 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
     entry = ws.record_model(model_id, path, METHOD, labelled=int(len(lab)), unlabelled=int(len(unl)), seconds=time.monotonic() - t0)
     last.unlink(missing_ok=True)
     ctx.emit("result", kind="train", method=METHOD, model=entry["path"], model_id=model_id)
+    barrier(info)
     return entry
