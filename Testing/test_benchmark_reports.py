@@ -1,0 +1,52 @@
+"""benchmarks/run_accuracy.py: finished parts are read back, and the headline figures and
+targets come from their results (the runs themselves take hours; see benchmarks/README.md)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import run_accuracy  # noqa: E402
+
+
+def _write_part(out: Path, name: str, run: dict, results: dict) -> None:
+    folder = out / name
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({**run, "seconds": 600.0, "versions": {"torch": "x"}}))
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "results.md").write_text(f"# {name}\n\n| table of {name} |\n")
+
+
+def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, capsys):
+    acdc = run_accuracy.part_settings("acdc-10", "cpu", 3)
+    chaos = run_accuracy.part_settings("chaos-begal", "cpu", 3)
+    _write_part(tmp_path, "acdc-10", {k: v for k, v in acdc.items() if k != "kind"} | {"split": {"rule": "test.list patients"}},
+                {"supervised": {"dice_mean": 0.60}, "vqseg": {"dice_mean": 0.78}, "supervised-full": {"dice_mean": 0.80}})
+    _write_part(tmp_path, "chaos-begal", {k: v for k, v in chaos.items() if k != "kind"} | {"description": "slabs"},
+                {"begal": {"labeled_fraction": [0.2, 0.3, 0.4], "dice_mean": [0.80, 0.85, 0.905]},
+                 "random": {"labeled_fraction": [0.2, 0.3, 0.4], "dice_mean": [0.80, 0.86, 0.89]}})
+
+    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,chaos-begal"]) == 0
+
+    summary = json.loads((tmp_path / "accuracy.json").read_text())
+    assert all(part["reused"] for part in summary["parts"].values())
+    assert summary["figures"]["acdc_vqseg10_vs_full_ratio"] == pytest.approx(0.975)
+    assert summary["figures"]["chaos_begal_minus_random_at_40"] == pytest.approx(1.5)
+    assert summary["figures"]["chaos_budget_at_last_round"] == pytest.approx(0.4)
+    assert summary["targets"]["acdc_vqseg10_vs_full_ratio"]["met"] is True
+    assert summary["targets"]["chaos_begal_minus_random_at_40"]["met"] is False
+    assert summary["parts"]["acdc-10"]["split"] == {"rule": "test.list patients"}
+    report = (tmp_path / "accuracy.md").read_text()
+    assert "| table of chaos-begal |" in report and "**no**" in report
+
+
+def test_a_part_run_with_other_settings_is_not_reused():
+    settings = run_accuracy.part_settings("chaos-begal", "cpu", 3)
+    recorded = {**{k: v for k, v in settings.items() if k != "kind"}, "seeds": [0]}
+    assert run_accuracy.recorded_settings(recorded, "simulate") != settings
+    recorded["seeds"] = [0, 1, 2]
+    assert run_accuracy.recorded_settings(recorded, "simulate") == settings
