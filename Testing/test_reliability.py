@@ -366,8 +366,10 @@ def test_kill_9_during_training_20_times_loses_at_most_one_checkpoint_interval(t
         before = [e["iteration"] for e in events if e["type"] == "checkpoint" and e["seq"] < start["seq"]]
         resumed = [e["iteration"] for e in events if e["type"] == "resumed" and e.get("job") == start["job"]]
         if before:
-            # each restart resumes from the newest checkpoint: the work lost is what followed it, less than one interval
-            assert resumed == [max(before)], (start["job"], resumed, max(before))
+            # each restart resumes from the newest checkpoint: the work lost is what followed it, less than one
+            # interval. A kill between a checkpoint's rename and its event leaves a newer file than the events
+            # say; resuming from that one is right too.
+            assert resumed in ([max(before)], [max(before) + 5]), (start["job"], resumed, max(before))
             resumed_runs += 1
     assert resumed_runs >= 10, f"only {resumed_runs} of 20 restarts had a checkpoint to resume from"
     checkpoints = sorted({e["iteration"] for e in events if e["type"] == "checkpoint"})
