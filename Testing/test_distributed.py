@@ -133,6 +133,12 @@ def test_a_distributed_run_resumes_from_rank_0s_checkpoint(workspace, tmp_path):
     assert not (workspace / "checkpoints" / "supervised" / "last.pt").exists()
 
 
+def _mismatch(a: dict, b: dict, names: list[str]) -> float:
+    """The fraction of the elements of the named tensors of ``a`` not close to ``b``'s."""
+    far = sum(int((~torch.isclose(a[n], b[n], rtol=1e-3, atol=2e-4)).sum()) for n in names)
+    return far / sum(a[n].numel() for n in names)
+
+
 def _vqseg_config(path: Path, **changes) -> Path:
     config = vqseg_config_from_preset(
         "tiny", iterations=3, labelled_batch=4, unlabelled_batch=2, pfa_batch=2, use_pfa=False, foundation="none",
@@ -153,8 +159,10 @@ def test_vqseg_two_processes_match_one_process_on_the_same_global_batch(workspac
     assert one.keys() == two.keys()
     compared = [n for n in one if not n.endswith(".conv.bias")]  # before instance normalisation: see above
     assert len(compared) > len(one) / 2
-    for name in compared:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=2e-4, msg=lambda m, name=name: f"{name}: {m}")
+    # Adam divides by the root of the squared gradient, so an element whose gradient is
+    # nearly zero turns summation-order noise into a visible step: allow 1 in 200 of them
+    # (without DDP's averaging, 10-80% of each tensor's elements differ)
+    assert _mismatch(two, one, compared) <= 0.005, {n: _mismatch(two, one, [n]) for n in compared if _mismatch(two, one, [n])}
     started = [e for e in _events(workspace) if e["type"] == "started"]
     assert started[-1]["params"]["processes"] == 2
     # and the check can fail: another seed ends elsewhere
@@ -164,7 +172,7 @@ def test_vqseg_two_processes_match_one_process_on_the_same_global_batch(workspac
     run_cli("train", "--workspace", other, "--method", "vqseg", "--config", _vqseg_config(tmp_path / "other.json", seed=4),
             "--device", "cpu")
     moved = _final_weights(other, "vqseg")
-    assert any(not torch.allclose(moved[n], one[n], rtol=1e-3, atol=2e-4) for n in compared)
+    assert _mismatch(moved, one, compared) > 0.2
 
 
 def test_vqseg_semi_supervised_step_runs_under_torchrun_and_rank_0_records_the_model(workspace, tmp_path):
