@@ -32,7 +32,7 @@ def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, c
 
     assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,chaos-begal"]) == 0
 
-    summary = json.loads((tmp_path / "accuracy.json").read_text())
+    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
     assert all(part["reused"] for part in summary["parts"].values())
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio"] == pytest.approx(0.975)
     assert summary["figures"]["chaos_begal_minus_random_at_40"] == pytest.approx(1.5)
@@ -40,7 +40,7 @@ def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, c
     assert summary["targets"]["acdc_vqseg10_vs_full_ratio"]["met"] is True
     assert summary["targets"]["chaos_begal_minus_random_at_40"]["met"] is False
     assert summary["parts"]["acdc-10"]["split"] == {"rule": "test.list patients"}
-    report = (tmp_path / "accuracy.md").read_text()
+    report = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert "| table of chaos-begal |" in report and "**no**" in report
 
 

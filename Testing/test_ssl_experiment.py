@@ -62,8 +62,8 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
     run_cli("ssl", "--dataset", folder, "--labeled-fraction", "0.2", "--methods", "supervised,supervised-full,vqseg",
             "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--out", out)
 
-    results = json.loads((out / "results.json").read_text())
-    run = json.loads((out / "run.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     names = ["label 1", "label 2", "label 3", "label 4"]  # the phantom's liver, kidneys and spleen
     assert run["structures"] == {"1": "label 1", "2": "label 2", "3": "label 3", "4": "label 4"}
     assert run["split"] == {"rule": "test.list patients", "train_cases": ["0", "1", "2"], "test_cases": ["3"]}
@@ -80,5 +80,5 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
         structure_mean = np.mean([r["structures"][s]["dice_mean"] for s in names])
         assert r["dice_mean"] == pytest.approx(structure_mean), method
         assert r["hd95_units"] == "mm"
-    table = (out / "results.md").read_text()
+    table = (out / "results.md").read_text(encoding="utf-8")
     assert "| label 4 Dice (%) |" in table and "| supervised-full | " in table

@@ -168,16 +168,16 @@ def main(argv=None) -> int:
         run_file = folder / "run.json"
         reuse = False
         if run_file.exists() and not args.fresh:
-            recorded = recorded_settings(json.loads(run_file.read_text()), settings["kind"])
+            recorded = recorded_settings(json.loads(run_file.read_text(encoding="utf-8")), settings["kind"])
             reuse = recorded == settings
             if not reuse:
                 print(f"{name}: {run_file} holds other settings ({recorded}); rerunning", flush=True)
         if not reuse:
             print(f"{name}: running {settings}", flush=True)
             run_part(settings, folder, device)
-        run = json.loads(run_file.read_text())
-        parts[name] = {"settings": settings, "results": json.loads((folder / "results.json").read_text()),
-                       "table": (folder / "results.md").read_text(), "seconds": run["seconds"],
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+        parts[name] = {"settings": settings, "results": json.loads((folder / "results.json").read_text(encoding="utf-8")),
+                       "table": (folder / "results.md").read_text(encoding="utf-8"), "seconds": run["seconds"],
                        "split": run.get("split") or run.get("description"), "versions": run["versions"],
                        "reused": reuse}
         print(f"{name}: {run['seconds'] / 60:.1f} min{' (read back)' if reuse else ''}", flush=True)

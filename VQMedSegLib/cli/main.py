@@ -53,7 +53,7 @@ def _report_experiment(args, results: dict) -> int:
     if args.json:
         _print_json(results)
     else:
-        sys.stdout.write((Path(args.out) / "results.md").read_text())
+        sys.stdout.write((Path(args.out) / "results.md").read_text(encoding="utf-8"))
     return 0
 
 

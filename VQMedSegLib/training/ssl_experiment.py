@@ -104,7 +104,7 @@ def load_cases(dataset: str) -> SSLData:
         out.append(Case(ref.case_id, image, label.with_array(scored), ref.modality))
     test_list = None
     if path.is_dir() and (path / "test.list").is_file():
-        test_list = {line.strip() for line in (path / "test.list").read_text().splitlines() if line.strip()}
+        test_list = {line.strip() for line in (path / "test.list").read_text(encoding="utf-8").splitlines() if line.strip()}
     return SSLData(out, structures, test_list, str(dataset))
 
 
