@@ -234,10 +234,6 @@ class VQSegTrainer:
         pick = shard(self.rng.integers(0, len(self.fm), min(self.cfg.pfa_batch, len(self.fm))), self.info)
         return self._intensity_view(self.fm_slices[pick]), torch.as_tensor(self.fm[pick].astype(np.float32), device=self.device)
 
-    def alignment_loss(self) -> torch.Tensor:
-        """Eq. 11 on one :meth:`alignment_batch`."""
-        return self.objective.alignment(*self.alignment_batch())
-
     def unlabelled_batch(self) -> UnlabelledViews:
         """The teacher's pseudo-labels of ``unlabelled_batch`` slices and their CutMix view."""
         cfg = self.cfg
