@@ -64,7 +64,6 @@ class SSLData:
     cases: list[Case]
     structures: dict[int, str]  # label value in Case.label -> name
     test_list: set[str] | None  # case ids of the published test split, if any
-    what: str
 
 
 def load_cases(dataset: str) -> SSLData:
@@ -75,7 +74,7 @@ def load_cases(dataset: str) -> SSLData:
         cases = make_dataset(dataset, 8, seed=2000)
         name = "liver" if dataset == "phantom-liver" else "lung tumour"
         return SSLData([Case(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), "CT")
-                        for c in cases], {1: name}, None, f"{dataset} phantoms")
+                        for c in cases], {1: name}, None)
     from ..data.datasets import discover_cases, load_case
     from ..data.paths import shared_data_dir
 
@@ -105,7 +104,7 @@ def load_cases(dataset: str) -> SSLData:
     test_list = None
     if path.is_dir() and (path / "test.list").is_file():
         test_list = {line.strip() for line in (path / "test.list").read_text(encoding="utf-8").splitlines() if line.strip()}
-    return SSLData(out, structures, test_list, str(dataset))
+    return SSLData(out, structures, test_list)
 
 
 def patient_of(case_id: str) -> str:
