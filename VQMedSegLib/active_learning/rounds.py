@@ -8,7 +8,10 @@
   exists, the first suggestions are drawn at random (purpose ``both``), as in the
   simulation's initial round.
 * **train** runs one round on the slices labelled so far, warm-starting from the previous
-  round's model, resumable from ``checkpoints/begal/last.pt``.
+  round's model, resumable from ``checkpoints/begal/last.pt``. Under ``torchrun`` every
+  rank builds the same pool and trains on its share of each batch
+  (:mod:`..training.distributed`); rank 0 alone writes checkpoints, the model and the
+  round.
 
 The budget ``B`` (total slices to annotate) is stored in ``state.json``; slices already
 labelled count as spent, whoever labelled them.
@@ -29,6 +32,7 @@ from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..tasks import get_task
 from ..training.begal import PhaseTrainer, build_model, case_dice, model_spec, round_schedule
+from ..training.distributed import DistInfo, barrier, current, stop_together
 from ..training.slices import labelled_signature
 from .budget import Budget
 from .pool import CaseInput, SlicePool, build_pool
@@ -62,11 +66,13 @@ def workspace_pool(ws: Workspace, size: int, seed: int) -> tuple[SlicePool, dict
     return pool, labelled
 
 
-def stored_config(ws: Workspace, requested: BEGALConfig) -> BEGALConfig:
-    """The workspace keeps one architecture across rounds; schedules may change."""
+def stored_config(ws: Workspace, requested: BEGALConfig, write: bool = True) -> BEGALConfig:
+    """The workspace keeps one architecture across rounds; schedules may change
+    (``write``: record ``requested`` in the workspace; only rank 0 writes under torchrun)."""
     stored = ws.load_state().get("methods", {}).get(METHOD, {}).get("config")
     if stored is None:
-        ws.update(lambda s: s.setdefault("methods", {}).setdefault(METHOD, {}).__setitem__("config", requested.to_json()))
+        if write:
+            ws.update(lambda s: s.setdefault("methods", {}).setdefault(METHOD, {}).__setitem__("config", requested.to_json()))
         return requested
     previous = BEGALConfig.from_json(stored, source=f"workspace {ws.root} VQ-BEGAL configuration")
     changed = [k for k in ARCHITECTURE_KEYS if getattr(previous, k) != getattr(requested, k)]
@@ -75,7 +81,8 @@ def stored_config(ws: Workspace, requested: BEGALConfig) -> BEGALConfig:
             f"VQ-BEGAL configuration: {', '.join(changed)} differ from the workspace's earlier rounds "
             f"({', '.join(f'{k}={getattr(previous, k)!r}' for k in changed)}); a new architecture needs a new workspace"
         )
-    ws.update(lambda s: s["methods"][METHOD].__setitem__("config", requested.to_json()))
+    if write:
+        ws.update(lambda s: s["methods"][METHOD].__setitem__("config", requested.to_json()))
     return requested
 
 
@@ -171,9 +178,12 @@ def _plateau(state: dict, config: BEGALConfig) -> str:
     return ""
 
 
-def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: torch.device) -> dict:
-    """One VQ-BEGAL round on the labelled slices; records the model and the round."""
-    config = stored_config(ws, config)
+def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: torch.device,
+                dist_info: DistInfo | None = None) -> dict:
+    """One VQ-BEGAL round on the labelled slices; records the model and the round
+    (returns ``{}`` on ranks other than 0 under torchrun)."""
+    info = dist_info or current()
+    config = stored_config(ws, config, write=info.is_main)
     torch.manual_seed(config.seed)
     pool, labelled = workspace_pool(ws, config.slice_size, config.seed)
     if not labelled:
@@ -188,7 +198,7 @@ def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: tor
     previous, prev_entry = _load_latest(ws, config, device)
     if previous is not None:
         model.load_state_dict(previous.state_dict())
-    trainer = PhaseTrainer(model, config, pool, device, seed=config.seed + round_index)
+    trainer = PhaseTrainer(model, config, pool, device, seed=config.seed + round_index, dist_info=info)
     phases = round_schedule(METHOD, round_index if previous is not None else 0, train_labelled, config)
     signature = labelled_signature(ws.labelled_slices())
     last = ws.checkpoint_dir(METHOD) / "last.pt"
@@ -214,7 +224,7 @@ def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: tor
         if it % 10 == 0 or it == total:
             ctx.emit("loss", iteration=it, phase=phase, **losses)
         ctx.progress(it, total, phase, loss=losses["total"])
-        if it % config.checkpoint_interval == 0 and it < total:
+        if it % config.checkpoint_interval == 0 and it < total and info.is_main:  # written once, by rank 0
             save_checkpoint(
                 last,
                 {
@@ -231,7 +241,14 @@ def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: tor
             ctx.emit("checkpoint", iteration=it, round=round_index)
 
     t0 = time.monotonic()
-    trainer.run(phases, start=start, on_step=on_step, check_cancel=ctx.check_cancel)
+    if info.enabled:  # a cancel seen by rank 0 stops every rank
+        check_cancel = lambda: stop_together(ctx.cancel_requested(), info)  # noqa: E731
+    else:
+        check_cancel = ctx.check_cancel
+    trainer.run(phases, start=start, on_step=on_step, check_cancel=check_cancel)
+    if not info.is_main:
+        barrier(info)
+        return {}
     val_dice = None
     if val_cases:
         val_idx = [c for c in val_cases if c in set(pool.case_ids.tolist())]
@@ -261,4 +278,5 @@ def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: tor
     ))
     last.unlink(missing_ok=True)
     ctx.emit("result", kind="train", method=METHOD, model=entry["path"], model_id=model_id, round=round_index, val_dice=val_dice)
+    barrier(info)
     return entry

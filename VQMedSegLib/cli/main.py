@@ -259,9 +259,6 @@ def cmd_train(args) -> int:
     from ..training.distributed import FollowerContext, process_group
 
     with process_group(device) as (info, device):  # under torchrun: join the process group
-        if info.enabled and args.method == "begal":
-            raise InputError(f"--method begal: distributed training (torchrun, {info.world} processes) is implemented "
-                             "for supervised and vqseg; run begal's round training as one process")
         params = {"method": args.method, "config": config.to_json(), "device": str(device), "processes": info.world}
         context = JobContext(ws, "train", params=params) if info.is_main else FollowerContext(ws, "train", info)
         with context as ctx:

@@ -11,7 +11,9 @@ have no cosine option, hence this module.
 Codebook health: the quantiser keeps an exponential moving average of how often each
 code is used. During training, codes whose usage falls below ``dead_threshold`` are
 revived by moving them onto randomly chosen current features, so utilisation does not
-collapse onto a handful of codes. Utilisation (share of codes used in the batch) and
+collapse onto a handful of codes. Under DistributedDataParallel the usage counts are
+summed over the ranks and revived codes come from rank 0's features, so every rank keeps
+the same codebook. Utilisation (share of codes used in the batch) and
 perplexity (``exp`` of the entropy of code usage) are returned with every forward pass.
 """
 
@@ -21,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -101,6 +104,10 @@ class CosineVectorQuantizer(nn.Module):
     def _update_usage(self, counts: torch.Tensor, z_flat: torch.Tensor) -> None:
         # usage in "expected assignments per code if usage were uniform" units, so the
         # threshold does not depend on batch size
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:  # under DDP: the usage of the global batch, the same on every rank
+            counts = counts.clone()
+            dist.all_reduce(counts)
         expected = counts * self.num_codes / counts.sum().clamp_min(1)
         self.usage.mul_(self.usage_decay).add_(expected, alpha=1 - self.usage_decay)
         if self.dead_threshold <= 0:
@@ -110,6 +117,9 @@ class CosineVectorQuantizer(nn.Module):
             return
         pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)
         noise = 0.01 * torch.randn(dead.numel(), self.dim, device=z_flat.device)
-        self.codebook.data[dead] = F.normalize(z_flat[pick] + noise, dim=1)
+        revived = F.normalize(z_flat[pick] + noise, dim=1)
+        if distributed:  # every rank takes rank 0's choice, so the codebooks stay equal
+            dist.broadcast(revived, src=0)
+        self.codebook.data[dead] = revived
         self.usage[dead] = 1.0
         self.revived_total += dead.numel()

@@ -20,6 +20,14 @@ for the same number of iterations as a BEGAL round, so strategies differ only in
 they select and how they use it. Weights carry over from round to round (the network
 keeps learning as the labelled set grows); each parameter group has its own AdamW
 optimiser with a constant learning rate.
+
+Under ``torchrun`` (:mod:`.distributed`) every rank draws the same global batches and
+trains on its share (``batch_size`` and ``unlabelled_batch`` must be multiples of the
+number of processes). A step's loss is one forward pass of :class:`BEGALObjective`; each
+phase wraps it in DistributedDataParallel over the parameters that phase trains, so the
+frozen half is never synchronised. The codebook's usage statistics are summed over the
+ranks and revived codes are taken from rank 0's features (:mod:`..models.quantizers`),
+so the ranks keep one codebook.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from monai.losses import DiceCELoss
 from ..active_learning.pool import SlicePool
 from ..active_learning.strategies import BOTH, DECODER, ENCODER
 from ..config import BEGALConfig
+from ..errors import InputError
 from ..models.begal import CT, MR, VQBEGALNet
+from .distributed import SINGLE, DistInfo, shard
 from .supervised import augmentation
 
 
@@ -107,23 +117,70 @@ def set_trainable(model: VQBEGALNet, trainable: str) -> None:
                 p.requires_grad_(on)
 
 
+class BEGALObjective(nn.Module):
+    """The loss of one phase step (``5 seg + 0.5 VQ + 0.25 disc + 0.2 commit``; ``5 seg``
+    alone when only the decoder trains) as one forward pass, which DDP can wrap."""
+
+    def __init__(self, model: VQBEGALNet, config: BEGALConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, ct, mr, present, y, trainable: str, u_ct=None, u_mr=None):
+        cfg = self.config
+        out = self.model(ct, mr, present)
+        seg = self.seg_loss(out.logits, y)
+        losses = {"seg": seg}
+        total = cfg.seg_weight * seg
+        if trainable in ("all", "encoder"):
+            disc = F.cross_entropy(out.disc_ct, torch.full((ct.shape[0],), CT, device=ct.device))
+            if out.disc_mr is not None and len(out.disc_mr):
+                disc = 0.5 * (disc + F.cross_entropy(out.disc_mr, torch.full((out.disc_mr.shape[0],), MR, device=ct.device)))
+            cb, commit = out.codebook_loss, out.commitment_loss
+            if u_ct is not None:
+                ucb, ucommit, udisc = self.model.unlabelled_losses(u_ct, u_mr)
+                cb, commit, disc = 0.5 * (cb + ucb), 0.5 * (commit + ucommit), 0.5 * (disc + udisc)
+            total = total + cfg.vq_weight * cb + cfg.disc_weight * disc + cfg.commit_weight * commit
+            losses.update(vq=cb, commit=commit, disc=disc, perplexity=out.perplexity, utilisation=out.utilisation)
+        return total, losses
+
+
 class PhaseTrainer:
     """Runs phases over a pool whose ``labels`` hold the annotations of the labelled slices."""
 
-    def __init__(self, model: VQBEGALNet, config: BEGALConfig, pool: SlicePool, device: torch.device, seed: int):
+    def __init__(self, model: VQBEGALNet, config: BEGALConfig, pool: SlicePool, device: torch.device, seed: int,
+                 dist_info: DistInfo = SINGLE):
         if pool.labels is None:
             raise ValueError("PhaseTrainer needs a pool with labels for the labelled slices")
+        if dist_info.enabled:
+            uneven = {k: getattr(config, k) for k in ("batch_size", "unlabelled_batch") if getattr(config, k) % dist_info.world}
+            if uneven:
+                raise InputError(f"VQ-BEGAL batch sizes {uneven}: expected multiples of the {dist_info.world} processes")
         self.model = model.to(device)
         self.config = config
         self.pool = pool
         self.device = device
+        self.info = dist_info
         self.optimizers = make_optimizers(model, config)
         self.rng = np.random.default_rng(seed)
-        self.transform = augmentation(seed) if config.augment else None
-        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        # every rank draws the same global batch (same rng); augmentation streams differ per rank
+        self.transform = augmentation(seed + dist_info.rank) if config.augment else None
+        self.objective = BEGALObjective(self.model, config)
+        self.step_loss: nn.Module = self.objective
+
+    def _wrap(self) -> None:
+        """DDP over the parameters that require a gradient now (call after :func:`set_trainable`)."""
+        if not self.info.enabled:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        # MR-less batches leave E_m idle, hence find_unused_parameters
+        self.step_loss = DistributedDataParallel(self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                                 find_unused_parameters=True)
 
     def _labelled_batch(self, samples: np.ndarray):
-        idx = self.rng.choice(samples, self.config.batch_size)
+        idx = shard(self.rng.choice(samples, self.config.batch_size), self.info)
         ct, mr, present = self.pool.batch(idx)
         labels = self.pool.labels[idx]
         if self.transform is not None:
@@ -141,24 +198,13 @@ class PhaseTrainer:
     def step(self, phase: Phase) -> dict[str, float]:
         cfg = self.config
         ct, mr, present, y = self._labelled_batch(phase.samples)
-        out = self.model(ct, mr, present)
-        seg = self.seg_loss(out.logits, y)
-        losses = {"seg": seg}
-        total = cfg.seg_weight * seg
-        if phase.trainable in ("all", "encoder"):
-            disc = F.cross_entropy(out.disc_ct, torch.full((ct.shape[0],), CT, device=self.device))
-            if out.disc_mr is not None and len(out.disc_mr):
-                disc = 0.5 * (disc + F.cross_entropy(out.disc_mr, torch.full((out.disc_mr.shape[0],), MR, device=self.device)))
-            cb, commit = out.codebook_loss, out.commitment_loss
-            if cfg.unlabelled_batch:
-                u = self.rng.integers(0, len(self.pool), cfg.unlabelled_batch)
-                u_ct, u_mr, _ = self.pool.batch(u)
-                ucb, ucommit, udisc = self.model.unlabelled_losses(
-                    torch.as_tensor(u_ct, device=self.device), torch.as_tensor(u_mr, device=self.device) if u_mr is not None else None
-                )
-                cb, commit, disc = 0.5 * (cb + ucb), 0.5 * (commit + ucommit), 0.5 * (disc + udisc)
-            total = total + cfg.vq_weight * cb + cfg.disc_weight * disc + cfg.commit_weight * commit
-            losses.update(vq=cb, commit=commit, disc=disc, perplexity=out.perplexity, utilisation=out.utilisation)
+        u_ct = u_mr = None
+        if phase.trainable in ("all", "encoder") and cfg.unlabelled_batch:
+            u = shard(self.rng.integers(0, len(self.pool), cfg.unlabelled_batch), self.info)
+            u_ct, u_mr, _ = self.pool.batch(u)
+            u_ct = torch.as_tensor(u_ct, device=self.device)
+            u_mr = torch.as_tensor(u_mr, device=self.device) if u_mr is not None else None
+        total, losses = self.step_loss(ct, mr, present, y, phase.trainable, u_ct, u_mr)
         groups = ("encoder", "decoder") if phase.trainable == "all" else (phase.trainable,)
         for g in groups:
             self.optimizers[g].zero_grad(set_to_none=True)
@@ -183,6 +229,7 @@ class PhaseTrainer:
                 offset += phase.iterations
                 continue
             set_trainable(self.model, phase.trainable)
+            self._wrap()
             for it in range(max(start, offset), offset + phase.iterations):
                 if check_cancel is not None:
                     check_cancel()
@@ -191,6 +238,7 @@ class PhaseTrainer:
                     on_step(it + 1, total, phase.name, losses)
             offset += phase.iterations
         set_trainable(self.model, "all")
+        self.step_loss = self.objective
         self.model.eval()
         return total
 
