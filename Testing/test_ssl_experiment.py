@@ -11,8 +11,8 @@ from VQMedSegLib.config import vqseg_config_from_preset
 from VQMedSegLib.data.io import write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.errors import ConfigError, InputError
-from VQMedSegLib.training.ssl_experiment import Case, split_by_patient
-from VQMedSegLib.training.vqseg import build_vqseg
+from VQMedSegLib.training.ssl_experiment import Case, method_config, split_by_patient
+from VQMedSegLib.training.vqseg import VQSegTrainer, build_vqseg
 
 from conftest import run_cli
 
@@ -82,3 +82,17 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
         assert r["hd95_units"] == "mm"
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "| label 4 Dice (%) |" in table and "| supervised-full | " in table
+
+
+def test_vqseg_labelled_row_never_uses_an_unlabelled_slice():
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 1, 32, 32), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int64)
+    base = vqseg_config_from_preset("tiny", iterations=8, warmup_supervised=2, foundation="none")
+    for method, semi in (("vqseg-labelled", False), ("vqseg", True)):
+        cfg = method_config(method, base, seed=0)
+        trainer = VQSegTrainer(cfg, x[:4], y[:4], x[4:], None, 0, torch.device("cpu"))
+        keys = set()
+        trainer.run(on_step=lambda it, total, losses: keys.update(losses))
+        assert ("seg_qpm" in keys) is semi, method
+        assert trainer.student.pfa is None

@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--dataset", required=True, help="phantom-liver, phantom-lung, acdc, chaos-mr, or a dataset folder")
     ss.add_argument("--labeled-fraction", type=float, default=0.1)
     ss.add_argument("--methods", default="supervised,vqseg",
-                    help="comma-separated: supervised, supervised-full (every training slice labelled), vqseg, vqseg-noqpm, vqseg-nodb, vqseg-nopfa, vqseg-dropout")
+                    help="comma-separated: supervised, supervised-full (every training slice labelled), vqseg, vqseg-noqpm, vqseg-nodb, "
+                         "vqseg-nopfa, vqseg-dropout, vqseg-labelled (VQ-Seg's network on the labelled slices alone)")
     ss.add_argument("--seeds", type=int, default=2)
     ss.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
     ss.add_argument("--config", help="JSON VQ-Seg configuration (overrides the preset)")

@@ -44,7 +44,18 @@ METHODS = {
     "vqseg-nodb": {"use_reconstruction": False},
     "vqseg-nopfa": {"use_pfa": False},
     "vqseg-dropout": {"perturbation": "dropout"},
+    # VQ-Seg's network on the labelled slices alone (no teacher, no unlabelled slice, no
+    # PFA): what the quantised network costs or gains before any semi-supervision
+    "vqseg-labelled": {"use_pfa": False},
 }
+
+
+def method_config(method: str, config: VQSegConfig, seed: int) -> VQSegConfig:
+    """The configuration one row of the experiment trains with."""
+    cfg = config.replace(seed=seed, **METHODS[method])
+    if method == "vqseg-labelled":  # the semi-supervised terms never start
+        cfg = cfg.replace(warmup_supervised=cfg.iterations)
+    return cfg
 
 # the structures scored on the named real datasets: label value -> name
 ACDC_STRUCTURES = {1: "RV", 2: "Myo", 3: "LV"}
@@ -236,7 +247,7 @@ def run_ssl(
         unl = np.setdiff1d(np.arange(len(x_all)), lab)
         for method in methods:
             t = time.monotonic()
-            cfg = config.replace(seed=seed, **METHODS.get(method, {}))
+            cfg = method_config(method, config, seed)
             if method.startswith("supervised"):
                 rows = np.arange(len(x_all)) if method == "supervised-full" else lab
                 predict = _train_supervised(cfg, x_all[rows], y_all[rows], device)
