@@ -47,6 +47,22 @@ def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, c
 def test_a_part_run_with_other_settings_is_not_reused():
     settings = run_accuracy.part_settings("chaos-begal", "cpu", 3)
     recorded = {**{k: v for k, v in settings.items() if k != "kind"}, "seeds": [0]}
-    assert run_accuracy.recorded_settings(recorded, "simulate") != settings
+    assert run_accuracy.recorded_settings(recorded, settings) != settings
     recorded["seeds"] = [0, 1, 2]
-    assert run_accuracy.recorded_settings(recorded, "simulate") == settings
+    assert run_accuracy.recorded_settings(recorded, settings) == settings
+
+
+def test_a_part_run_with_other_preset_values_is_not_reused():
+    settings = run_accuracy.part_settings("acdc-10", "cpu", 3)
+    run = {k: v for k, v in settings.items() if k != "kind"}
+    # the experiment records the seed and the number of structures of its own run
+    run["config"] = {**settings["config"], "seed": 2, "num_classes": 4}
+    assert run_accuracy.recorded_settings(run, settings) == settings
+    # a key the run predates reads as the default, as the code of that run behaved
+    run["config"] = {k: v for k, v in run["config"].items() if k != "augment"}
+    assert run_accuracy.recorded_settings(run, settings) == settings
+    # a preset whose values changed since the run is rerun
+    run["config"] = {**settings["config"], "iterations": settings["config"]["iterations"] + 100}
+    assert run_accuracy.recorded_settings(run, settings) != settings
+    run["config"] = {**settings["config"], "a_key_no_longer_known": 1}
+    assert run_accuracy.recorded_settings(run, settings) != settings

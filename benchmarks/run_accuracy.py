@@ -11,7 +11,7 @@ reads the scans from ``$VQMEDSEG_DATA`` (or ``../shared/data``) and writes, per 
 ``results.md``, ``run.json`` with the preset, seeds, split, software versions and wall
 time), then ``acc-out/accuracy.json`` and ``acc-out/accuracy.md`` with every part and
 the targets of the accuracy benchmark. A part whose ``run.json`` already records the same
-settings is read back instead of rerun (the parts take hours on 2 CPU cores); pass
+settings (data, methods, seeds, every value of the preset) is read back instead of rerun (the parts take hours on 2 CPU cores); pass
 ``--fresh`` to rerun it.
 
 Parts:
@@ -82,21 +82,52 @@ TARGETS = {
 }
 
 
+# set per run by the experiment (the seed, the number of structures), not by the preset
+PER_RUN_KEYS = ("seed", "num_classes")
+
+
+def _config_class(kind: str):
+    from VQMedSegLib.config import BEGALConfig, VQSegConfig
+
+    return VQSegConfig if kind == "ssl" else BEGALConfig
+
+
+def _preset_config(kind: str, preset: str) -> dict:
+    from VQMedSegLib.config import begal_config_from_preset, vqseg_config_from_preset
+
+    config = (vqseg_config_from_preset if kind == "ssl" else begal_config_from_preset)(preset)
+    return _comparable(kind, config.to_json())
+
+
+def _comparable(kind: str, config: dict | None) -> dict:
+    """A configuration as today's code reads it (a key the run predates takes the class
+    default, which is what the code of that run did), without the per-run keys."""
+    from VQMedSegLib.errors import ConfigError
+
+    try:
+        config = _config_class(kind).from_json(config or {}, source="run.json").to_json()
+    except ConfigError:  # a key today's code no longer knows: not comparable, so rerun
+        pass
+    return {k: v for k, v in json.loads(json.dumps(config or {})).items() if k not in PER_RUN_KEYS}
+
+
 def part_settings(name: str, preset: str, seeds: int) -> dict:
+    """What a part runs: its data, methods, seeds and the full configuration of its preset
+    (so a preset whose values change is rerun, not read back)."""
     part, p = PARTS[name], PRESETS[preset]
     if part["kind"] == "ssl":
         return {"kind": "ssl", "dataset": part["dataset"], "labeled_fraction": part["labeled_fraction"],
-                "methods": part["methods"], "preset": p["ssl_preset"], "seeds": list(range(seeds))}
+                "methods": part["methods"], "preset": p["ssl_preset"], "seeds": list(range(seeds)),
+                "config": _preset_config("ssl", p["ssl_preset"])}
     return {"kind": "simulate", "dataset": part["dataset"], "strategies": part["strategies"], "preset": p["al_preset"],
-            "seeds": list(range(seeds)), "initial": p["initial"], "rounds": p["rounds"], "per_round": p["per_round"]}
+            "seeds": list(range(seeds)), "initial": p["initial"], "rounds": p["rounds"], "per_round": p["per_round"],
+            "config": _preset_config("simulate", p["al_preset"])}
 
 
-def recorded_settings(run: dict, kind: str) -> dict:
-    if kind == "ssl":
-        return {"kind": "ssl", "dataset": run["dataset"], "labeled_fraction": run.get("labeled_fraction"),
-                "methods": run["methods"], "preset": run["preset"], "seeds": run["seeds"]}
-    return {"kind": "simulate", "dataset": run["dataset"], "strategies": run["strategies"], "preset": run["preset"],
-            "seeds": run["seeds"], "initial": run["initial"], "rounds": run["rounds"], "per_round": run["per_round"]}
+def recorded_settings(run: dict, settings: dict) -> dict:
+    """The same fields as ``settings``, read from a part's ``run.json``."""
+    recorded = {k: run.get(k) for k in settings if k not in ("kind", "config")}
+    return {"kind": settings["kind"], **recorded, "config": _comparable(settings["kind"], run.get("config"))}
 
 
 def run_part(settings: dict, out: Path, device: torch.device) -> None:
@@ -175,10 +206,11 @@ def main(argv=None) -> int:
         run_file = folder / "run.json"
         reuse = False
         if run_file.exists() and not args.fresh:
-            recorded = recorded_settings(json.loads(run_file.read_text(encoding="utf-8")), settings["kind"])
+            recorded = recorded_settings(json.loads(run_file.read_text(encoding="utf-8")), settings)
             reuse = recorded == settings
             if not reuse:
-                print(f"{name}: {run_file} holds other settings ({recorded}); rerunning", flush=True)
+                differ = sorted(k for k in settings if recorded.get(k) != settings[k])
+                print(f"{name}: {run_file} holds other settings ({', '.join(differ)} differ); rerunning", flush=True)
         if not reuse:
             print(f"{name}: running {settings}", flush=True)
             run_part(settings, folder, device)
