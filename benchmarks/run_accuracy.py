@@ -11,8 +11,8 @@ reads the scans from ``$VQMEDSEG_DATA`` (or ``../shared/data``) and writes, per 
 ``results.md``, ``run.json`` with the preset, seeds, split, software versions and wall
 time), then ``acc-out/accuracy.json`` and ``acc-out/accuracy.md`` with every part and
 the targets of the accuracy benchmark. A part whose ``run.json`` already records the same
-settings (data, methods, seeds, every value of the preset) is read back instead of rerun (the parts take hours on 2 CPU cores); pass
-``--fresh`` to rerun it.
+settings (data, methods, seeds, every value of the preset) is read back instead of rerun
+(the parts take hours on 2 CPU cores); pass ``--fresh`` to rerun it.
 
 Parts:
 
