@@ -66,3 +66,31 @@ def test_a_part_run_with_other_preset_values_is_not_reused():
     assert run_accuracy.recorded_settings(run, settings) != settings
     run["config"] = {**settings["config"], "a_key_no_longer_known": 1}
     assert run_accuracy.recorded_settings(run, settings) != settings
+
+
+def _ssl_results(**rows):
+    return {m: {"dice_mean": sum(d) / len(d), "per_seed": [{"seed": k, "dice_mean": v} for k, v in enumerate(d)]}
+            for m, d in rows.items()}
+
+
+def test_seed_paired_differences_pair_rows_of_the_same_labelled_slices(tmp_path):
+    for name, rows in {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54],
+                                   "supervised-full": [0.75, 0.70, 0.75]},
+                       "acdc-10-vq": {"vqseg-labelled": [0.48, 0.53, 0.50], "vqseg-nodb": [0.60, 0.57, 0.59]}}.items():
+        settings = run_accuracy.part_settings(name, "cpu", 3)
+        _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, _ssl_results(**rows))
+    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,acdc-10-vq"]) == 0
+    paired = {(d["a"], d["b"]): d for d in json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))["paired"]}
+    d = paired[("acdc-10/vqseg", "acdc-10/supervised")]
+    assert d["per_seed"] == pytest.approx([-9.0, -1.0, -12.0]) and d["mean"] == pytest.approx(-22 / 3) and d["a_higher"] == 0
+    d = paired[("acdc-10/vqseg", "acdc-10-vq/vqseg-labelled")]
+    assert d["per_seed"] == pytest.approx([3.0, 3.0, 4.0]) and d["a_higher"] == 3
+    assert ("acdc-10/vqseg", "acdc-10-vq/vqseg-nodb") in paired
+    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
+    # rows of parts on other seeds or another labelled fraction are never paired
+    for change in ({"seeds": [5, 6, 7]}, {"labeled_fraction": 0.05}):
+        parts = {**summary["parts"], "acdc-10-vq": {**summary["parts"]["acdc-10-vq"]}}
+        parts["acdc-10-vq"]["settings"] = {**parts["acdc-10-vq"]["settings"], **change}
+        assert {(d["a"], d["b"]) for d in run_accuracy.paired_differences(parts)} == {("acdc-10/vqseg", "acdc-10/supervised")}
+    report = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "| acdc-10/vqseg | acdc-10-vq/vqseg-labelled | +3.00 / +3.00 / +4.00 | +3.33 ± 0.47 | 3 of 3 |" in report

@@ -9,8 +9,8 @@ Usage::
 reads the scans from ``$VQMEDSEG_DATA`` (or ``../shared/data``) and writes, per part,
 ``acc-out/<part>/`` (the ``vqmedseg ssl`` / ``simulate`` outputs: ``results.json``,
 ``results.md``, ``run.json`` with the preset, seeds, split, software versions and wall
-time), then ``acc-out/accuracy.json`` and ``acc-out/accuracy.md`` with every part and
-the targets of the accuracy benchmark. A part whose ``run.json`` already records the same
+time), then ``acc-out/accuracy.json`` and ``acc-out/accuracy.md`` with every part, the
+targets of the accuracy benchmark and the seed-paired differences between rows. A part whose ``run.json`` already records the same
 settings (data, methods, seeds, every value of the preset) is read back instead of rerun
 (the parts take hours on 2 CPU cores); pass ``--fresh`` to rerun it.
 
@@ -146,6 +146,44 @@ def run_part(settings: dict, out: Path, device: torch.device) -> None:
                  preset=settings["preset"])
 
 
+# seed-paired comparisons (method A minus method B): within a seed both rows trained on
+# the same labelled slices, so the per-seed difference removes the labelled set's luck
+PAIRED = [
+    (("acdc-5", "vqseg"), ("acdc-5", "supervised")),
+    (("acdc-10", "vqseg"), ("acdc-10", "supervised")),
+    (("chaos-mr-10", "vqseg"), ("chaos-mr-10", "supervised")),
+    (("acdc-10-vq", "vqseg-labelled"), ("acdc-10", "supervised")),
+    (("acdc-10", "vqseg"), ("acdc-10-vq", "vqseg-labelled")),
+    (("acdc-10", "vqseg"), ("acdc-10-vq", "vqseg-nodb")),
+    (("acdc-10", "vqseg"), ("acdc-10-ablation", "vqseg-noqpm")),
+    (("acdc-10", "vqseg"), ("acdc-10-ablation", "vqseg-nopfa")),
+]
+
+
+def paired_differences(parts: dict) -> list[dict]:
+    """Per-seed Dice differences (points) of the :data:`PAIRED` rows whose parts ran with
+    the same data, labelled fraction and seeds."""
+    out = []
+    for (part_a, a), (part_b, b) in PAIRED:
+        pa, pb = parts.get(part_a), parts.get(part_b)
+        if not pa or not pb or a not in pa["results"] or b not in pb["results"]:
+            continue
+        same = ("dataset", "labeled_fraction", "seeds")
+        if any(pa["settings"].get(k) != pb["settings"].get(k) for k in same):
+            continue
+        runs_a = {r["seed"]: r["dice_mean"] for r in pa["results"][a].get("per_seed", [])}
+        runs_b = {r["seed"]: r["dice_mean"] for r in pb["results"][b].get("per_seed", [])}
+        seeds = sorted(set(runs_a) & set(runs_b))
+        diff = [100 * (runs_a[k] - runs_b[k]) for k in seeds]
+        if not diff:
+            continue
+        mean = sum(diff) / len(diff)
+        std = (sum((d - mean) ** 2 for d in diff) / len(diff)) ** 0.5
+        out.append({"a": f"{part_a}/{a}", "b": f"{part_b}/{b}", "seeds": seeds, "per_seed": diff, "mean": mean,
+                    "std": std, "a_higher": sum(d > 0 for d in diff)})
+    return out
+
+
 def headline(parts: dict) -> dict:
     """The figures the targets are judged on, from whichever parts ran."""
     out: dict = {}
@@ -172,6 +210,13 @@ def report(summary: dict) -> str:
         shown = "not run" if value is None else f"{value:.3f}"
         met = "n/a" if value is None else ("yes" if value >= target else "**no**")
         lines.append(f"| {what} | ≥ {target:g} | {shown} | {met} |")
+    if summary.get("paired"):
+        lines += ["", "## Seed-paired differences", "",
+                  "Dice points, A minus B, seed by seed (both rows of a seed trained on the same labelled slices).", "",
+                  "| A | B | per seed | mean ± std | seeds where A > B |", "|---|---|---|---|---|"]
+        for d in summary["paired"]:
+            seeds = " / ".join(f"{v:+.2f}" for v in d["per_seed"])
+            lines.append(f"| {d['a']} | {d['b']} | {seeds} | {d['mean']:+.2f} ± {d['std']:.2f} | {d['a_higher']} of {len(d['seeds'])} |")
     for name, part in summary["parts"].items():
         lines += ["", f"## {name} ({part['seconds'] / 60:.0f} min)", "", part["table"].split("\n", 2)[2].strip()]
     return "\n".join(lines) + "\n"
@@ -224,6 +269,7 @@ def main(argv=None) -> int:
         "preset": args.preset, "seeds": list(range(args.seeds)), "device": str(device),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "versions": software_versions(),
         "wall_seconds": sum(p["seconds"] for p in parts.values()), "parts": parts, "figures": headline(parts),
+        "paired": paired_differences(parts),
         "papers": PAPER, "measured_at": time.strftime("%Y-%m-%d"),
     }
     summary["targets"] = {k: {"target": t, "what": w, "value": summary["figures"].get(k),
