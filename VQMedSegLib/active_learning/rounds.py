@@ -32,7 +32,7 @@ from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..tasks import get_task
 from ..training.begal import PhaseTrainer, build_model, case_dice, model_spec, round_schedule
-from ..training.distributed import DistInfo, barrier, current, stop_together
+from ..training.distributed import DistInfo, barrier, cancel_check, current
 from ..training.slices import labelled_signature
 from .budget import Budget
 from .pool import CaseInput, SlicePool, build_pool
@@ -241,11 +241,7 @@ def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: tor
             ctx.emit("checkpoint", iteration=it, round=round_index)
 
     t0 = time.monotonic()
-    if info.enabled:  # a cancel seen by rank 0 stops every rank
-        check_cancel = lambda: stop_together(ctx.cancel_requested(), info)  # noqa: E731
-    else:
-        check_cancel = ctx.check_cancel
-    trainer.run(phases, start=start, on_step=on_step, check_cancel=check_cancel)
+    trainer.run(phases, start=start, on_step=on_step, check_cancel=cancel_check(ctx, info))  # rank 0's cancel stops all
     if not info.is_main:
         barrier(info)
         return {}

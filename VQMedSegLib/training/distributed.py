@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -115,6 +116,14 @@ def stop_together(cancel_requested: bool, info: DistInfo) -> None:
     dist.broadcast(flag, src=0)
     if int(flag.item()):
         raise JobCancelled("cancel requested" + ("" if info.is_main else " (by rank 0)"))
+
+
+def cancel_check(ctx, info: DistInfo) -> Callable[[], None]:
+    """A job's between-steps cancel check: ``ctx.check_cancel`` in one process; under
+    torchrun, rank 0's answer on every rank (:func:`stop_together`)."""
+    if not info.enabled:
+        return ctx.check_cancel
+    return lambda: stop_together(ctx.cancel_requested(), info)
 
 
 def barrier(info: DistInfo) -> None:

@@ -24,7 +24,7 @@ from ..jobs.checkpoints import load_checkpoint, save_checkpoint
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..models.unet import build_from_spec, model_spec
-from .distributed import DistInfo, barrier, shard, stop_together
+from .distributed import DistInfo, barrier, cancel_check, shard
 from .distributed import current as current_dist
 from .slices import SliceSet, labelled_signature, load_labelled_slices
 
@@ -176,11 +176,9 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
     model.train()
     t0 = time.monotonic()
     running = None
+    check_cancel = cancel_check(ctx, info)
     for it in range(start_iter, config.iterations):
-        if info.enabled:
-            stop_together(ctx.cancel_requested(), info)
-        else:
-            ctx.check_cancel()
+        check_cancel()
         x, y = make_batch(train_set, shard(sampler.indices(), info), transform)
         x, y = x.to(device), y.to(device)
         loss = loss_fn(net(x), y)

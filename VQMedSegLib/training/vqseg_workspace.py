@@ -24,7 +24,7 @@ from ..jobs.checkpoints import load_checkpoint, save_checkpoint
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..models.qpm import qpm_kl
-from .distributed import DistInfo, barrier, current, stop_together
+from .distributed import DistInfo, barrier, cancel_check, current
 from .slices import labelled_signature
 from .vqseg import VQSegTrainer, foundation_features
 
@@ -92,10 +92,7 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
             ctx.emit("checkpoint", iteration=it)
 
     t0 = time.monotonic()
-    if info.enabled:
-        trainer.run(on_step=on_step, check_cancel=lambda: stop_together(ctx.cancel_requested(), info))
-    else:
-        trainer.run(on_step=on_step, check_cancel=ctx.check_cancel)
+    trainer.run(on_step=on_step, check_cancel=cancel_check(ctx, info))
     if not info.is_main:
         barrier(info)
         return {}
