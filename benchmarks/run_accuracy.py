@@ -10,9 +10,10 @@ reads the scans from ``$VQMEDSEG_DATA`` (or ``../shared/data``) and writes, per 
 ``acc-out/<part>/`` (the ``vqmedseg ssl`` / ``simulate`` outputs: ``results.json``,
 ``results.md``, ``run.json`` with the preset, seeds, split, software versions and wall
 time), then ``acc-out/accuracy.json`` and ``acc-out/accuracy.md`` with every part, the
-targets of the accuracy benchmark and the seed-paired differences between rows. A part whose ``run.json`` already records the same
-settings (data, methods, seeds, every value of the preset) is read back instead of rerun
-(the parts take hours on 2 CPU cores); pass ``--fresh`` to rerun it.
+targets of the accuracy benchmark and the seed-paired differences between rows. A part
+whose ``run.json`` already records the same settings (data, methods, seeds, every value
+of the preset) is read back instead of rerun (the parts take hours on 2 CPU cores); pass
+``--fresh`` to rerun it.
 
 Parts:
 
@@ -40,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -164,11 +166,11 @@ def paired_differences(parts: dict) -> list[dict]:
     """Per-seed Dice differences (points) of the :data:`PAIRED` rows whose parts ran with
     the same data, labelled fraction and seeds."""
     out = []
+    same = ("dataset", "labeled_fraction", "seeds")
     for (part_a, a), (part_b, b) in PAIRED:
         pa, pb = parts.get(part_a), parts.get(part_b)
         if not pa or not pb or a not in pa["results"] or b not in pb["results"]:
             continue
-        same = ("dataset", "labeled_fraction", "seeds")
         if any(pa["settings"].get(k) != pb["settings"].get(k) for k in same):
             continue
         runs_a = {r["seed"]: r["dice_mean"] for r in pa["results"][a].get("per_seed", [])}
@@ -177,10 +179,8 @@ def paired_differences(parts: dict) -> list[dict]:
         diff = [100 * (runs_a[k] - runs_b[k]) for k in seeds]
         if not diff:
             continue
-        mean = sum(diff) / len(diff)
-        std = (sum((d - mean) ** 2 for d in diff) / len(diff)) ** 0.5
-        out.append({"a": f"{part_a}/{a}", "b": f"{part_b}/{b}", "seeds": seeds, "per_seed": diff, "mean": mean,
-                    "std": std, "a_higher": sum(d > 0 for d in diff)})
+        out.append({"a": f"{part_a}/{a}", "b": f"{part_b}/{b}", "seeds": seeds, "per_seed": diff,
+                    "mean": float(np.mean(diff)), "std": float(np.std(diff)), "a_higher": sum(d > 0 for d in diff)})
     return out
 
 
