@@ -85,6 +85,30 @@ def test_predict_keeps_an_oblique_grid_and_evaluate_reports_mm(demo_out, tmp_pat
     assert result["units"] == "mm" and result["dice"] > 0.8 and result["hd95_mm"] > 0
 
 
+@pytest.mark.slow
+def test_predict_keeps_only_the_largest_liver_piece_unless_asked(demo_out, tmp_path):
+    from skimage.measure import label as components
+
+    model = next((demo_out / "workspace" / "models").glob("*.pt"))
+    case = make_abdominal_case(seed=1234, with_mr=False)
+    arr = case.ct.array.copy()
+    liver = case.ct_label.array == 1
+    # a small block of liver tissue pasted into the other side of the body: a second,
+    # false "liver" piece that the model segments too
+    k, j, i = (int(v) for v in np.argwhere(liver).mean(0))
+    block = (slice(k - 3, k + 3), slice(j - 6, j + 6), slice(i - 6, i + 6))
+    arr[k - 3 : k + 3, j - 6 : j + 6, arr.shape[2] - i - 6 : arr.shape[2] - i + 6] = arr[block]
+    write_volume(case.ct.with_array(arr), tmp_path / "ct.nrrd")
+    pieces = {}
+    for name, extra in (("default", ()), ("all", ("--keep-all-components",))):
+        vqmedseg("predict", "--model", model, "--ct", tmp_path / "ct.nrrd", "--out", tmp_path / name, "--device", "cpu", *extra)
+        pieces[name] = read_label(tmp_path / name / "prediction.seg.nrrd").array
+    assert components(pieces["all"], return_num=True)[1] >= 2
+    assert components(pieces["default"], return_num=True)[1] == 1
+    # the clean-up only removes: what it keeps is exactly what the model predicted there
+    assert np.all(pieces["default"] <= pieces["all"]) and pieces["default"].sum() > 0.8 * pieces["all"].sum()
+
+
 def test_evaluate_rejects_mismatched_grids(tmp_path):
     a = Volume(np.ones((3, 8, 8), np.uint8), spacing=(1, 1, 2))
     b = Volume(np.ones((3, 8, 8), np.uint8), spacing=(1, 1, 3))

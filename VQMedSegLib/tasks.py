@@ -1,7 +1,8 @@
 """Segmentation targets: which label to learn, how to show it, how to window the CT.
 
-A task fixes the intensity preset, the segment's name and colour, and a standard
-terminology entry (DICOM SCT codes, as Slicer's Segment Editor uses them).
+A task fixes the intensity preset, the segment's name and colour, a standard
+terminology entry (DICOM SCT codes, as Slicer's Segment Editor uses them) and whether the
+target is one connected piece (predictions then keep only their largest component).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ class Task:
     ct_window: tuple[float, float]  # (lower, upper) HU
     terminology: str
     description: str
+    # one connected piece of tissue: predictions keep only their largest connected
+    # component (see VQMedSegLib.inference.postprocess); False where several pieces are
+    # expected, such as tumours
+    single_component: bool
 
 
 TASKS: dict[str, Task] = {
@@ -30,6 +35,7 @@ TASKS: dict[str, Task] = {
         terminology="Segmentation category and type - 3D Slicer General Anatomy list"
         "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^",
         description="Liver on contrast-enhanced abdominal CT",
+        single_component=True,
     ),
     "lung-tumour": Task(
         name="lung-tumour",
@@ -39,6 +45,7 @@ TASKS: dict[str, Task] = {
         terminology="Segmentation category and type - 3D Slicer General Anatomy list"
         "~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^",
         description="Solid tumour in the lung on chest CT",
+        single_component=False,
     ),
 }
 

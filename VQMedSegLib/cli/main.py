@@ -90,7 +90,7 @@ def cmd_predict(args) -> int:
     model, ckpt = load_model(args.model, device)
     ct = read_volume(args.ct, modality="CT")
     mr = read_volume(args.mr, modality="MR") if args.mr else None
-    pred = predict_volume(model, ckpt, ct, device, mr=mr)
+    pred = predict_volume(model, ckpt, ct, device, mr=mr, largest_component=_largest_component(args))
     files = write_prediction(Path(args.out), pred)
     if args.json:
         _print_json({"outputs": {k: str(v) for k, v in files.items()}, "voxels": int(pred.label.array.sum())})
@@ -100,6 +100,11 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _largest_component(args) -> bool | None:
+    """``--keep-all-components`` turns the task's largest-component clean-up off."""
+    return False if args.keep_all_components else None
+
+
 def _predict_workspace(args, device) -> int:
     from ..inference.workspace import predict_workspace
     from ..jobs.runner import JobContext
@@ -107,8 +112,9 @@ def _predict_workspace(args, device) -> int:
 
     ws = Workspace.open(args.workspace)
     cases = [c.strip() for c in args.case.split(",") if c.strip()] if args.case else None
-    with JobContext(ws, "predict", params={"cases": cases, "model": args.model_id}) as ctx:
-        result = predict_workspace(ctx, ws, device, cases, args.model_id)
+    params = {"cases": cases, "model": args.model_id, "keep_all_components": args.keep_all_components}
+    with JobContext(ws, "predict", params=params) as ctx:
+        result = predict_workspace(ctx, ws, device, cases, args.model_id, largest_component=_largest_component(args))
     if args.json:
         _print_json(result)
     else:
@@ -373,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workspace", help="instead: predict the workspace's cases as a job (into predictions/<case>/)")
     pr.add_argument("--case", help="with --workspace: comma-separated cases (default: all)")
     pr.add_argument("--model-id", help="with --workspace: a model id from 'workspace status' (default: the newest)")
+    pr.add_argument("--keep-all-components", action="store_true",
+                    help="keep every predicted piece; by default a liver label keeps only its largest connected component")
     pr.add_argument("--json", action="store_true")
     device_arg(pr)
     pr.set_defaults(func=cmd_predict)

@@ -1,5 +1,10 @@
 """Prediction on a whole volume: slices in, label and uncertainty maps out, on the input grid.
 
+The label of a task whose target is one connected piece (the liver) keeps only its
+largest connected component (:mod:`.postprocess`), judged on the model's slice grid; the
+probability map is the one behind that label, and the uncertainty maps stay the model's
+own, so a piece removed from the label still shows in them.
+
 Uncertainty maps:
 
 * ``entropy`` (every model): predictive entropy of the softmax, in nats.
@@ -26,6 +31,7 @@ from ..jobs.checkpoints import load_checkpoint
 from ..models.unet import build_from_spec
 from ..tasks import get_task
 from ..uncertainty.entropy import binary_entropy
+from .postprocess import LARGEST_COMPONENT, keep_largest_component
 
 log = logging.getLogger("vqmedseg")
 
@@ -36,7 +42,7 @@ QPM_DECODINGS = 8
 @dataclass
 class Prediction:
     label: Volume  # uint8, 1 = target, on the CT grid
-    probability: Volume  # float32, target probability
+    probability: Volume  # float32, target probability behind the label (after the clean-up)
     uncertainty: dict[str, Volume]  # name -> float32 map (nats for "entropy")
 
 
@@ -74,12 +80,15 @@ def predict_volume(
     mr: Volume | None = None,
     batch_size: int = 16,
     progress=None,
+    largest_component: bool | None = None,
 ) -> Prediction:
     """Segment ``ct`` slice by slice; probabilities are mapped back before the argmax.
 
     The supervised baseline is CT-only and ignores ``mr`` (logged). A VQ-BEGAL model
     pairs each CT slice with the MR slice at the same relative position in the body, or
     runs CT-only when ``mr`` is ``None`` (see :mod:`VQMedSegLib.models.begal`).
+    ``largest_component`` keeps only the label's largest connected component; ``None``
+    (the default) does so when the task's target is one piece (``Task.single_component``).
     """
     task = get_task(ckpt.get("task", "liver"))
     size = int(ckpt.get("preprocessing", {}).get("slice_size") or ckpt["config"]["slice_size"])
@@ -115,7 +124,19 @@ def predict_volume(
     # p0 + p1 = 1, so p1 > p0 exactly where p1 > 0.5). The entropy is computed on the
     # model's slices and resampled with it, as the QPM map is: the full-resolution grid
     # then costs one resize instead of two passes of logarithms.
-    slice_maps = np.concatenate([probs[:, 1:2], binary_entropy(probs[:, 1:2])], axis=1)
+    entropy_slices = binary_entropy(probs[:, 1:2])
+    if task.single_component if largest_component is None else largest_component:
+        # judged on the model's slice grid, 1/16 of a 512 x 512 CT's voxels: the target
+        # probability of every other piece is set to 0 before the mapping, so the mapped
+        # label holds the kept piece alone (a bilinear stencil spans two pieces only where
+        # they touch at a corner, and there the kept piece's edge moves by a voxel at most)
+        target_slices = probs[:, 1]
+        found = (target_slices > 0.5).view(np.uint8)
+        target_slices[(found > keep_largest_component(found, [1]))] = 0.0
+        postprocessing = LARGEST_COMPONENT
+    else:
+        postprocessing = "none"
+    slice_maps = np.concatenate([probs[:, 1:2], entropy_slices], axis=1)
     target, entropy = slices_to_volume(slice_maps, plan)  # [K, J, I] each
     label = (target > 0.5).view(np.uint8)  # bool and uint8 share the layout: no copy
     meta = {"task": task.name, "method": ckpt["method"]}
@@ -124,7 +145,7 @@ def predict_volume(
         qpm_map = np.clip(slices_to_volume(disagreement, plan)[0], 0.0, 1.0).astype(np.float32)
         maps["qpm"] = ct.with_array(qpm_map, **meta, kind="uncertainty", units="fraction of QPM decodings")
     return Prediction(
-        label=ct.with_array(label, **meta, kind="label"),
+        label=ct.with_array(label, **meta, kind="label", postprocessing=postprocessing),
         probability=ct.with_array(target, **meta, kind="probability"),
         uncertainty=maps,
     )

@@ -38,8 +38,11 @@ def predict_workspace(
     device: torch.device,
     case_ids: list[str] | None = None,
     model_id: str | None = None,
+    largest_component: bool | None = None,
 ) -> dict:
-    """Predict ``case_ids`` (default: every case) with ``model_id`` (default: the newest model)."""
+    """Predict ``case_ids`` (default: every case) with ``model_id`` (default: the newest model).
+
+    ``largest_component`` is passed to :func:`predict_volume` (``None``: the task decides)."""
     state = ws.load_state()
     models = state["models"]
     if not models:
@@ -64,7 +67,7 @@ def predict_workspace(
         ctx.check_cancel()
         ctx.progress(n, len(cases), f"predicting {case_id}", force=True)
         ct, mr = ws.load_ct(case_id), ws.load_mr(case_id)
-        pred = predict_volume(model, ckpt, ct, device, mr=mr)
+        pred = predict_volume(model, ckpt, ct, device, mr=mr, largest_component=largest_component)
         ctx.check_cancel()
         staging = root / f".staging-{ctx.job_id}-{case_id}"
         files = write_prediction(staging, pred, task_name=state["task"])
@@ -77,6 +80,7 @@ def predict_workspace(
             "created": time.time(),
             "files": {role: f"predictions/{final.name}/{Path(p).name}" for role, p in files.items()},
             "voxels": int(pred.label.array.sum()),
+            "postprocessing": pred.label.metadata["postprocessing"],
         }
 
         def remember(st: dict, case_id=case_id, record=record) -> None:
