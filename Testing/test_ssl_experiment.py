@@ -80,8 +80,12 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
         structure_mean = np.mean([r["structures"][s]["dice_mean"] for s in names])
         assert r["dice_mean"] == pytest.approx(structure_mean), method
         assert r["hd95_units"] == "mm"
+        lc = r["largest_component"]
+        assert list(lc["structures"]) == names and lc["hd95_units"] == "mm"
+        assert lc["dice_mean"] == pytest.approx(r["per_seed"][0]["largest_component"]["dice_mean"])
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "| label 4 Dice (%) |" in table and "| supervised-full | " in table
+    assert "| Dice (%), largest component | HD95, largest component |" in table
 
 
 def test_vqseg_labelled_row_never_uses_an_unlabelled_slice():
@@ -96,3 +100,23 @@ def test_vqseg_labelled_row_never_uses_an_unlabelled_slice():
         trainer.run(on_step=lambda it, total, losses: keys.update(losses))
         assert ("seg_qpm" in keys) is semi, method
         assert trainer.student.pfa is None
+
+
+def test_every_prediction_is_also_scored_with_its_largest_component_only():
+    from VQMedSegLib.data.volume import Volume
+    from VQMedSegLib.training.ssl_experiment import _evaluate
+
+    truth = np.zeros((6, 32, 32), np.uint8)
+    truth[1:5, 4:16, 4:16] = 1
+    hu = np.where(truth == 1, 200, -100).astype(np.int16)
+    hu[2:4, 24:30, 24:30] = 200  # looks like the structure, far from it: a false island
+    image = Volume(hu, (1.0, 1.0, 2.0))
+    case = Case("c", image, image.with_array(truth), "CT")
+
+    def predict(x):  # foreground wherever the slice is bright
+        fg = (x > (x.min() + x.max()) / 2).astype(np.float32)
+        return np.concatenate([1 - fg, fg], axis=1)
+
+    raw, largest = _evaluate(predict, [case], 32, {1: "liver"})
+    assert raw[0]["liver"].dice < 0.95 and raw[0]["liver"].hd95 > 10
+    assert largest[0]["liver"].dice == pytest.approx(1.0) and largest[0]["liver"].hd95 == pytest.approx(0.0)
