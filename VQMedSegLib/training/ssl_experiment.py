@@ -279,17 +279,12 @@ def run_ssl(
 
     results = {}
     for method, runs in per_method.items():
-        units = runs[0]["units"]
-        hd = [r["hd95_mean"] for r in runs if r["hd95_mean"] is not None]
+        summary = _summary_over_seeds(runs, structures)
         results[method] = {
             "labeled_fraction": 1.0 if method == "supervised-full" else labeled_fraction,
             "labelled_slices": int(len(x_all)) if method == "supervised-full" else n_lab,
-            **_mean_std([r["dice_mean"] for r in runs], "dice"),
-            "hd95_mm_mean": float(np.mean(hd)) if (hd and units == "mm") else None,
-            "hd95_mean": float(np.mean(hd)) if hd else None,
-            "hd95_units": units,
-            "structures": {name: _mean_std([r["structures"][name]["dice_mean"] for r in runs], "dice")
-                           for name in structures.values()},
+            **summary,
+            "hd95_mm_mean": summary["hd95_mean"] if summary["hd95_units"] == "mm" else None,
             "largest_component": _summary_over_seeds([r["largest_component"] for r in runs], structures),
             "per_seed": runs,
         }
