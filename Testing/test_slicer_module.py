@@ -49,6 +49,7 @@ EXPECTED_CLASSES = {
     "trainingCollapsibleButton": "ctkCollapsibleButton",
     "methodComboBox": "QComboBox",
     "iterationsSpinBox": "QSpinBox",
+    "keepAllComponentsCheckBox": "QCheckBox",
     "startCancelButton": "QPushButton",
     "progressBar": "QProgressBar",
     "logTextEdit": "QPlainTextEdit",
@@ -66,7 +67,7 @@ SECTIONS = {
                                            "pythonPathLineEdit"]),
     "activeLearningCollapsibleButton": ("Active learning", ["strategyComboBox", "budgetSpinBox", "perRoundSpinBox", "suggestButton",
                                                             "suggestionsTable", "markAnnotatedButton", "budgetProgressBar"]),
-    "trainingCollapsibleButton": ("Training", ["methodComboBox", "iterationsSpinBox", "startCancelButton", "progressBar", "logTextEdit"]),
+    "trainingCollapsibleButton": ("Training", ["methodComboBox", "iterationsSpinBox", "keepAllComponentsCheckBox", "startCancelButton", "progressBar", "logTextEdit"]),
     "resultsCollapsibleButton": ("Results", ["loadResultsButton", "uncertaintyComboBox", "opacitySlider", "referenceSelector", "scoresLabel"]),
 }
 
@@ -77,6 +78,7 @@ CHOICE_WIDGETS = {"QComboBox", "ctkComboBox"}
 PATH_WIDGETS = {"ctkPathLineEdit", "ctkDirectoryButton"}
 INT_WIDGETS = {"QSpinBox"}
 FLOAT_WIDGETS = {"ctkSliderWidget", "QDoubleSpinBox", "ctkDoubleSpinBox"}
+BOOL_WIDGETS = {"QCheckBox", "ctkCheckBox"}
 PATH_TYPES = {"pathlib.Path", "Path", "pathlib.PurePath", "pathlib.PosixPath", "pathlib.WindowsPath"}
 
 
@@ -325,6 +327,7 @@ def test_every_bound_widget_names_a_parameter():
         "perRound": ("perRoundSpinBox", "QSpinBox"),
         "method": ("methodComboBox", "QComboBox"),
         "iterations": ("iterationsSpinBox", "QSpinBox"),
+        "keepAllComponents": ("keepAllComponentsCheckBox", "QCheckBox"),
         "overlayOpacity": ("opacitySlider", "ctkSliderWidget"),
         "referenceSegmentation": ("referenceSelector", "qMRMLNodeComboBox"),
     }
@@ -347,6 +350,8 @@ def test_bound_parameters_have_types_the_gui_connectors_accept():
             assert type_name == "int", f"{parameter}: {type_name} for {widget}"
         elif widget_class in FLOAT_WIDGETS:
             assert type_name == "float", f"{parameter}: {type_name} for {widget}"
+        elif widget_class in BOOL_WIDGETS:
+            assert type_name == "bool", f"{parameter}: {type_name} for {widget}"
         else:
             pytest.fail(f"{parameter}: no check for widget class {widget_class}")
 

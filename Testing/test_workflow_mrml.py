@@ -75,6 +75,22 @@ def test_ct_and_mr_nodes_become_a_workspace_case_with_their_geometry(scene, tmp_
     assert status["cases"] == [case_id] and status["labelled_slices"] == 0 and status["total_slices"] == 10
 
 
+def test_the_keep_every_piece_choice_reaches_the_predict_job(scene, tmp_path):
+    """The panel's "keep every piece" box becomes ``predict --keep-all-components``,
+    whether the prediction follows training or runs on its own."""
+    from VQMedSegLib.cli.main import build_parser
+
+    ct = Volume(np.zeros((4, 16, 16), np.int16))
+    logic = WorkflowLogic(scene, device="cpu")
+    case_id = logic.prepare(mrml.add_volume(scene, ct, "CT"), None, folder=tmp_path / "ws")
+    parser = build_parser()
+    for keep in (False, True):
+        for args in (logic.prediction_args(keep_all_components=keep), logic.prediction_args(case_id, keep_all_components=keep)):
+            parsed = parser.parse_args(args)
+            assert parsed.command == "predict" and parsed.keep_all_components is keep, args
+    assert parser.parse_args(logic.prediction_args(case_id)).case == case_id
+
+
 def test_a_segmentation_edited_on_two_slices_gives_exactly_two_labelled_slices(scene, tmp_path, phantom):
     ct_node = mrml.add_volume(scene, phantom.ct, "CT")
     logic = WorkflowLogic(scene)

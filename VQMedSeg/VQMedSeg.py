@@ -97,6 +97,7 @@ class VQMedSegParameterNode:
     strategy, budget, perRound - Active learning: how slices are chosen, the total number of
         slices to annotate (0: no limit), and how many one query suggests.
     method, iterations - Training: VQ-BEGAL round, VQ-Seg or supervised; 0 iterations keeps the preset's.
+    keepAllComponents - Keep every predicted piece; off, a liver keeps only its largest one.
     overlayOpacity - Opacity of the uncertainty overlay.
     referenceSegmentation - Optional reference to score the prediction against.
     """
@@ -113,6 +114,7 @@ class VQMedSegParameterNode:
     perRound: Annotated[int, WithinRange(1, 1000)] = 10
     method: Annotated[str, Choice(["begal", "vqseg", "supervised"])] = "begal"
     iterations: Annotated[int, WithinRange(0, 1000000)] = 0
+    keepAllComponents: bool = False
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
     referenceSegmentation: vtkMRMLSegmentationNode
 
@@ -290,7 +292,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
             p = self._parameterNode
-            self.logic.startTraining(p.method, p.iterations or None)
+            self.logic.startTraining(p.method, p.iterations or None, keepAllComponents=p.keepAllComponents)
             self._jobStarted(_("Training ({method}), then segmenting").format(method=METHOD_TITLES[p.method]))
 
     def onLoadResultsButton(self) -> None:
@@ -601,9 +603,12 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         slices = [sliceIndex] if isinstance(sliceIndex, int) else list(sliceIndex)
         return self._flow().mark_annotated(caseId, slices, segmentationNode)
 
-    def startTraining(self, method: str = "begal", iterations: int | None = None, thenPredict: bool = True):
-        """Train in a background process; on success, predict every case and load the result."""
-        return self._flow().start_training(method, iterations, then_predict=thenPredict)
+    def startTraining(self, method: str = "begal", iterations: int | None = None, thenPredict: bool = True,
+                      keepAllComponents: bool = False):
+        """Train in a background process; on success, predict every case and load the result
+        (a liver keeps only its largest connected piece unless ``keepAllComponents``)."""
+        return self._flow().start_training(method, iterations, then_predict=thenPredict,
+                                           keep_all_components=keepAllComponents)
 
     def poll(self):
         """Read the running job's new events (the widget's timer calls this)."""

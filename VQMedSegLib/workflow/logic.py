@@ -293,16 +293,22 @@ class WorkflowLogic:
             args += ["--iterations", str(int(iterations))]
         return args
 
-    def start_training(self, method: str = "begal", iterations: int | None = None, then_predict: bool = True) -> JobState:
+    def prediction_args(self, case_id: str | None = None, keep_all_components: bool = False) -> list[str]:
+        """Arguments of a predict job: every case, or ``case_id`` alone. By default a liver
+        keeps only its largest connected piece; ``keep_all_components`` keeps every piece."""
+        args = ["predict", *self._common()] + (["--case", case_id] if case_id else [])
+        return args + (["--keep-all-components"] if keep_all_components else [])
+
+    def start_training(self, method: str = "begal", iterations: int | None = None, then_predict: bool = True,
+                       keep_all_components: bool = False) -> JobState:
         """Train; when it succeeds, predict every case (``then_predict``)."""
         job = self._start("train", self.training_args(method, iterations))
         if then_predict:
-            self._queue.append(("predict", ["predict", *self._common()]))
+            self._queue.append(("predict", self.prediction_args(keep_all_components=keep_all_components)))
         return job
 
-    def start_prediction(self, case_id: str | None = None) -> JobState:
-        args = ["predict", *self._common()] + (["--case", case_id] if case_id else [])
-        return self._start("predict", args)
+    def start_prediction(self, case_id: str | None = None, keep_all_components: bool = False) -> JobState:
+        return self._start("predict", self.prediction_args(case_id, keep_all_components))
 
     def _start(self, kind: str, args: list[str]) -> JobState:
         ws = self._ws()
