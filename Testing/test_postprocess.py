@@ -86,3 +86,18 @@ def test_on_a_finer_grid_than_the_model_only_the_other_piece_is_removed():
     assert n == 2
     main = pieces == pieces[4, 30, 30]
     np.testing.assert_array_equal(pred, main.astype(np.uint8))  # the main piece exactly, voxel for voxel
+
+
+def test_the_probability_made_on_request_is_the_one_behind_the_label():
+    """On a grid finer than the model's: ``probability()`` is on the CT grid, is zero on
+    the removed piece, and ``label`` is exactly ``probability() > 0.5``."""
+    arr = np.kron(_two_blob_ct().array, np.ones((1, 3, 3), np.int16))
+    ct = Volume(arr, (0.5, 0.5, 2.0))
+    ckpt = {"task": "liver", "method": "supervised", "config": {"slice_size": 32}, "model": {"kind": "unet2d"}}
+    pred = predict_volume(_BrightIsForeground(), ckpt, ct, torch.device("cpu"))
+    probability = pred.probability()
+    assert probability.array.shape == ct.shape and probability.array.dtype == np.float32
+    assert probability.metadata["kind"] == "probability"
+    np.testing.assert_allclose(probability.spacing, ct.spacing)
+    np.testing.assert_array_equal(pred.label.array, (probability.array > 0.5).astype(np.uint8))
+    assert probability.array[4, 30, 30] > 0.9 and probability.array[3, 78, 78] == 0.0  # main piece; removed island

@@ -63,6 +63,61 @@ def test_downsampled_round_trip_returns_input_grid(oblique_volume):
     assert np.corrcoef(back[0].ravel(), oblique_volume.array.ravel())[0, 1] > 0.2
 
 
+@pytest.mark.parametrize("size", [16, 48])  # downsampled (area) and upsampled (bilinear)
+def test_chunked_transform_matches_transforming_the_whole_volume(size):
+    """A voxel-wise ``transform`` applied chunk by chunk gives the very slices that
+    transforming the whole array first gives, on a permuted and flipped grid."""
+    rng = np.random.default_rng(3)
+    arr = rng.normal(40, 300, size=(9, 23, 11)).astype(np.int16)  # canonical S = index i: 11 slices
+    vol = Volume(arr, direction=_permuted_flipped_direction())
+    plan = plan_slices(vol, size)
+    assert plan.n_slices == 11
+    window = (-160.0, 240.0)
+    whole = extract_slices(vol, plan, values=ct_window(arr, window))
+    for chunk in (1, 4, 11, 64):
+        chunked = extract_slices(vol, plan, transform=lambda a: ct_window(a, window), chunk=chunk)
+        assert chunked.dtype == np.float32
+        if plan.size < plan.square:  # area averaging: bit for bit
+            np.testing.assert_array_equal(chunked, whole)
+        else:  # torch's bilinear kernel rounds the last bit differently by batch size
+            np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
+    # the transform sees at most ``chunk`` slices at a time, never the whole volume
+    seen = []
+    extract_slices(vol, plan, transform=lambda a: seen.append(a.shape) or a, chunk=4)
+    assert [s[0] for s in seen] == [4, 4, 3]
+    assert arr.dtype == np.int16 and vol.array is arr  # the input is left as it was
+
+
+def test_mapping_back_is_torchs_bilinear_resize_cropped(oblique_volume):
+    """The slices' maps go back through exactly F.interpolate's bilinear resize, the crop
+    and the reorientation, whatever the chunk of slices resized at a time; a threshold on
+    the way gives exactly the thresholded map, as uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    plan = plan_slices(oblique_volume, 16)
+    maps = np.random.default_rng(5).random((plan.n_slices, 2, 16, 16)).astype(np.float32)
+    square = F.interpolate(torch.from_numpy(maps).permute(1, 0, 2, 3).contiguous(), size=(plan.square,) * 2,
+                           mode="bilinear", align_corners=False).numpy()
+    _, rows, cols = plan.canonical_shape
+    r0, c0 = (plan.square - rows) // 2, (plan.square - cols) // 2
+    expected_canonical = square[:, :, r0 : r0 + rows, c0 : c0 + cols]
+    # undo the reorientation with the grid's own round trip: a volume of voxel indices
+    index = np.arange(oblique_volume.array.size, dtype=np.float32).reshape(oblique_volume.shape)
+    where = extract_slices(oblique_volume, plan_slices(oblique_volume, plan.square), values=index)
+    where = where[:, r0 : r0 + rows, c0 : c0 + cols].astype(np.int64).ravel()
+    expected = np.empty((2, index.size), np.float32)
+    expected[:, where] = expected_canonical.reshape(2, -1)
+    expected = expected.reshape(2, *oblique_volume.shape)
+    for chunk in (1, 4, plan.n_slices):
+        back = slices_to_volume(maps, plan, chunk=chunk)
+        assert back.dtype == np.float32 and back.flags.c_contiguous
+        np.testing.assert_allclose(back, expected, rtol=0, atol=1e-6)
+        label = slices_to_volume(maps, plan, threshold=0.5, chunk=chunk)
+        assert label.dtype == np.uint8
+        np.testing.assert_array_equal(label, (back > 0.5).astype(np.uint8))
+
+
 def test_round_trip_identity_when_no_resize():
     rng = np.random.default_rng(0)
     arr = rng.random((3, 32, 20)).astype(np.float32)  # square side 32 = size: pad only

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.preprocessing import extract_label_slices, extract_slices, mr_normalize, normalize, plan_slices
+from ..data.preprocessing import extract_ct_slices, extract_label_slices, extract_slices, mr_normalize, plan_slices
 from ..data.volume import Volume
 from ..errors import InputError
 
@@ -173,7 +173,7 @@ def build_pool(
     labels = _allocate(storage, "labels", (n_ct, size, size), np.int64) if have_labels else None
     start = 0
     for case, plan in ct_plans:
-        slices = extract_slices(case.ct, plan, values=normalize(case.ct, "CT", ct_window))
+        slices = extract_ct_slices(case.ct, plan, ct_window)
         ct_arr[start : start + len(slices), 0] = slices
         if labels is not None:
             labels[start : start + len(slices)] = extract_label_slices(case.label, plan) > 0

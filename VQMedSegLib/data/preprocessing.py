@@ -12,6 +12,7 @@ its exact grid.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ __all__ = [
     "SlicePlan",
     "plan_slices",
     "extract_slices",
+    "extract_ct_slices",
     "extract_label_slices",
     "slices_to_volume",
     "orientation_to_lps",
@@ -208,16 +210,44 @@ def _pad_resize(slices: np.ndarray, plan: SlicePlan, mode: str) -> np.ndarray:
     return np.asarray(resized)
 
 
-def extract_slices(volume: Volume, plan: SlicePlan, values: np.ndarray | None = None) -> np.ndarray:
+EXTRACT_CHUNK = 16  # slices resized at a time: 16 MB of float32 at 512 x 512
+MAP_BACK_CHUNK = 8  # slices mapped back at a time (8 MB at 512 x 512; faster than 16 or 32 on 2 cores)
+
+
+def extract_slices(
+    volume: Volume,
+    plan: SlicePlan,
+    values: np.ndarray | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    chunk: int = EXTRACT_CHUNK,
+) -> np.ndarray:
     """Model slices ``[S, size, size]`` (float32) of ``values`` (default: the volume's array).
 
-    ``values`` lets a caller slice an already normalised copy of the volume's array.
+    ``values`` lets a caller slice an already normalised copy of the volume's array. A
+    voxel-wise ``transform`` (such as :func:`ct_window`) is instead applied to ``chunk``
+    canonical slices at a time, just before they are resized: the result is the same as
+    transforming the whole array first, without ever holding a full-resolution float
+    copy of it (100 MB for a 512 x 512 x 100 CT).
     """
     arr = volume.array if values is None else values
     if arr.shape != plan.shape:
         raise InputError(f"extract_slices: array shape {arr.shape} does not match the plan's {plan.shape}")
-    canonical = np.ascontiguousarray(_to_canonical(arr.astype(np.float32, copy=False), plan.axis_for_lps, plan.sign_for_lps))
-    return _pad_resize(canonical, plan, mode="area" if plan.size < plan.square else "bilinear").astype(np.float32)
+    if int(chunk) < 1:
+        raise InputError(f"extract_slices: chunk {chunk}: expected at least 1 slice")
+    canonical = _to_canonical(arr, plan.axis_for_lps, plan.sign_for_lps)  # a view
+    mode = "area" if plan.size < plan.square else "bilinear"
+    out = np.empty((plan.n_slices, plan.size, plan.size), np.float32)
+    for start in range(0, plan.n_slices, int(chunk)):
+        part = canonical[start : start + int(chunk)]
+        if transform is not None:
+            part = transform(part)
+        out[start : start + len(part)] = _pad_resize(np.ascontiguousarray(part, dtype=np.float32), plan, mode=mode)
+    return out
+
+
+def extract_ct_slices(ct: Volume, plan: SlicePlan, window_hu: tuple[float, float]) -> np.ndarray:
+    """Model slices of a CT in HU, windowed by :func:`ct_window` a chunk at a time."""
+    return extract_slices(ct, plan, transform=lambda part: ct_window(part, window_hu))
 
 
 def extract_label_slices(label: Volume | np.ndarray, plan: SlicePlan) -> np.ndarray:
@@ -229,12 +259,22 @@ def extract_label_slices(label: Volume | np.ndarray, plan: SlicePlan) -> np.ndar
     return np.rint(_pad_resize(canonical, plan, mode="nearest")).astype(np.int64)
 
 
-def slices_to_volume(channels: np.ndarray | torch.Tensor, plan: SlicePlan) -> np.ndarray:
+def slices_to_volume(
+    channels: np.ndarray | torch.Tensor,
+    plan: SlicePlan,
+    threshold: float | None = None,
+    chunk: int = MAP_BACK_CHUNK,
+) -> np.ndarray:
     """Map per-slice outputs ``[S, C, size, size]`` back onto the input grid: ``[C, K, J, I]``.
 
     Continuous outputs (probabilities) are resized bilinearly, then the padding is cropped
     and the reorientation undone, so the result lines up voxel for voxel with the input.
     Take the argmax afterwards, never before: resizing labels would shift boundaries.
+
+    The resize runs ``chunk`` slices at a time, so only the result is held at full
+    resolution. With ``threshold``, each resized value is compared with it on the way
+    and the result is uint8 (1 where ``value > threshold``): a binary label costs one
+    byte per voxel, and the float map behind it is never held whole.
     """
     x = torch.as_tensor(channels, dtype=torch.float32)
     if x.ndim != 4 or x.shape[0] != plan.n_slices or x.shape[2:] != (plan.size, plan.size):
@@ -242,16 +282,25 @@ def slices_to_volume(channels: np.ndarray | torch.Tensor, plan: SlicePlan) -> np
             f"slices_to_volume: found shape {tuple(x.shape)}, expected "
             f"({plan.n_slices}, C, {plan.size}, {plan.size})"
         )
-    # channels first while the slices are small: the full-size result is then already
-    # [C, S, P, L] in memory (slices ride in interpolate's channel axis)
-    x = x.permute(1, 0, 2, 3).contiguous()
-    if plan.size != plan.square:
-        x = F.interpolate(x, size=(plan.square, plan.square), mode="bilinear", align_corners=False)
+    if int(chunk) < 1:
+        raise InputError(f"slices_to_volume: chunk {chunk}: expected at least 1 slice")
     _, rows, cols = plan.canonical_shape
     r0 = (plan.square - rows) // 2
     c0 = (plan.square - cols) // 2
-    canonical = x[:, :, r0 : r0 + rows, c0 : c0 + cols].numpy()  # [C, S, P, L]
-    return np.ascontiguousarray(_from_canonical(canonical, plan.axis_for_lps, plan.sign_for_lps))
+    # [C, S, P, L]: each channel's volume is contiguous once the reorientation is undone
+    out = np.empty((x.shape[1], plan.n_slices, rows, cols), np.uint8 if threshold is not None else np.float32)
+    as_bool = torch.from_numpy(out.view(bool)) if threshold is not None else None  # uint8 filled as bool
+    for start in range(0, plan.n_slices, int(chunk)):
+        part = x[start : start + int(chunk)].permute(1, 0, 2, 3)  # slices ride in the channel axis
+        if plan.size != plan.square:
+            part = F.interpolate(part, size=(plan.square, plan.square), mode="bilinear", align_corners=False)
+        part = part[:, :, r0 : r0 + rows, c0 : c0 + cols]
+        stop = start + part.shape[1]
+        if threshold is not None:
+            torch.gt(part, threshold, out=as_bool[:, start:stop])
+        else:  # numpy's copy: torch's two threads first touching fresh pages was slower, and erratic
+            out[:, start:stop] = part.numpy()
+    return np.ascontiguousarray(_from_canonical(out, plan.axis_for_lps, plan.sign_for_lps))
 
 
 def volume_from_plan(array: np.ndarray, plan: SlicePlan, **metadata) -> Volume:

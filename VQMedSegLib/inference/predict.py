@@ -2,8 +2,9 @@
 
 The label of a task whose target is one connected piece (the liver) keeps only its
 largest connected component (:mod:`.postprocess`), judged on the model's slice grid; the
-probability map is the one behind that label, and the uncertainty maps stay the model's
-own, so a piece removed from the label still shows in them.
+probability map (``Prediction.probability()``, made on request) is the one behind that
+label, and the uncertainty maps stay the model's own, so a piece removed from the label
+still shows in them.
 
 Uncertainty maps:
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.preprocessing import extract_slices, normalize, plan_slices, slices_to_volume
+from ..data.preprocessing import SlicePlan, extract_ct_slices, plan_slices, slices_to_volume
 from ..data.volume import Volume
 from ..errors import InputError
 from ..jobs.checkpoints import load_checkpoint
@@ -42,8 +43,16 @@ QPM_DECODINGS = 8
 @dataclass
 class Prediction:
     label: Volume  # uint8, 1 = target, on the CT grid
-    probability: Volume  # float32, target probability behind the label (after the clean-up)
     uncertainty: dict[str, Volume]  # name -> float32 map (nats for "entropy")
+    target_slices: np.ndarray  # [S, 1, size, size] target probability on the model's slices, after the clean-up
+    plan: SlicePlan  # how those slices map onto the CT grid
+
+    def probability(self) -> Volume:
+        """The target probability behind the label, on the CT grid (float32).
+
+        Made on request (4 bytes per voxel): ``label`` is exactly ``probability() > 0.5``.
+        """
+        return self.label.with_array(slices_to_volume(self.target_slices, self.plan)[0], kind="probability")
 
 
 def _build(spec: dict) -> torch.nn.Module:
@@ -101,7 +110,7 @@ def predict_volume(
     else:
         if mr is not None:
             log.info("the %s model is CT-only; the MR is not used", ckpt["method"])
-        slices = extract_slices(ct, plan, values=normalize(ct, "CT", task.ct_window))
+        slices = extract_ct_slices(ct, plan, task.ct_window)
     vqseg = ckpt["model"].get("kind") == "vqseg2d"
     probs = np.empty((plan.n_slices, 2, size, size), np.float32)
     disagreement = np.zeros((plan.n_slices, 1, size, size), np.float32) if vqseg else None
@@ -121,9 +130,10 @@ def predict_volume(
         if progress is not None:
             progress(min(start + batch_size, plan.n_slices), plan.n_slices)
     # Two classes: only the target's probability is mapped back (bilinear resizing keeps
-    # p0 + p1 = 1, so p1 > p0 exactly where p1 > 0.5). The entropy is computed on the
-    # model's slices and resampled with it, as the QPM map is: the full-resolution grid
-    # then costs one resize instead of two passes of logarithms.
+    # p0 + p1 = 1, so p1 > p0 exactly where p1 > 0.5), and thresholded on the way, so the
+    # full-resolution probability is never held (see Prediction.probability). The entropy
+    # is computed on the model's slices and resampled, as the QPM map is: the
+    # full-resolution grid then costs one resize instead of two passes of logarithms.
     entropy_slices = binary_entropy(probs[:, 1:2])
     if task.single_component if largest_component is None else largest_component:
         # judged on the model's slice grid, 1/16 of a 512 x 512 CT's voxels: the target
@@ -136,9 +146,10 @@ def predict_volume(
         postprocessing = LARGEST_COMPONENT
     else:
         postprocessing = "none"
-    slice_maps = np.concatenate([probs[:, 1:2], entropy_slices], axis=1)
-    target, entropy = slices_to_volume(slice_maps, plan)  # [K, J, I] each
-    label = (target > 0.5).view(np.uint8)  # bool and uint8 share the layout: no copy
+    target_slices = np.ascontiguousarray(probs[:, 1:2])
+    del probs
+    label = slices_to_volume(target_slices, plan, threshold=0.5)[0]  # [K, J, I] uint8
+    entropy = slices_to_volume(entropy_slices, plan)[0]
     meta = {"task": task.name, "method": ckpt["method"]}
     maps = {"entropy": ct.with_array(entropy, **meta, kind="uncertainty", units="nats")}
     if disagreement is not None:
@@ -146,6 +157,7 @@ def predict_volume(
         maps["qpm"] = ct.with_array(qpm_map, **meta, kind="uncertainty", units="fraction of QPM decodings")
     return Prediction(
         label=ct.with_array(label, **meta, kind="label", postprocessing=postprocessing),
-        probability=ct.with_array(target, **meta, kind="probability"),
         uncertainty=maps,
+        target_slices=target_slices,
+        plan=plan,
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices
+from ..data.preprocessing import extract_ct_slices, extract_label_slices, plan_slices
 from ..errors import InputError
 from ..jobs.workspace import Workspace
 from ..tasks import get_task
@@ -62,7 +62,7 @@ def load_labelled_slices(
         ct = ws.load_ct(case_id)
         annotation = ws.load_annotation(case_id)
         plan = plan_slices(ct, size)
-        images = extract_slices(ct, plan, values=normalize(ct, "CT", task.ct_window))
+        images = extract_ct_slices(ct, plan, task.ct_window)
         labels = (extract_label_slices(annotation, plan) > 0).astype(np.int64)
         canonical = [plan.index_to_canonical_slice(s) for s in slice_ids]
         part = SliceSet(images[canonical, None], labels[canonical], [case_id] * len(canonical), list(slice_ids))
