@@ -94,3 +94,50 @@ def test_seed_paired_differences_pair_rows_of_the_same_labelled_slices(tmp_path)
         assert {(d["a"], d["b"]) for d in run_accuracy.paired_differences(parts)} == {("acdc-10/vqseg", "acdc-10/supervised")}
     report = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert "| acdc-10/vqseg | acdc-10-vq/vqseg-labelled | +3.00 / +3.00 / +4.00 | +3.33 ± 0.47 | 3 of 3 |" in report
+
+
+def test_the_long_schedule_part_is_acdc_10_with_three_times_the_iterations():
+    short = run_accuracy.part_settings("acdc-10", "cpu", 3)
+    long = run_accuracy.part_settings("acdc-10-long", "cpu", 3)
+    assert long["config"]["iterations"] == 3 * short["config"]["iterations"] == 1800
+    # everything else is acdc-10's: the same split, labelled slices, rows, warm-up and ramp
+    assert {**long, "config": {**long["config"], "iterations": 600}} == short
+    # the two CLI commands of benchmarks/README.md record the settings the part reruns from
+    run = {k: v for k, v in long.items() if k != "kind"}
+    assert run_accuracy.recorded_settings(run, long) == long
+    run["config"] = {**long["config"], "iterations": 600}
+    assert run_accuracy.recorded_settings(run, long) != long
+    # and the part trains with exactly the configuration it records
+    from VQMedSegLib.config import vqseg_config_from_preset
+
+    config = run_accuracy.part_config(long)
+    assert config.iterations == 1800 and config.warmup_supervised == 100 and config.rampup == 300
+    assert config == vqseg_config_from_preset("quick", iterations=1800)
+    assert run_accuracy.part_config(short) == vqseg_config_from_preset("quick")
+
+
+def test_a_part_of_one_preset_only_is_left_out_of_the_others(tmp_path, capsys):
+    assert "acdc-10-long" in run_accuracy.parts_of("cpu")
+    assert "acdc-10-long" not in run_accuracy.parts_of("gpu") and "acdc-10" in run_accuracy.parts_of("gpu")
+    with pytest.raises(SystemExit):
+        run_accuracy.main(["--out", str(tmp_path), "--preset", "gpu", "--only", "acdc-10-long"])
+    err = capsys.readouterr().err
+    assert "acdc-10-long" in err and "cpu" in err
+
+
+def test_the_long_schedule_figures_are_reported_beside_the_preset_ones(tmp_path):
+    for name, rows in {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54],
+                                   "supervised-full": [0.75, 0.70, 0.75]},
+                       "acdc-10-long": {"supervised": [0.63, 0.63, 0.66], "vqseg": [0.65, 0.64, 0.66],
+                                        "supervised-full": [0.79, 0.78, 0.79]}}.items():
+        settings = run_accuracy.part_settings(name, "cpu", 3)
+        _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, _ssl_results(**rows))
+    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,acdc-10-long"]) == 0
+    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
+    assert summary["figures"]["acdc_vqseg10_vs_full_ratio"] == pytest.approx(1.61 / 2.2)
+    assert summary["figures"]["acdc_vqseg10_vs_full_ratio_long"] == pytest.approx(1.95 / 2.36)
+    assert summary["targets"]["acdc_vqseg10_vs_full_ratio"]["value"] == summary["figures"]["acdc_vqseg10_vs_full_ratio"]
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    assert paired[("acdc-10-long/vqseg", "acdc-10-long/supervised")]["per_seed"] == pytest.approx([2.0, 1.0, 0.0])
+    assert paired[("acdc-10-long/vqseg", "acdc-10/vqseg")]["a_higher"] == 3
+    assert "training length" in (tmp_path / "accuracy.md").read_text(encoding="utf-8")
