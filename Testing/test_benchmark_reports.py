@@ -114,6 +114,9 @@ def test_the_long_schedule_part_is_acdc_10_with_three_times_the_iterations():
     assert config.iterations == 1800 and config.warmup_supervised == 100 and config.rampup == 300
     assert config == vqseg_config_from_preset("quick", iterations=1800)
     assert run_accuracy.part_config(short) == vqseg_config_from_preset("quick")
+    from VQMedSegLib.config import begal_config_from_preset
+
+    assert run_accuracy.part_config(run_accuracy.part_settings("chaos-begal", "cpu", 3)) == begal_config_from_preset("cpu")
 
 
 def test_a_part_of_one_preset_only_is_left_out_of_the_others(tmp_path, capsys):

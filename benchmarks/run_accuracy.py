@@ -139,7 +139,7 @@ def part_settings(name: str, preset: str, seeds: int) -> dict:
                 "config": _preset_config("ssl", p["ssl_preset"], **overrides)}
     return {"kind": "simulate", "dataset": part["dataset"], "strategies": part["strategies"], "preset": p["al_preset"],
             "seeds": list(range(seeds)), "initial": p["initial"], "rounds": p["rounds"], "per_round": p["per_round"],
-            "config": _preset_config("simulate", p["al_preset"])}
+            "config": _preset_config("simulate", p["al_preset"], **overrides)}
 
 
 def recorded_settings(run: dict, settings: dict) -> dict:
@@ -161,10 +161,9 @@ def run_part(settings: dict, out: Path, device: torch.device) -> None:
                 part_config(settings), out, device, preset=settings["preset"])
     else:
         from VQMedSegLib.active_learning.simulation import simulate
-        from VQMedSegLib.config import begal_config_from_preset
 
         simulate(settings["dataset"], settings["strategies"], settings["rounds"], settings["per_round"], settings["seeds"],
-                 begal_config_from_preset(settings["preset"]), out, device, initial=settings["initial"],
+                 part_config(settings), out, device, initial=settings["initial"],
                  preset=settings["preset"])
 
 
