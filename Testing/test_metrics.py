@@ -81,3 +81,15 @@ def test_per_slice_scores():
     assert [r["empty"] for r in rows] == ["both", None, "reference"]
     assert rows[1]["dice"] == pytest.approx(0.75)
     assert rows[1]["hd95_mm"] == pytest.approx(0.5)
+
+
+def test_dice_alone_agrees_with_the_full_scores_and_their_empty_conventions():
+    from VQMedSegLib.metrics.segmentation import dice_masks
+
+    rng = np.random.default_rng(3)
+    pred, ref = rng.random((6, 20, 20)) > 0.6, rng.random((6, 20, 20)) > 0.5
+    assert dice_masks(pred, ref) == pytest.approx(score_masks(pred, ref, (2.0, 1.0, 1.0)).dice)
+    empty = np.zeros((6, 20, 20), bool)
+    assert dice_masks(empty, empty) == 1.0 and dice_masks(empty, ref) == 0.0 and dice_masks(pred, empty) == 0.0
+    with pytest.raises(InputError, match=r"prediction shape \(6, 20, 20\) does not match reference shape \(6, 20\)"):
+        dice_masks(pred, ref[:, 0])

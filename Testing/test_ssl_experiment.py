@@ -11,7 +11,7 @@ from VQMedSegLib.config import vqseg_config_from_preset
 from VQMedSegLib.data.io import write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.errors import ConfigError, InputError
-from VQMedSegLib.training.ssl_experiment import Case, method_config, split_by_patient
+from VQMedSegLib.training.ssl_experiment import BestOnValidation, Case, hold_out_patients, method_config, split_by_patient
 from VQMedSegLib.training.vqseg import VQSegTrainer, build_vqseg
 
 from conftest import run_cli
@@ -120,3 +120,72 @@ def test_every_prediction_is_also_scored_with_its_largest_component_only():
     raw, largest = _evaluate(predict, [case], 32, {1: "liver"})
     assert raw[0]["liver"].dice < 0.95 and raw[0]["liver"].hd95 > 10
     assert largest[0]["liver"].dice == pytest.approx(1.0) and largest[0]["liver"].hd95 == pytest.approx(0.0)
+
+
+def test_validation_patients_are_the_last_training_patients_with_all_their_frames():
+    ids = [f"patient{p:03d}_frame0{f}" for p in range(1, 6) for f in (1, 2)]
+    train, val = hold_out_patients(_cases(ids), 2)
+    assert sorted(c.case_id for c in val) == [f"patient00{p}_frame0{f}" for p in (4, 5) for f in (1, 2)]
+    assert len(train) == 6 and not {c.case_id for c in train} & {c.case_id for c in val}
+    assert hold_out_patients(_cases(ids), 0) == (_cases(ids), [])
+    with pytest.raises(InputError, match="--validation-patients 5: expected 0 to 4 .the training set has 5 patients"):
+        hold_out_patients(_cases(ids), 5)
+
+
+def test_the_model_tested_is_the_one_best_on_validation_not_the_last():
+    model = torch.nn.Linear(1, 1, bias=False)
+    scores = iter([0.2, 0.7, 0.5, 0.7])  # a tie later does not replace the first best
+    modes = []
+
+    def score():
+        modes.append(model.training)
+        return next(scores)
+
+    selector = BestOnValidation(model, score, every=3, total=10)
+    for it in range(1, 11):
+        with torch.no_grad():
+            model.weight.fill_(float(it))  # training moves the weights every step
+        selector(it, 10, {})
+    assert modes == [False] * 4 and model.training  # scored in eval mode, left as it was
+    record = selector.record()
+    assert record == {"iterations": [3, 6, 9, 10], "dice": [0.2, 0.7, 0.5, 0.7], "best_iteration": 6, "best_dice": 0.7}
+    assert float(model.weight.detach()) == 10.0
+    selector.restore()
+    assert float(model.weight.detach()) == 6.0
+    with pytest.raises(InputError, match="--validate-every 0: expected at least 1"):
+        BestOnValidation(model, score, every=0, total=10)
+
+
+def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, case in enumerate(make_dataset("phantom-liver", 5, seed=7, ct_shape=(10, 48, 48))):
+        write_volume(case.ct, folder / f"image_{i}.nii.gz")
+        liver = case.ct_label.with_array((case.ct_label.array == 1).astype(np.uint8))
+        write_volume(liver, folder / f"label_{i}.nii.gz")
+    (folder / "test.list").write_text("4\n")
+    out = tmp_path / "out"
+    run_cli("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--methods", "supervised,vqseg",
+            "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--iterations", "6",
+            "--validation-patients", "1", "--validate-every", "4", "--out", out)
+
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["split"]["train_cases"] == ["0", "1", "2"] and run["split"]["validation_cases"] == ["3"]
+    assert run["split"]["test_cases"] == ["4"]
+    assert (run["validation_patients"], run["validate_every"]) == (1, 4)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    for method, r in results.items():
+        seed = r["per_seed"][0]
+        v = seed["validation"]
+        assert v["iterations"] == [4, 6] and len(v["dice"]) == 2, method
+        assert v["best_dice"] == max(v["dice"]) and v["best_iteration"] == v["iterations"][v["dice"].index(max(v["dice"]))]
+        assert r["validation_best_iteration"] == [v["best_iteration"]]
+        assert 0 <= seed["last_iteration"]["dice_mean"] <= 1
+        assert r["last_iteration"]["dice_mean"] == pytest.approx(seed["last_iteration"]["dice_mean"])
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert "validation: case 3" in table and "| best iteration (validation) |" in table
+
+    bad = run_cli("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
+                  "--foundation", "none", "--validation-patients", "4", "--out", tmp_path / "bad", check=False)
+    assert bad.returncode != 0
+    assert "--validation-patients 4: expected 0 to 3 (the training set has 4 patients)" in bad.stderr

@@ -322,7 +322,8 @@ def cmd_ssl(args) -> int:
         dropout_rate=args.dropout_rate)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args.seeds), config, Path(args.out), device,
-                      preset=args.preset if not args.config else "custom")
+                      preset=args.preset if not args.config else "custom", validation_patients=args.validation_patients,
+                      validate_every=args.validate_every)
     return _report_experiment(args, results)
 
 
@@ -480,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--foundation", default=None, help="litemedsam (default), dinov2:PATH, or none")
     ss.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None)
     ss.add_argument("--dropout-rate", type=float, default=None)
+    ss.add_argument("--validation-patients", type=int, default=0,
+                    help="hold out the last N training patients (sorted); each row is tested with its weights of best validation Dice")
+    ss.add_argument("--validate-every", type=int, default=0,
+                    help="iterations between validation scores (default: a twentieth of the iterations)")
     ss.add_argument("--out", required=True)
     ss.add_argument("--json", action="store_true")
     device_arg(ss)

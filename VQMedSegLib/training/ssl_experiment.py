@@ -12,6 +12,13 @@ HD95 of every structure (millimetres when the spacing is known, else voxels) com
 :mod:`VQMedSegLib.metrics.segmentation`. A case's Dice is the mean over the structures.
 Every prediction is scored twice: as predicted, and (``largest_component``) with each
 structure reduced to its largest connected component (:mod:`VQMedSegLib.inference.postprocess`).
+
+With ``validation_patients`` > 0 the last patients of the training set (sorted) are held
+out as a validation set, as in the papers' 70/10/20 splits: every row is scored on them
+(3-D Dice) every ``validate_every`` iterations and at the last, and the weights with the
+best validation Dice are the ones tested (the released VQ-Seg code keeps its best
+validation checkpoint the same way). The test scores of the last iteration's weights are
+recorded beside them (``last_iteration``), so the choice's effect is visible.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +40,7 @@ from ..data.volume import Volume
 from ..errors import InputError
 from ..files import atomic_write_json, atomic_write_text
 from ..inference.postprocess import keep_largest_component
-from ..metrics.segmentation import score_volumes, summarize
+from ..metrics.segmentation import dice_masks, score_volumes, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
 from ..provenance import software_versions
 from .vqseg import VQSegTrainer, foundation_features, labelled_loss
@@ -143,6 +151,58 @@ def split_by_patient(cases: list[Case], test_share: float = 0.25,
     return [c for c in cases if patient_of(c.case_id) not in test], [c for c in cases if patient_of(c.case_id) in test]
 
 
+def hold_out_patients(cases: list[Case], n: int) -> tuple[list[Case], list[Case]]:
+    """(training, validation) cases: the last ``n`` patients of ``cases`` in sorted order,
+    with all their frames, are the validation set."""
+    patients = sorted({patient_of(c.case_id) for c in cases})
+    if not 0 <= n < len(patients):
+        raise InputError(f"--validation-patients {n}: expected 0 to {len(patients) - 1} "
+                         f"(the training set has {len(patients)} patients)")
+    val = set(patients[len(patients) - n:])
+    return [c for c in cases if patient_of(c.case_id) not in val], [c for c in cases if patient_of(c.case_id) in val]
+
+
+class BestOnValidation:
+    """Model selection during training: called after every iteration (the ``on_step``
+    signature of the trainers), it scores ``model`` with ``score()`` every ``every``
+    iterations and at the last (``total``), in eval mode, and keeps a copy of the weights
+    with the best score (the first of equal scores)."""
+
+    def __init__(self, model: nn.Module, score: Callable[[], float], every: int, total: int):
+        if every < 1:
+            raise InputError(f"--validate-every {every}: expected at least 1")
+        self.model, self.score, self.every, self.total = model, score, every, total
+        self.iterations: list[int] = []
+        self.dice: list[float] = []
+        self.best_state: dict | None = None
+        self.best_iteration, self.best_dice = 0, float("-inf")
+
+    def __call__(self, iteration: int, total: int | None = None, losses: dict | None = None) -> None:
+        if iteration % self.every and iteration != self.total:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            value = float(self.score())
+        finally:
+            self.model.train(was_training)
+        self.iterations.append(iteration)
+        self.dice.append(value)
+        if value > self.best_dice:
+            self.best_iteration, self.best_dice = iteration, value
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self) -> None:
+        """Load the best weights back into the model."""
+        if self.best_state is None:
+            raise RuntimeError("no validation score yet: nothing to restore")
+        self.model.load_state_dict(self.best_state)
+
+    def record(self) -> dict:
+        return {"iterations": self.iterations, "dice": self.dice, "best_iteration": self.best_iteration,
+                "best_dice": self.best_dice}
+
+
 class SupervisedNet(nn.Module):
     """The same U-Net backbone without VQ (the ``supervised`` row)."""
 
@@ -178,6 +238,16 @@ def _evaluate(predict_probs, cases: list[Case], size: int, structures: dict[int,
     return raw, largest
 
 
+def _validation_dice(predict_probs, prepared: list[tuple[Case, object, np.ndarray]], structures: dict[int, str]) -> float:
+    """3-D Dice on the validation cases (``(case, plan, slices)``, prepared once): the mean
+    over structures of each case, averaged over the cases."""
+    per_case = []
+    for case, plan, x in prepared:
+        label = slices_to_volume(predict_probs(x), plan).argmax(0)
+        per_case.append(np.mean([dice_masks(label == v, case.label.array == v) for v in structures]))
+    return float(np.mean(per_case))
+
+
 def _seed_summary(per_case: list[dict], structures: dict[int, str]) -> dict:
     """One seed: the mean over structures of each case's Dice, averaged over cases, and
     every structure's own summary."""
@@ -205,8 +275,14 @@ def run_ssl(
     out: Path,
     device: torch.device,
     preset: str = "custom",
+    validation_patients: int = 0,
+    validate_every: int = 0,
 ) -> dict:
-    """Train and score every method for every seed; write results.json, results.md, run.json."""
+    """Train and score every method for every seed; write results.json, results.md, run.json.
+
+    ``validation_patients`` > 0 holds that many training patients out for model selection
+    (see the module's description); ``validate_every`` (0: a twentieth of the iterations)
+    is how often they are scored."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
@@ -222,7 +298,11 @@ def run_ssl(
     structures = data.structures
     config = config.replace(num_classes=max(structures) + 1)
     train_cases, test_cases = split_by_patient(data.cases, test_list=data.test_list)
+    train_cases, val_cases = hold_out_patients(train_cases, validation_patients)
+    if validation_patients and not validate_every:
+        validate_every = max(1, config.iterations // 20)
     size = config.slice_size
+    val_prepared = [(c, *_slices(c, size)[:2]) for c in val_cases]
     xs, ys = [], []
     for c in train_cases:
         _, x, y = _slices(c, size)
@@ -256,7 +336,11 @@ def run_ssl(
             cfg = method_config(method, config, seed)
             if method.startswith("supervised"):
                 rows = np.arange(len(x_all)) if method == "supervised-full" else lab
-                predict = _train_supervised(cfg, x_all[rows], y_all[rows], device)
+                model = _supervised_net(cfg, device)
+                logits = model
+
+                def train(on_step, model=model, rows=rows, cfg=cfg):
+                    _train_supervised(model, cfg, x_all[rows], y_all[rows], device, on_step)
             else:
                 use_fm = fm_all is not None and cfg.use_pfa
                 # foundation features of the unlabelled slices that have them
@@ -264,18 +348,32 @@ def run_ssl(
                 position = np.searchsorted(unl, fm_rows[in_unl])
                 trainer = VQSegTrainer(cfg, x_all[lab], y_all[lab], x_all[unl], fm_all[in_unl] if use_fm else None,
                                        fm_channels if use_fm else 0, device, fm_slices=position)
-                trainer.run()
-                net = trainer.teacher.eval()
+                model = trainer.teacher  # the EMA model is the one that is kept
 
-                @torch.no_grad()
-                def predict(x, net=net):
-                    return np.concatenate([torch.softmax(net(torch.as_tensor(x[i : i + 16], device=device), reconstruct=False).logits, 1).cpu().numpy()
-                                           for i in range(0, len(x), 16)])
+                def logits(x, model=model):
+                    return model(x, reconstruct=False).logits
+
+                def train(on_step, trainer=trainer):
+                    trainer.run(on_step=on_step)
+            predict = _probabilities(logits, device)
+            selector = None
+            if val_cases:
+                selector = BestOnValidation(model, lambda: _validation_dice(predict, val_prepared, structures),
+                                            validate_every, cfg.iterations)
+            train(selector)
+            model.eval()
+            extra = {}
+            if selector is not None:
+                last, _ = _evaluate(predict, test_cases, size, structures)
+                selector.restore()
+                extra = {"validation": selector.record(), "last_iteration": _seed_summary(last, structures)}
             raw, largest = _evaluate(predict, test_cases, size, structures)
             s = _seed_summary(raw, structures)
             per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures),
-                                       "seconds": time.monotonic() - t})
-            log.info("%s seed %d: Dice %.4f (%.0f s)", method, seed, s["dice_mean"], time.monotonic() - t)
+                                       **extra, "seconds": time.monotonic() - t})
+            log.info("%s seed %d: Dice %.4f (%.0f s)%s", method, seed, s["dice_mean"], time.monotonic() - t,
+                     f"; best validation Dice {selector.best_dice:.4f} at iteration {selector.best_iteration}, "
+                     f"Dice at the last iteration {extra['last_iteration']['dice_mean']:.4f}" if selector else "")
 
     results = {}
     for method, runs in per_method.items():
@@ -288,15 +386,23 @@ def run_ssl(
             "largest_component": _summary_over_seeds([r["largest_component"] for r in runs], structures),
             "per_seed": runs,
         }
+        if val_cases:
+            results[method]["validation_best_iteration"] = [r["validation"]["best_iteration"] for r in runs]
+            results[method]["last_iteration"] = _summary_over_seeds([r["last_iteration"] for r in runs], structures)
     seconds = time.monotonic() - t0
     split = {"rule": "test.list patients" if data.test_list is not None else "last quarter of the patients (sorted)",
              "train_cases": [c.case_id for c in train_cases], "test_cases": [c.case_id for c in test_cases]}
+    if val_cases:
+        split["validation_cases"] = [c.case_id for c in val_cases]
+        split["validation_rule"] = f"the last {validation_patients} training patient(s), sorted"
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", _table(results, dataset, structures, labeled_fraction, seeds, preset,
-                                                 len(train_cases), len(test_cases), split["rule"], seconds))
+                                                 len(train_cases), len(test_cases), split["rule"], seconds,
+                                                 split.get("validation_cases", []), validate_every))
     atomic_write_json(out / "run.json", {
         "dataset": dataset, "structures": {str(k): v for k, v in structures.items()}, "methods": methods, "seeds": seeds,
         "labeled_fraction": labeled_fraction, "preset": preset, "config": config.to_json(), "split": split,
+        "validation_patients": validation_patients, "validate_every": validate_every if val_cases else 0,
         "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": seconds, "device": str(device),
         "versions": software_versions(),
     })
@@ -317,12 +423,16 @@ def _mean_std(values: list[float], name: str) -> dict:
     return {f"{name}_mean": float(arr.mean()), f"{name}_std": float(arr.std())}
 
 
-def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
+def _supervised_net(cfg: VQSegConfig, device) -> SupervisedNet:
+    torch.manual_seed(cfg.seed)
+    return SupervisedNet(tuple(cfg.features), cfg.num_classes).to(device)
+
+
+def _train_supervised(net: SupervisedNet, cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device,
+                      on_step: Callable[[int, int, dict], None] | None = None) -> None:
     from .slices import SliceSet
     from .supervised import BatchSampler, augmentation, make_batch
 
-    torch.manual_seed(cfg.seed)
-    net = SupervisedNet(tuple(cfg.features), cfg.num_classes).to(device)
     # the same optimiser, learning rates and labelled loss as the VQ-Seg student
     opt = torch.optim.AdamW(
         [{"params": net.encoder.parameters(), "lr": cfg.backbone_lr},
@@ -333,36 +443,49 @@ def _train_supervised(cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device):
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.iterations, power=cfg.poly_power)
     aug = augmentation(cfg.seed)
     sampler = BatchSampler(SliceSet(x, y), cfg.labelled_batch, cfg.foreground_fraction, np.random.default_rng(cfg.seed))
-    for _ in range(cfg.iterations):
+    net.train()
+    for iteration in range(1, cfg.iterations + 1):
         xb, yb = make_batch(sampler.data, sampler.indices(), aug)
         loss = labelled_loss(net(xb.to(device)), yb[:, 0].to(device), dice, cfg.dice_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(iteration, cfg.iterations, {"total": float(loss.detach())})
     net.eval()
+
+
+def _probabilities(logits: Callable[[torch.Tensor], torch.Tensor], device, batch: int = 16):
+    """``predict(slices) -> class probabilities`` of a network given as ``logits(x)``."""
 
     @torch.no_grad()
     def predict(xs):
-        return np.concatenate([torch.softmax(net(torch.as_tensor(xs[i : i + 16], device=device)), 1).cpu().numpy() for i in range(0, len(xs), 16)])
+        return np.concatenate([torch.softmax(logits(torch.as_tensor(xs[i : i + batch], device=device)), 1).cpu().numpy()
+                               for i in range(0, len(xs), batch)])
 
     return predict
 
 
-def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_test, rule, seconds) -> str:
+def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_test, rule, seconds,
+           validation_cases=(), validate_every=0) -> str:
     names = list(structures.values())
     per_structure = len(names) > 1
+    selection = (f" Weights chosen on held-out training patients (validation: case {', '.join(validation_cases)}; "
+                 f"scored every {validate_every} iterations); *last iteration*: the test Dice of the last weights."
+                 if validation_cases else "")
     lines = [
         f"# Semi-supervised segmentation on `{dataset}` ({', '.join(names)})",
         "",
         f"{n_train} training and {n_test} test cases, split by patient ({rule}); {100 * fraction:g}% of the training "
         f"slices labelled (`supervised-full`: all); preset `{preset}`; seeds {seeds}; {seconds / 60:.1f} min. "
         "3-D scores on the original grids, mean ± std over seeds. *Largest component*: the same "
-        "predictions with each structure reduced to its largest connected component.",
+        "predictions with each structure reduced to its largest connected component." + selection,
         "",
         "| method | labelled slices | Dice (%) |" + "".join(f" {n} Dice (%) |" for n in names if per_structure)
-        + " HD95 | Dice (%), largest component | HD95, largest component |",
-        "|---|---|---|" + "---|" * (len(names) if per_structure else 0) + "---|---|---|",
+        + " HD95 | Dice (%), largest component | HD95, largest component |"
+        + (" best iteration (validation) | Dice (%), last iteration |" if validation_cases else ""),
+        "|---|---|---|" + "---|" * (len(names) if per_structure else 0) + "---|---|---|" + ("---|---|" if validation_cases else ""),
     ]
     def hd(r):
         return "n/a" if r["hd95_mean"] is None else f"{r['hd95_mean']:.2f} {'mm' if r['hd95_units'] == 'mm' else 'voxels'}"
@@ -371,6 +494,11 @@ def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_tes
         cells = "".join(f" {100 * r['structures'][n]['dice_mean']:.2f} ± {100 * r['structures'][n]['dice_std']:.2f} |"
                         for n in names if per_structure)
         lc = r["largest_component"]
+        chosen = ""
+        if "last_iteration" in r:
+            li = r["last_iteration"]
+            chosen = (f" {' / '.join(str(i) for i in r['validation_best_iteration'])} "
+                      f"| {100 * li['dice_mean']:.2f} ± {100 * li['dice_std']:.2f} |")
         lines.append(f"| {m} | {r['labelled_slices']} | {100 * r['dice_mean']:.2f} ± {100 * r['dice_std']:.2f} |{cells} {hd(r)} "
-                     f"| {100 * lc['dice_mean']:.2f} ± {100 * lc['dice_std']:.2f} | {hd(lc)} |")
+                     f"| {100 * lc['dice_mean']:.2f} ± {100 * lc['dice_std']:.2f} | {hd(lc)} |{chosen}")
     return "\n".join(lines) + "\n"
