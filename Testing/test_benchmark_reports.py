@@ -119,6 +119,14 @@ def test_the_long_schedule_part_is_acdc_10_with_three_times_the_iterations():
     assert run_accuracy.part_config(run_accuracy.part_settings("chaos-begal", "cpu", 3)) == begal_config_from_preset("cpu")
 
 
+def test_the_chaos_mr_long_part_is_chaos_mr_10_with_three_times_the_iterations():
+    short = run_accuracy.part_settings("chaos-mr-10", "cpu", 3)
+    long = run_accuracy.part_settings("chaos-mr-10-long", "cpu", 3)
+    assert {**long, "config": {**long["config"], "iterations": 600}} == short
+    assert run_accuracy.part_config(long).iterations == 1800
+    assert "chaos-mr-10-long" not in run_accuracy.parts_of("gpu")
+
+
 def test_a_part_of_one_preset_only_is_left_out_of_the_others(tmp_path, capsys):
     assert "acdc-10-long" in run_accuracy.parts_of("cpu")
     assert "acdc-10-long" not in run_accuracy.parts_of("gpu") and "acdc-10" in run_accuracy.parts_of("gpu")
