@@ -189,3 +189,7 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
                   "--foundation", "none", "--validation-patients", "4", "--out", tmp_path / "bad", check=False)
     assert bad.returncode != 0
     assert "--validation-patients 4: expected 0 to 3 (the training set has 4 patients)" in bad.stderr
+    bad = run_cli("ssl", "--dataset", folder, "--methods", "supervised", "--preset", "tiny", "--foundation", "none",
+                  "--validate-every", "50", "--out", tmp_path / "bad", check=False)
+    assert bad.returncode != 0
+    assert "--validate-every 50: expected a positive number of iterations, with --validation-patients above 0 (found 0)" in bad.stderr

@@ -288,6 +288,9 @@ def run_ssl(
         raise InputError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
     if not 0 < labeled_fraction <= 1:
         raise InputError(f"--labeled-fraction {labeled_fraction}: expected a value in (0, 1]")
+    if validate_every < 0 or (validate_every and validation_patients <= 0):
+        raise InputError(f"--validate-every {validate_every}: expected a positive number of iterations, "
+                         f"with --validation-patients above 0 (found {validation_patients})")
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     data = load_cases(dataset)
