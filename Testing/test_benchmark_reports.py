@@ -125,6 +125,9 @@ def test_the_chaos_mr_long_part_is_chaos_mr_10_with_three_times_the_iterations()
     assert {**long, "config": {**long["config"], "iterations": 600}} == short
     assert run_accuracy.part_config(long).iterations == 1800
     assert "chaos-mr-10-long" not in run_accuracy.parts_of("gpu")
+    val = run_accuracy.part_settings("chaos-mr-10-val", "cpu", 3)
+    assert {**val, "validation_patients": 0, "validate_every": 0} == long
+    assert (val["validation_patients"], val["validate_every"]) == (3, 100)
 
 
 def test_a_part_of_one_preset_only_is_left_out_of_the_others(tmp_path, capsys):
