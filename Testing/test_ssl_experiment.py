@@ -104,7 +104,7 @@ def test_vqseg_labelled_row_never_uses_an_unlabelled_slice():
 
 def test_every_prediction_is_also_scored_with_its_largest_component_only():
     from VQMedSegLib.data.volume import Volume
-    from VQMedSegLib.training.ssl_experiment import _evaluate
+    from VQMedSegLib.training.ssl_experiment import _evaluate, _prepare
 
     truth = np.zeros((6, 32, 32), np.uint8)
     truth[1:5, 4:16, 4:16] = 1
@@ -117,7 +117,7 @@ def test_every_prediction_is_also_scored_with_its_largest_component_only():
         fg = (x > (x.min() + x.max()) / 2).astype(np.float32)
         return np.concatenate([1 - fg, fg], axis=1)
 
-    raw, largest = _evaluate(predict, [case], 32, {1: "liver"})
+    raw, largest = _evaluate(predict, _prepare([case], 32), {1: "liver"})
     assert raw[0]["liver"].dice < 0.95 and raw[0]["liver"].hd95 > 10
     assert largest[0]["liver"].dice == pytest.approx(1.0) and largest[0]["liver"].hd95 == pytest.approx(0.0)
 

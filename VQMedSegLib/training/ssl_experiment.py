@@ -148,7 +148,12 @@ def split_by_patient(cases: list[Case], test_share: float = 0.25,
     else:
         n_test = max(1, int(round(test_share * len(patients))))
         test = set(patients[-n_test:])
-    return [c for c in cases if patient_of(c.case_id) not in test], [c for c in cases if patient_of(c.case_id) in test]
+    return _partition(cases, test)
+
+
+def _partition(cases: list[Case], held: set[str]) -> tuple[list[Case], list[Case]]:
+    """(cases of the other patients, cases of the ``held`` patients), in their order."""
+    return [c for c in cases if patient_of(c.case_id) not in held], [c for c in cases if patient_of(c.case_id) in held]
 
 
 def hold_out_patients(cases: list[Case], n: int) -> tuple[list[Case], list[Case]]:
@@ -158,8 +163,7 @@ def hold_out_patients(cases: list[Case], n: int) -> tuple[list[Case], list[Case]
     if not 0 <= n < len(patients):
         raise InputError(f"--validation-patients {n}: expected 0 to {len(patients) - 1} "
                          f"(the training set has {len(patients)} patients)")
-    val = set(patients[len(patients) - n:])
-    return [c for c in cases if patient_of(c.case_id) not in val], [c for c in cases if patient_of(c.case_id) in val]
+    return _partition(cases, set(patients[len(patients) - n:]))
 
 
 class BestOnValidation:
@@ -224,12 +228,18 @@ def _slices(case: Case, size: int):
     return plan, x, y
 
 
-def _evaluate(predict_probs, cases: list[Case], size: int, structures: dict[int, str]) -> tuple[list[dict], list[dict]]:
-    """Per test case, the scores of every structure (by name): as predicted, and with
-    each structure reduced to its largest connected component."""
+def _prepare(cases: list[Case], size: int) -> list[tuple[Case, object, np.ndarray]]:
+    """``(case, slice plan, network input slices)`` of each case, made once for every
+    evaluation of a run."""
+    return [(c, *_slices(c, size)[:2]) for c in cases]
+
+
+def _evaluate(predict_probs, prepared: list[tuple[Case, object, np.ndarray]],
+              structures: dict[int, str]) -> tuple[list[dict], list[dict]]:
+    """Per test case (:func:`_prepare`), the scores of every structure (by name): as
+    predicted, and with each structure reduced to its largest connected component."""
     raw, largest = [], []
-    for case in cases:
-        plan, x, _ = _slices(case, size)
+    for case, plan, x in prepared:
         on_grid = slices_to_volume(predict_probs(x), plan)
         label = on_grid.argmax(0).astype(np.uint8)
         for out, arr in ((raw, label), (largest, keep_largest_component(label, list(structures)))):
@@ -239,8 +249,8 @@ def _evaluate(predict_probs, cases: list[Case], size: int, structures: dict[int,
 
 
 def _validation_dice(predict_probs, prepared: list[tuple[Case, object, np.ndarray]], structures: dict[int, str]) -> float:
-    """3-D Dice on the validation cases (``(case, plan, slices)``, prepared once): the mean
-    over structures of each case, averaged over the cases."""
+    """3-D Dice on the validation cases (:func:`_prepare`): the mean over structures of
+    each case, averaged over the cases."""
     per_case = []
     for case, plan, x in prepared:
         label = slices_to_volume(predict_probs(x), plan).argmax(0)
@@ -305,7 +315,7 @@ def run_ssl(
     if validation_patients and not validate_every:
         validate_every = max(1, config.iterations // 20)
     size = config.slice_size
-    val_prepared = [(c, *_slices(c, size)[:2]) for c in val_cases]
+    val_prepared, test_prepared = _prepare(val_cases, size), _prepare(test_cases, size)
     xs, ys = [], []
     for c in train_cases:
         _, x, y = _slices(c, size)
@@ -367,10 +377,10 @@ def run_ssl(
             model.eval()
             extra = {}
             if selector is not None:
-                last, _ = _evaluate(predict, test_cases, size, structures)
+                last, _ = _evaluate(predict, test_prepared, structures)
                 selector.restore()
                 extra = {"validation": selector.record(), "last_iteration": _seed_summary(last, structures)}
-            raw, largest = _evaluate(predict, test_cases, size, structures)
+            raw, largest = _evaluate(predict, test_prepared, structures)
             s = _seed_summary(raw, structures)
             per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures),
                                        **extra, "seconds": time.monotonic() - t})
