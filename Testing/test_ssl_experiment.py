@@ -2,6 +2,8 @@
 and result files that record how they were made."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from VQMedSegLib.config import vqseg_config_from_preset
 from VQMedSegLib.data.io import write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.errors import ConfigError, InputError
-from VQMedSegLib.training.ssl_experiment import BestOnValidation, Case, hold_out_patients, method_config, split_by_patient
+from VQMedSegLib.cli.main import main
+from VQMedSegLib.training.ssl_experiment import (BestOnValidation, Case, hold_out_patients, merge_ssl, method_config,
+                                                   split_by_patient)
 from VQMedSegLib.training.vqseg import VQSegTrainer, build_vqseg
 
 from conftest import run_cli
@@ -193,3 +197,56 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
                   "--validate-every", "50", "--out", tmp_path / "bad", check=False)
     assert bad.returncode != 0
     assert "--validate-every 50: expected a positive number of iterations, with --validation-patients above 0 (found 0)" in bad.stderr
+
+
+def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, case in enumerate(make_dataset("phantom-liver", 4, seed=3, ct_shape=(8, 40, 40))):
+        write_volume(case.ct, folder / f"image_{i}.nii.gz")
+        liver = case.ct_label.with_array((case.ct_label.array == 1).astype(np.uint8))
+        write_volume(liver, folder / f"label_{i}.nii.gz")
+    (folder / "test.list").write_text("3\n")
+    common = ("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--preset", "tiny", "--foundation", "none",
+              "--iterations", "4", "--validation-patients", "1", "--validate-every", "2")
+    run_cli(*common, "--methods", "supervised,vqseg", "--seeds", "2", "--out", tmp_path / "whole")
+    run_cli(*common, "--methods", "supervised,vqseg", "--seed-ids", "1", "--out", tmp_path / "seed1")
+    run_cli(*common, "--methods", "vqseg", "--seed-ids", "0", "--out", tmp_path / "vqseg0")
+    run_cli(*common, "--methods", "supervised", "--seed-ids", "0", "--out", tmp_path / "supervised0")
+    assert json.loads((tmp_path / "seed1" / "run.json").read_text(encoding="utf-8"))["seeds"] == [1]
+
+    merged = tmp_path / "merged"
+    run_cli("ssl-merge", tmp_path / "seed1", tmp_path / "vqseg0", tmp_path / "supervised0", "--out", merged)
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text(encoding="utf-8"))
+    got = json.loads((merged / "results.json").read_text(encoding="utf-8"))
+    assert list(got) == ["supervised", "vqseg"]
+    for method in whole:
+        assert [r["seed"] for r in got[method]["per_seed"]] == [0, 1]
+        for key in ("dice_mean", "dice_std", "hd95_mean"):
+            assert got[method][key] == pytest.approx(whole[method][key]), (method, key)
+        assert got[method]["last_iteration"]["dice_mean"] == pytest.approx(whole[method]["last_iteration"]["dice_mean"])
+        assert got[method]["validation_best_iteration"] == whole[method]["validation_best_iteration"]
+    run = json.loads((merged / "run.json").read_text(encoding="utf-8"))
+    assert run["seeds"] == [0, 1] and run["methods"] == ["supervised", "vqseg"]
+    assert [m["seeds"] for m in run["merged_from"]] == [[1], [0], [0]]
+    assert "| vqseg |" in (merged / "results.md").read_text(encoding="utf-8")
+
+    # the same (method, seed) twice, another experiment, a folder without results, seeds that disagree
+    with pytest.raises(InputError, match="supervised seed 1 is also in an earlier folder"):
+        merge_ssl([tmp_path / "whole", tmp_path / "seed1"], tmp_path / "bad")
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "seed1", other)
+    run = json.loads((other / "run.json").read_text(encoding="utf-8"))
+    (other / "run.json").write_text(json.dumps({**run, "labeled_fraction": 0.5}), encoding="utf-8")
+    with pytest.raises(InputError, match="'labeled_fraction' differs from"):
+        merge_ssl([tmp_path / "vqseg0", other], tmp_path / "bad")
+    with pytest.raises(InputError, match="run.json: not found; expected the output folder of a finished `vqmedseg ssl` run"):
+        merge_ssl([tmp_path / "seed1", folder], tmp_path / "bad")
+    with pytest.raises(InputError, match=re.escape("supervised: [1]; vqseg: [0, 1]")):
+        merge_ssl([tmp_path / "seed1", tmp_path / "vqseg0"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    for argv, message in ((("--seed-ids", "1,1"), "--seed-ids '1,1': expected distinct non-negative seeds"),
+                          (("--seed-ids", "x"), "--seed-ids 'x': expected distinct non-negative seeds"),
+                          (("--seeds", "0"), "--seeds 0: expected at least 1")):
+        assert main([*map(str, common), "--methods", "supervised", *argv, "--out", str(tmp_path / "bad")]) != 0
+        assert message in capsys.readouterr().err

@@ -42,10 +42,25 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-def _seed_list(n: int) -> list[int]:
-    if n < 1:
-        raise InputError(f"--seeds {n}: expected at least 1")
-    return list(range(n))
+def _seed_list(args) -> list[int]:
+    """``--seed-ids 1,4-5`` as given, else ``--seeds N`` as 0 .. N-1."""
+    if args.seed_ids is not None:
+        try:
+            ids = _parse_slices(args.seed_ids)
+        except InputError:
+            ids = None
+        if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+            raise InputError(f"--seed-ids {args.seed_ids!r}: expected distinct non-negative seeds such as 2 or 0,3-4")
+        return ids
+    if args.seeds < 1:
+        raise InputError(f"--seeds {args.seeds}: expected at least 1")
+    return list(range(args.seeds))
+
+
+def _seed_args(parser, default: int, note: str = "") -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--seeds", type=int, default=default, help=f"number of seeds, 0 .. N-1 (default {default})")
+    group.add_argument("--seed-ids", help="exactly these seeds, such as 2 or 0,3-4" + note)
 
 
 def _report_experiment(args, results: dict) -> int:
@@ -305,7 +320,7 @@ def cmd_simulate(args) -> int:
     device = resolve_device(args.device)
     config = BEGALConfig.load(args.config) if args.config else begal_config_from_preset(args.preset)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    results = simulate(args.dataset, strategies, args.rounds, args.per_round, _seed_list(args.seeds), config, Path(args.out),
+    results = simulate(args.dataset, strategies, args.rounds, args.per_round, _seed_list(args), config, Path(args.out),
                        device, initial=args.initial, preset=args.preset if not args.config else "custom")
     return _report_experiment(args, results)
 
@@ -321,9 +336,16 @@ def cmd_ssl(args) -> int:
         args.preset, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args.seeds), config, Path(args.out), device,
+    results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, Path(args.out), device,
                       preset=args.preset if not args.config else "custom", validation_patients=args.validation_patients,
                       validate_every=args.validate_every)
+    return _report_experiment(args, results)
+
+
+def cmd_ssl_merge(args) -> int:
+    from ..training.ssl_experiment import merge_ssl
+
+    results = merge_ssl([Path(f) for f in args.folders], Path(args.out))
     return _report_experiment(args, results)
 
 
@@ -460,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--rounds", type=int, default=4)
     si.add_argument("--per-round", type=int, default=10, help="slices selected per round (B)")
     si.add_argument("--initial", type=int, help="random initial slices (default: --per-round)")
-    si.add_argument("--seeds", type=int, default=2, help="number of seeds (0 .. S-1)")
+    _seed_args(si, 2)
     si.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
     si.add_argument("--config", help="JSON VQ-BEGAL configuration (overrides the preset)")
     si.add_argument("--out", required=True)
@@ -474,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--methods", default="supervised,vqseg",
                     help="comma-separated: supervised, supervised-full (every training slice labelled), vqseg, vqseg-noqpm, vqseg-nodb, "
                          "vqseg-nopfa, vqseg-dropout, vqseg-labelled (VQ-Seg's network on the labelled slices alone)")
-    ss.add_argument("--seeds", type=int, default=2)
+    _seed_args(ss, 2, " (to spread one experiment over processes or machines; gather the folders with ssl-merge)")
     ss.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
     ss.add_argument("--config", help="JSON VQ-Seg configuration (overrides the preset)")
     ss.add_argument("--iterations", type=int)
@@ -489,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--json", action="store_true")
     device_arg(ss)
     ss.set_defaults(func=cmd_ssl)
+
+    sm = sub.add_parser("ssl-merge", help="merge `ssl` runs of one experiment (seeds or methods run apart) into one result")
+    sm.add_argument("folders", nargs="+", help="the runs' --out folders")
+    sm.add_argument("--out", required=True)
+    sm.add_argument("--json", action="store_true")
+    sm.set_defaults(func=cmd_ssl_merge)
 
     ca = sub.add_parser("cancel", help="ask the job running on a workspace to stop")
     ca.add_argument("--workspace", required=True)

@@ -23,6 +23,7 @@ recorded beside them (``last_iteration``), so the choice's effect is visible.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -388,36 +389,112 @@ def run_ssl(
                      f"; best validation Dice {selector.best_dice:.4f} at iteration {selector.best_iteration}, "
                      f"Dice at the last iteration {extra['last_iteration']['dice_mean']:.4f}" if selector else "")
 
-    results = {}
-    for method, runs in per_method.items():
-        summary = _summary_over_seeds(runs, structures)
-        results[method] = {
-            "labeled_fraction": 1.0 if method == "supervised-full" else labeled_fraction,
-            "labelled_slices": int(len(x_all)) if method == "supervised-full" else n_lab,
-            **summary,
-            "hd95_mm_mean": summary["hd95_mean"] if summary["hd95_units"] == "mm" else None,
-            "largest_component": _summary_over_seeds([r["largest_component"] for r in runs], structures),
-            "per_seed": runs,
-        }
-        if val_cases:
-            results[method]["validation_best_iteration"] = [r["validation"]["best_iteration"] for r in runs]
-            results[method]["last_iteration"] = _summary_over_seeds([r["last_iteration"] for r in runs], structures)
-    seconds = time.monotonic() - t0
+    results = _results(per_method, structures, labeled_fraction, len(x_all), n_lab, bool(val_cases))
     split = {"rule": "test.list patients" if data.test_list is not None else "last quarter of the patients (sorted)",
              "train_cases": [c.case_id for c in train_cases], "test_cases": [c.case_id for c in test_cases]}
     if val_cases:
         split["validation_cases"] = [c.case_id for c in val_cases]
         split["validation_rule"] = f"the last {validation_patients} training patient(s), sorted"
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", _table(results, dataset, structures, labeled_fraction, seeds, preset,
-                                                 len(train_cases), len(test_cases), split["rule"], seconds,
-                                                 split.get("validation_cases", []), validate_every))
-    atomic_write_json(out / "run.json", {
+    _write(out, results, {
         "dataset": dataset, "structures": {str(k): v for k, v in structures.items()}, "methods": methods, "seeds": seeds,
         "labeled_fraction": labeled_fraction, "preset": preset, "config": config.to_json(), "split": split,
         "validation_patients": validation_patients, "validate_every": validate_every if val_cases else 0,
-        "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": seconds, "device": str(device),
+        "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0, "device": str(device),
         "versions": software_versions(),
+    })
+    return results
+
+
+def _results(per_method: dict[str, list[dict]], structures: dict[int, str], labeled_fraction: float,
+             train_slices: int, n_lab: int, validated: bool) -> dict:
+    """Each method's summary over its seeds' rows (``per_seed``)."""
+    results = {}
+    for method, runs in per_method.items():
+        summary = _summary_over_seeds(runs, structures)
+        results[method] = {
+            "labeled_fraction": 1.0 if method == "supervised-full" else labeled_fraction,
+            "labelled_slices": int(train_slices) if method == "supervised-full" else n_lab,
+            **summary,
+            "hd95_mm_mean": summary["hd95_mean"] if summary["hd95_units"] == "mm" else None,
+            "largest_component": _summary_over_seeds([r["largest_component"] for r in runs], structures),
+            "per_seed": runs,
+        }
+        if validated:
+            results[method]["validation_best_iteration"] = [r["validation"]["best_iteration"] for r in runs]
+            results[method]["last_iteration"] = _summary_over_seeds([r["last_iteration"] for r in runs], structures)
+    return results
+
+
+def _write(out: Path, results: dict, run: dict) -> None:
+    """results.json, results.md and run.json, each written whole (temporary file, then rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    structures = {int(k): v for k, v in run["structures"].items()}
+    split = run["split"]
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", _table(results, run["dataset"], structures, run["labeled_fraction"], run["seeds"],
+                                                 run["preset"], len(split["train_cases"]), len(split["test_cases"]),
+                                                 split["rule"], run["seconds"], split.get("validation_cases", []),
+                                                 run.get("validate_every", 0)))
+    atomic_write_json(out / "run.json", run)
+
+
+# what must agree for rows of separate runs to be one experiment
+SAME_EXPERIMENT = ("dataset", "structures", "labeled_fraction", "preset", "config", "split", "validation_patients",
+                   "validate_every", "train_slices", "labelled_slices")
+
+
+def merge_ssl(sources: list[Path], out: Path) -> dict:
+    """One experiment from runs of it spread over processes or machines (``vqmedseg ssl
+    --seed-ids`` or ``--methods`` per run): the rows of every (method, seed) are gathered,
+    the summaries over seeds recomputed, and the three files written as one run's.
+
+    The runs must agree on everything that defines the experiment (:data:`SAME_EXPERIMENT`),
+    hold no (method, seed) twice, and give every method the same seeds. ``seconds`` is the
+    sum of the runs' times (compute, not wall time); ``merged_from`` lists the runs."""
+    if len(sources) < 2:
+        raise InputError(f"ssl-merge: found {len(sources)} result folder(s), expected at least 2")
+    runs, rows = [], {}
+    for src in sources:
+        files = {}
+        for name in ("run.json", "results.json"):
+            f = Path(src) / name
+            try:
+                files[name] = json.loads(f.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise InputError(f"{f}: not found; expected the output folder of a finished `vqmedseg ssl` run") from None
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{f}: not valid JSON ({exc})") from None
+        run, results = files["run.json"], files["results.json"]
+        if runs:
+            for key in SAME_EXPERIMENT:
+                if run.get(key) != runs[0].get(key):
+                    raise InputError(f"{Path(src) / 'run.json'}: '{key}' differs from {Path(sources[0]) / 'run.json'}'s; "
+                                     "expected runs of one experiment")
+        runs.append(run)
+        for method, r in results.items():
+            for row in r["per_seed"]:
+                if (method, row["seed"]) in rows:
+                    raise InputError(f"{Path(src) / 'results.json'}: {method} seed {row['seed']} is also in an earlier "
+                                     "folder; expected each (method, seed) once")
+                rows[method, row["seed"]] = row
+    methods = list(dict.fromkeys(m for m, _ in rows))
+    seeds = {m: sorted(s for mm, s in rows if mm == m) for m in methods}
+    if len({tuple(v) for v in seeds.values()}) > 1:
+        raise InputError("ssl-merge: the methods have different seeds "
+                         f"({'; '.join(f'{m}: {v}' for m, v in seeds.items())}); expected the same seeds for every method")
+    first = runs[0]
+    per_method = {m: [rows[m, s] for s in seeds[m]] for m in methods}
+    structures = {int(k): v for k, v in first["structures"].items()}
+    results = _results(per_method, structures, first["labeled_fraction"], first["train_slices"], first["labelled_slices"],
+                       bool(first["split"].get("validation_cases")))
+    versions = [r["versions"] for r in runs]
+    if any(v != versions[0] for v in versions):
+        log.warning("ssl-merge: the runs' software versions differ; run.json records each run's")
+    _write(out, results, {
+        **first, "methods": methods, "seeds": seeds[methods[0]], "seconds": sum(r["seconds"] for r in runs),
+        "device": ", ".join(dict.fromkeys(r["device"] for r in runs)),
+        "merged_from": [{"folder": str(src), "methods": r["methods"], "seeds": r["seeds"], "seconds": r["seconds"],
+                         "device": r["device"], "versions": r["versions"]} for src, r in zip(sources, runs)],
     })
     return results
 
