@@ -160,14 +160,19 @@ def test_the_model_tested_is_the_one_best_on_validation_not_the_last():
         BestOnValidation(model, score, every=0, total=10)
 
 
-def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
-    folder = tmp_path / "data"
+def _liver_folder(folder, n, seed, shape):
+    """A dataset folder of ``n`` phantom CTs with their liver labels; the last case is the test set."""
     folder.mkdir()
-    for i, case in enumerate(make_dataset("phantom-liver", 5, seed=7, ct_shape=(10, 48, 48))):
+    for i, case in enumerate(make_dataset("phantom-liver", n, seed=seed, ct_shape=shape)):
         write_volume(case.ct, folder / f"image_{i}.nii.gz")
         liver = case.ct_label.with_array((case.ct_label.array == 1).astype(np.uint8))
         write_volume(liver, folder / f"label_{i}.nii.gz")
-    (folder / "test.list").write_text("4\n")
+    (folder / "test.list").write_text(f"{n - 1}\n", encoding="utf-8")
+    return folder
+
+
+def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
+    folder = _liver_folder(tmp_path / "data", 5, seed=7, shape=(10, 48, 48))
     out = tmp_path / "out"
     run_cli("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--methods", "supervised,vqseg",
             "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--iterations", "6",
@@ -200,13 +205,7 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
 
 
 def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, case in enumerate(make_dataset("phantom-liver", 4, seed=3, ct_shape=(8, 40, 40))):
-        write_volume(case.ct, folder / f"image_{i}.nii.gz")
-        liver = case.ct_label.with_array((case.ct_label.array == 1).astype(np.uint8))
-        write_volume(liver, folder / f"label_{i}.nii.gz")
-    (folder / "test.list").write_text("3\n")
+    folder = _liver_folder(tmp_path / "data", 4, seed=3, shape=(8, 40, 40))
     common = ("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--preset", "tiny", "--foundation", "none",
               "--iterations", "4", "--validation-patients", "1", "--validate-every", "2")
     run_cli(*common, "--methods", "supervised,vqseg", "--seeds", "2", "--out", tmp_path / "whole")
