@@ -219,6 +219,11 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
     whole = json.loads((tmp_path / "whole" / "results.json").read_text(encoding="utf-8"))
     got = json.loads((merged / "results.json").read_text(encoding="utf-8"))
     assert list(got) == ["supervised", "vqseg"]
+    assert list(merge_ssl([tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "m2")) == ["vqseg", "supervised"]
+    assert list(merge_ssl([tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "m3", ["supervised", "vqseg"])) == [
+        "supervised", "vqseg"]
+    with pytest.raises(InputError, match="--methods supervised: the folders hold vqseg,supervised; expected the same methods"):
+        merge_ssl([tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "bad", ["supervised"])
     for method in whole:
         assert [r["seed"] for r in got[method]["per_seed"]] == [0, 1]
         for key in ("dice_mean", "dice_std", "hd95_mean"):

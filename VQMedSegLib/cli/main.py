@@ -345,7 +345,8 @@ def cmd_ssl(args) -> int:
 def cmd_ssl_merge(args) -> int:
     from ..training.ssl_experiment import merge_ssl
 
-    results = merge_ssl([Path(f) for f in args.folders], Path(args.out))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    results = merge_ssl([Path(f) for f in args.folders], Path(args.out), methods)
     return _report_experiment(args, results)
 
 
@@ -515,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("ssl-merge", help="merge `ssl` runs of one experiment (seeds or methods run apart) into one result")
     sm.add_argument("folders", nargs="+", help="the runs' --out folders")
     sm.add_argument("--out", required=True)
+    sm.add_argument("--methods", help="the rows' order, such as supervised,vqseg,supervised-full (default: as found)")
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=cmd_ssl_merge)
 

@@ -443,14 +443,16 @@ SAME_EXPERIMENT = ("dataset", "structures", "labeled_fraction", "preset", "confi
                    "validate_every", "train_slices", "labelled_slices")
 
 
-def merge_ssl(sources: list[Path], out: Path) -> dict:
+def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) -> dict:
     """One experiment from runs of it spread over processes or machines (``vqmedseg ssl
     --seed-ids`` or ``--methods`` per run): the rows of every (method, seed) are gathered,
     the summaries over seeds recomputed, and the three files written as one run's.
 
     The runs must agree on everything that defines the experiment (:data:`SAME_EXPERIMENT`),
-    hold no (method, seed) twice, and give every method the same seeds. ``seconds`` is the
-    sum of the runs' times (compute, not wall time); ``merged_from`` lists the runs."""
+    hold no (method, seed) twice, and give every method the same seeds. The methods keep
+    the order of ``methods`` (which must name exactly those found), else of their first
+    appearance. ``seconds`` is the sum of the runs' times (compute, not wall time);
+    ``merged_from`` lists the runs."""
     if len(sources) < 2:
         raise InputError(f"ssl-merge: found {len(sources)} result folder(s), expected at least 2")
     runs, rows = [], {}
@@ -477,7 +479,10 @@ def merge_ssl(sources: list[Path], out: Path) -> dict:
                     raise InputError(f"{Path(src) / 'results.json'}: {method} seed {row['seed']} is also in an earlier "
                                      "folder; expected each (method, seed) once")
                 rows[method, row["seed"]] = row
-    methods = list(dict.fromkeys(m for m, _ in rows))
+    found = list(dict.fromkeys(m for m, _ in rows))
+    if methods is not None and sorted(methods) != sorted(found):
+        raise InputError(f"--methods {','.join(methods)}: the folders hold {','.join(found)}; expected the same methods")
+    methods = methods or found
     seeds = {m: sorted(s for mm, s in rows if mm == m) for m in methods}
     if len({tuple(v) for v in seeds.values()}) > 1:
         raise InputError("ssl-merge: the methods have different seeds "
