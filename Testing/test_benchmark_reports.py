@@ -163,6 +163,8 @@ def test_the_validation_part_chooses_weights_on_held_out_training_patients():
     assert (val["validation_patients"], val["validate_every"], val["config"]["iterations"]) == (2, 100, 3000)
     assert (short["validation_patients"], short["validate_every"]) == (0, 0)
     assert "acdc-10-val" not in run_accuracy.parts_of("gpu")
+    longer = run_accuracy.part_settings("acdc-10-val-long", "cpu", 3)
+    assert longer == {**val, "config": {**val["config"], "iterations": 5000}}
     # the CLI's run.json records the settings the part reruns from
     run = {k: v for k, v in val.items() if k != "kind"}
     assert run_accuracy.recorded_settings(run, val) == val
@@ -174,20 +176,28 @@ def test_the_validation_part_chooses_weights_on_held_out_training_patients():
 
 def test_the_validation_part_figures_and_pairs_stay_within_its_own_training_set(tmp_path):
     rows = {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54], "supervised-full": [0.75, 0.70, 0.75]},
-            "acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]}}
+            "acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+            "acdc-10-val-long": {"supervised": [0.63, 0.62, 0.66], "vqseg": [0.70, 0.69, 0.67], "supervised-full": [0.77, 0.80, 0.79]}}
     for name, r in rows.items():
         settings = run_accuracy.part_settings(name, "cpu", 3)
         results = _ssl_results(**r)
-        if name == "acdc-10-val":
+        if name.startswith("acdc-10-val"):
             for m in results:
                 results[m]["last_iteration"] = {"dice_mean": results[m]["dice_mean"] - 0.01}
         _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, results)
-    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,acdc-10-val"]) == 0
+    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,acdc-10-val,acdc-10-val-long"]) == 0
     summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val"] == pytest.approx(2.01 / 2.37)
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val_last"] == pytest.approx((0.67 - 0.01) / (0.79 - 0.01))
-    pairs = {(d["a"], d["b"]) for d in summary["paired"]}
+    assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val_long"] == pytest.approx(2.06 / 2.36)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    pairs = set(paired)
     assert ("acdc-10-val/vqseg", "acdc-10-val/supervised") in pairs
+    # the same training patients and labelled slices: the longer schedule's gain, seed by seed
+    assert paired[("acdc-10-val-long/vqseg", "acdc-10-val/vqseg")]["per_seed"] == pytest.approx([2.0, 3.0, 0.0])
+    assert paired[("acdc-10-val-long/supervised-full", "acdc-10-val/supervised-full")]["a_higher"] == 0
     # other training patients, so other labelled slices: never paired with acdc-10's rows
     assert not any("acdc-10-val" in a and "acdc-10/" in b or "acdc-10/" in a and "acdc-10-val" in b for a, b in pairs)
-    assert "held-out training patients" in (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "With 3,000 iterations and each row's weights chosen on two held-out training patients" in md
+    assert "With 5,000 iterations and each row's weights chosen on two held-out training patients" in md
