@@ -254,3 +254,6 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
                           (("--seeds", "0"), "--seeds 0: expected at least 1")):
         assert main([*map(str, common), "--methods", "supervised", *argv, "--out", str(tmp_path / "bad")]) != 0
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --seeds 2 is the default value, and still refused beside --seed-ids
+        main([*map(str, common), "--seeds", "2", "--seed-ids", "1", "--out", str(tmp_path / "bad")])
+    assert "argument --seed-ids: not allowed with argument --seeds" in capsys.readouterr().err

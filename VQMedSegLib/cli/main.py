@@ -52,14 +52,17 @@ def _seed_list(args) -> list[int]:
         if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
             raise InputError(f"--seed-ids {args.seed_ids!r}: expected distinct non-negative seeds such as 2 or 0,3-4")
         return ids
-    if args.seeds < 1:
-        raise InputError(f"--seeds {args.seeds}: expected at least 1")
-    return list(range(args.seeds))
+    n = args.default_seeds if args.seeds is None else args.seeds
+    if n < 1:
+        raise InputError(f"--seeds {n}: expected at least 1")
+    return list(range(n))
 
 
 def _seed_args(parser, default: int, note: str = "") -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--seeds", type=int, default=default, help=f"number of seeds, 0 .. N-1 (default {default})")
+    # default None, not the number: argparse lets both options through when the value given is the default object
+    group.add_argument("--seeds", type=int, help=f"number of seeds, 0 .. N-1 (default {default})")
+    parser.set_defaults(default_seeds=default)
     group.add_argument("--seed-ids", help="exactly these seeds, such as 2 or 0,3-4" + note)
 
 
