@@ -209,13 +209,19 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
     common = ("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--preset", "tiny", "--foundation", "none",
               "--iterations", "4", "--validation-patients", "1", "--validate-every", "2")
     run_cli(*common, "--methods", "supervised,vqseg", "--seeds", "2", "--out", tmp_path / "whole")
-    run_cli(*common, "--methods", "supervised,vqseg", "--seed-ids", "1", "--out", tmp_path / "seed1")
-    run_cli(*common, "--methods", "vqseg", "--seed-ids", "0", "--out", tmp_path / "vqseg0")
-    run_cli(*common, "--methods", "supervised", "--seed-ids", "0", "--out", tmp_path / "supervised0")
+    # the parts in this process (a subprocess each would mostly time torch's import)
+    for seed in (1, 0):
+        assert main([*map(str, common), "--methods", "supervised,vqseg", "--seed-ids", str(seed),
+                     "--out", str(tmp_path / f"seed{seed}")]) == 0
+    for method in ("vqseg", "supervised"):  # seed 0 as if its rows had run apart
+        part = tmp_path / f"{method}0"
+        shutil.copytree(tmp_path / "seed0", part)
+        rows = json.loads((part / "results.json").read_text(encoding="utf-8"))
+        (part / "results.json").write_text(json.dumps({method: rows[method]}), encoding="utf-8")
     assert json.loads((tmp_path / "seed1" / "run.json").read_text(encoding="utf-8"))["seeds"] == [1]
 
     merged = tmp_path / "merged"
-    run_cli("ssl-merge", tmp_path / "seed1", tmp_path / "vqseg0", tmp_path / "supervised0", "--out", merged)
+    assert main(["ssl-merge", *(str(tmp_path / f) for f in ("seed1", "vqseg0", "supervised0")), "--out", str(merged)]) == 0
     whole = json.loads((tmp_path / "whole" / "results.json").read_text(encoding="utf-8"))
     got = json.loads((merged / "results.json").read_text(encoding="utf-8"))
     assert list(got) == ["supervised", "vqseg"]
@@ -248,6 +254,10 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
         merge_ssl([tmp_path / "seed1", folder], tmp_path / "bad")
     with pytest.raises(InputError, match=re.escape("supervised: [1]; vqseg: [0, 1]")):
         merge_ssl([tmp_path / "seed1", tmp_path / "vqseg0"], tmp_path / "bad")
+    (other / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    (other / "results.json").write_text(json.dumps({"vqseg": {"dice_mean": 0.5}}), encoding="utf-8")
+    with pytest.raises(InputError, match="results.json: vqseg has no 'per_seed' rows"):
+        merge_ssl([tmp_path / "seed1", other], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     for argv, message in ((("--seed-ids", "1,1"), "--seed-ids '1,1': expected distinct non-negative seeds"),
                           (("--seed-ids", "x"), "--seed-ids 'x': expected distinct non-negative seeds"),

@@ -474,6 +474,9 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
                                      "expected runs of one experiment")
         runs.append(run)
         for method, r in results.items():
+            if not isinstance(r, dict) or not isinstance(r.get("per_seed"), list):
+                raise InputError(f"{Path(src) / 'results.json'}: {method} has no 'per_seed' rows; expected the results "
+                                 "of `vqmedseg ssl`")
             for row in r["per_seed"]:
                 if (method, row["seed"]) in rows:
                     raise InputError(f"{Path(src) / 'results.json'}: {method} seed {row['seed']} is also in an earlier "
