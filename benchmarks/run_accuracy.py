@@ -215,6 +215,10 @@ PAIRED = [
 ]
 
 
+# the ACDC parts with a ceiling row, and the suffix of their ratio figures in the headline
+ACDC_RATIO_PARTS = (("acdc-10", ""), ("acdc-10-long", "_long"), ("acdc-10-val", "_val"), ("acdc-10-val-long", "_val_long"))
+
+
 def paired_differences(parts: dict) -> list[dict]:
     """Per-seed Dice differences (points) of the :data:`PAIRED` rows whose parts ran with
     the same data, labelled fraction and seeds."""
@@ -240,7 +244,7 @@ def paired_differences(parts: dict) -> list[dict]:
 def headline(parts: dict) -> dict:
     """The figures the targets are judged on, from whichever parts ran."""
     out: dict = {}
-    for part, suffix in (("acdc-10", ""), ("acdc-10-long", "_long"), ("acdc-10-val", "_val"), ("acdc-10-val-long", "_val_long")):
+    for part, suffix in ACDC_RATIO_PARTS:
         acdc = parts.get(part, {}).get("results")
         if acdc and "vqseg" in acdc and "supervised-full" in acdc:
             out[f"acdc_vqseg10_vs_full_ratio{suffix}"] = acdc["vqseg"]["dice_mean"] / acdc["supervised-full"]["dice_mean"]
@@ -272,9 +276,9 @@ def report(summary: dict) -> str:
         lines += ["", f"With three times the training length (`acdc-10-long`), VQ-Seg at 10% reaches {long:.3f} "
                   f"of the fully supervised Dice (the supervised U-Net "
                   f"{summary['figures']['acdc_supervised10_vs_full_ratio_long']:.3f})."]
-    for part, suffix in (("acdc-10-val", "_val"), ("acdc-10-val-long", "_val_long")):
+    for part, suffix in ACDC_RATIO_PARTS:
         val = summary["figures"].get(f"acdc_vqseg10_vs_full_ratio{suffix}")
-        if val is None:
+        if val is None or not PARTS[part].get("validation_patients"):
             continue
         last = summary["figures"].get(f"acdc_vqseg10_vs_full_ratio{suffix}_last")
         iterations = PARTS[part]["overrides"]["cpu"]["iterations"]
