@@ -66,3 +66,31 @@ def test_incremental_reads_return_only_new_events(tmp_path):
     log.emit("b")
     second = read_events(path, offset=first.offset, after_seq=first.events[-1]["seq"])
     assert [e["type"] for e in second.events] == ["b"]
+
+
+def test_json_files_missing_corrupt_or_binary_are_named_with_what_was_expected(tmp_path):
+    from VQMedSegLib.errors import InputError, WorkspaceError
+    from VQMedSegLib.files import read_json
+    from VQMedSegLib.jobs.workspace import Workspace
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}', encoding="utf-8")
+    assert read_json(good) == {"a": [1, 2]}
+    with pytest.raises(InputError, match=r"missing.json: not found; expected the thing"):
+        read_json(tmp_path / "missing.json", expected="the thing")
+    (tmp_path / "bad.json").write_text('{"a": ', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad.json: not valid JSON \(.* at line 1\)"):
+        read_json(tmp_path / "bad.json", ConfigError)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(InputError, match="binary.json: not UTF-8 text"):
+        read_json(tmp_path / "binary.json")
+    with pytest.raises(InputError, match="could not be read"):
+        read_json(tmp_path)  # a folder
+
+    ws = Workspace.create(tmp_path / "ws")
+    ws.state_path.write_text("{", encoding="utf-8")
+    with pytest.raises(WorkspaceError, match=r"state.json: not valid JSON"):
+        Workspace.open(ws.root)
+    ws.state_path.unlink()
+    with pytest.raises(WorkspaceError, match=r"state.json: not found; expected .*vqmedseg workspace init"):
+        Workspace.open(ws.root)

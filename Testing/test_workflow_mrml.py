@@ -91,6 +91,17 @@ def test_the_keep_every_piece_choice_reaches_the_predict_job(scene, tmp_path):
     assert parser.parse_args(logic.prediction_args(case_id)).case == case_id
 
 
+def test_a_corrupt_suggestions_file_is_a_clear_error_not_a_traceback(scene, tmp_path):
+    from VQMedSegLib.errors import InputError
+
+    logic = WorkflowLogic(scene, device="cpu")
+    logic.prepare(mrml.add_volume(scene, Volume(np.zeros((4, 16, 16), np.int16)), "CT"), None, folder=tmp_path / "ws")
+    assert logic.suggestions() == []  # no query yet
+    (tmp_path / "ws" / "suggestions.json").write_text('{"suggestions": [', encoding="utf-8")
+    with pytest.raises(InputError, match=r"suggestions.json: not valid JSON .*run the query again"):
+        logic.suggestions()
+
+
 def test_a_segmentation_edited_on_two_slices_gives_exactly_two_labelled_slices(scene, tmp_path, phantom):
     ct_node = mrml.add_volume(scene, phantom.ct, "CT")
     logic = WorkflowLogic(scene)

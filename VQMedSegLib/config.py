@@ -8,7 +8,6 @@ what was found and what was expected, so a typo never silently falls back to a d
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .files import read_json
 
 T = TypeVar("T")
 
@@ -96,12 +96,7 @@ class JsonConfig:
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path}: not found") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = read_json(path, ConfigError, expected=f"a JSON object of {cls.__name__} settings")
         return cls.from_json(data, source=f"config file {path}")  # type: ignore[attr-defined]
 
     def replace(self: T, **changes: Any) -> T:

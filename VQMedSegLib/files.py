@@ -82,6 +82,26 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, error: type[Exception] = InputError, expected: str = "") -> Any:
+    """The JSON in ``path``; a missing, unreadable or corrupt file raises ``error`` naming it.
+
+    ``expected`` finishes the message ("expected ...") with what should have been there,
+    so that each caller says which file of which tool it was looking for.
+    """
+    path = Path(path)
+    hint = f"; expected {expected}" if expected else ""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: not found{hint}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}){hint}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text{hint}") from None
+    except OSError as exc:
+        raise error(f"{path}: could not be read ({exc.strerror}){hint}") from None
+
+
 def safe_id(value: str, what: str = "case identifier") -> str:
     """Return ``value`` if it is safe as a single path component, else raise.
 

@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from VQMedSegLib.files import atomic_write_json, atomic_write_text  # noqa: E402
+from VQMedSegLib.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from VQMedSegLib.provenance import software_versions  # noqa: E402
 
 # benchmark preset -> the library presets and the active-learning schedule it uses
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
         run_file = folder / "run.json"
         reuse = False
         if run_file.exists() and not args.fresh:
-            recorded = recorded_settings(json.loads(run_file.read_text(encoding="utf-8")), settings)
+            recorded = recorded_settings(read_json(run_file), settings)
             reuse = recorded == settings
             if not reuse:
                 differ = sorted(k for k in settings if recorded.get(k) != settings[k])
@@ -340,8 +340,8 @@ def main(argv=None) -> int:
         if not reuse:
             print(f"{name}: running {settings}", flush=True)
             run_part(settings, folder, device)
-        run = json.loads(run_file.read_text(encoding="utf-8"))
-        parts[name] = {"settings": settings, "results": json.loads((folder / "results.json").read_text(encoding="utf-8")),
+        run = read_json(run_file)
+        parts[name] = {"settings": settings, "results": read_json(folder / "results.json"),
                        "table": (folder / "results.md").read_text(encoding="utf-8"), "seconds": run["seconds"],
                        "split": run.get("split") or run.get("description"), "versions": run["versions"],
                        "reused": reuse}

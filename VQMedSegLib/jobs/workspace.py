@@ -23,7 +23,6 @@ unlike a slice nobody looked at.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ import numpy as np
 
 from ..data.volume import Volume
 from ..errors import InputError, WorkspaceError
-from ..files import atomic_write_json, safe_id
+from ..files import atomic_write_json, read_json, safe_id
 from ..tasks import get_task
 from .events import EventLog
 from .locks import file_lock
@@ -127,14 +126,8 @@ class Workspace:
         return ws
 
     def load_state(self) -> dict:
-        try:
-            state = json.loads(self.state_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise WorkspaceError(
-                f"workspace {self.root}: no state.json found; create one with 'vqmedseg workspace init'"
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise WorkspaceError(f"workspace {self.state_path}: not valid JSON ({exc.msg})") from None
+        state = read_json(self.state_path, WorkspaceError,
+                          expected="a VQMedSeg workspace; create one with 'vqmedseg workspace init'")
         version = state.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise WorkspaceError(

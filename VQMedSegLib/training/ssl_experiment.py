@@ -23,7 +23,6 @@ recorded beside them (``last_iteration``), so the choice's effect is visible.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
 from ..data.volume import Volume
 from ..errors import InputError
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, read_json
 from ..inference.postprocess import keep_largest_component
 from ..metrics.segmentation import dice_masks, score_volumes, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
@@ -457,15 +456,8 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
         raise InputError(f"ssl-merge: found {len(sources)} result folder(s), expected at least 2")
     runs, rows = [], {}
     for src in sources:
-        files = {}
-        for name in ("run.json", "results.json"):
-            f = Path(src) / name
-            try:
-                files[name] = json.loads(f.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise InputError(f"{f}: not found; expected the output folder of a finished `vqmedseg ssl` run") from None
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{f}: not valid JSON ({exc})") from None
+        files = {name: read_json(Path(src) / name, expected="the output folder of a finished `vqmedseg ssl` run")
+                 for name in ("run.json", "results.json")}
         run, results = files["run.json"], files["results.json"]
         if runs:
             for key in SAME_EXPERIMENT:

@@ -24,7 +24,6 @@ without a GUI:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, WorkspaceError
-from ..files import sanitize_id
+from ..files import read_json, sanitize_id
 from ..jobs.events import read_events
 from ..jobs.runner import cancel as cancel_job
 from ..jobs.runner import kill_tree, launch, running_job
@@ -269,7 +268,7 @@ class WorkflowLogic:
         path = ws.root / "suggestions.json"
         if not path.exists():
             return []
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, expected="the suggestions of the last query; run the query again")
         labelled = {c: set(v) for c, v in ws.labelled_slices().items()}
         return [s for s in data.get("suggestions", []) if s["slice"] not in labelled.get(s["case"], set())]
 
