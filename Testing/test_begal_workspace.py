@@ -132,6 +132,7 @@ def test_simulate_writes_results_table_and_plot(tmp_path):
     assert (out / "dice_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((out / "run.json").read_text())
     assert run["seeds"] == [0, 1] and run["versions"]["torch"]
+    assert run["device"] == "cpu" and run["threads"] >= 1 and run["cpu_count"] >= 1
 
 
 def test_simulate_rejects_a_budget_larger_than_the_pool(tmp_path):

@@ -16,7 +16,7 @@ import run_accuracy  # noqa: E402
 def _write_part(out: Path, name: str, run: dict, results: dict) -> None:
     folder = out / name
     folder.mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({**run, "seconds": 600.0, "versions": {"torch": "x"}}))
+    (folder / "run.json").write_text(json.dumps({"seconds": 600.0, "versions": {"torch": "x"}, **run}))
     (folder / "results.json").write_text(json.dumps(results))
     (folder / "results.md").write_text(f"# {name}\n\n| table of {name} |\n")
 
@@ -24,7 +24,8 @@ def _write_part(out: Path, name: str, run: dict, results: dict) -> None:
 def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, capsys):
     acdc = run_accuracy.part_settings("acdc-10", "cpu", 3)
     chaos = run_accuracy.part_settings("chaos-begal", "cpu", 3)
-    _write_part(tmp_path, "acdc-10", {k: v for k, v in acdc.items() if k != "kind"} | {"split": {"rule": "test.list patients"}},
+    _write_part(tmp_path, "acdc-10", {k: v for k, v in acdc.items() if k != "kind"} | {"split": {"rule": "test.list patients"},
+                                                                                      "threads": 2},
                 {"supervised": {"dice_mean": 0.60}, "vqseg": {"dice_mean": 0.78}, "supervised-full": {"dice_mean": 0.80}})
     _write_part(tmp_path, "chaos-begal", {k: v for k, v in chaos.items() if k != "kind"} | {"description": "slabs"},
                 {"begal": {"labeled_fraction": [0.2, 0.3, 0.4], "dice_mean": [0.80, 0.85, 0.905]},
@@ -42,6 +43,9 @@ def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, c
     assert summary["parts"]["acdc-10"]["split"] == {"rule": "test.list patients"}
     report = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert "| table of chaos-begal |" in report and "**no**" in report
+    # each part's time with the threads its run recorded (not the reporting process's)
+    assert summary["parts"]["acdc-10"]["threads"] == 2 and summary["parts"]["chaos-begal"]["threads"] is None
+    assert "## acdc-10 (10 min, 2 threads)" in report and "## chaos-begal (10 min, threads not recorded)" in report
 
 
 def test_a_part_run_with_other_settings_is_not_reused():

@@ -74,6 +74,8 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
     assert run["preset"] == "tiny" and run["seeds"] == [0] and run["seconds"] > 0
     assert {"vqmedseg", "torch", "monai", "python"} <= set(run["versions"])
     assert run["config"]["num_classes"] == 5
+    # the run's times mean something only with the threads it had
+    assert run["device"] == "cpu" and run["threads"] >= 1 and run["cpu_count"] >= 1
 
     n = run["train_slices"]
     assert results["supervised"]["labelled_slices"] == results["vqseg"]["labelled_slices"] == round(0.2 * n)
@@ -239,6 +241,13 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
     run = json.loads((merged / "run.json").read_text(encoding="utf-8"))
     assert run["seeds"] == [0, 1] and run["methods"] == ["supervised", "vqseg"]
     assert [m["seeds"] for m in run["merged_from"]] == [[1], [0], [0]]
+    assert run["threads"] == torch.get_num_threads() and [m["threads"] for m in run["merged_from"]] == [run["threads"]] * 3
+    changed = tmp_path / "threads"  # parts run on other thread counts: the merged run names each
+    shutil.copytree(tmp_path / "seed1", changed)
+    (changed / "run.json").write_text(json.dumps({**json.loads((changed / "run.json").read_text(encoding="utf-8")),
+                                                  "threads": 99}), encoding="utf-8")
+    merge_ssl([changed, tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "m4")
+    assert json.loads((tmp_path / "m4" / "run.json").read_text(encoding="utf-8"))["threads"] == f"99, {torch.get_num_threads()}"
     assert "| vqseg |" in (merged / "results.md").read_text(encoding="utf-8")
 
     # the same (method, seed) twice, another experiment, a folder without results, seeds that disagree

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -14,3 +15,10 @@ def software_versions() -> dict:
 
     return {"vqmedseg": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
+
+
+def compute_environment(device) -> dict:
+    """Where a run's seconds were spent: the device, torch's threads and the machine's CPUs."""
+    import torch
+
+    return {"device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}

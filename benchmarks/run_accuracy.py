@@ -263,8 +263,8 @@ def headline(parts: dict) -> dict:
 def report(summary: dict) -> str:
     lines = ["# Accuracy on the real scans", "",
              f"Benchmark preset `{summary['preset']}`, seeds {summary['seeds']}; software {summary['versions']}; "
-             f"{summary['wall_seconds'] / 3600:.2f} h of compute in the parts "
-             f"({summary['threads']} threads, device {summary['device']}).", ""]
+             f"{summary['wall_seconds'] / 3600:.2f} h of compute in the parts on device {summary['device']} "
+             "(each part's torch threads in its heading).", ""]
     lines += ["## Targets", "", "| figure | target | measured | met |", "|---|---|---|---|"]
     for key, (target, what) in TARGETS.items():
         value = summary["figures"].get(key)
@@ -294,7 +294,9 @@ def report(summary: dict) -> str:
             seeds = " / ".join(f"{v:+.2f}" for v in d["per_seed"])
             lines.append(f"| {d['a']} | {d['b']} | {seeds} | {d['mean']:+.2f} ± {d['std']:.2f} | {d['a_higher']} of {len(d['seeds'])} |")
     for name, part in summary["parts"].items():
-        lines += ["", f"## {name} ({part['seconds'] / 60:.0f} min)", "", part["table"].split("\n", 2)[2].strip()]
+        threads = part.get("threads")
+        threads = "threads not recorded" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"
+        lines += ["", f"## {name} ({part['seconds'] / 60:.0f} min, {threads})", "", part["table"].split("\n", 2)[2].strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -344,6 +346,7 @@ def main(argv=None) -> int:
         parts[name] = {"settings": settings, "results": read_json(folder / "results.json"),
                        "table": (folder / "results.md").read_text(encoding="utf-8"), "seconds": run["seconds"],
                        "split": run.get("split") or run.get("description"), "versions": run["versions"],
+                       "threads": run.get("threads"),
                        "reused": reuse}
         print(f"{name}: {run['seconds'] / 60:.1f} min{' (read back)' if reuse else ''}", flush=True)
     summary = {

@@ -20,7 +20,7 @@ import torch
 from ..config import BEGALConfig
 from ..errors import InputError
 from ..files import atomic_path, atomic_write_json, atomic_write_text
-from ..provenance import software_versions
+from ..provenance import compute_environment, software_versions
 from ..tasks import get_task
 from ..training.begal import PhaseTrainer, build_model, case_dice, round_schedule
 from .budget import Budget
@@ -255,7 +255,7 @@ def simulate(
         "config": config.to_json(),
         "pool_slices": int(len(data.candidates)),
         "seconds": time.monotonic() - t0,
-        "device": str(device),
+        **compute_environment(device),
         "versions": software_versions(),
         "runs": {s: [{k: v for k, v in r.items()} for r in rs] for s, rs in runs.items()},
     }

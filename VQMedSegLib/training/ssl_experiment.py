@@ -42,7 +42,7 @@ from ..files import atomic_write_json, atomic_write_text, read_json
 from ..inference.postprocess import keep_largest_component
 from ..metrics.segmentation import dice_masks, score_volumes, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
-from ..provenance import software_versions
+from ..provenance import compute_environment, software_versions
 from .vqseg import VQSegTrainer, foundation_features, labelled_loss
 
 log = logging.getLogger("vqmedseg")
@@ -398,8 +398,8 @@ def run_ssl(
         "dataset": dataset, "structures": {str(k): v for k, v in structures.items()}, "methods": methods, "seeds": seeds,
         "labeled_fraction": labeled_fraction, "preset": preset, "config": config.to_json(), "split": split,
         "validation_patients": validation_patients, "validate_every": validate_every if val_cases else 0,
-        "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0, "device": str(device),
-        "versions": software_versions(),
+        "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0,
+        **compute_environment(device), "versions": software_versions(),
     })
     return results
 
@@ -493,10 +493,18 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
     _write(out, results, {
         **first, "methods": methods, "seeds": seeds[methods[0]], "seconds": sum(r["seconds"] for r in runs),
         "device": ", ".join(dict.fromkeys(r["device"] for r in runs)),
+        "threads": _shared_or_listed([r.get("threads") for r in runs]),
         "merged_from": [{"folder": str(src), "methods": r["methods"], "seeds": r["seeds"], "seconds": r["seconds"],
-                         "device": r["device"], "versions": r["versions"]} for src, r in zip(sources, runs)],
+                         "device": r["device"], "threads": r.get("threads"), "versions": r["versions"]}
+                        for src, r in zip(sources, runs)],
     })
     return results
+
+
+def _shared_or_listed(values: list):
+    """The one value the runs share, else each distinct value in order ("2, 1"); None if none recorded it."""
+    distinct = list(dict.fromkeys(v for v in values if v is not None))
+    return None if not distinct else distinct[0] if len(distinct) == 1 else ", ".join(map(str, distinct))
 
 
 def _summary_over_seeds(runs: list[dict], structures: dict[int, str]) -> dict:
