@@ -163,3 +163,17 @@ def _long_begal_config(root: Path) -> Path:
     path = root.parent / "begal.json"
     path.write_text(json.dumps(cfg.to_json()))
     return path
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups and sessions are POSIX")
+def test_a_job_leads_its_own_process_group_inside_the_callers_session(workspace):
+    """Its own group, so that cancel kills it with its children; the caller's session, because
+    Linux's scheduler shares the CPU between sessions ("autogroups"): a job in a session of
+    its own got one core's share for its two threads whenever anything else ran, and trained
+    ten times slower."""
+    proc, _ = launch(["--help"], workspace, "help")
+    try:
+        assert os.getpgid(proc.pid) == proc.pid
+        assert os.getsid(proc.pid) == os.getsid(0)
+    finally:
+        proc.wait(timeout=120)

@@ -26,6 +26,7 @@ import torch
 from VQMedSegLib.data.io import write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.data.volume import Volume
+from VQMedSegLib.jobs.runner import own_process_group
 from VQMedSegLib.jobs.workspace import Workspace
 
 from conftest import REPO, run_cli
@@ -322,7 +323,7 @@ def _events(ws: Path) -> list[dict]:
 def _spawn(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "VQMedSegLib", *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-                            start_new_session=True)
+                            **own_process_group())
 
 
 def test_kill_9_during_training_20_times_loses_at_most_one_checkpoint_interval(tmp_path):
