@@ -200,6 +200,7 @@ def test_the_validation_part_figures_and_pairs_stay_within_its_own_training_set(
     # the same training patients and labelled slices: the longer schedule's gain, seed by seed
     assert paired[("acdc-10-val-long/vqseg", "acdc-10-val/vqseg")]["per_seed"] == pytest.approx([2.0, 3.0, 0.0])
     assert paired[("acdc-10-val-long/supervised-full", "acdc-10-val/supervised-full")]["a_higher"] == 0
+    assert paired[("acdc-10-val-long/supervised", "acdc-10-val/supervised")]["per_seed"] == pytest.approx([-1.0, 0.0, 0.0])
     # other training patients, so other labelled slices: never paired with acdc-10's rows
     assert not any("acdc-10-val" in a and "acdc-10/" in b or "acdc-10/" in a and "acdc-10-val" in b for a, b in pairs)
     md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")

@@ -208,6 +208,7 @@ PAIRED = [
     (("acdc-10-val", "vqseg"), ("acdc-10-val", "supervised")),
     (("acdc-10-val-long", "vqseg"), ("acdc-10-val-long", "supervised")),
     (("acdc-10-val-long", "vqseg"), ("acdc-10-val", "vqseg")),
+    (("acdc-10-val-long", "supervised"), ("acdc-10-val", "supervised")),
     (("acdc-10-val-long", "supervised-full"), ("acdc-10-val", "supervised-full")),
     (("chaos-mr-10-long", "vqseg"), ("chaos-mr-10-long", "supervised")),
     (("chaos-mr-10-long", "vqseg"), ("chaos-mr-10", "vqseg")),
