@@ -44,6 +44,29 @@ def real_data() -> Path:
     return path
 
 
+def run_main(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """The CLI's ``main(ARGS)`` in this process, its stdout and stderr captured: what
+    :func:`run_cli` checks, without a subprocess's torch and MONAI imports (about 8 s each).
+    For tests of what the commands do; tests of the command line as a process (exit
+    codes, signals, the environment) use :func:`run_cli`."""
+    import contextlib
+    import io
+
+    from VQMedSegLib.cli.main import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    r = subprocess.CompletedProcess(["vqmedseg", *argv], code, out.getvalue(), err.getvalue())
+    if check and r.returncode != 0:
+        raise AssertionError(f"vqmedseg {' '.join(argv)} returned {r.returncode}:\n{r.stderr[-3000:]}")
+    return r
+
+
 def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
     """``python -m VQMedSegLib ARGS`` in a real subprocess; with ``check``, a non-zero exit fails the test with stderr."""
     r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True,

@@ -1,5 +1,8 @@
-"""VQ-BEGAL rounds through a workspace, each command in a real subprocess:
-query -> annotate (a partial label volume) -> train -> query -> train -> predict."""
+"""VQ-BEGAL rounds through a workspace, each command through the CLI's ``main``:
+query -> annotate (a partial label volume) -> train -> query -> train -> predict.
+
+The commands run in this process (:func:`conftest.run_main`); the command line as a real
+process is tested in ``test_cli_end_to_end.py`` and ``test_reliability.py``."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from VQMedSegLib.data.io import read_label, read_volume, write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.jobs.workspace import Workspace
 
-from conftest import run_cli as vq
+from conftest import run_main as vq
 
 
 

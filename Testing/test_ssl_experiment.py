@@ -18,7 +18,7 @@ from VQMedSegLib.training.ssl_experiment import (BestOnValidation, Case, hold_ou
                                                    split_by_patient)
 from VQMedSegLib.training.vqseg import VQSegTrainer, build_vqseg
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 
 def _cases(ids):
@@ -63,7 +63,7 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
         write_volume(case.ct_label, folder / f"label_{i}.nii.gz")
     (folder / "test.list").write_text("3\n")
     out = tmp_path / "out"
-    run_cli("ssl", "--dataset", folder, "--labeled-fraction", "0.2", "--methods", "supervised,supervised-full,vqseg",
+    run_main("ssl", "--dataset", folder, "--labeled-fraction", "0.2", "--methods", "supervised,supervised-full,vqseg",
             "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--out", out)
 
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -176,9 +176,9 @@ def _liver_folder(folder, n, seed, shape):
 def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
     folder = _liver_folder(tmp_path / "data", 5, seed=7, shape=(10, 48, 48))
     out = tmp_path / "out"
-    run_cli("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--methods", "supervised,vqseg",
-            "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--iterations", "6",
-            "--validation-patients", "1", "--validate-every", "4", "--out", out)
+    run_main("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--methods", "supervised,vqseg",
+             "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--iterations", "6",
+             "--validation-patients", "1", "--validate-every", "4", "--out", out)
 
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["split"]["train_cases"] == ["0", "1", "2"] and run["split"]["validation_cases"] == ["3"]
@@ -196,12 +196,12 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "validation: case 3" in table and "| best iteration (validation) |" in table
 
-    bad = run_cli("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
-                  "--foundation", "none", "--validation-patients", "4", "--out", tmp_path / "bad", check=False)
+    bad = run_main("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
+                   "--foundation", "none", "--validation-patients", "4", "--out", tmp_path / "bad", check=False)
     assert bad.returncode != 0
     assert "--validation-patients 4: expected 0 to 3 (the training set has 4 patients)" in bad.stderr
-    bad = run_cli("ssl", "--dataset", folder, "--methods", "supervised", "--preset", "tiny", "--foundation", "none",
-                  "--validate-every", "50", "--out", tmp_path / "bad", check=False)
+    bad = run_main("ssl", "--dataset", folder, "--methods", "supervised", "--preset", "tiny", "--foundation", "none",
+                   "--validate-every", "50", "--out", tmp_path / "bad", check=False)
     assert bad.returncode != 0
     assert "--validate-every 50: expected a positive number of iterations, with --validation-patients above 0 (found 0)" in bad.stderr
 

@@ -1,5 +1,6 @@
-"""VQ-Seg through a workspace in a real subprocess: train on labelled + unlabelled
-slices, then predict with both uncertainty maps (entropy and QPM)."""
+"""VQ-Seg through a workspace, each command through the CLI's ``main`` in this process:
+train on labelled + unlabelled slices, then predict with both uncertainty maps (entropy
+and QPM)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from VQMedSegLib.data.io import read_label, read_volume, write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.jobs.workspace import Workspace
 
-from conftest import run_cli as vq
+from conftest import run_main as vq
 
 
 
