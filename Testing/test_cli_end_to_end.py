@@ -1,5 +1,7 @@
-"""The command line end to end: the demo (quick preset, the one users run), predict,
-evaluate and dataset check, each in a real subprocess."""
+"""The command line end to end: the demo (quick preset, the one users run) in a real
+subprocess, as users run it; predict, evaluate and dataset check through the CLI's
+``main`` in this process (:func:`conftest.run_main`: the same commands without a
+subprocess's torch and MONAI imports)."""
 
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ from VQMedSegLib.data.phantoms import make_abdominal_case
 from VQMedSegLib.data.volume import Volume
 
 from conftest import oblique_direction
-from conftest import run_cli as vqmedseg
+from conftest import run_cli, run_main as vqmedseg
 
 
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    vqmedseg("demo", "--out", out, "--device", "cpu", "--json")
+    run_cli("demo", "--out", out, "--device", "cpu", "--json")
     return out
 
 

@@ -29,7 +29,7 @@ from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.jobs.runner import own_process_group
 from VQMedSegLib.jobs.workspace import Workspace
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_main
 
 
 # ------------------------------------------------------------------------- helpers
@@ -213,9 +213,9 @@ def test_label_with_no_labelled_voxel(ws_with_case, tmp_path):
 # ----------------------------------------------------------------- configuration
 def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({"iteratoins": 10}))
-    refused(run_cli("train", "--workspace", ws_with_case, "--config", tmp_path / "typo.json", check=False), "iteratoins", code=2)
+    refused(run_main("train", "--workspace", ws_with_case, "--config", tmp_path / "typo.json", check=False), "iteratoins", code=2)
     (tmp_path / "type.json").write_text(json.dumps({"iterations": "ten"}))
-    refused(run_cli("train", "--workspace", ws_with_case, "--config", tmp_path / "type.json", check=False),
+    refused(run_main("train", "--workspace", ws_with_case, "--config", tmp_path / "type.json", check=False),
             "iterations", "expected an integer", code=2)
 
 
@@ -447,25 +447,34 @@ def test_main_commands_run_with_networking_disabled(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "HF_HUB_OFFLINE": "0"}
 
-    def run(*args):
-        r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env)
-        assert r.returncode == 0, f"{args[0]}: {r.stderr[-2000:]}"
-        return r
-
     probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
                            capture_output=True, text=True, env=env)
     assert "networking is disabled" in probe.stderr  # the guard is active in the subprocesses
-    run("demo", "--out", tmp_path / "demo", "--preset", "tiny", "--device", "cpu")
     ws = tmp_path / "ws"
-    run("workspace", "init", ws)
     case = make_dataset("phantom-liver", 1, seed=2, ct_shape=(12, 48, 48))[0]
     write_volume(case.ct, tmp_path / "ct.nrrd")
     write_volume(case.ct_label, tmp_path / "label.nrrd")
-    run("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd")
-    run("query", "--workspace", ws, "--n", "4", "--preset", "tiny", "--device", "cpu")
-    run("workspace", "annotate", ws, "--case", "c1", "--label", tmp_path / "label.nrrd", "--label-value", "1", "--slices", "3-8")
-    run("train", "--workspace", ws, "--method", "vqseg", "--preset", "tiny", "--device", "cpu")
-    run("predict", "--workspace", ws, "--device", "cpu")
+    commands = [
+        ["demo", "--out", tmp_path / "demo", "--preset", "tiny", "--device", "cpu"],
+        ["workspace", "init", ws],
+        ["workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd"],
+        ["query", "--workspace", ws, "--n", "4", "--preset", "tiny", "--device", "cpu"],
+        ["workspace", "annotate", ws, "--case", "c1", "--label", tmp_path / "label.nrrd", "--label-value", "1", "--slices", "3-8"],
+        ["train", "--workspace", ws, "--method", "vqseg", "--preset", "tiny", "--device", "cpu"],
+        ["predict", "--workspace", ws, "--device", "cpu"],
+    ]
+    # one guarded process runs the commands in turn (a process each would mostly time the imports)
+    script = ("import json, sys\nfrom VQMedSegLib.cli.main import main\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    code = main(argv)\n"
+              "    print('DONE', argv[0], code, flush=True)\n"
+              "    if code:\n"
+              "        sys.exit(code)\n")
+    r = subprocess.run([sys.executable, "-c", script, json.dumps([[str(a) for a in c] for c in commands])],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("DONE")] == [[c[0], "0"] for c in commands]
+    assert (ws / "predictions").is_dir() and any((ws / "predictions").rglob("*.seg.nrrd"))
 
 
 def test_subprocesses_get_argument_lists_never_a_shell_string():
