@@ -13,7 +13,6 @@ from VQMedSegLib.config import vqseg_config_from_preset
 from VQMedSegLib.data.io import write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.errors import ConfigError, InputError
-from VQMedSegLib.cli.main import main
 from VQMedSegLib.training.ssl_experiment import (BestOnValidation, Case, hold_out_patients, merge_ssl, method_config,
                                                    split_by_patient)
 from VQMedSegLib.training.vqseg import VQSegTrainer, build_vqseg
@@ -64,7 +63,7 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
     (folder / "test.list").write_text("3\n")
     out = tmp_path / "out"
     run_main("ssl", "--dataset", folder, "--labeled-fraction", "0.2", "--methods", "supervised,supervised-full,vqseg",
-            "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--out", out)
+             "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--out", out)
 
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
@@ -206,15 +205,14 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
     assert "--validate-every 50: expected a positive number of iterations, with --validation-patients above 0 (found 0)" in bad.stderr
 
 
-def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
+def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
     folder = _liver_folder(tmp_path / "data", 4, seed=3, shape=(8, 40, 40))
     common = ("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--preset", "tiny", "--foundation", "none",
               "--iterations", "4", "--validation-patients", "1", "--validate-every", "2")
     run_cli(*common, "--methods", "supervised,vqseg", "--seeds", "2", "--out", tmp_path / "whole")
     # the parts in this process (a subprocess each would mostly time torch's import)
     for seed in (1, 0):
-        assert main([*map(str, common), "--methods", "supervised,vqseg", "--seed-ids", str(seed),
-                     "--out", str(tmp_path / f"seed{seed}")]) == 0
+        run_main(*common, "--methods", "supervised,vqseg", "--seed-ids", seed, "--out", tmp_path / f"seed{seed}")
     for method in ("vqseg", "supervised"):  # seed 0 as if its rows had run apart
         part = tmp_path / f"{method}0"
         shutil.copytree(tmp_path / "seed0", part)
@@ -223,7 +221,7 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
     assert json.loads((tmp_path / "seed1" / "run.json").read_text(encoding="utf-8"))["seeds"] == [1]
 
     merged = tmp_path / "merged"
-    assert main(["ssl-merge", *(str(tmp_path / f) for f in ("seed1", "vqseg0", "supervised0")), "--out", str(merged)]) == 0
+    run_main("ssl-merge", *(tmp_path / f for f in ("seed1", "vqseg0", "supervised0")), "--out", merged)
     whole = json.loads((tmp_path / "whole" / "results.json").read_text(encoding="utf-8"))
     got = json.loads((merged / "results.json").read_text(encoding="utf-8"))
     assert list(got) == ["supervised", "vqseg"]
@@ -271,8 +269,8 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path, capsys):
     for argv, message in ((("--seed-ids", "1,1"), "--seed-ids '1,1': expected distinct non-negative seeds"),
                           (("--seed-ids", "x"), "--seed-ids 'x': expected distinct non-negative seeds"),
                           (("--seeds", "0"), "--seeds 0: expected at least 1")):
-        assert main([*map(str, common), "--methods", "supervised", *argv, "--out", str(tmp_path / "bad")]) != 0
-        assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # --seeds 2 is the default value, and still refused beside --seed-ids
-        main([*map(str, common), "--seeds", "2", "--seed-ids", "1", "--out", str(tmp_path / "bad")])
-    assert "argument --seed-ids: not allowed with argument --seeds" in capsys.readouterr().err
+        r = run_main(*common, "--methods", "supervised", *argv, "--out", tmp_path / "bad", check=False)
+        assert r.returncode != 0 and message in r.stderr
+    # --seeds 2 is the default value, and still refused beside --seed-ids (argparse's usage error)
+    r = run_main(*common, "--seeds", "2", "--seed-ids", "1", "--out", tmp_path / "bad", check=False)
+    assert r.returncode == 2 and "argument --seed-ids: not allowed with argument --seeds" in r.stderr

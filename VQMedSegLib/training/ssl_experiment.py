@@ -492,7 +492,7 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
         log.warning("ssl-merge: the runs' software versions differ; run.json records each run's")
     _write(out, results, {
         **first, "methods": methods, "seeds": seeds[methods[0]], "seconds": sum(r["seconds"] for r in runs),
-        "device": ", ".join(dict.fromkeys(r["device"] for r in runs)),
+        "device": _shared_or_listed([r["device"] for r in runs]),
         "threads": _shared_or_listed([r.get("threads") for r in runs]),
         "merged_from": [{"folder": str(src), "methods": r["methods"], "seeds": r["seeds"], "seconds": r["seconds"],
                          "device": r["device"], "threads": r.get("threads"), "versions": r["versions"]}
