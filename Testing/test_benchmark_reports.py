@@ -206,3 +206,32 @@ def test_the_validation_part_figures_and_pairs_stay_within_its_own_training_set(
     md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert "With 3,000 iterations and each row's weights chosen on two held-out training patients" in md
     assert "With 5,000 iterations and each row's weights chosen on two held-out training patients" in md
+
+
+def test_the_twenty_patient_part_tests_on_the_patients_of_its_list_and_pairs_only_within_it(tmp_path, monkeypatch):
+    from VQMedSegLib.training.ssl_experiment import read_test_list
+
+    val = run_accuracy.part_settings("acdc-10-val", "cpu", 3)
+    wide = run_accuracy.part_settings("acdc-10-val-20train", "cpu", 3)
+    assert val["test_list"] is None
+    assert wide == {**val, "test_list": "acdc-test-half.list"}
+    listed = read_test_list(run_accuracy.SPLITS / wide["test_list"])
+    assert len(listed) == 10 and all(i.startswith("patient") for i in listed)
+    # acdc-10-val's folder (the published test list) is not read back as this part
+    assert run_accuracy.recorded_settings({k: v for k, v in val.items() if k != "kind"}, wide) != wide
+
+    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+            "acdc-10-val-20train": {"supervised": [0.70, 0.72, 0.68], "vqseg": [0.78, 0.77, 0.79], "supervised-full": [0.82, 0.83, 0.81]}}
+    for name, r in rows.items():
+        settings = run_accuracy.part_settings(name, "cpu", 3)
+        _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, _ssl_results(**r))
+    # even a pair asked for across the two parts is refused: other training patients, other labelled slices
+    monkeypatch.setattr(run_accuracy, "PAIRED", run_accuracy.PAIRED + [(("acdc-10-val-20train", "vqseg"), ("acdc-10-val", "vqseg"))])
+    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10-val,acdc-10-val-20train"]) == 0
+    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
+    assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val_20train"] == pytest.approx(2.34 / 2.46)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    assert paired[("acdc-10-val-20train/vqseg", "acdc-10-val-20train/supervised")]["per_seed"] == pytest.approx([8.0, 5.0, 11.0])
+    assert ("acdc-10-val-20train/vqseg", "acdc-10-val/vqseg") not in paired
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "(`acdc-10-val-20train`, test patients those of `acdc-test-half.list`), VQ-Seg at 10% reaches 0.951" in md

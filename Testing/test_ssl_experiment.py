@@ -274,3 +274,33 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
     # --seeds 2 is the default value, and still refused beside --seed-ids (argparse's usage error)
     r = run_main(*common, "--seeds", "2", "--seed-ids", "1", "--out", tmp_path / "bad", check=False)
     assert r.returncode == 2 and "argument --seed-ids: not allowed with argument --seeds" in r.stderr
+
+
+def test_a_test_list_file_given_on_the_command_line_chooses_the_test_patients(tmp_path):
+    folder = _liver_folder(tmp_path / "data", 5, seed=7, shape=(10, 48, 48))  # its own test.list says case 4
+    chosen = tmp_path / "half.list"
+    chosen.write_text("# two test patients\n1\n\n3\n", encoding="utf-8")
+    common = ("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
+              "--foundation", "none", "--iterations", "2")
+    out = tmp_path / "out"
+    run_main(*common, "--test-list", chosen, "--validation-patients", "1", "--validate-every", "1", "--out", out)
+
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["test_list"] == "half.list"  # the file's name, not where it was
+    assert run["split"]["test_cases"] == ["1", "3"]
+    assert run["split"]["train_cases"] == ["0", "2"] and run["split"]["validation_cases"] == ["4"]
+    assert run["split"]["rule"] == "the patients listed in half.list"
+    assert "the patients listed in half.list" in (out / "results.md").read_text(encoding="utf-8")
+
+    def refused(path, expected):
+        r = run_main(*common, "--test-list", path, "--out", tmp_path / "bad", check=False)
+        assert r.returncode != 0 and expected in r.stderr, r.stderr
+        assert not (tmp_path / "bad" / "results.json").exists()
+
+    refused(tmp_path / "absent.list", "absent.list: not found")
+    (tmp_path / "empty.list").write_text("# nothing\n\n", encoding="utf-8")
+    refused(tmp_path / "empty.list", "empty.list: found no case or patient id, expected one per line")
+    (tmp_path / "typo.list").write_text("1\n7\nx\n", encoding="utf-8")
+    refused(tmp_path / "typo.list", "typo.list names 2 patient(s) not in the dataset (7, x); its patients are 0, 1, 2, 3, 4")
+    (tmp_path / "all.list").write_text("0\n1\n2\n3\n4\n", encoding="utf-8")
+    refused(tmp_path / "all.list", "all.list names 5 of the 5 patients found; expected some, not all")

@@ -82,24 +82,33 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def read_text(path: str | os.PathLike, error: type[Exception] = InputError, expected: str = "") -> str:
+    """The UTF-8 text in ``path``; a missing, unreadable or non-UTF-8 file raises ``error``
+    naming it, and ``expected`` ("expected ...") says what should have been there."""
+    path = Path(path)
+    hint = f"; expected {expected}" if expected else ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: not found{hint}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text{hint}") from None
+    except OSError as exc:
+        raise error(f"{path}: could not be read ({exc.strerror}){hint}") from None
+
+
 def read_json(path: str | os.PathLike, error: type[Exception] = InputError, expected: str = "") -> Any:
     """The JSON in ``path``; a missing, unreadable or corrupt file raises ``error`` naming it.
 
     ``expected`` finishes the message ("expected ...") with what should have been there,
     so that each caller says which file of which tool it was looking for.
     """
-    path = Path(path)
-    hint = f"; expected {expected}" if expected else ""
+    text = read_text(path, error, expected)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: not found{hint}") from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}){hint}") from None
-    except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text{hint}") from None
-    except OSError as exc:
-        raise error(f"{path}: could not be read ({exc.strerror}){hint}") from None
+        hint = f"; expected {expected}" if expected else ""
+        raise error(f"{Path(path)}: not valid JSON ({exc.msg} at line {exc.lineno}){hint}") from None
 
 
 def safe_id(value: str, what: str = "case identifier") -> str:

@@ -29,6 +29,10 @@ Parts:
   each row is scored on them every 100 iterations and tested with its weights of best
   validation Dice, so the schedule's length is chosen without the test patients.
 * ``acdc-10-val-long`` (CPU preset only): ``acdc-10-val`` at 5,000 iterations.
+* ``acdc-10-val-20train`` (CPU preset only): ``acdc-10-val`` with twice the training
+  patients: every other published test patient (``splits/acdc-test-half.list``, 10) is
+  the test set, the other 20 patients train (2 of them held out for validation), so
+  10% of the training slices is about twice as many labelled slices.
 * ``acdc-10-vq``, ``acdc-10-ablation``: where VQ-Seg's result at 10% comes from: its
   network trained on the labelled slices alone (``vqseg-labelled``), and VQ-Seg without
   the reconstruction branch, without QPM and without PFA (the rows of VQ-Seg's Table 2).
@@ -83,6 +87,10 @@ PARTS = {
     "acdc-10-val-long": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10,
                          "methods": ["supervised", "vqseg", "supervised-full"],
                          "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 5000}}},
+    # acdc-10-val with twice the training patients: 18 train, 2 validation, 10 test (benchmarks/splits/)
+    "acdc-10-val-20train": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10,
+                            "methods": ["supervised", "vqseg", "supervised-full"], "test_list": "acdc-test-half.list",
+                            "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
     # where VQ-Seg's shortfall comes from: its network on the labelled slices alone, and
     # the paper's Table 2 rows without the dual branch, QPM or PFA
     "acdc-10-vq": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "methods": ["vqseg-labelled", "vqseg-nodb"]},
@@ -114,7 +122,9 @@ TARGETS = {
 # set per run by the experiment (the seed, the number of structures), not by the preset
 PER_RUN_KEYS = ("seed", "num_classes")
 # what a run.json written before a setting existed ran with
-RECORDED_DEFAULTS = {"validation_patients": 0, "validate_every": 0}
+RECORDED_DEFAULTS = {"validation_patients": 0, "validate_every": 0, "test_list": None}
+# the test lists that parts name (``test_list``), by file name
+SPLITS = Path(__file__).resolve().parent / "splits"
 
 
 def _config_class(kind: str):
@@ -159,7 +169,7 @@ def part_settings(name: str, preset: str, seeds: int) -> dict:
         return {"kind": "ssl", "dataset": part["dataset"], "labeled_fraction": part["labeled_fraction"],
                 "methods": part["methods"], "preset": p["ssl_preset"], "seeds": list(range(seeds)),
                 "validation_patients": part.get("validation_patients", 0), "validate_every": part.get("validate_every", 0),
-                "config": _preset_config("ssl", p["ssl_preset"], **overrides)}
+                "test_list": part.get("test_list"), "config": _preset_config("ssl", p["ssl_preset"], **overrides)}
     return {"kind": "simulate", "dataset": part["dataset"], "strategies": part["strategies"], "preset": p["al_preset"],
             "seeds": list(range(seeds)), "initial": p["initial"], "rounds": p["rounds"], "per_round": p["per_round"],
             "config": _preset_config("simulate", p["al_preset"], **overrides)}
@@ -182,7 +192,8 @@ def run_part(settings: dict, out: Path, device: torch.device) -> None:
 
         run_ssl(settings["dataset"], settings["labeled_fraction"], settings["methods"], settings["seeds"],
                 part_config(settings), out, device, preset=settings["preset"],
-                validation_patients=settings["validation_patients"], validate_every=settings["validate_every"])
+                validation_patients=settings["validation_patients"], validate_every=settings["validate_every"],
+                test_list=SPLITS / settings["test_list"] if settings["test_list"] else None)
     else:
         from VQMedSegLib.active_learning.simulation import simulate
 
@@ -210,6 +221,7 @@ PAIRED = [
     (("acdc-10-val-long", "vqseg"), ("acdc-10-val", "vqseg")),
     (("acdc-10-val-long", "supervised"), ("acdc-10-val", "supervised")),
     (("acdc-10-val-long", "supervised-full"), ("acdc-10-val", "supervised-full")),
+    (("acdc-10-val-20train", "vqseg"), ("acdc-10-val-20train", "supervised")),
     (("chaos-mr-10-long", "vqseg"), ("chaos-mr-10-long", "supervised")),
     (("chaos-mr-10-long", "vqseg"), ("chaos-mr-10", "vqseg")),
     (("chaos-mr-10-val", "vqseg"), ("chaos-mr-10-val", "supervised")),
@@ -217,14 +229,15 @@ PAIRED = [
 
 
 # the ACDC parts with a ceiling row, and the suffix of their ratio figures in the headline
-ACDC_RATIO_PARTS = (("acdc-10", ""), ("acdc-10-long", "_long"), ("acdc-10-val", "_val"), ("acdc-10-val-long", "_val_long"))
+ACDC_RATIO_PARTS = (("acdc-10", ""), ("acdc-10-long", "_long"), ("acdc-10-val", "_val"), ("acdc-10-val-long", "_val_long"),
+                    ("acdc-10-val-20train", "_val_20train"))
 
 
 def paired_differences(parts: dict) -> list[dict]:
     """Per-seed Dice differences (points) of the :data:`PAIRED` rows whose parts ran with
     the same data, labelled fraction and seeds."""
     out = []
-    same = ("dataset", "labeled_fraction", "seeds", "validation_patients")  # the same training slices
+    same = ("dataset", "labeled_fraction", "seeds", "validation_patients", "test_list")  # the same training slices
     for (part_a, a), (part_b, b) in PAIRED:
         pa, pb = parts.get(part_a), parts.get(part_b)
         if not pa or not pb or a not in pa["results"] or b not in pb["results"]:
@@ -284,7 +297,8 @@ def report(summary: dict) -> str:
         last = summary["figures"].get(f"acdc_vqseg10_vs_full_ratio{suffix}_last")
         iterations = PARTS[part]["overrides"]["cpu"]["iterations"]
         lines += ["", f"With {iterations:,} iterations and each row's weights chosen on two held-out training patients "
-                  f"(`{part}`), VQ-Seg at 10% reaches {val:.3f} of the fully supervised Dice (the supervised "
+                  f"(`{part}`" + (f", test patients those of `{PARTS[part]['test_list']}`" if PARTS[part].get("test_list") else "")
+                  + f"), VQ-Seg at 10% reaches {val:.3f} of the fully supervised Dice (the supervised "
                   f"U-Net {summary['figures'][f'acdc_supervised10_vs_full_ratio{suffix}']:.3f}"
                   + (f"; with the last iteration's weights {last:.3f}" if last is not None else "") + ")."]
     if summary.get("paired"):

@@ -341,7 +341,7 @@ def cmd_ssl(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, Path(args.out), device,
                       preset=args.preset if not args.config else "custom", validation_patients=args.validation_patients,
-                      validate_every=args.validate_every)
+                      validate_every=args.validate_every, test_list=Path(args.test_list) if args.test_list else None)
     return _report_experiment(args, results)
 
 
@@ -511,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hold out the last N training patients (sorted); each row is tested with its weights of best validation Dice")
     ss.add_argument("--validate-every", type=int, default=0,
                     help="iterations between validation scores (default: a twentieth of the iterations)")
+    ss.add_argument("--test-list", metavar="FILE",
+                    help="case or patient ids, one per line: their patients are the test set "
+                         "(default: the dataset's test.list, else the last quarter of the patients, sorted)")
     ss.add_argument("--out", required=True)
     ss.add_argument("--json", action="store_true")
     device_arg(ss)

@@ -3,7 +3,8 @@ ablations, at a fraction of labelled training slices, over seeds.
 
 Splits are by patient: no patient is in both training and test. A dataset folder with a
 ``test.list`` (ACDC's published split lists) puts the patients listed there in the test
-set; otherwise the last quarter of the patients, in sorted order, is the test set.
+set; otherwise the last quarter of the patients, in sorted order, is the test set. A list
+given with ``test_list`` (``--test-list FILE``) replaces the folder's.
 Within the training cases, ``labeled_fraction`` of the slices (at least one) are labelled
 at random, the rest are the unlabelled pool; ``supervised-full`` labels every training
 slice (the ceiling). Scores are 3-D, on each test case's original grid: the model's slice
@@ -38,7 +39,7 @@ from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
 from ..data.volume import Volume
 from ..errors import InputError
-from ..files import atomic_write_json, atomic_write_text, read_json
+from ..files import atomic_write_json, atomic_write_text, read_json, read_text
 from ..inference.postprocess import keep_largest_component
 from ..metrics.segmentation import dice_masks, score_volumes, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
@@ -134,21 +135,42 @@ def patient_of(case_id: str) -> str:
     return case_id.split("_frame")[0]
 
 
-def split_by_patient(cases: list[Case], test_share: float = 0.25,
-                     test_list: set[str] | None = None) -> tuple[list[Case], list[Case]]:
+def split_by_patient(cases: list[Case], test_share: float = 0.25, test_list: set[str] | None = None,
+                     source: str = "test.list") -> tuple[list[Case], list[Case]]:
     """Training and test cases, never a patient on both sides.
 
-    With ``test_list`` (case ids), the patients of the listed cases are the test set;
-    otherwise the last ``test_share`` of the patients in sorted order."""
+    With ``test_list`` (case or patient ids, read from ``source``), the patients of the
+    listed cases are the test set; otherwise the last ``test_share`` of the patients in
+    sorted order."""
     patients = sorted({patient_of(c.case_id) for c in cases})
     if test_list is not None:
         test = {patient_of(c) for c in test_list} & set(patients)
         if not test or test == set(patients):
-            raise InputError(f"test.list names {len(test)} of the {len(patients)} patients found; expected some, not all")
+            raise InputError(f"{source} names {len(test)} of the {len(patients)} patients found; expected some, not all")
     else:
         n_test = max(1, int(round(test_share * len(patients))))
         test = set(patients[-n_test:])
     return _partition(cases, test)
+
+
+def read_test_list(path: Path) -> set[str]:
+    """The case or patient ids in a test-list file, one per line (blank lines and lines
+    starting with ``#`` skipped)."""
+    text = read_text(path, expected="a list of test case or patient ids, one per line")
+    ids = {line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+    if not ids:
+        raise InputError(f"{path}: found no case or patient id, expected one per line")
+    return ids
+
+
+def check_test_list(ids: set[str], cases: list[Case], source: Path) -> None:
+    """Refuse a user's test list that names a patient the dataset does not hold (a typo
+    would otherwise move a patient silently to the training side)."""
+    patients = sorted({patient_of(c.case_id) for c in cases})
+    unknown = sorted({i for i in ids if patient_of(i) not in patients})
+    if unknown:
+        raise InputError(f"{source} names {len(unknown)} patient(s) not in the dataset ({', '.join(unknown)}); "
+                         f"its patients are {', '.join(patients)}")
 
 
 def _partition(cases: list[Case], held: set[str]) -> tuple[list[Case], list[Case]]:
@@ -287,12 +309,14 @@ def run_ssl(
     preset: str = "custom",
     validation_patients: int = 0,
     validate_every: int = 0,
+    test_list: Path | None = None,
 ) -> dict:
     """Train and score every method for every seed; write results.json, results.md, run.json.
 
     ``validation_patients`` > 0 holds that many training patients out for model selection
     (see the module's description); ``validate_every`` (0: a twentieth of the iterations)
-    is how often they are scored."""
+    is how often they are scored. ``test_list``: a file of case or patient ids whose
+    patients are the test set, in place of the dataset folder's ``test.list``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
@@ -302,6 +326,7 @@ def run_ssl(
         raise InputError(f"--validate-every {validate_every}: expected a positive number of iterations, "
                          f"with --validation-patients above 0 (found {validation_patients})")
     t0 = time.monotonic()
+    listed = read_test_list(Path(test_list)) if test_list is not None else None
     out.mkdir(parents=True, exist_ok=True)
     data = load_cases(dataset)
     if len(data.cases) < 3:
@@ -310,7 +335,13 @@ def run_ssl(
         raise InputError(f"--dataset {dataset}: the labels hold no structure (all background)")
     structures = data.structures
     config = config.replace(num_classes=max(structures) + 1)
-    train_cases, test_cases = split_by_patient(data.cases, test_list=data.test_list)
+    if listed is not None:
+        check_test_list(listed, data.cases, Path(test_list))
+        train_cases, test_cases = split_by_patient(data.cases, test_list=listed, source=str(test_list))
+        rule = f"the patients listed in {Path(test_list).name}"
+    else:
+        train_cases, test_cases = split_by_patient(data.cases, test_list=data.test_list)
+        rule = "test.list patients" if data.test_list is not None else "last quarter of the patients (sorted)"
     train_cases, val_cases = hold_out_patients(train_cases, validation_patients)
     if validation_patients and not validate_every:
         validate_every = max(1, config.iterations // 20)
@@ -389,8 +420,7 @@ def run_ssl(
                      f"Dice at the last iteration {extra['last_iteration']['dice_mean']:.4f}" if selector else "")
 
     results = _results(per_method, structures, labeled_fraction, len(x_all), n_lab, bool(val_cases))
-    split = {"rule": "test.list patients" if data.test_list is not None else "last quarter of the patients (sorted)",
-             "train_cases": [c.case_id for c in train_cases], "test_cases": [c.case_id for c in test_cases]}
+    split = {"rule": rule, "train_cases": [c.case_id for c in train_cases], "test_cases": [c.case_id for c in test_cases]}
     if val_cases:
         split["validation_cases"] = [c.case_id for c in val_cases]
         split["validation_rule"] = f"the last {validation_patients} training patient(s), sorted"
@@ -398,7 +428,7 @@ def run_ssl(
         "dataset": dataset, "structures": {str(k): v for k, v in structures.items()}, "methods": methods, "seeds": seeds,
         "labeled_fraction": labeled_fraction, "preset": preset, "config": config.to_json(), "split": split,
         "validation_patients": validation_patients, "validate_every": validate_every if val_cases else 0,
-        "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0,
+        "test_list": Path(test_list).name if test_list is not None else None, "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0,
         **compute_environment(device), "versions": software_versions(),
     })
     return results
