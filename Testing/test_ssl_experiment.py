@@ -2,6 +2,7 @@
 and result files that record how they were made."""
 
 import json
+import logging
 import re
 import shutil
 
@@ -172,12 +173,19 @@ def _liver_folder(folder, n, seed, shape):
     return folder
 
 
-def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path):
+def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path, caplog):
     folder = _liver_folder(tmp_path / "data", 5, seed=7, shape=(10, 48, 48))
     out = tmp_path / "out"
-    run_main("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--methods", "supervised,vqseg",
-             "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--iterations", "6",
-             "--validation-patients", "1", "--validate-every", "4", "--out", out)
+    with caplog.at_level(logging.INFO, logger="vqmedseg"):
+        run_main("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--methods", "supervised,vqseg",
+                 "--seeds", "1", "--preset", "tiny", "--foundation", "none", "--iterations", "6",
+                 "--validation-patients", "1", "--validate-every", "4", "--out", out)
+
+    # progress in the log every tenth of a row (here every iteration), with the best validation Dice once there is one
+    for method in ("supervised", "vqseg"):
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{method} seed 0: iteration ")]
+        assert [int(m.split("iteration ")[1].split(" ")[0]) for m in lines] == [1, 2, 3, 4, 5, 6], lines
+        assert "validation" not in lines[2] and re.search(r" of 6 \(\d+ s\); best validation Dice 0\.\d{4} at iteration 4$", lines[3])
 
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["split"]["train_cases"] == ["0", "1", "2"] and run["split"]["validation_cases"] == ["3"]
@@ -304,3 +312,4 @@ def test_a_test_list_file_given_on_the_command_line_chooses_the_test_patients(tm
     refused(tmp_path / "typo.list", "typo.list names 2 patient(s) not in the dataset (7, x); its patients are 0, 1, 2, 3, 4")
     (tmp_path / "all.list").write_text("0\n1\n2\n3\n4\n", encoding="utf-8")
     refused(tmp_path / "all.list", "all.list names 5 of the 5 patients found; expected some, not all")
+

@@ -229,6 +229,29 @@ class BestOnValidation:
                 "best_dice": self.best_dice}
 
 
+class RowProgress:
+    """The ``on_step`` of one row and seed: calls the validation ``selector`` (if any),
+    advances the run's tqdm bar, and logs every tenth of the row's iterations with the
+    best validation Dice so far, so that a run of hours shows where it is also in a log."""
+
+    def __init__(self, bar, method: str, seed: int, total: int, selector: BestOnValidation | None = None):
+        self.bar, self.method, self.seed, self.total, self.selector = bar, method, seed, total, selector
+        self.every = max(1, total // 10)
+        self.t0 = time.monotonic()
+
+    def __call__(self, iteration: int, total: int | None = None, losses: dict | None = None) -> None:
+        if self.selector is not None:
+            self.selector(iteration, total, losses)
+        self.bar.update(1)
+        if iteration % self.every and iteration != self.total:
+            return
+        best = (f"; best validation Dice {self.selector.best_dice:.4f} at iteration {self.selector.best_iteration}"
+                if self.selector is not None and self.selector.iterations else "")
+        log.info("%s seed %d: iteration %d of %d (%.0f s)%s", self.method, self.seed, iteration, self.total,
+                 time.monotonic() - self.t0, best)
+        self.bar.set_postfix_str(f"{self.method} seed {self.seed}{best}")
+
+
 class SupervisedNet(nn.Module):
     """The same U-Net backbone without VQ (the ``supervised`` row)."""
 
@@ -371,6 +394,9 @@ def run_ssl(
 
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
     n_lab = max(1, int(round(labeled_fraction * len(x_all))))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(seeds) * len(methods) * config.iterations, desc="ssl", unit="it", disable=None)
     for seed in seeds:
         rng = np.random.default_rng(seed)
         lab = np.sort(rng.choice(len(x_all), n_lab, replace=False))
@@ -404,7 +430,7 @@ def run_ssl(
             if val_cases:
                 selector = BestOnValidation(model, lambda: _validation_dice(predict, val_prepared, structures),
                                             validate_every, cfg.iterations)
-            train(selector)
+            train(RowProgress(bar, method, seed, cfg.iterations, selector))
             model.eval()
             extra = {}
             if selector is not None:
@@ -419,6 +445,7 @@ def run_ssl(
                      f"; best validation Dice {selector.best_dice:.4f} at iteration {selector.best_iteration}, "
                      f"Dice at the last iteration {extra['last_iteration']['dice_mean']:.4f}" if selector else "")
 
+    bar.close()
     results = _results(per_method, structures, labeled_fraction, len(x_all), n_lab, bool(val_cases))
     split = {"rule": rule, "train_cases": [c.case_id for c in train_cases], "test_cases": [c.case_id for c in test_cases]}
     if val_cases:
