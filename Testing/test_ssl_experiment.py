@@ -299,6 +299,10 @@ def test_a_test_list_file_given_on_the_command_line_chooses_the_test_patients(tm
     assert run["split"]["train_cases"] == ["0", "2"] and run["split"]["validation_cases"] == ["4"]
     assert run["split"]["rule"] == "the patients listed in half.list"
     assert "the patients listed in half.list" in (out / "results.md").read_text(encoding="utf-8")
+    # each test case's Dice per structure is kept, so rows can be compared case by case later
+    seed = json.loads((out / "results.json").read_text(encoding="utf-8"))["supervised"]["per_seed"][0]
+    assert list(seed["cases"]) == ["1", "3"] and all(list(c) == ["label 1"] for c in seed["cases"].values())
+    assert seed["dice_mean"] == pytest.approx(np.mean([c["label 1"] for c in seed["cases"].values()]))
 
     def refused(path, expected):
         r = run_main(*common, "--test-list", path, "--out", tmp_path / "bad", check=False)

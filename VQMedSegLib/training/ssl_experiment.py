@@ -439,6 +439,9 @@ def run_ssl(
                 extra = {"validation": selector.record(), "last_iteration": _seed_summary(last, structures)}
             raw, largest = _evaluate(predict, test_prepared, structures)
             s = _seed_summary(raw, structures)
+            # each test case's Dice per structure, for comparisons case by case or on a subset of the cases
+            s["cases"] = {case.case_id: {name: float(scores[name].dice) for name in structures.values()}
+                          for (case, _, _), scores in zip(test_prepared, raw)}
             per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures),
                                        **extra, "seconds": time.monotonic() - t})
             log.info("%s seed %d: Dice %.4f (%.0f s)%s", method, seed, s["dice_mean"], time.monotonic() - t,
