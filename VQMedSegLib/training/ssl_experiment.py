@@ -458,7 +458,8 @@ def run_ssl(
         "dataset": dataset, "structures": {str(k): v for k, v in structures.items()}, "methods": methods, "seeds": seeds,
         "labeled_fraction": labeled_fraction, "preset": preset, "config": config.to_json(), "split": split,
         "validation_patients": validation_patients, "validate_every": validate_every if val_cases else 0,
-        "test_list": Path(test_list).name if test_list is not None else None, "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0,
+        "test_list": Path(test_list).name if test_list is not None else None,
+        "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0,
         **compute_environment(device), "versions": software_versions(),
     })
     return results
