@@ -136,14 +136,19 @@ def patient_of(case_id: str) -> str:
 
 
 def split_by_patient(cases: list[Case], test_share: float = 0.25, test_list: set[str] | None = None,
-                     source: str = "test.list") -> tuple[list[Case], list[Case]]:
+                     source: str = "test.list", strict: bool = False) -> tuple[list[Case], list[Case]]:
     """Training and test cases, never a patient on both sides.
 
     With ``test_list`` (case or patient ids, read from ``source``), the patients of the
     listed cases are the test set; otherwise the last ``test_share`` of the patients in
-    sorted order."""
+    sorted order. ``strict`` refuses a list that names a patient the cases do not hold
+    (for a user's list, where a typo would silently move a patient to the training side)."""
     patients = sorted({patient_of(c.case_id) for c in cases})
     if test_list is not None:
+        unknown = sorted({patient_of(c) for c in test_list} - set(patients))
+        if strict and unknown:
+            raise InputError(f"{source} names {len(unknown)} patient(s) not in the dataset ({', '.join(unknown)}); "
+                             f"its patients are {', '.join(patients)}")
         test = {patient_of(c) for c in test_list} & set(patients)
         if not test or test == set(patients):
             raise InputError(f"{source} names {len(test)} of the {len(patients)} patients found; expected some, not all")
@@ -161,16 +166,6 @@ def read_test_list(path: Path) -> set[str]:
     if not ids:
         raise InputError(f"{path}: found no case or patient id, expected one per line")
     return ids
-
-
-def check_test_list(ids: set[str], cases: list[Case], source: Path) -> None:
-    """Refuse a user's test list that names a patient the dataset does not hold (a typo
-    would otherwise move a patient silently to the training side)."""
-    patients = sorted({patient_of(c.case_id) for c in cases})
-    unknown = sorted({i for i in ids if patient_of(i) not in patients})
-    if unknown:
-        raise InputError(f"{source} names {len(unknown)} patient(s) not in the dataset ({', '.join(unknown)}); "
-                         f"its patients are {', '.join(patients)}")
 
 
 def _partition(cases: list[Case], held: set[str]) -> tuple[list[Case], list[Case]]:
@@ -359,8 +354,7 @@ def run_ssl(
     structures = data.structures
     config = config.replace(num_classes=max(structures) + 1)
     if listed is not None:
-        check_test_list(listed, data.cases, Path(test_list))
-        train_cases, test_cases = split_by_patient(data.cases, test_list=listed, source=str(test_list))
+        train_cases, test_cases = split_by_patient(data.cases, test_list=listed, source=str(test_list), strict=True)
         rule = f"the patients listed in {Path(test_list).name}"
     else:
         train_cases, test_cases = split_by_patient(data.cases, test_list=data.test_list)
