@@ -317,3 +317,21 @@ def test_a_test_list_file_given_on_the_command_line_chooses_the_test_patients(tm
     (tmp_path / "all.list").write_text("0\n1\n2\n3\n4\n", encoding="utf-8")
     refused(tmp_path / "all.list", "all.list names 5 of the 5 patients found; expected some, not all")
 
+
+
+def test_pfa_is_reported_off_only_when_a_row_would_have_used_it(tmp_path, caplog):
+    import logging
+
+    folder = _liver_folder(tmp_path / "data", 4, seed=7, shape=(8, 32, 32))
+    common = ("ssl", "--dataset", folder, "--seeds", "1", "--preset", "tiny", "--iterations", "2")
+
+    def pfa_warnings(*argv):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vqmedseg"):
+            run_main(*common, *argv, "--out", tmp_path / "out")
+        return [r.getMessage() for r in caplog.records if "PFA is off" in r.getMessage() or "foundation features" in r.getMessage()]
+
+    # rows that never use PFA: no foundation model built, and nothing to warn about
+    assert pfa_warnings("--methods", "supervised,vqseg-labelled") == []
+    assert pfa_warnings("--methods", "vqseg-nopfa", "--foundation", "none") == []
+    assert pfa_warnings("--methods", "vqseg", "--foundation", "none") == ["PFA is off: no foundation model (--foundation none)"]

@@ -373,7 +373,8 @@ def run_ssl(
 
     foundation, fm_all, fm_channels = None, None, 0
     fm_rows = np.arange(len(x_all))
-    if any(m.startswith("vqseg") and METHODS[m].get("use_pfa", config.use_pfa) for m in methods) and config.foundation != "none":
+    uses_pfa = any(m.startswith("vqseg") and METHODS[m].get("use_pfa", config.use_pfa) for m in methods)
+    if uses_pfa and config.foundation != "none":
         from ..models.foundation import build_foundation
 
         foundation = build_foundation(config.foundation)
@@ -383,7 +384,7 @@ def run_ssl(
         fm_all = foundation_features(foundation, x_all[fm_rows], config.pfa_grid)
         fm_channels = fm_all.shape[1]
         log.info("foundation features of %d slices in %.0f s", len(fm_rows), time.monotonic() - t)
-    elif any(m.startswith("vqseg") for m in methods) and config.use_pfa:
+    elif uses_pfa:  # a row would have used PFA, but there is no foundation model
         log.warning("PFA is off: no foundation model (--foundation none)")
 
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
