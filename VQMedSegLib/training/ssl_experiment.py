@@ -145,11 +145,12 @@ def split_by_patient(cases: list[Case], test_share: float = 0.25, test_list: set
     (for a user's list, where a typo would silently move a patient to the training side)."""
     patients = sorted({patient_of(c.case_id) for c in cases})
     if test_list is not None:
-        unknown = sorted({patient_of(c) for c in test_list} - set(patients))
+        listed = {patient_of(c) for c in test_list}
+        unknown = sorted(listed - set(patients))
         if strict and unknown:
             raise InputError(f"{source} names {len(unknown)} patient(s) not in the dataset ({', '.join(unknown)}); "
                              f"its patients are {', '.join(patients)}")
-        test = {patient_of(c) for c in test_list} & set(patients)
+        test = listed & set(patients)
         if not test or test == set(patients):
             raise InputError(f"{source} names {len(test)} of the {len(patients)} patients found; expected some, not all")
     else:
@@ -344,7 +345,8 @@ def run_ssl(
         raise InputError(f"--validate-every {validate_every}: expected a positive number of iterations, "
                          f"with --validation-patients above 0 (found {validation_patients})")
     t0 = time.monotonic()
-    listed = read_test_list(Path(test_list)) if test_list is not None else None
+    test_list = Path(test_list) if test_list is not None else None
+    listed = read_test_list(test_list) if test_list is not None else None
     out.mkdir(parents=True, exist_ok=True)
     data = load_cases(dataset)
     if len(data.cases) < 3:
@@ -355,7 +357,7 @@ def run_ssl(
     config = config.replace(num_classes=max(structures) + 1)
     if listed is not None:
         train_cases, test_cases = split_by_patient(data.cases, test_list=listed, source=str(test_list), strict=True)
-        rule = f"the patients listed in {Path(test_list).name}"
+        rule = f"the patients listed in {test_list.name}"
     else:
         train_cases, test_cases = split_by_patient(data.cases, test_list=data.test_list)
         rule = "test.list patients" if data.test_list is not None else "last quarter of the patients (sorted)"
@@ -453,7 +455,7 @@ def run_ssl(
         "dataset": dataset, "structures": {str(k): v for k, v in structures.items()}, "methods": methods, "seeds": seeds,
         "labeled_fraction": labeled_fraction, "preset": preset, "config": config.to_json(), "split": split,
         "validation_patients": validation_patients, "validate_every": validate_every if val_cases else 0,
-        "test_list": Path(test_list).name if test_list is not None else None,
+        "test_list": test_list.name if test_list is not None else None,
         "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0,
         **compute_environment(device), "versions": software_versions(),
     })
