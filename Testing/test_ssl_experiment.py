@@ -335,3 +335,15 @@ def test_pfa_is_reported_off_only_when_a_row_would_have_used_it(tmp_path, caplog
     assert pfa_warnings("--methods", "supervised,vqseg-labelled") == []
     assert pfa_warnings("--methods", "vqseg-nopfa", "--foundation", "none") == []
     assert pfa_warnings("--methods", "vqseg", "--foundation", "none") == ["PFA is off: no foundation model (--foundation none)"]
+
+
+def test_chaos_mr_cases_load_as_mr_without_a_guess(caplog):
+    from VQMedSegLib.data.paths import shared_data_dir
+    from VQMedSegLib.training.ssl_experiment import load_cases
+
+    if shared_data_dir() is None:
+        pytest.skip("real scans not found: set VQMEDSEG_DATA or place them in ../shared/data")
+    with caplog.at_level(logging.WARNING):
+        data = load_cases("chaos-mr")
+    assert len(data.cases) == 20 and {c.modality for c in data.cases} == {"MR"}
+    assert "modality not given" not in caplog.text

@@ -107,12 +107,14 @@ def load_cases(dataset: str) -> SSLData:
             raise InputError(f"--dataset {dataset}: real scans not found; set VQMEDSEG_DATA or place them in ../shared/data")
         path = root / ("acdc" if dataset == "acdc" else "chaos_mr_t2")
         structures = ACDC_STRUCTURES if dataset == "acdc" else CHAOS_MR_STRUCTURES
+        # CHAOS MR T2 is in the pairs layout, which cannot tell MR from CT: say so, not guess
+        modality = "MR" if dataset == "chaos-mr" else None
     else:
-        path, structures = Path(dataset), None
+        path, structures, modality = Path(dataset), None, None
         if not path.exists():
             raise InputError(f"--dataset {dataset!r}: expected phantom-liver, phantom-lung, acdc, chaos-mr or a dataset folder")
     loaded = []
-    for ref in discover_cases(path):
+    for ref in discover_cases(path, modality):
         image, label = load_case(ref)
         if label is not None:
             loaded.append((ref, image, label))
