@@ -7,11 +7,12 @@ import platform
 
 
 def software_versions() -> dict:
-    import monai
     import numpy as np
     import torch
 
-    from . import __version__
+    from . import __version__, _monai  # noqa: F401  (before MONAI; see _monai.py)
+
+    import monai
 
     return {"vqmedseg": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
             "python": platform.python_version()}

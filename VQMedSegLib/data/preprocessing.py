@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.transforms import Resize, SpatialPad
 
 from ..errors import InputError

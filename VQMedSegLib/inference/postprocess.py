@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.transforms import get_largest_connected_component_mask
 
 LARGEST_COMPONENT = "largest connected component"

@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
 
 from ..errors import InputError

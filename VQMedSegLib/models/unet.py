@@ -7,6 +7,7 @@ Input ``(B, 1, H, W)`` normalised CT slices, ``H`` and ``W`` multiples of 16; ou
 from __future__ import annotations
 
 import torch
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.networks.nets import BasicUNet
 
 

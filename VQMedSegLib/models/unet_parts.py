@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 
 ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.losses import DiceCELoss
 
 from ..active_learning.pool import SlicePool

@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.losses import DiceLoss
 
 from ..config import VQSegConfig

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
 

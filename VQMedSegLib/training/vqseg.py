@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.losses import DiceLoss
 from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
 
