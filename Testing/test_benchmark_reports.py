@@ -77,20 +77,26 @@ def _ssl_results(**rows):
             for m, d in rows.items()}
 
 
-def test_seed_paired_differences_pair_rows_of_the_same_labelled_slices(tmp_path):
-    for name, rows in {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54],
-                                   "supervised-full": [0.75, 0.70, 0.75]},
-                       "acdc-10-vq": {"vqseg-labelled": [0.48, 0.53, 0.50], "vqseg-nodb": [0.60, 0.57, 0.59]}}.items():
+def _report_on(out: Path, parts: dict, results_of=lambda name, rows: _ssl_results(**rows)) -> dict:
+    """Writes each part's rows (method -> Dice per seed) as a finished part with the part's
+    own settings, runs the report over them and returns ``accuracy.json``."""
+    for name, rows in parts.items():
         settings = run_accuracy.part_settings(name, "cpu", 3)
-        _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, _ssl_results(**rows))
-    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,acdc-10-vq"]) == 0
-    paired = {(d["a"], d["b"]): d for d in json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))["paired"]}
+        _write_part(out, name, {k: v for k, v in settings.items() if k != "kind"}, results_of(name, rows))
+    assert run_accuracy.main(["--out", str(out), "--only", ",".join(parts)]) == 0
+    return json.loads((out / "accuracy.json").read_text(encoding="utf-8"))
+
+
+def test_seed_paired_differences_pair_rows_of_the_same_labelled_slices(tmp_path):
+    summary = _report_on(tmp_path, {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54],
+                                                "supervised-full": [0.75, 0.70, 0.75]},
+                                    "acdc-10-vq": {"vqseg-labelled": [0.48, 0.53, 0.50], "vqseg-nodb": [0.60, 0.57, 0.59]}})
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
     d = paired[("acdc-10/vqseg", "acdc-10/supervised")]
     assert d["per_seed"] == pytest.approx([-9.0, -1.0, -12.0]) and d["mean"] == pytest.approx(-22 / 3) and d["a_higher"] == 0
     d = paired[("acdc-10/vqseg", "acdc-10-vq/vqseg-labelled")]
     assert d["per_seed"] == pytest.approx([3.0, 3.0, 4.0]) and d["a_higher"] == 3
     assert ("acdc-10/vqseg", "acdc-10-vq/vqseg-nodb") in paired
-    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
     # rows of parts on other seeds or another labelled fraction are never paired
     for change in ({"seeds": [5, 6, 7]}, {"labeled_fraction": 0.05}):
         parts = {**summary["parts"], "acdc-10-vq": {**summary["parts"]["acdc-10-vq"]}}
@@ -144,14 +150,10 @@ def test_a_part_of_one_preset_only_is_left_out_of_the_others(tmp_path, capsys):
 
 
 def test_the_long_schedule_figures_are_reported_beside_the_preset_ones(tmp_path):
-    for name, rows in {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54],
-                                   "supervised-full": [0.75, 0.70, 0.75]},
-                       "acdc-10-long": {"supervised": [0.63, 0.63, 0.66], "vqseg": [0.65, 0.64, 0.66],
-                                        "supervised-full": [0.79, 0.78, 0.79]}}.items():
-        settings = run_accuracy.part_settings(name, "cpu", 3)
-        _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, _ssl_results(**rows))
-    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,acdc-10-long"]) == 0
-    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
+    summary = _report_on(tmp_path, {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54],
+                                                "supervised-full": [0.75, 0.70, 0.75]},
+                                    "acdc-10-long": {"supervised": [0.63, 0.63, 0.66], "vqseg": [0.65, 0.64, 0.66],
+                                                     "supervised-full": [0.79, 0.78, 0.79]}})
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio"] == pytest.approx(1.61 / 2.2)
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio_long"] == pytest.approx(1.95 / 2.36)
     assert summary["targets"]["acdc_vqseg10_vs_full_ratio"]["value"] == summary["figures"]["acdc_vqseg10_vs_full_ratio"]
@@ -182,15 +184,15 @@ def test_the_validation_part_figures_and_pairs_stay_within_its_own_training_set(
     rows = {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54], "supervised-full": [0.75, 0.70, 0.75]},
             "acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
             "acdc-10-val-long": {"supervised": [0.63, 0.62, 0.66], "vqseg": [0.70, 0.69, 0.67], "supervised-full": [0.77, 0.80, 0.79]}}
-    for name, r in rows.items():
-        settings = run_accuracy.part_settings(name, "cpu", 3)
+
+    def with_last_iteration(name, r):  # the validation parts also test their last weights, 0.01 lower here
         results = _ssl_results(**r)
         if name.startswith("acdc-10-val"):
             for m in results:
                 results[m]["last_iteration"] = {"dice_mean": results[m]["dice_mean"] - 0.01}
-        _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, results)
-    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10,acdc-10-val,acdc-10-val-long"]) == 0
-    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
+        return results
+
+    summary = _report_on(tmp_path, rows, with_last_iteration)
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val"] == pytest.approx(2.01 / 2.37)
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val_last"] == pytest.approx((0.67 - 0.01) / (0.79 - 0.01))
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val_long"] == pytest.approx(2.06 / 2.36)
@@ -222,13 +224,9 @@ def test_the_twenty_patient_part_tests_on_the_patients_of_its_list_and_pairs_onl
 
     rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
             "acdc-10-val-20train": {"supervised": [0.70, 0.72, 0.68], "vqseg": [0.78, 0.77, 0.79], "supervised-full": [0.82, 0.83, 0.81]}}
-    for name, r in rows.items():
-        settings = run_accuracy.part_settings(name, "cpu", 3)
-        _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, _ssl_results(**r))
     # even a pair asked for across the two parts is refused: other training patients, other labelled slices
     monkeypatch.setattr(run_accuracy, "PAIRED", run_accuracy.PAIRED + [(("acdc-10-val-20train", "vqseg"), ("acdc-10-val", "vqseg"))])
-    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10-val,acdc-10-val-20train"]) == 0
-    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
+    summary = _report_on(tmp_path, rows)
     assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val_20train"] == pytest.approx(2.34 / 2.46)
     paired = {(d["a"], d["b"]): d for d in summary["paired"]}
     assert paired[("acdc-10-val-20train/vqseg", "acdc-10-val-20train/supervised")]["per_seed"] == pytest.approx([8.0, 5.0, 11.0])
@@ -247,11 +245,7 @@ def test_the_chaos_mr_ceiling_part_gives_liver_on_mr_its_ratio_to_full_supervisi
     rows = {"chaos-mr-10-val": {"supervised": [0.85, 0.86, 0.82], "vqseg": [0.80, 0.81, 0.83]},
             "chaos-mr-10-val-long": {"supervised": [0.86, 0.85, 0.83], "vqseg": [0.84, 0.83, 0.85],
                                      "supervised-full": [0.90, 0.91, 0.89]}}
-    for name, r in rows.items():
-        settings = run_accuracy.part_settings(name, "cpu", 3)
-        _write_part(tmp_path, name, {k: v for k, v in settings.items() if k != "kind"}, _ssl_results(**r))
-    assert run_accuracy.main(["--out", str(tmp_path), "--only", "chaos-mr-10-val,chaos-mr-10-val-long"]) == 0
-    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
+    summary = _report_on(tmp_path, rows)
     assert summary["figures"]["chaos_mr_vqseg10_vs_full_ratio_val_long"] == pytest.approx(2.52 / 2.70)
     assert summary["figures"]["chaos_mr_supervised10_vs_full_ratio_val_long"] == pytest.approx(2.54 / 2.70)
     assert not any(k.startswith("acdc_") for k in summary["figures"])
