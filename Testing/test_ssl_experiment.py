@@ -92,6 +92,12 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "| label 4 Dice (%) |" in table and "| supervised-full | " in table
     assert "| Dice (%), largest component | HD95, largest component |" in table
+    # the methods compared case by case: the one test case's Dice, in the table and in a figure
+    row = "| 3 | " + " | ".join(f"{100 * np.mean(list(results[m]['per_seed'][0]['cases']['3'].values())):.2f}"
+                                for m in ("supervised", "supervised-full", "vqseg")) + " |"
+    assert "| case | supervised | supervised-full | vqseg |" in table and row in table
+    assert (out / "dice_by_case.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "validation.png").exists()  # no row was validated
 
 
 def test_vqseg_labelled_row_never_uses_an_unlabelled_slice():
@@ -202,6 +208,7 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path, c
         assert r["last_iteration"]["dice_mean"] == pytest.approx(seed["last_iteration"]["dice_mean"])
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "validation: case 3" in table and "| best iteration (validation) |" in table
+    assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     bad = run_main("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
                    "--foundation", "none", "--validation-patients", "4", "--out", tmp_path / "bad", check=False)
@@ -244,6 +251,11 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
             assert got[method][key] == pytest.approx(whole[method][key]), (method, key)
         assert got[method]["last_iteration"]["dice_mean"] == pytest.approx(whole[method]["last_iteration"]["dice_mean"])
         assert got[method]["validation_best_iteration"] == whole[method]["validation_best_iteration"]
+    # the merged report compares the methods case by case over both seeds, as one run's does
+    table = (merged / "results.md").read_text(encoding="utf-8")
+    assert table.split("## Dice per test case")[1] == (tmp_path / "whole" / "results.md").read_text(
+        encoding="utf-8").split("## Dice per test case")[1]
+    assert {p.name for p in merged.glob("*.png")} == {"dice_by_case.png", "validation.png"}
     run = json.loads((merged / "run.json").read_text(encoding="utf-8"))
     assert run["seeds"] == [0, 1] and run["methods"] == ["supervised", "vqseg"]
     assert [m["seeds"] for m in run["merged_from"]] == [[1], [0], [0]]

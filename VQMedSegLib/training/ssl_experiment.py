@@ -45,6 +45,7 @@ from ..inference.postprocess import keep_largest_component
 from ..metrics.segmentation import dice_masks, score_volumes, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
 from ..provenance import compute_environment, software_versions
+from .ssl_report import per_case_table, write_figures
 from .vqseg import VQSegTrainer, foundation_features, labelled_loss
 
 log = logging.getLogger("vqmedseg")
@@ -486,7 +487,8 @@ def _results(per_method: dict[str, list[dict]], structures: dict[int, str], labe
 
 
 def _write(out: Path, results: dict, run: dict) -> None:
-    """results.json, results.md and run.json, each written whole (temporary file, then rename)."""
+    """results.json, results.md (with the per-case table), the figures of :mod:`.ssl_report`
+    and run.json, each written whole (temporary file, then rename)."""
     out.mkdir(parents=True, exist_ok=True)
     structures = {int(k): v for k, v in run["structures"].items()}
     split = run["split"]
@@ -494,7 +496,8 @@ def _write(out: Path, results: dict, run: dict) -> None:
     atomic_write_text(out / "results.md", _table(results, run["dataset"], structures, run["labeled_fraction"], run["seeds"],
                                                  run["preset"], len(split["train_cases"]), len(split["test_cases"]),
                                                  split["rule"], run["seconds"], split.get("validation_cases", []),
-                                                 run.get("validate_every", 0)))
+                                                 run.get("validate_every", 0)) + per_case_table(results))
+    write_figures(results, out, title=Path(str(run["dataset"])).name)
     atomic_write_json(out / "run.json", run)
 
 

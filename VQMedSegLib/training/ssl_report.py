@@ -1,0 +1,116 @@
+"""What ``vqmedseg ssl`` shows beside its summary table: the methods compared test case by
+test case (a table in ``results.md`` and ``dice_by_case.png``), and, when the rows' weights
+were chosen on validation patients, the validation curves that chose them
+(``validation.png``).
+
+A case's Dice is the mean over its structures, as in the summary table, averaged over
+the seeds. Rows whose ``results.json`` predates per-case scores (``cases``) are left out.
+Figures are drawn on matplotlib's Agg canvas (no pyplot, no GUI) and written whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_path
+
+
+def per_case_dice(results: dict) -> dict[str, dict[str, float]]:
+    """``{case: {method: Dice}}`` for the methods whose every seed kept per-case scores;
+    cases in the order of the first such method, methods in the order of ``results``."""
+    rows = {m: r["per_seed"] for m, r in results.items()
+            if r.get("per_seed") and all("cases" in s for s in r["per_seed"])}
+    if not rows:
+        return {}
+    cases = list(next(iter(rows.values()))[0]["cases"])
+    return {c: {m: float(np.mean([np.mean(list(s["cases"][c].values())) for s in seeds])) for m, seeds in rows.items()}
+            for c in cases}
+
+
+def per_case_table(results: dict) -> str:
+    """A Markdown section: each test case's Dice (%) per method, and in how many cases each
+    method scored highest (ties count for each). Empty when no row has per-case scores."""
+    table = per_case_dice(results)
+    if not table:
+        return ""
+    methods = list(next(iter(table.values())))
+    best = {m: sum(scores[m] == max(scores.values()) for scores in table.values()) for m in methods}
+    lines = ["", "## Dice per test case (%)", "",
+             "Each case's Dice is the mean over its structures, averaged over the seeds (figure: `dice_by_case.png`).", "",
+             "| case | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines += [f"| {case} | " + " | ".join(f"{100 * scores[m]:.2f}" for m in methods) + " |" for case, scores in table.items()]
+    lines.append("| cases best | " + " | ".join(f"{best[m]} of {len(table)}" for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_dice_by_case(results: dict, title: str):
+    """The methods side by side on the x axis; each test case a grey line joining its Dice
+    under every method (so a case that one method gains on rises), the mean over cases in
+    black. ``None`` when no row has per-case scores."""
+    table = per_case_dice(results)
+    if not table:
+        return None
+    methods = list(next(iter(table.values())))
+    x = np.arange(len(methods))
+    fig = _figure(1.6 * len(methods) + 2.4, 4.2)
+    ax = fig.add_subplot()
+    for case, scores in table.items():
+        ax.plot(x, [100 * scores[m] for m in methods], color="0.6", marker="o", markersize=3, linewidth=0.8, alpha=0.7,
+                label=case)
+    means = [100 * float(np.mean([scores[m] for scores in table.values()])) for m in methods]
+    ax.plot(x, means, color="black", marker="D", linewidth=2.0, label="mean over cases")
+    ax.set_xticks(x, methods)
+    ax.set_xlim(-0.4, len(methods) - 0.6)
+    ax.set_ylabel("test Dice (%), mean of structures and seeds")
+    ax.set_title(f"{title}: {len(table)} test cases")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def figure_validation(results: dict, title: str):
+    """Validation Dice against the iteration for every row and seed, one colour per row,
+    with the weights each run kept (its best validation Dice) marked. ``None`` when no row
+    was validated."""
+    runs = [(m, s) for m, r in results.items() for s in r.get("per_seed", []) if "validation" in s]
+    if not runs:
+        return None
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _ in runs))}
+    chosen = []
+    for method, seed in runs:
+        v = seed["validation"]
+        ax.plot(v["iterations"], [100 * d for d in v["dice"]], color=colours[method], linewidth=1.2,
+                linestyle=("-", "--", ":", "-.")[seed["seed"] % 4], label=f"{method}, seed {seed['seed']}")
+        chosen.append((v["best_iteration"], 100 * v["best_dice"]))
+    ax.plot(*zip(*chosen), linestyle="none", marker="*", markersize=10, color="black", label="chosen weights")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation Dice (%)")
+    ax.set_title(f"{title}: validation during training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def write_figures(results: dict, out: Path, title: str) -> list[Path]:
+    """``dice_by_case.png`` and ``validation.png`` in ``out``, for what ``results`` holds."""
+    written = []
+    for name, fig in (("dice_by_case.png", figure_dice_by_case(results, title)),
+                      ("validation.png", figure_validation(results, title))):
+        if fig is None:
+            continue
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png")
+        written.append(out / name)
+    return written
