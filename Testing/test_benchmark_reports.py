@@ -256,3 +256,35 @@ def test_the_chaos_mr_ceiling_part_gives_liver_on_mr_its_ratio_to_full_supervisi
     md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert ("With 3,000 iterations and each row's weights chosen on three held-out training patients "
             "(`chaos-mr-10-val-long`), VQ-Seg at 10% reaches 0.933 of the fully supervised Dice of the liver on MR") in md
+
+
+def test_rows_with_per_case_scores_are_also_paired_case_by_case_with_a_wilcoxon_test(tmp_path):
+    # six test cases; VQ-Seg above the U-Net on five of them, by 1 to 5 points (mean over the seeds)
+    gains = {"c1": 0.01, "c2": 0.02, "c3": 0.03, "c4": 0.04, "c5": 0.05, "c6": -0.005}
+
+    def with_cases(name, rows):
+        results = _ssl_results(**rows)
+        for method, r in results.items():
+            for s in r["per_seed"]:
+                lift = gains if method == "vqseg" else dict.fromkeys(gains, 0.0)
+                s["cases"] = {c: {"liver": 0.8 + lift[c] + 0.01 * s["seed"]} for c in gains}
+        if name == "chaos-mr-10-val":  # written before per-case scores were kept
+            for r in results.values():
+                for s in r["per_seed"]:
+                    del s["cases"]
+        return results
+
+    summary = _report_on(tmp_path, {"chaos-mr-10-val": {"supervised": [0.85, 0.86, 0.82], "vqseg": [0.80, 0.81, 0.83]},
+                                    "chaos-mr-10-val-long": {"supervised": [0.86, 0.85, 0.83], "vqseg": [0.84, 0.83, 0.85],
+                                                             "supervised-full": [0.90, 0.91, 0.89]}}, with_cases)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    cases = paired[("chaos-mr-10-val-long/vqseg", "chaos-mr-10-val-long/supervised")]["cases"]
+    assert cases["n"] == 6 and cases["a_higher"] == 5
+    assert cases["per_case"] == pytest.approx({"c1": 1.0, "c2": 2.0, "c3": 3.0, "c4": 4.0, "c5": 5.0, "c6": -0.5})
+    assert cases["mean"] == pytest.approx(14.5 / 6) and cases["median"] == pytest.approx(2.5)
+    # exact two-sided signed-rank test: the one loss has the smallest rank, so W = 1 of 21 and p = 4/64
+    assert cases["wilcoxon_p"] == pytest.approx(4 / 64)
+    # a row without per-case scores is paired by seed only
+    assert "cases" not in paired[("chaos-mr-10-val-long/vqseg", "chaos-mr-10-val/vqseg")]
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert ("| chaos-mr-10-val-long/vqseg | chaos-mr-10-val-long/supervised | 6 | +2.42 | +2.50 | 5 of 6 | 0.062 |") in md

@@ -261,9 +261,35 @@ def paired_differences(parts: dict) -> list[dict]:
         diff = [100 * (runs_a[k] - runs_b[k]) for k in seeds]
         if not diff:
             continue
-        out.append({"a": f"{part_a}/{a}", "b": f"{part_b}/{b}", "seeds": seeds, "per_seed": diff,
-                    "mean": float(np.mean(diff)), "std": float(np.std(diff)), "a_higher": sum(d > 0 for d in diff)})
+        pair = {"a": f"{part_a}/{a}", "b": f"{part_b}/{b}", "seeds": seeds, "per_seed": diff,
+                "mean": float(np.mean(diff)), "std": float(np.std(diff)), "a_higher": sum(d > 0 for d in diff)}
+        cases = case_paired(pa["results"][a], pb["results"][b], seeds)
+        if cases:
+            pair["cases"] = cases
+        out.append(pair)
     return out
+
+
+def case_paired(row_a: dict, row_b: dict, seeds: list[int]) -> dict | None:
+    """A minus B test case by test case (Dice points; a case's Dice is the mean of its
+    structures, averaged over ``seeds``) with the two-sided Wilcoxon signed-rank test over
+    the cases. ``None`` unless both rows kept per-case scores for the same cases."""
+    from scipy.stats import wilcoxon
+
+    def case_means(row):
+        runs = {r["seed"]: r.get("cases") for r in row.get("per_seed", [])}
+        if any(runs.get(k) is None for k in seeds):
+            return None
+        return {c: float(np.mean([np.mean(list(runs[k][c].values())) for k in seeds])) for c in runs[seeds[0]]}
+
+    a, b = case_means(row_a), case_means(row_b)
+    if not a or not b or set(a) != set(b):
+        return None
+    diff = {c: 100 * (a[c] - b[c]) for c in a}
+    values = np.array(list(diff.values()))
+    p = 1.0 if not np.any(values) else float(wilcoxon(values, alternative="two-sided").pvalue)
+    return {"n": len(diff), "per_case": diff, "mean": float(values.mean()), "median": float(np.median(values)),
+            "a_higher": int((values > 0).sum()), "wilcoxon_p": p}
 
 
 def headline(parts: dict) -> dict:
@@ -323,6 +349,16 @@ def report(summary: dict) -> str:
         for d in summary["paired"]:
             seeds = " / ".join(f"{v:+.2f}" for v in d["per_seed"])
             lines.append(f"| {d['a']} | {d['b']} | {seeds} | {d['mean']:+.2f} ± {d['std']:.2f} | {d['a_higher']} of {len(d['seeds'])} |")
+        by_case = [d for d in summary["paired"] if "cases" in d]
+        if by_case:
+            lines += ["", "The same pairs test case by test case, where both rows kept per-case scores: each case's Dice "
+                      "(mean of its structures) averaged over the seeds, A minus B, with the two-sided Wilcoxon "
+                      "signed-rank test over the cases.", "",
+                      "| A | B | cases | mean | median | cases where A > B | Wilcoxon p |", "|---|---|---|---|---|---|---|"]
+            for d in by_case:
+                c = d["cases"]
+                lines.append(f"| {d['a']} | {d['b']} | {c['n']} | {c['mean']:+.2f} | {c['median']:+.2f} | "
+                             f"{c['a_higher']} of {c['n']} | {c['wilcoxon_p']:.3f} |")
     for name, part in summary["parts"].items():
         threads = part.get("threads")
         threads = "threads not recorded" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"
