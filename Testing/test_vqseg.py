@@ -116,3 +116,13 @@ def test_euclidean_assignment_matches_cdist_and_eval_mode_uses_it():
     out = vq(z)
     expected = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 16), vq.codebook().detach()).argmin(1)
     assert torch.equal(out.indices.flatten(), expected) and float(out.entropy_loss) == 0.0
+
+
+def test_cpu_presets_bound_the_foundation_feature_pass_and_the_paper_preset_uses_every_slice():
+    # LiteMedSAM takes about 3 s a slice on one CPU thread: a CPU preset must not wait an
+    # hour on a large workspace's unlabelled slices before its first step
+    from VQMedSegLib.config import vqseg_config_from_preset
+
+    for preset in ("tiny", "quick", "cpu"):
+        assert 0 < vqseg_config_from_preset(preset).pfa_slices <= 96, preset
+    assert vqseg_config_from_preset("paper").pfa_slices == 0  # all of them, as in the paper
