@@ -62,3 +62,10 @@ def test_the_validation_figure_draws_every_rows_curve_and_marks_the_chosen_weigh
     assert len(chosen) == 1
     assert sorted(zip(chosen[0].get_xdata(), [round(y, 6) for y in chosen[0].get_ydata()])) == [(200, 60.0), (300, 65.0), (300, 70.0)]
     assert figure_validation(RESULTS, "ACDC") is None  # no row was validated
+
+
+def test_per_case_table_tests_each_row_against_the_first_case_by_case():
+    md = per_case_table(RESULTS)
+    # p1: +10, p2: -5 points; two cases, so the exact two-sided signed-rank p is 1
+    assert "`vqseg` − `supervised`, case by case: mean +2.50 points, median +2.50, higher in 1 of 2 cases; " \
+           "two-sided Wilcoxon signed-rank p = 1.000." in md

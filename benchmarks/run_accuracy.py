@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from VQMedSegLib.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from VQMedSegLib.provenance import software_versions  # noqa: E402
+from VQMedSegLib.training.ssl_report import case_paired  # noqa: E402
 
 # benchmark preset -> the library presets and the active-learning schedule it uses
 PRESETS = {
@@ -263,33 +264,11 @@ def paired_differences(parts: dict) -> list[dict]:
             continue
         pair = {"a": f"{part_a}/{a}", "b": f"{part_b}/{b}", "seeds": seeds, "per_seed": diff,
                 "mean": float(np.mean(diff)), "std": float(np.std(diff)), "a_higher": sum(d > 0 for d in diff)}
-        cases = case_paired(pa["results"][a], pb["results"][b], seeds)
+        cases = case_paired(pa["results"][a], pb["results"][b], seeds)  # None unless both kept per-case scores
         if cases:
             pair["cases"] = cases
         out.append(pair)
     return out
-
-
-def case_paired(row_a: dict, row_b: dict, seeds: list[int]) -> dict | None:
-    """A minus B test case by test case (Dice points; a case's Dice is the mean of its
-    structures, averaged over ``seeds``) with the two-sided Wilcoxon signed-rank test over
-    the cases. ``None`` unless both rows kept per-case scores for the same cases."""
-    from scipy.stats import wilcoxon
-
-    def case_means(row):
-        runs = {r["seed"]: r.get("cases") for r in row.get("per_seed", [])}
-        if any(runs.get(k) is None for k in seeds):
-            return None
-        return {c: float(np.mean([np.mean(list(runs[k][c].values())) for k in seeds])) for c in runs[seeds[0]]}
-
-    a, b = case_means(row_a), case_means(row_b)
-    if not a or not b or set(a) != set(b):
-        return None
-    diff = {c: 100 * (a[c] - b[c]) for c in a}
-    values = np.array(list(diff.values()))
-    p = 1.0 if not np.any(values) else float(wilcoxon(values, alternative="two-sided").pvalue)
-    return {"n": len(diff), "per_case": diff, "mean": float(values.mean()), "median": float(np.median(values)),
-            "a_higher": int((values > 0).sum()), "wilcoxon_p": p}
 
 
 def headline(parts: dict) -> dict:

@@ -17,16 +17,39 @@ import numpy as np
 from ..files import atomic_path
 
 
+def case_dice(row: dict, seeds: list[int] | None = None) -> dict[str, float] | None:
+    """``{case: Dice}`` of one method's row over ``seeds`` (default: all of its seeds);
+    ``None`` when one of them kept no per-case scores."""
+    runs = {r["seed"]: r.get("cases") for r in row.get("per_seed", [])}
+    seeds = list(runs) if seeds is None else seeds
+    if not seeds or any(runs.get(k) is None for k in seeds):
+        return None
+    return {c: float(np.mean([np.mean(list(runs[k][c].values())) for k in seeds])) for c in runs[seeds[0]]}
+
+
 def per_case_dice(results: dict) -> dict[str, dict[str, float]]:
     """``{case: {method: Dice}}`` for the methods whose every seed kept per-case scores;
     cases in the order of the first such method, methods in the order of ``results``."""
-    rows = {m: r["per_seed"] for m, r in results.items()
-            if r.get("per_seed") and all("cases" in s for s in r["per_seed"])}
+    rows = {m: d for m, d in ((m, case_dice(r)) for m, r in results.items()) if d is not None}
     if not rows:
         return {}
-    cases = list(next(iter(rows.values()))[0]["cases"])
-    return {c: {m: float(np.mean([np.mean(list(s["cases"][c].values())) for s in seeds])) for m, seeds in rows.items()}
-            for c in cases}
+    return {c: {m: d[c] for m, d in rows.items()} for c in next(iter(rows.values()))}
+
+
+def case_paired(row_a: dict, row_b: dict, seeds: list[int] | None = None) -> dict | None:
+    """Row A minus row B test case by test case (Dice points, each case over ``seeds``),
+    with the two-sided Wilcoxon signed-rank test over the cases. ``None`` unless both rows
+    kept per-case scores for the same cases."""
+    from scipy.stats import wilcoxon
+
+    a, b = case_dice(row_a, seeds), case_dice(row_b, seeds)
+    if not a or not b or set(a) != set(b):
+        return None
+    diff = {c: 100 * (a[c] - b[c]) for c in a}
+    values = np.array(list(diff.values()))
+    p = 1.0 if not np.any(values) else float(wilcoxon(values, alternative="two-sided").pvalue)
+    return {"n": len(diff), "per_case": diff, "mean": float(values.mean()), "median": float(np.median(values)),
+            "a_higher": int((values > 0).sum()), "wilcoxon_p": p}
 
 
 def per_case_table(results: dict) -> str:
@@ -42,6 +65,11 @@ def per_case_table(results: dict) -> str:
              "| case | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     lines += [f"| {case} | " + " | ".join(f"{100 * scores[m]:.2f}" for m in methods) + " |" for case, scores in table.items()]
     lines.append("| cases best | " + " | ".join(f"{best[m]} of {len(table)}" for m in methods) + " |")
+    first = methods[0]
+    for m in methods[1:]:
+        d = case_paired(results[m], results[first])
+        lines.append(f"\n`{m}` − `{first}`, case by case: mean {d['mean']:+.2f} points, median {d['median']:+.2f}, "
+                     f"higher in {d['a_higher']} of {d['n']} cases; two-sided Wilcoxon signed-rank p = {d['wilcoxon_p']:.3f}.")
     return "\n".join(lines) + "\n"
 
 
