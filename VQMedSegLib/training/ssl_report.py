@@ -68,6 +68,8 @@ def per_case_table(results: dict) -> str:
     first = methods[0]
     for m in methods[1:]:
         d = case_paired(results[m], results[first])
+        if d is None:  # rows scored on other cases (folders merged by hand)
+            continue
         lines.append(f"\n`{m}` − `{first}`, case by case: mean {d['mean']:+.2f} points, median {d['median']:+.2f}, "
                      f"higher in {d['a_higher']} of {d['n']} cases; two-sided Wilcoxon signed-rank p = {d['wilcoxon_p']:.3f}.")
     return "\n".join(lines) + "\n"
