@@ -1,7 +1,8 @@
 """What ``vqmedseg ssl`` shows beside its summary table: the methods compared test case by
-test case (a table in ``results.md`` and ``dice_by_case.png``), and, when the rows' weights
-were chosen on validation patients, the validation curves that chose them
-(``validation.png``).
+test case (a table in ``results.md``, with each row tested against the first by the
+two-sided Wilcoxon signed-rank test over the cases, and ``dice_by_case.png``), and, when
+the rows' weights were chosen on validation patients, the validation curves that chose
+them (``validation.png``).
 
 A case's Dice is the mean over its structures, as in the summary table, averaged over
 the seeds. Rows whose ``results.json`` predates per-case scores (``cases``) are left out.
