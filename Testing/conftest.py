@@ -46,7 +46,7 @@ def real_data() -> Path:
 
 def run_main(*args, check: bool = True) -> subprocess.CompletedProcess:
     """The CLI's ``main(ARGS)`` in this process, its stdout and stderr captured: what
-    :func:`run_cli` checks, without a subprocess's torch and MONAI imports (about 8 s each).
+    :func:`run_cli` checks, without a subprocess's torch and MONAI imports (3 to 4 s each).
     For tests of what the commands do; tests of the command line as a process (exit
     codes, signals, the environment) use :func:`run_cli`."""
     import contextlib
