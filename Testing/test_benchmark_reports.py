@@ -288,3 +288,14 @@ def test_rows_with_per_case_scores_are_also_paired_case_by_case_with_a_wilcoxon_
     assert "cases" not in paired[("chaos-mr-10-val-long/vqseg", "chaos-mr-10-val/vqseg")]
     md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert ("| chaos-mr-10-val-long/vqseg | chaos-mr-10-val-long/supervised | 6 | +2.42 | +2.50 | 5 of 6 | 0.062 |") in md
+
+
+def test_a_parts_own_sections_sit_under_its_heading_in_the_report(tmp_path):
+    settings = run_accuracy.part_settings("chaos-mr-10", "cpu", 3)
+    _write_part(tmp_path, "chaos-mr-10", {k: v for k, v in settings.items() if k != "kind"},
+                _ssl_results(supervised=[0.85, 0.86, 0.82], vqseg=[0.80, 0.81, 0.83]))
+    (tmp_path / "chaos-mr-10" / "results.md").write_text("# title\n\n| summary |\n\n## Dice per test case (%)\n\n| case |\n",
+                                                          encoding="utf-8")
+    assert run_accuracy.main(["--out", str(tmp_path), "--only", "chaos-mr-10"]) == 0
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "## chaos-mr-10 (10 min, threads not recorded)\n\n| summary |\n\n### Dice per test case (%)\n" in md

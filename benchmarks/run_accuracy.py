@@ -341,7 +341,8 @@ def report(summary: dict) -> str:
     for name, part in summary["parts"].items():
         threads = part.get("threads")
         threads = "threads not recorded" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"
-        lines += ["", f"## {name} ({part['seconds'] / 60:.0f} min, {threads})", "", part["table"].split("\n", 2)[2].strip()]
+        body = part["table"].split("\n", 2)[2].strip().replace("\n## ", "\n### ")  # its sections under the part's heading
+        lines += ["", f"## {name} ({part['seconds'] / 60:.0f} min, {threads})", "", body]
     return "\n".join(lines) + "\n"
 
 
