@@ -335,15 +335,22 @@ def test_kill_9_during_training_20_times_loses_at_most_one_checkpoint_interval(t
     from VQMedSegLib.jobs.runner import running_job
 
     rng = random.Random(7)
+
+    def wait_for(types, since):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(e["type"] in types for e in _events(ws)[since:]):
+            time.sleep(0.05)
+
     for attempt in range(20):
+        n = len(_events(ws))
         proc = _spawn("train", "--workspace", ws, "--config", config, "--device", "cpu")
         if attempt % 5 == 4:
             time.sleep(rng.uniform(0.3, 1.5))  # during start-up
+        elif attempt % 5 == 3:
+            wait_for(("started",), n)
+            time.sleep(rng.uniform(0.0, 0.3))  # while the job loads its data, model and checkpoint
         else:
-            n = len(_events(ws))
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not any(e["type"] == "started" for e in _events(ws)[n:]):
-                time.sleep(0.05)
+            wait_for(("resumed", "progress", "checkpoint"), n)  # training under way
             time.sleep(rng.uniform(0.0, 2.0))  # anywhere in training, checkpoint writes included
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -366,6 +373,9 @@ def test_kill_9_during_training_20_times_loses_at_most_one_checkpoint_interval(t
     for start in starts[1:]:
         before = [e["iteration"] for e in events if e["type"] == "checkpoint" and e["seq"] < start["seq"]]
         resumed = [e["iteration"] for e in events if e["type"] == "resumed" and e.get("job") == start["job"]]
+        trained = [e for e in events if e["type"] in ("progress", "checkpoint") and e.get("job") == start["job"]]
+        if before and not resumed and not trained:
+            continue  # killed before it got as far as resuming: it neither trained nor lost anything
         if before:
             # each restart resumes from the newest checkpoint: the work lost is what followed it, less than one
             # interval. A kill between a checkpoint's rename and its event leaves a newer file than the events
