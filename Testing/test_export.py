@@ -216,3 +216,21 @@ def test_slices_cover_the_structure_and_take_the_largest_sections():
     assert choose_slices(foreground, 2) == [3, 5]
     assert choose_slices(foreground, 50) == [2, 3, 4, 5, 6, 7]
     assert choose_slices(np.zeros((9, 4, 4), bool), 2) == [3, 5]
+
+
+def test_result_figures_never_switch_matplotlibs_backend(case, tmp_path, monkeypatch):
+    # a library call inside Slicer or a notebook must leave the host's matplotlib as it was
+    import matplotlib
+
+    from VQMedSegLib.active_learning.simulation import plot_dice_vs_budget
+    from VQMedSegLib.training.ssl_report import write_figures
+
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail(f"matplotlib.use{a} called"))
+    plot_dice_vs_budget({"begal": {"labeled_fraction": [0.2, 0.3], "dice_mean": [0.8, 0.85], "dice_std": [0.01, 0.02]}},
+                        tmp_path / "budget.png", "phantom")
+    row = {"per_seed": [{"seed": 0, "cases": {"a": {"liver": 0.9}},
+                         "validation": {"iterations": [1, 2], "dice": [0.5, 0.6], "best_iteration": 2, "best_dice": 0.6}}]}
+    assert [p.name for p in write_figures({"vqseg": row}, tmp_path, "phantom")] == ["dice_by_case.png", "validation.png"]
+    write_overview_png(tmp_path / "overview.png", case["ct"], case["label"], case["uncertainty"], n_slices=2)
+    for name in ("budget.png", "dice_by_case.png", "validation.png", "overview.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

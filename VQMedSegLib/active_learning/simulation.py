@@ -19,7 +19,7 @@ import torch
 
 from ..config import BEGALConfig
 from ..errors import InputError
-from ..files import atomic_path, atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
 from ..provenance import compute_environment, software_versions
 from ..tasks import get_task
 from ..training.begal import PhaseTrainer, build_model, case_dice, round_schedule
@@ -308,12 +308,9 @@ def results_table(results: dict, dataset: str, description: str, seeds: list[int
 
 
 def plot_dice_vs_budget(results: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from ..export.figures import agg_figure, save_png
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4.2), dpi=120)
+    fig = agg_figure(6.5, 4.2, layout=None)
     ax = fig.add_subplot()
     for strategy, r in results.items():
         x = 100 * np.asarray(r["labeled_fraction"])
@@ -327,5 +324,4 @@ def plot_dice_vs_budget(results: dict, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    save_png(fig, path)

@@ -1,4 +1,5 @@
-"""Outputs for people: Slicer scenes (:mod:`.mrml`, needs slicer-core) and PNG overviews (:mod:`.overview`).
+"""Outputs for people: Slicer scenes (:mod:`.mrml`, needs slicer-core), PNG overviews (:mod:`.overview`) and
+the figures of result files (:mod:`.figures`).
 
 Nothing is imported here, so importing the package never loads Slicer's MRML.
 """

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..data.volume import Volume
 from ..errors import InputError
-from ..files import atomic_path
+from .figures import agg_figure, save_png
 
 PREDICTION_COLOUR = "#ff8c1a"
 REFERENCE_COLOUR = "#00e5ff"
@@ -52,9 +52,7 @@ def write_overview_png(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     path = Path(path)
@@ -75,8 +73,7 @@ def write_overview_png(
     aspect = ct.spacing[1] / ct.spacing[0]  # row (j) spacing over column (i) spacing
 
     n = len(slices)
-    fig = Figure(figsize=(2.6 * n + 1.0, 5.8), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = agg_figure(2.6 * n + 1.0, 5.8, dpi=dpi)
     axes = fig.subplots(2, n, squeeze=False)
     ct_style = dict(cmap="gray", vmin=lower, vmax=upper, interpolation="nearest", aspect=aspect)
     overlay = None
@@ -109,9 +106,7 @@ def write_overview_png(
     if title:
         fig.suptitle(title, fontsize=11)
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return path
+    return save_png(fig, path)
 
 
 def choose_slices(foreground: np.ndarray, n_slices: int) -> list[int]:

@@ -6,7 +6,7 @@ them (``validation.png``).
 
 A case's Dice is the mean over its structures, as in the summary table, averaged over
 the seeds. Rows whose ``results.json`` predates per-case scores (``cases``) are left out.
-Figures are drawn on matplotlib's Agg canvas (no pyplot, no GUI) and written whole.
+Figures are drawn and written with :mod:`VQMedSegLib.export.figures`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_path
+from ..export.figures import agg_figure, save_png
 
 
 def case_dice(row: dict, seeds: list[int] | None = None) -> dict[str, float] | None:
@@ -76,15 +76,6 @@ def per_case_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def figure_dice_by_case(results: dict, title: str):
     """The methods side by side on the x axis; each test case a grey line joining its Dice
     under every method (so a case that one method gains on rises), the mean over cases in
@@ -94,7 +85,7 @@ def figure_dice_by_case(results: dict, title: str):
         return None
     methods = list(next(iter(table.values())))
     x = np.arange(len(methods))
-    fig = _figure(1.6 * len(methods) + 2.4, 4.2)
+    fig = agg_figure(1.6 * len(methods) + 2.4, 4.2)
     ax = fig.add_subplot()
     for case, scores in table.items():
         ax.plot(x, [100 * scores[m] for m in methods], color="0.6", marker="o", markersize=3, linewidth=0.8, alpha=0.7,
@@ -116,7 +107,7 @@ def figure_validation(results: dict, title: str):
     runs = [(m, s) for m, r in results.items() for s in r.get("per_seed", []) if "validation" in s]
     if not runs:
         return None
-    fig = _figure(7.0, 4.2)
+    fig = agg_figure(7.0, 4.2)
     ax = fig.add_subplot()
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _ in runs))}
     chosen = []
@@ -136,12 +127,5 @@ def figure_validation(results: dict, title: str):
 
 def write_figures(results: dict, out: Path, title: str) -> list[Path]:
     """``dice_by_case.png`` and ``validation.png`` in ``out``, for what ``results`` holds."""
-    written = []
-    for name, fig in (("dice_by_case.png", figure_dice_by_case(results, title)),
-                      ("validation.png", figure_validation(results, title))):
-        if fig is None:
-            continue
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png")
-        written.append(out / name)
-    return written
+    figures = (("dice_by_case.png", figure_dice_by_case(results, title)), ("validation.png", figure_validation(results, title)))
+    return [save_png(fig, out / name) for name, fig in figures if fig is not None]
