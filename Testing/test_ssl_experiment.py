@@ -315,6 +315,15 @@ def test_a_test_list_file_given_on_the_command_line_chooses_the_test_patients(tm
     seed = json.loads((out / "results.json").read_text(encoding="utf-8"))["supervised"]["per_seed"][0]
     assert list(seed["cases"]) == ["1", "3"] and all(list(c) == ["label 1"] for c in seed["cases"].values())
     assert seed["dice_mean"] == pytest.approx(np.mean([c["label 1"] for c in seed["cases"].values()]))
+    # and its HD95, as predicted, with the largest piece kept, and at the last iteration, so
+    # a change in a mean can be traced to the case that made it
+    for summary in (seed, seed["largest_component"], seed["last_iteration"]):
+        assert list(summary["cases"]) == list(summary["cases_hd95"]) == ["1", "3"]
+        hd = [c["label 1"] for c in summary["cases_hd95"].values()]
+        assert all(h is None or h >= 0 for h in hd)
+        defined = [h for h in hd if h is not None]
+        assert summary["hd95_mean"] == (pytest.approx(np.mean(defined)) if defined else None)
+        assert summary["dice_mean"] == pytest.approx(np.mean([c["label 1"] for c in summary["cases"].values()]))
 
     def refused(path, expected):
         r = run_main(*common, "--test-list", path, "--out", tmp_path / "bad", check=False)

@@ -303,9 +303,11 @@ def _validation_dice(predict_probs, prepared: list[tuple[Case, object, np.ndarra
     return float(np.mean(per_case))
 
 
-def _seed_summary(per_case: list[dict], structures: dict[int, str]) -> dict:
-    """One seed: the mean over structures of each case's Dice, averaged over cases, and
-    every structure's own summary."""
+def _seed_summary(per_case: list[dict], structures: dict[int, str], case_ids: list[str]) -> dict:
+    """One seed: the mean over structures of each case's Dice, averaged over cases, every
+    structure's own summary, and each case's Dice and HD95 per structure (``cases``,
+    ``cases_hd95``; HD95 ``None`` where undefined), for comparisons case by case or on a
+    subset of the cases."""
     by_structure = {name: summarize([c[name] for c in per_case]) for name in structures.values()}
     units = next(iter(by_structure.values()))["units"]
     key = "hd95_mm_mean" if units == "mm" else "hd95_vox_mean"
@@ -318,6 +320,10 @@ def _seed_summary(per_case: list[dict], structures: dict[int, str]) -> dict:
         "n_cases": len(per_case),
         "structures": {name: {"dice_mean": s["dice_mean"], "dice_std_cases": s["dice_std"], "hd95_mean": s[key]}
                        for name, s in by_structure.items()},
+        "cases": {c: {name: float(scores[name].dice) for name in structures.values()}
+                  for c, scores in zip(case_ids, per_case)},
+        "cases_hd95": {c: {name: None if scores[name].hd95 is None else float(scores[name].hd95)
+                           for name in structures.values()} for c, scores in zip(case_ids, per_case)},
     }
 
 
@@ -370,6 +376,7 @@ def run_ssl(
         validate_every = max(1, config.iterations // 20)
     size = config.slice_size
     val_prepared, test_prepared = _prepare(val_cases, size), _prepare(test_cases, size)
+    test_ids = [c.case_id for c in test_cases]
     xs, ys = [], []
     for c in train_cases:
         _, x, y = _slices(c, size)
@@ -437,13 +444,10 @@ def run_ssl(
             if selector is not None:
                 last, _ = _evaluate(predict, test_prepared, structures)
                 selector.restore()
-                extra = {"validation": selector.record(), "last_iteration": _seed_summary(last, structures)}
+                extra = {"validation": selector.record(), "last_iteration": _seed_summary(last, structures, test_ids)}
             raw, largest = _evaluate(predict, test_prepared, structures)
-            s = _seed_summary(raw, structures)
-            # each test case's Dice per structure, for comparisons case by case or on a subset of the cases
-            s["cases"] = {case.case_id: {name: float(scores[name].dice) for name in structures.values()}
-                          for (case, _, _), scores in zip(test_prepared, raw)}
-            per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures),
+            s = _seed_summary(raw, structures, test_ids)
+            per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures, test_ids),
                                        **extra, "seconds": time.monotonic() - t})
             log.info("%s seed %d: Dice %.4f (%.0f s)%s", method, seed, s["dice_mean"], time.monotonic() - t,
                      f"; best validation Dice {selector.best_dice:.4f} at iteration {selector.best_iteration}, "
