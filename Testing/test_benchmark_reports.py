@@ -268,6 +268,10 @@ def test_rows_with_per_case_scores_are_also_paired_case_by_case_with_a_wilcoxon_
             for s in r["per_seed"]:
                 lift = gains if method == "vqseg" else dict.fromkeys(gains, 0.0)
                 s["cases"] = {c: {"liver": 0.8 + lift[c] + 0.01 * s["seed"]} for c in gains}
+                if name == "chaos-mr-10-val-long":  # with the largest piece kept, the U-Net is 2 points above on c1-c4
+                    lc = dict.fromkeys(gains, 0.0) if method == "vqseg" else {**dict.fromkeys(gains, 0.0),
+                                                                            "c1": .02, "c2": .02, "c3": .02, "c4": .02}
+                    s["largest_component"] = {"dice_mean": 0.9, "cases": {c: {"liver": 0.9 + lc[c]} for c in gains}}
         if name == "chaos-mr-10-val":  # written before per-case scores were kept
             for r in results.values():
                 for s in r["per_seed"]:
@@ -284,10 +288,18 @@ def test_rows_with_per_case_scores_are_also_paired_case_by_case_with_a_wilcoxon_
     assert cases["mean"] == pytest.approx(14.5 / 6) and cases["median"] == pytest.approx(2.5)
     # exact two-sided signed-rank test: the one loss has the smallest rank, so W = 1 of 21 and p = 4/64
     assert cases["wilcoxon_p"] == pytest.approx(4 / 64)
+    # and again on the scores with each structure's largest piece kept, where both rows kept them
+    lc = paired[("chaos-mr-10-val-long/vqseg", "chaos-mr-10-val-long/supervised")]["cases_largest_component"]
+    assert lc["per_case"] == pytest.approx({"c1": -2.0, "c2": -2.0, "c3": -2.0, "c4": -2.0, "c5": 0.0, "c6": 0.0})
+    assert lc["a_higher"] == 0 and lc["n"] == 6 and lc["wilcoxon_p"] == pytest.approx(0.125)  # ties dropped: 4 of 4
     # a row without per-case scores is paired by seed only
     assert "cases" not in paired[("chaos-mr-10-val-long/vqseg", "chaos-mr-10-val/vqseg")]
+    assert "cases_largest_component" not in paired[("chaos-mr-10-val-long/vqseg", "chaos-mr-10-val/vqseg")]
     md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
-    assert ("| chaos-mr-10-val-long/vqseg | chaos-mr-10-val-long/supervised | 6 | +2.42 | +2.50 | 5 of 6 | 0.062 |") in md
+    assert ("| chaos-mr-10-val-long/vqseg | chaos-mr-10-val-long/supervised | as predicted | 6 | +2.42 | +2.50 "
+            "| 5 of 6 | 0.062 |") in md
+    assert ("| chaos-mr-10-val-long/vqseg | chaos-mr-10-val-long/supervised | largest piece | 6 | -1.33 | -2.00 "
+            "| 0 of 6 | 0.125 |") in md
 
 
 def test_a_parts_own_sections_sit_under_its_heading_in_the_report(tmp_path):

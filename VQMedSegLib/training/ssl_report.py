@@ -18,10 +18,11 @@ import numpy as np
 from ..export.figures import agg_figure, save_png
 
 
-def case_dice(row: dict, seeds: list[int] | None = None) -> dict[str, float] | None:
-    """``{case: Dice}`` of one method's row over ``seeds`` (default: all of its seeds);
-    ``None`` when one of them kept no per-case scores."""
-    runs = {r["seed"]: r.get("cases") for r in row.get("per_seed", [])}
+def case_dice(row: dict, seeds: list[int] | None = None, view: str | None = None) -> dict[str, float] | None:
+    """``{case: Dice}`` of one method's row over ``seeds`` (default: all of its seeds), as
+    predicted or, with ``view="largest_component"``, with each structure's largest piece
+    kept; ``None`` when one of them kept no per-case scores."""
+    runs = {r["seed"]: (r if view is None else r.get(view, {})).get("cases") for r in row.get("per_seed", [])}
     seeds = list(runs) if seeds is None else seeds
     if not seeds or any(runs.get(k) is None for k in seeds):
         return None
@@ -37,13 +38,13 @@ def per_case_dice(results: dict) -> dict[str, dict[str, float]]:
     return {c: {m: d[c] for m, d in rows.items()} for c in next(iter(rows.values()))}
 
 
-def case_paired(row_a: dict, row_b: dict, seeds: list[int] | None = None) -> dict | None:
-    """Row A minus row B test case by test case (Dice points, each case over ``seeds``),
-    with the two-sided Wilcoxon signed-rank test over the cases. ``None`` unless both rows
-    kept per-case scores for the same cases."""
+def case_paired(row_a: dict, row_b: dict, seeds: list[int] | None = None, view: str | None = None) -> dict | None:
+    """Row A minus row B test case by test case (Dice points, each case over ``seeds``; for
+    ``view``, see :func:`case_dice`), with the two-sided Wilcoxon signed-rank test over the
+    cases. ``None`` unless both rows kept per-case scores for the same cases."""
     from scipy.stats import wilcoxon
 
-    a, b = case_dice(row_a, seeds), case_dice(row_b, seeds)
+    a, b = case_dice(row_a, seeds, view), case_dice(row_b, seeds, view)
     if not a or not b or set(a) != set(b):
         return None
     diff = {c: 100 * (a[c] - b[c]) for c in a}
