@@ -3,7 +3,8 @@ validation curves that chose each row's weights."""
 
 import pytest
 
-from VQMedSegLib.training.ssl_report import figure_dice_by_case, figure_validation, per_case_dice, per_case_table
+from VQMedSegLib.training.ssl_report import (figure_dice_by_case, figure_validation, format_p, per_case_dice,
+                                             per_case_table)
 
 
 def _row(*seeds):
@@ -69,3 +70,9 @@ def test_per_case_table_tests_each_row_against_the_first_case_by_case():
     # p1: +10, p2: -5 points; two cases, so the exact two-sided signed-rank p is 1
     assert "`vqseg` − `supervised`, case by case: mean +2.50 points, median +2.50, higher in 1 of 2 cases; " \
            "two-sided Wilcoxon signed-rank p = 1.000." in md
+
+
+def test_small_p_values_are_shown_with_their_size_not_rounded_to_zero():
+    # 40 ACDC test cases give p near 1e-7; "0.000" would read as impossible
+    assert format_p(7.284e-08) == "7.3e-08" and format_p(0.00099) == "9.9e-04"
+    assert format_p(0.0625) == "0.062" and format_p(0.001) == "0.001" and format_p(1.0) == "1.000"

@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from VQMedSegLib.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from VQMedSegLib.provenance import software_versions  # noqa: E402
-from VQMedSegLib.training.ssl_report import case_paired  # noqa: E402
+from VQMedSegLib.training.ssl_report import case_paired, format_p  # noqa: E402
 
 # benchmark preset -> the library presets and the active-learning schedule it uses
 PRESETS = {
@@ -343,7 +343,7 @@ def report(summary: dict) -> str:
                     c = d.get(key)
                     if c:
                         lines.append(f"| {d['a']} | {d['b']} | {scores} | {c['n']} | {c['mean']:+.2f} | "
-                                     f"{c['median']:+.2f} | {c['a_higher']} of {c['n']} | {c['wilcoxon_p']:.3f} |")
+                                     f"{c['median']:+.2f} | {c['a_higher']} of {c['n']} | {format_p(c['wilcoxon_p'])} |")
     for name, part in summary["parts"].items():
         threads = part.get("threads")
         threads = "threads not recorded" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"

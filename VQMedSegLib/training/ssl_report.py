@@ -54,6 +54,12 @@ def case_paired(row_a: dict, row_b: dict, seeds: list[int] | None = None, view: 
             "a_higher": int((values > 0).sum()), "wilcoxon_p": p}
 
 
+def format_p(p: float) -> str:
+    """A p-value for a report: three decimals, or two significant digits below 0.001 (a
+    p of 7e-08 shown as 0.000 would read as impossible)."""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
 def per_case_table(results: dict) -> str:
     """A Markdown section: each test case's Dice (%) per method, and in how many cases each
     method scored highest (ties count for each). Empty when no row has per-case scores."""
@@ -73,7 +79,7 @@ def per_case_table(results: dict) -> str:
         if d is None:  # rows scored on other cases (folders merged by hand)
             continue
         lines.append(f"\n`{m}` − `{first}`, case by case: mean {d['mean']:+.2f} points, median {d['median']:+.2f}, "
-                     f"higher in {d['a_higher']} of {d['n']} cases; two-sided Wilcoxon signed-rank p = {d['wilcoxon_p']:.3f}.")
+                     f"higher in {d['a_higher']} of {d['n']} cases; two-sided Wilcoxon signed-rank p = {format_p(d['wilcoxon_p'])}.")
     return "\n".join(lines) + "\n"
 
 
