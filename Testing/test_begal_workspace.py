@@ -136,6 +136,7 @@ def test_simulate_writes_results_table_and_plot(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["seeds"] == [0, 1] and run["versions"]["torch"]
     assert run["device"] == "cpu" and run["threads"] >= 1 and run["cpu_count"] >= 1
+    assert run["cpu_capability"] and run["cpu_model"]  # what bit-for-bit reproduction needs besides the threads
 
 
 def test_simulate_rejects_a_budget_larger_than_the_pool(tmp_path):

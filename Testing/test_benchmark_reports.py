@@ -25,7 +25,7 @@ def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, c
     acdc = run_accuracy.part_settings("acdc-10", "cpu", 3)
     chaos = run_accuracy.part_settings("chaos-begal", "cpu", 3)
     _write_part(tmp_path, "acdc-10", {k: v for k, v in acdc.items() if k != "kind"} | {"split": {"rule": "test.list patients"},
-                                                                                      "threads": 2},
+                                                                                      "threads": 2, "cpu_capability": "AVX2"},
                 {"supervised": {"dice_mean": 0.60}, "vqseg": {"dice_mean": 0.78}, "supervised-full": {"dice_mean": 0.80}})
     _write_part(tmp_path, "chaos-begal", {k: v for k, v in chaos.items() if k != "kind"} | {"description": "slabs"},
                 {"begal": {"labeled_fraction": [0.2, 0.3, 0.4], "dice_mean": [0.80, 0.85, 0.905]},
@@ -45,7 +45,9 @@ def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, c
     assert "| table of chaos-begal |" in report and "**no**" in report
     # each part's time with the threads its run recorded (not the reporting process's)
     assert summary["parts"]["acdc-10"]["threads"] == 2 and summary["parts"]["chaos-begal"]["threads"] is None
-    assert "## acdc-10 (10 min, 2 threads)" in report and "## chaos-begal (10 min, threads not recorded)" in report
+    # and the instruction set its kernels used, where the run recorded it
+    assert summary["parts"]["acdc-10"]["cpu_capability"] == "AVX2" and summary["parts"]["chaos-begal"]["cpu_capability"] is None
+    assert "## acdc-10 (10 min, 2 threads, AVX2)" in report and "## chaos-begal (10 min, threads not recorded)" in report
 
 
 def test_a_part_run_with_other_settings_is_not_reused():
@@ -311,3 +313,28 @@ def test_a_parts_own_sections_sit_under_its_heading_in_the_report(tmp_path):
     assert run_accuracy.main(["--out", str(tmp_path), "--only", "chaos-mr-10"]) == 0
     md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert "## chaos-mr-10 (10 min, threads not recorded)\n\n| summary |\n\n### Dice per test case (%)\n" in md
+
+
+def test_speed_benchmark_writes_its_figures_with_the_machine_they_were_measured_on(tmp_path):
+    """run_speed.py end to end on its cheapest section (a few seconds); times are reported, never asserted."""
+    import subprocess
+
+    import torch
+
+    script = str(REPO / "benchmarks" / "run_speed.py")
+    done = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--only", "training", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    speed = json.loads((tmp_path / "speed.json").read_text(encoding="utf-8"))
+    assert set(speed["sections"]) == {"training"} and speed["sections"]["training"]["vqseg_step_s"] > 0
+    env = speed["environment"]
+    assert env["threads"] == 1 and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu_model"]
+    report = (tmp_path / "speed.md").read_text(encoding="utf-8")
+    assert f"1 thread of {env['cpu_count']} CPUs" in report and f"{env['cpu_capability']} kernels" in report
+    # sections not run are said to be not measured, not judged
+    assert "| not measured |" in report and "None" not in report and "Training step: VQ-Seg" in report
+
+    wrong = subprocess.run([sys.executable, script, "--out", str(tmp_path / "x"), "--only", "training,trainng"],
+                           capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "--only: unknown section 'trainng'" in wrong.stderr
+    assert "assignment, qpm, pool, inference, training" in wrong.stderr and not (tmp_path / "x").exists()

@@ -76,6 +76,8 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
     assert run["config"]["num_classes"] == 5
     # the run's times mean something only with the threads it had
     assert run["device"] == "cpu" and run["threads"] >= 1 and run["cpu_count"] >= 1
+    # and its figures are bit-reproducible only on the same kind of CPU with the same threads
+    assert run["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and run["cpu_model"]
 
     n = run["train_slices"]
     assert results["supervised"]["labelled_slices"] == results["vqseg"]["labelled_slices"] == round(0.2 * n)
@@ -265,6 +267,8 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
     (changed / "run.json").write_text(json.dumps({**json.loads((changed / "run.json").read_text(encoding="utf-8")),
                                                   "threads": 99}), encoding="utf-8")
     merge_ssl([changed, tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "m4")
+    assert run["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert [m["cpu_capability"] for m in run["merged_from"]] == [run["cpu_capability"]] * 3
     assert json.loads((tmp_path / "m4" / "run.json").read_text(encoding="utf-8"))["threads"] == f"99, {torch.get_num_threads()}"
     assert "| vqseg |" in (merged / "results.md").read_text(encoding="utf-8")
 

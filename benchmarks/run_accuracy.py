@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from VQMedSegLib.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from VQMedSegLib.provenance import software_versions  # noqa: E402
+from VQMedSegLib.provenance import compute_environment, software_versions  # noqa: E402
 from VQMedSegLib.training.ssl_report import case_paired, format_p  # noqa: E402
 
 # benchmark preset -> the library presets and the active-learning schedule it uses
@@ -347,6 +346,8 @@ def report(summary: dict) -> str:
     for name, part in summary["parts"].items():
         threads = part.get("threads")
         threads = "threads not recorded" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"
+        if part.get("cpu_capability"):
+            threads += f", {part['cpu_capability']}"
         body = part["table"].split("\n", 2)[2].strip().replace("\n## ", "\n### ")  # its sections under the part's heading
         lines += ["", f"## {name} ({part['seconds'] / 60:.0f} min, {threads})", "", body]
     return "\n".join(lines) + "\n"
@@ -398,12 +399,12 @@ def main(argv=None) -> int:
         parts[name] = {"settings": settings, "results": read_json(folder / "results.json"),
                        "table": (folder / "results.md").read_text(encoding="utf-8"), "seconds": run["seconds"],
                        "split": run.get("split") or run.get("description"), "versions": run["versions"],
-                       "threads": run.get("threads"),
+                       "threads": run.get("threads"), "cpu_capability": run.get("cpu_capability"),
                        "reused": reuse}
         print(f"{name}: {run['seconds'] / 60:.1f} min{' (read back)' if reuse else ''}", flush=True)
     summary = {
-        "preset": args.preset, "seeds": list(range(args.seeds)), "device": str(device),
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "versions": software_versions(),
+        "preset": args.preset, "seeds": list(range(args.seeds)),
+        **compute_environment(device), "versions": software_versions(),
         "wall_seconds": sum(p["seconds"] for p in parts.values()), "parts": parts, "figures": headline(parts),
         "paired": paired_differences(parts),
         "papers": PAPER, "measured_at": time.strftime("%Y-%m-%d"),

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from VQMedSegLib import __version__  # noqa: E402
 from VQMedSegLib.files import atomic_write_json, atomic_write_text  # noqa: E402
+from VQMedSegLib.provenance import cpu_model  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- tools
@@ -359,12 +360,15 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="also MC-dropout on the 100k-slice pool (slow)")
     p.add_argument("--only", help="comma-separated sections: assignment,qpm,pool,inference,training")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     sections = {"assignment": bench_assignment, "qpm": bench_qpm, "pool": lambda: bench_pool_scoring(args.full),
                 "inference": bench_inference, "training": bench_training_step}
     chosen = args.only.split(",") if args.only else list(sections)
+    for name in chosen:
+        if name not in sections:
+            p.error(f"--only: unknown section {name!r}; expected some of {', '.join(sections)}")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result: dict = {"sections": {}}
     for name in chosen:
@@ -386,6 +390,7 @@ def main(argv=None) -> int:
     result["environment"] = {
         "vqmedseg": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "threads": args.threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model(),
         "cuda": torch.cuda.is_available(), "full": args.full,
     }
     result["wall_seconds"] = time.perf_counter() - t0
@@ -420,16 +425,26 @@ def check_targets(result: dict) -> dict:
     return out
 
 
+def _met(verdict) -> str:
+    return "not measured" if verdict is None else "yes" if verdict else "**no**"
+
+
 def report(result: dict) -> str:
-    lines = ["# Speed and memory", "", f"{result['environment']}", "", "| measurement | value | target | met |", "|---|---|---|---|"]
+    env = result["environment"]
+    threads = f"{env['threads']} thread{'' if env['threads'] == 1 else 's'} of {env['cpu_count']} CPUs"
+    lines = ["# Speed and memory", "",
+             f"VQMedSeg {env['vqmedseg']}, torch {env['torch']}, Python {env['python']}; {threads} "
+             f"({env['cpu_model']}, {env['cpu_capability']} kernels); CUDA {'present' if env['cuda'] else 'absent'}.",
+             "", "| measurement | value | target | met |", "|---|---|---|---|"]
     for key, op, bound, text in TARGETS:
         value = result.get(key)
         shown = "n/a" if value is None else f"{value:.3f}"
-        lines.append(f"| {text} | {shown} | {op} {bound} | {result['targets'].get(key)} |")
+        lines.append(f"| {text} | {shown} | {op} {bound} | {_met(result['targets'].get(key))} |")
     pool = result["sections"].get("pool")
     if pool:
         mem = pool.get("begal_peak_mb_1k_vs_100k")
-        lines.append(f"| pool scoring: process peak RSS, 1k vs 100k slices (MB) | {mem} | flat | {result['targets'].get('pool_scoring_memory_flat')} |")
+        lines.append(f"| pool scoring: process peak RSS, 1k vs 100k slices (MB) | {mem} | flat | "
+                     f"{_met(result['targets'].get('pool_scoring_memory_flat'))} |")
         lines += ["", "| pool size | BEGAL slices/s | MC-dropout slices/s | speed-up | BEGAL process peak RSS MB | BEGAL extra MB | MC extra MB |",
                   "|---|---|---|---|---|---|---|"]
         for n, r in pool["sizes"].items():

@@ -561,9 +561,10 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
     _write(out, results, {
         **first, "methods": methods, "seeds": seeds[methods[0]], "seconds": sum(r["seconds"] for r in runs),
         "device": _shared_or_listed([r["device"] for r in runs]),
-        "threads": _shared_or_listed([r.get("threads") for r in runs]),
+        **{key: _shared_or_listed([r.get(key) for r in runs]) for key in ("threads", "cpu_capability", "cpu_model")},
         "merged_from": [{"folder": str(src), "methods": r["methods"], "seeds": r["seeds"], "seconds": r["seconds"],
-                         "device": r["device"], "threads": r.get("threads"), "versions": r["versions"]}
+                         "device": r["device"], "threads": r.get("threads"), "cpu_capability": r.get("cpu_capability"),
+                         "cpu_model": r.get("cpu_model"), "versions": r["versions"]}
                         for src, r in zip(sources, runs)],
     })
     return results
