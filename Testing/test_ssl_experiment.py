@@ -208,8 +208,20 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path, c
         assert r["validation_best_iteration"] == [v["best_iteration"]]
         assert 0 <= seed["last_iteration"]["dice_mean"] <= 1
         assert r["last_iteration"]["dice_mean"] == pytest.approx(seed["last_iteration"]["dice_mean"])
+        # the clean-up (largest piece or not) is chosen per structure on the validation case, then tested
+        post = seed["post_processing"]
+        assert set(post["largest_piece"]) == {"label 1"} and isinstance(post["largest_piece"]["label 1"], bool)
+        kept = seed["largest_component"] if post["largest_piece"]["label 1"] else seed
+        assert post["dice_mean"] == pytest.approx(kept["dice_mean"]) and post["cases"] == kept["cases"]
+        v_dice = post["validation_dice"]["label 1"]
+        assert post["largest_piece"]["label 1"] == (v_dice["largest_piece"] > v_dice["as_predicted"])
+        assert r["post_processing"]["dice_mean"] == pytest.approx(post["dice_mean"])
+        assert r["post_processing"]["largest_piece_seeds"] == {"label 1": int(post["largest_piece"]["label 1"])}
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "validation: case 3" in table and "| best iteration (validation) |" in table
+    assert "| Dice (%), clean-up chosen on validation |" in table
+    keeps = results["vqseg"]["post_processing"]["largest_piece_seeds"]["label 1"]
+    assert f"{100 * results['vqseg']['post_processing']['dice_mean']:.2f} ± 0.00 (largest piece kept: label 1 in {keeps} of 1 seeds) |" in table
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     bad = run_main("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
@@ -220,6 +232,21 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path, c
                    "--validate-every", "50", "--out", tmp_path / "bad", check=False)
     assert bad.returncode != 0
     assert "--validate-every 50: expected a positive number of iterations, with --validation-patients above 0 (found 0)" in bad.stderr
+
+
+def test_the_largest_piece_is_kept_only_for_structures_it_improves_on_validation():
+    from types import SimpleNamespace as S
+
+    from VQMedSegLib.training.ssl_experiment import choose_largest_piece
+
+    structures = {1: "RV", 2: "Myo", 3: "LV"}
+    # two validation cases: the clean-up helps LV, changes nothing for Myo, and hurts RV on average
+    raw = [{"RV": S(dice=0.8), "Myo": S(dice=0.6), "LV": S(dice=0.7)}, {"RV": S(dice=0.6), "Myo": S(dice=0.5), "LV": S(dice=0.5)}]
+    largest = [{"RV": S(dice=0.9), "Myo": S(dice=0.6), "LV": S(dice=0.8)}, {"RV": S(dice=0.3), "Myo": S(dice=0.5), "LV": S(dice=0.5)}]
+    keep, scores = choose_largest_piece(raw, largest, structures)
+    assert keep == {"RV": False, "Myo": False, "LV": True}
+    assert scores["RV"] == pytest.approx({"as_predicted": 0.7, "largest_piece": 0.6})
+    assert scores["LV"] == pytest.approx({"as_predicted": 0.6, "largest_piece": 0.65})
 
 
 def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
@@ -253,6 +280,8 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
             assert got[method][key] == pytest.approx(whole[method][key]), (method, key)
         assert got[method]["last_iteration"]["dice_mean"] == pytest.approx(whole[method]["last_iteration"]["dice_mean"])
         assert got[method]["validation_best_iteration"] == whole[method]["validation_best_iteration"]
+        pp, whole_pp = got[method]["post_processing"], whole[method]["post_processing"]
+        assert pp["dice_mean"] == pytest.approx(whole_pp["dice_mean"]) and pp["largest_piece_seeds"] == whole_pp["largest_piece_seeds"]
     # the merged report compares the methods case by case over both seeds, as one run's does
     table = (merged / "results.md").read_text(encoding="utf-8")
     assert table.split("## Dice per test case")[1] == (tmp_path / "whole" / "results.md").read_text(

@@ -284,6 +284,9 @@ def headline(parts: dict) -> dict:
             if "last_iteration" in rows["vqseg"] and "last_iteration" in full:
                 out[f"{prefix}_vqseg10_vs_full_ratio{suffix}_last"] = (rows["vqseg"]["last_iteration"]["dice_mean"]
                                                                       / full["last_iteration"]["dice_mean"])
+            if "post_processing" in rows["vqseg"] and "post_processing" in full:  # clean-up chosen on validation
+                out[f"{prefix}_vqseg10_vs_full_ratio{suffix}_postprocessed"] = (
+                    rows["vqseg"]["post_processing"]["dice_mean"] / full["post_processing"]["dice_mean"])
     chaos = parts.get("chaos-begal", {}).get("results")
     if chaos and "begal" in chaos and "random" in chaos:
         last = len(chaos["begal"]["labeled_fraction"]) - 1
@@ -314,6 +317,7 @@ def report(summary: dict) -> str:
         if val is None or not held_out:
             continue
         last = summary["figures"].get(f"{prefix}_vqseg10_vs_full_ratio{suffix}_last")
+        post = summary["figures"].get(f"{prefix}_vqseg10_vs_full_ratio{suffix}_postprocessed")
         iterations = PARTS[part]["overrides"]["cpu"]["iterations"]
         lines += ["", f"With {iterations:,} iterations and each row's weights chosen on {COUNT_WORDS.get(held_out, held_out)} "
                   f"held-out training patients (`{part}`"
@@ -321,7 +325,9 @@ def report(summary: dict) -> str:
                   + f"), VQ-Seg at 10% reaches {val:.3f} of the fully supervised Dice"
                   + (" of the liver on MR" if prefix == "chaos_mr" else "") + " (the supervised "
                   f"U-Net {summary['figures'][f'{prefix}_supervised10_vs_full_ratio{suffix}']:.3f}"
-                  + (f"; with the last iteration's weights {last:.3f}" if last is not None else "") + ")."]
+                  + (f"; with the last iteration's weights {last:.3f}" if last is not None else "")
+                  + (f"; with the largest-piece clean-up chosen per structure on the same patients {post:.3f}"
+                     if post is not None else "") + ")."]
     if summary.get("paired"):
         lines += ["", "## Seed-paired differences", "",
                   "Dice points, A minus B, seed by seed (both rows of a seed trained on the same labelled slices).", "",

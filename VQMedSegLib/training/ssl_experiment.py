@@ -19,7 +19,9 @@ out as a validation set, as in the papers' 70/10/20 splits: every row is scored 
 (3-D Dice) every ``validate_every`` iterations and at the last, and the weights with the
 best validation Dice are the ones tested (the released VQ-Seg code keeps its best
 validation checkpoint the same way). The test scores of the last iteration's weights are
-recorded beside them (``last_iteration``), so the choice's effect is visible.
+recorded beside them (``last_iteration``), so the choice's effect is visible. The
+validation patients also choose, per structure, whether the largest-piece clean-up is kept
+(:func:`choose_largest_piece`); ``post_processing`` holds the test scores with that choice.
 """
 
 from __future__ import annotations
@@ -303,6 +305,16 @@ def _validation_dice(predict_probs, prepared: list[tuple[Case, object, np.ndarra
     return float(np.mean(per_case))
 
 
+def choose_largest_piece(raw: list[dict], largest: list[dict], structures: dict[int, str]) -> tuple[dict, dict]:
+    """Per structure, whether keeping only its largest connected piece raises the mean
+    Dice over the validation cases (:func:`_evaluate`'s two lists), as nnU-Net decides its
+    post-processing on validation data rather than on the test set; and those mean Dice
+    (``{name: {"as_predicted": ..., "largest_piece": ...}}``)."""
+    scores = {name: {"as_predicted": float(np.mean([c[name].dice for c in raw])),
+                     "largest_piece": float(np.mean([c[name].dice for c in largest]))} for name in structures.values()}
+    return {name: s["largest_piece"] > s["as_predicted"] for name, s in scores.items()}, scores
+
+
 def _seed_summary(per_case: list[dict], structures: dict[int, str], case_ids: list[str]) -> dict:
     """One seed: the mean over structures of each case's Dice, averaged over cases, every
     structure's own summary, and each case's Dice and HD95 per structure (``cases``,
@@ -446,6 +458,12 @@ def run_ssl(
                 selector.restore()
                 extra = {"validation": selector.record(), "last_iteration": _seed_summary(last, structures, test_ids)}
             raw, largest = _evaluate(predict, test_prepared, structures)
+            if selector is not None:
+                keep, val_scores = choose_largest_piece(*_evaluate(predict, val_prepared, structures), structures)
+                chosen = [{name: (lc if keep[name] else r)[name] for name in structures.values()}
+                          for r, lc in zip(raw, largest)]
+                extra["post_processing"] = {"largest_piece": keep, "validation_dice": val_scores,
+                                            **_seed_summary(chosen, structures, test_ids)}
             s = _seed_summary(raw, structures, test_ids)
             per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures, test_ids),
                                        **extra, "seconds": time.monotonic() - t})
@@ -487,6 +505,11 @@ def _results(per_method: dict[str, list[dict]], structures: dict[int, str], labe
         if validated:
             results[method]["validation_best_iteration"] = [r["validation"]["best_iteration"] for r in runs]
             results[method]["last_iteration"] = _summary_over_seeds([r["last_iteration"] for r in runs], structures)
+            if all("post_processing" in r for r in runs):  # (runs made before it was chosen on validation lack it)
+                results[method]["post_processing"] = {
+                    **_summary_over_seeds([r["post_processing"] for r in runs], structures),
+                    "largest_piece_seeds": {name: sum(r["post_processing"]["largest_piece"][name] for r in runs)
+                                            for name in structures.values()}}
     return results
 
 
@@ -651,8 +674,9 @@ def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_tes
         "",
         "| method | labelled slices | Dice (%) |" + "".join(f" {n} Dice (%) |" for n in names if per_structure)
         + " HD95 | Dice (%), largest component | HD95, largest component |"
-        + (" best iteration (validation) | Dice (%), last iteration |" if validation_cases else ""),
-        "|---|---|---|" + "---|" * (len(names) if per_structure else 0) + "---|---|---|" + ("---|---|" if validation_cases else ""),
+        + (" best iteration (validation) | Dice (%), last iteration | Dice (%), clean-up chosen on validation |"
+           if validation_cases else ""),
+        "|---|---|---|" + "---|" * (len(names) if per_structure else 0) + "---|---|---|" + ("---|---|---|" if validation_cases else ""),
     ]
     def hd(r):
         return "n/a" if r["hd95_mean"] is None else f"{r['hd95_mean']:.2f} {'mm' if r['hd95_units'] == 'mm' else 'voxels'}"
@@ -664,8 +688,12 @@ def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_tes
         chosen = ""
         if "last_iteration" in r:
             li = r["last_iteration"]
+            pp = r.get("post_processing")
+            cleanup = "n/a" if pp is None else (
+                f"{100 * pp['dice_mean']:.2f} ± {100 * pp['dice_std']:.2f} (largest piece kept: "
+                + ", ".join(f"{n} in {k} of {len(seeds)}" for n, k in pp["largest_piece_seeds"].items()) + " seeds)")
             chosen = (f" {' / '.join(str(i) for i in r['validation_best_iteration'])} "
-                      f"| {100 * li['dice_mean']:.2f} ± {100 * li['dice_std']:.2f} |")
+                      f"| {100 * li['dice_mean']:.2f} ± {100 * li['dice_std']:.2f} | {cleanup} |")
         lines.append(f"| {m} | {r['labelled_slices']} | {100 * r['dice_mean']:.2f} ± {100 * r['dice_std']:.2f} |{cells} {hd(r)} "
                      f"| {100 * lc['dice_mean']:.2f} ± {100 * lc['dice_std']:.2f} | {hd(lc)} |{chosen}")
     return "\n".join(lines) + "\n"
