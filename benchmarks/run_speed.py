@@ -29,7 +29,6 @@ Sections (see ``benchmarks/README.md`` for the targets):
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from VQMedSegLib import __version__  # noqa: E402
 from VQMedSegLib.files import atomic_write_json, atomic_write_text  # noqa: E402
-from VQMedSegLib.provenance import cpu_model  # noqa: E402
+from VQMedSegLib.provenance import compute_environment  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- tools
@@ -389,9 +388,7 @@ def main(argv=None) -> int:
         result["cosine_assignment_vs_matmul_argmax"] = sec["assignment"]["k16384"]["cosine_vs_floor"]
     result["environment"] = {
         "vqmedseg": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "threads": args.threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model(),
-        "cuda": torch.cuda.is_available(), "full": args.full,
+        **compute_environment("cpu"), "machine": platform.machine(), "cuda": torch.cuda.is_available(), "full": args.full,
     }
     result["wall_seconds"] = time.perf_counter() - t0
     result["targets"] = check_targets(result)
