@@ -237,7 +237,7 @@ def test_ssl_chooses_each_rows_weights_on_held_out_training_patients(tmp_path, c
 def test_the_largest_piece_is_kept_only_for_structures_it_improves_on_validation():
     from types import SimpleNamespace as S
 
-    from VQMedSegLib.training.ssl_experiment import choose_largest_piece
+    from VQMedSegLib.training.ssl_experiment import choose_largest_piece, with_choice
 
     structures = {1: "RV", 2: "Myo", 3: "LV"}
     # two validation cases: the clean-up helps LV, changes nothing for Myo, and hurts RV on average
@@ -247,6 +247,10 @@ def test_the_largest_piece_is_kept_only_for_structures_it_improves_on_validation
     assert keep == {"RV": False, "Myo": False, "LV": True}
     assert scores["RV"] == pytest.approx({"as_predicted": 0.7, "largest_piece": 0.6})
     assert scores["LV"] == pytest.approx({"as_predicted": 0.6, "largest_piece": 0.65})
+    # on the test cases each structure then takes its own choice
+    chosen = with_choice(raw, largest, keep)
+    assert [{n: c[n].dice for n in structures.values()} for c in chosen] == [
+        {"RV": 0.8, "Myo": 0.6, "LV": 0.8}, {"RV": 0.6, "Myo": 0.5, "LV": 0.5}]
 
 
 def test_seeds_run_apart_and_merged_match_one_run(tmp_path):

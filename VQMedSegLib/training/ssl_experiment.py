@@ -315,6 +315,12 @@ def choose_largest_piece(raw: list[dict], largest: list[dict], structures: dict[
     return {name: s["largest_piece"] > s["as_predicted"] for name, s in scores.items()}, scores
 
 
+def with_choice(raw: list[dict], largest: list[dict], keep: dict[str, bool]) -> list[dict]:
+    """Each case's scores (:func:`_evaluate`'s two lists) with every structure's own choice:
+    its largest piece where ``keep`` says so, as predicted elsewhere."""
+    return [{name: (lc if keep[name] else r)[name] for name in keep} for r, lc in zip(raw, largest)]
+
+
 def _seed_summary(per_case: list[dict], structures: dict[int, str], case_ids: list[str]) -> dict:
     """One seed: the mean over structures of each case's Dice, averaged over cases, every
     structure's own summary, and each case's Dice and HD95 per structure (``cases``,
@@ -460,10 +466,8 @@ def run_ssl(
             raw, largest = _evaluate(predict, test_prepared, structures)
             if selector is not None:
                 keep, val_scores = choose_largest_piece(*_evaluate(predict, val_prepared, structures), structures)
-                chosen = [{name: (lc if keep[name] else r)[name] for name in structures.values()}
-                          for r, lc in zip(raw, largest)]
                 extra["post_processing"] = {"largest_piece": keep, "validation_dice": val_scores,
-                                            **_seed_summary(chosen, structures, test_ids)}
+                                            **_seed_summary(with_choice(raw, largest, keep), structures, test_ids)}
             s = _seed_summary(raw, structures, test_ids)
             per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures, test_ids),
                                        **extra, "seconds": time.monotonic() - t})
