@@ -295,13 +295,13 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
     assert run["seeds"] == [0, 1] and run["methods"] == ["supervised", "vqseg"]
     assert [m["seeds"] for m in run["merged_from"]] == [[1], [0], [0]]
     assert run["threads"] == torch.get_num_threads() and [m["threads"] for m in run["merged_from"]] == [run["threads"]] * 3
+    assert run["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert [m["cpu_capability"] for m in run["merged_from"]] == [run["cpu_capability"]] * 3
     changed = tmp_path / "threads"  # parts run on other thread counts: the merged run names each
     shutil.copytree(tmp_path / "seed1", changed)
     (changed / "run.json").write_text(json.dumps({**json.loads((changed / "run.json").read_text(encoding="utf-8")),
                                                   "threads": 99}), encoding="utf-8")
     merge_ssl([changed, tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "m4")
-    assert run["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert [m["cpu_capability"] for m in run["merged_from"]] == [run["cpu_capability"]] * 3
     assert json.loads((tmp_path / "m4" / "run.json").read_text(encoding="utf-8"))["threads"] == f"99, {torch.get_num_threads()}"
     assert "| vqseg |" in (merged / "results.md").read_text(encoding="utf-8")
 
