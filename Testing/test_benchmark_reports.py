@@ -344,3 +344,23 @@ def test_speed_benchmark_writes_its_figures_with_the_machine_they_were_measured_
                            capture_output=True, text=True, timeout=600)
     assert wrong.returncode == 2 and "--only: unknown section 'trainng'" in wrong.stderr
     assert "assignment, qpm, pool, inference, training" in wrong.stderr and not (tmp_path / "x").exists()
+
+
+def test_speed_report_gives_each_presets_step_and_what_its_schedule_would_take_at_that_pace():
+    import run_speed
+
+    # the CHAOS part of the cpu preset: 300 initial iterations, then 2 rounds of 100 + 100
+    cfg, step, iterations, batch = run_speed._begal_stepper("cpu", "cpu")
+    assert iterations == cfg.initial_iterations + 2 * cfg.round_iterations == 700 and batch == "8 labelled + 4 unlabelled"
+    row = {"method": "vqseg", "preset": "paper", "accuracy_preset": "gpu", "slice_size": 224, "num_codes": 16384,
+           "features": [32, 64, 128, 256, 512], "batch": "8 labelled + 4 unlabelled", "step_s": 9.35,
+           "step_peak_extra_mb": None, "schedule_iterations": 100_000, "schedule_hours_here": 9.35 * 100_000 / 3600}
+    quick = {**row, "preset": "quick", "accuracy_preset": "cpu", "slice_size": 128, "num_codes": 1024, "step_s": 0.4,
+             "step_peak_extra_mb": 42.0, "schedule_iterations": 600, "schedule_hours_here": 0.4 * 600 / 3600}
+    result = {"sections": {"presets": {"vqseg_quick": quick, "vqseg_paper": row, "wall_seconds": 30.0}},
+              "environment": {"vqmedseg": "x", "torch": "x", "python": "3.11", "threads": 2, "cpu_count": 2,
+                              "cpu_model": "a CPU", "cpu_capability": "AVX2", "cuda": False}}
+    result["targets"] = run_speed.check_targets(result)
+    report = run_speed.report(result)
+    assert "| vqseg | quick | 128 | 1,024 | 8 labelled + 4 unlabelled | 0.40 | 42 | 600 iterations | 4 min |" in report
+    assert "| vqseg | paper | 224 | 16,384 | 8 labelled + 4 unlabelled | 9.35 | n/a | 100,000 iterations | 10.8 days |" in report

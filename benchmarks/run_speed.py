@@ -23,7 +23,10 @@ Sections (see ``benchmarks/README.md`` for the targets):
    that only the scorer's own memory is measured;
 4. inference on a 512 x 512 x 100 CT: total time and the share spent outside the
    network's forward pass (medians of 5 runs; peak memory from the first);
-5. one VQ-Seg training step against the same U-Net without VQ and QPM.
+5. one VQ-Seg training step against the same U-Net without VQ and QPM;
+6. presets: a training step of each method's CPU preset and `paper` preset at full batch
+   size on this machine, and what the preset's schedule would take on it at that pace
+   (why the `gpu` accuracy preset is not run on a CPU).
 """
 
 from __future__ import annotations
@@ -351,16 +354,78 @@ def bench_training_step() -> dict:
     }
 
 
+# ------------------------------------------------------------------- 6. presets
+# (method, library preset, the run_accuracy.py preset that trains it)
+PRESET_STEPS = (("vqseg", "quick", "cpu"), ("vqseg", "paper", "gpu"), ("begal", "cpu", "cpu"), ("begal", "paper", "gpu"))
+
+
+def _vqseg_stepper(preset: str):
+    from VQMedSegLib.config import vqseg_config_from_preset
+    from VQMedSegLib.training.vqseg import VQSegTrainer
+
+    # every step semi-supervised and aligned, as after the warm-up
+    cfg = vqseg_config_from_preset(preset, warmup_supervised=0, rampup=0)
+    s, channels, rng = cfg.slice_size, 256, np.random.default_rng(0)
+    lx = rng.random((2 * cfg.labelled_batch, 1, s, s)).astype(np.float32)
+    ly = (lx[:, 0] > 0.6).astype(np.int64)
+    ux = rng.random((2 * cfg.unlabelled_batch, 1, s, s)).astype(np.float32)
+    fm = rng.standard_normal((cfg.pfa_batch, channels, cfg.pfa_grid, cfg.pfa_grid)).astype(np.float16)
+    trainer = VQSegTrainer(cfg, lx, ly, ux, fm, channels, torch.device("cpu"), fm_slices=np.arange(cfg.pfa_batch))
+    # one row and seed of an ACDC part: the preset's iterations
+    return cfg, trainer.step, cfg.iterations, f"{cfg.labelled_batch} labelled + {cfg.unlabelled_batch} unlabelled"
+
+
+def _begal_stepper(preset: str, accuracy_preset: str):
+    from VQMedSegLib.active_learning.pool import CaseInput, build_pool
+    from VQMedSegLib.config import begal_config_from_preset
+    from VQMedSegLib.data.phantoms import make_dataset
+    from VQMedSegLib.training.begal import Phase, PhaseTrainer, build_model
+
+    cfg = begal_config_from_preset(preset)
+    cases = make_dataset("phantom-liver", 1, seed=5, ct_shape=(24, 64, 64))
+    inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
+    pool = build_pool(inputs, cfg.slice_size, (-160, 240), seed=0)
+    torch.manual_seed(0)
+    trainer = PhaseTrainer(build_model(cfg), cfg, pool, torch.device("cpu"), seed=0)
+    phase = Phase("initial", 1, "all", np.arange(len(pool)))
+    from run_accuracy import PRESETS as ACCURACY_PRESETS  # this folder is the script's
+
+    # one strategy and seed of the CHAOS part: the initial set's training, then each round's
+    rounds = ACCURACY_PRESETS[accuracy_preset]["rounds"]
+    iterations = cfg.initial_iterations + rounds * cfg.round_iterations
+    return cfg, lambda: trainer.step(phase), iterations, f"{cfg.batch_size} labelled + {cfg.unlabelled_batch} unlabelled"
+
+
+def bench_preset_steps() -> dict:
+    out = {}
+    for method, preset, accuracy_preset in PRESET_STEPS:
+        if method == "vqseg":
+            cfg, step, iterations, batch = _vqseg_stepper(preset)
+        else:
+            cfg, step, iterations, batch = _begal_stepper(preset, accuracy_preset)
+        step()  # warm-up
+        extra = peak_extra_mb(step)
+        seconds = median_time(step, repeat=3, warmup=0)
+        out[f"{method}_{preset}"] = {
+            "method": method, "preset": preset, "accuracy_preset": accuracy_preset, "slice_size": cfg.slice_size,
+            "num_codes": cfg.num_codes, "features": list(cfg.features), "batch": batch, "step_s": seconds,
+            "step_peak_extra_mb": extra, "schedule_iterations": iterations,
+            "schedule_hours_here": seconds * iterations / 3600.0,
+        }
+        print(f"  {method} {preset}: {seconds:.2f} s a step", flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the targets are for 2 CPU threads)")
     p.add_argument("--full", action="store_true", help="also MC-dropout on the 100k-slice pool (slow)")
-    p.add_argument("--only", help="comma-separated sections: assignment,qpm,pool,inference,training")
+    p.add_argument("--only", help="comma-separated sections: assignment,qpm,pool,inference,training,presets")
     args = p.parse_args(argv)
     sections = {"assignment": bench_assignment, "qpm": bench_qpm, "pool": lambda: bench_pool_scoring(args.full),
-                "inference": bench_inference, "training": bench_training_step}
+                "inference": bench_inference, "training": bench_training_step, "presets": bench_preset_steps}
     chosen = args.only.split(",") if args.only else list(sections)
     for name in chosen:
         if name not in sections:
@@ -474,7 +539,19 @@ def report(result: dict) -> str:
     if tr:
         lines += ["", f"Training step: VQ-Seg {tr['vqseg_step_s']:.3f} s, VQ-Seg without QPM and reconstruction "
                   f"{tr['vqseg_without_qpm_and_reconstruction_step_s']:.3f} s, U-Net (labelled only) {tr['unet_labelled_only_step_s']:.3f} s."]
+    ps = result["sections"].get("presets")
+    if ps:
+        lines += ["", "| method | preset | slices | K | batch | seconds a step | step peak extra MB | schedule | at this pace |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in (v for v in ps.values() if isinstance(v, dict)):
+            extra = "n/a" if r["step_peak_extra_mb"] is None else f"{r['step_peak_extra_mb']:.0f}"
+            lines.append(f"| {r['method']} | {r['preset']} | {r['slice_size']} | {r['num_codes']:,} | {r['batch']} | {r['step_s']:.2f} | "
+                         f"{extra} | {r['schedule_iterations']:,} iterations | {_duration(r['schedule_hours_here'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _duration(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 if __name__ == "__main__":
