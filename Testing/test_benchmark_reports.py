@@ -364,3 +364,25 @@ def test_speed_report_gives_each_presets_step_and_what_its_schedule_would_take_a
     report = run_speed.report(result)
     assert "| vqseg | quick | 128 | 1,024 | 8 labelled + 4 unlabelled | 0.40 | 42 | 600 iterations | 4 min |" in report
     assert "| vqseg | paper | 224 | 16,384 | 8 labelled + 4 unlabelled | 9.35 | n/a | 100,000 iterations | 10.8 days |" in report
+
+
+def test_the_gpu_preset_is_refused_without_a_gpu_unless_the_cpu_is_asked_for(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "acc"
+    with pytest.raises(SystemExit) as stop:
+        run_accuracy.main(["--out", str(out), "--preset", "gpu", "--only", "acdc-10,chaos-begal"])
+    assert stop.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "--preset gpu: no CUDA device found" in err and "acdc-10, chaos-begal" in err and "--device cpu" in err
+    # parts already finished (on a GPU machine) are read back on any machine
+    for name in ("acdc-10", "chaos-begal"):
+        settings = run_accuracy.part_settings(name, "gpu", 3)
+        results = ({"supervised": {"dice_mean": 0.80}, "vqseg": {"dice_mean": 0.90}, "supervised-full": {"dice_mean": 0.91}}
+                   if name == "acdc-10" else
+                   {s: {"labeled_fraction": [0.2, 0.3, 0.4, 0.5], "dice_mean": [0.8, 0.85, 0.87, 0.88]} for s in ("begal", "random")})
+        _write_part(out, name, {k: v for k, v in settings.items() if k != "kind"}, results)
+    assert run_accuracy.main(["--out", str(out), "--preset", "gpu", "--only", "acdc-10,chaos-begal"]) == 0
+    summary = json.loads((out / "accuracy.json").read_text(encoding="utf-8"))
+    assert summary["preset"] == "gpu" and all(part["reused"] for part in summary["parts"].values())

@@ -385,12 +385,10 @@ def main(argv=None) -> int:
                 f"({'; '.join(f'{c}: ' + ', '.join(PARTS[c]['overrides']) for c in other)}); "
                 f"expected some of {', '.join(parts_of(args.preset))}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = {}
+    plan = {}  # part -> (settings, whether its finished results in --out are read back)
     for name in chosen:
         settings = part_settings(name, args.preset, args.seeds)
-        folder = out / name
-        run_file = folder / "run.json"
+        run_file = out / name / "run.json"
         reuse = False
         if run_file.exists() and not args.fresh:
             recorded = recorded_settings(read_json(run_file), settings)
@@ -398,6 +396,17 @@ def main(argv=None) -> int:
             if not reuse:
                 differ = sorted(k for k in settings if recorded.get(k) != settings[k])
                 print(f"{name}: {run_file} holds other settings ({', '.join(differ)} differ); rerunning", flush=True)
+        plan[name] = (settings, reuse)
+    to_run = [name for name, (_, reuse) in plan.items() if not reuse]
+    if args.preset == "gpu" and to_run and device.type != "cuda" and args.device == "auto":
+        p.error(f"--preset gpu: no CUDA device found, and the papers' networks train at about 10 s (VQ-Seg) and 24 s "
+                f"(VQ-BEGAL) a step on a 2-core CPU, weeks for each of {', '.join(to_run)} (benchmarks/README.md); "
+                f"run on a GPU, or pass --device cpu to run on the CPU anyway")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for name, (settings, reuse) in plan.items():
+        folder = out / name
+        run_file = folder / "run.json"
         if not reuse:
             print(f"{name}: running {settings}", flush=True)
             run_part(settings, folder, device)
