@@ -380,6 +380,7 @@ def _begal_stepper(preset: str, accuracy_preset: str):
     from VQMedSegLib.config import begal_config_from_preset
     from VQMedSegLib.data.phantoms import make_dataset
     from VQMedSegLib.training.begal import Phase, PhaseTrainer, build_model
+    from run_accuracy import PRESETS as ACCURACY_PRESETS  # a script of this folder
 
     cfg = begal_config_from_preset(preset)
     cases = make_dataset("phantom-liver", 1, seed=5, ct_shape=(24, 64, 64))
@@ -388,8 +389,6 @@ def _begal_stepper(preset: str, accuracy_preset: str):
     torch.manual_seed(0)
     trainer = PhaseTrainer(build_model(cfg), cfg, pool, torch.device("cpu"), seed=0)
     phase = Phase("initial", 1, "all", np.arange(len(pool)))
-    from run_accuracy import PRESETS as ACCURACY_PRESETS  # this folder is the script's
-
     # one strategy and seed of the CHAOS part: the initial set's training, then each round's
     rounds = ACCURACY_PRESETS[accuracy_preset]["rounds"]
     iterations = cfg.initial_iterations + rounds * cfg.round_iterations
