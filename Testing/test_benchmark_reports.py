@@ -376,6 +376,17 @@ def test_the_gpu_preset_is_refused_without_a_gpu_unless_the_cpu_is_asked_for(tmp
     assert stop.value.code == 2 and not out.exists()
     err = capsys.readouterr().err
     assert "--preset gpu: no CUDA device found" in err and "acdc-10, chaos-begal" in err and "--device cpu" in err
+    # asked for explicitly, the CPU runs the part
+    started = []
+
+    def run_part(settings, folder, device):
+        started.append((settings["preset"], device.type))
+        raise KeyboardInterrupt  # stands in for the weeks of training
+
+    monkeypatch.setattr(run_accuracy, "run_part", run_part)
+    with pytest.raises(KeyboardInterrupt):
+        run_accuracy.main(["--out", str(out), "--preset", "gpu", "--only", "acdc-10", "--device", "cpu"])
+    assert started == [("paper", "cpu")]  # the papers' library presets, on the CPU
     # parts already finished (on a GPU machine) are read back on any machine
     for name in ("acdc-10", "chaos-begal"):
         settings = run_accuracy.part_settings(name, "gpu", 3)
