@@ -46,6 +46,7 @@ def test_the_vqseg_paper_preset_holds_the_settings_the_paper_states():
     # every pseudo-label, at full weight from the first semi-supervised step (the paper's
     # text; the CPU presets keep the released code's 0.95 threshold and a ramp)
     assert cfg.confidence_threshold == 0.0 and cfg.rampup == 0
+    assert cfg.warmup_supervised == 1000  # ours: 1% of the schedule before the first pseudo-label
     assert cfg.pfa_slices == 0  # the foundation features of every unlabelled slice
     assert cfg.pfa_grid == 224 // 14  # DINOv2's patch grid at 224 x 224
     assert cfg.augment
