@@ -397,3 +397,27 @@ def test_the_gpu_preset_is_refused_without_a_gpu_unless_the_cpu_is_asked_for(tmp
     assert run_accuracy.main(["--out", str(out), "--preset", "gpu", "--only", "acdc-10,chaos-begal"]) == 0
     summary = json.loads((out / "accuracy.json").read_text(encoding="utf-8"))
     assert summary["preset"] == "gpu" and all(part["reused"] for part in summary["parts"].values())
+
+
+def test_the_wide_part_trains_acdc_10_val_on_the_cpu_library_preset_and_is_paired_with_it(tmp_path):
+    from VQMedSegLib.config import vqseg_config_from_preset
+
+    val = run_accuracy.part_settings("acdc-10-val", "cpu", 3)
+    wide = run_accuracy.part_settings("acdc-10-val-wide", "cpu", 3)
+    assert "acdc-10-val-wide" not in run_accuracy.parts_of("gpu")
+    # the same split, validation patients, labelled fraction and seeds: the same labelled slices
+    same = ("dataset", "labeled_fraction", "methods", "seeds", "validation_patients", "validate_every", "test_list")
+    assert {k: wide[k] for k in same} == {k: val[k] for k in same}
+    assert (val["preset"], wide["preset"]) == ("quick", "cpu")
+    expected = {k: v for k, v in vqseg_config_from_preset("cpu", iterations=2000).to_json().items() if k not in run_accuracy.PER_RUN_KEYS}
+    assert wide["config"] == expected
+    rows = {"acdc-10-val": {"supervised": [0.61, 0.63, 0.58], "vqseg": [0.70, 0.67, 0.65], "supervised-full": [0.76, 0.79, 0.70]},
+            "acdc-10-val-wide": {"supervised": [0.62, 0.64, 0.60], "vqseg": [0.73, 0.72, 0.70], "supervised-full": [0.76, 0.78, 0.71]}}
+    summary = _report_on(tmp_path, rows)
+    assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val_wide"] == pytest.approx(2.15 / 2.25)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    assert paired[("acdc-10-val-wide/vqseg", "acdc-10-val/vqseg")]["per_seed"] == pytest.approx([3.0, 5.0, 5.0])
+    assert paired[("acdc-10-val-wide/supervised-full", "acdc-10-val/supervised-full")]["mean"] == pytest.approx(0.0)
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "With 2,000 iterations and each row's weights chosen on two held-out training patients (`acdc-10-val-wide`, " \
+           "the `cpu` network), VQ-Seg at 10% reaches 0.956" in md
