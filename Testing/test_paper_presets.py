@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 
 def test_the_vqseg_paper_preset_holds_the_settings_the_paper_states():
     cfg = vqseg_config_from_preset("paper")
-    # VQ-Seg, section 4.1 and Table 3
+    # VQ-Seg, section 4.2 (implementation details) and Table 3
     assert cfg.slice_size == 224
     assert (cfg.labelled_batch, cfg.unlabelled_batch) == (8, 4)
     assert cfg.iterations == 100_000
