@@ -397,7 +397,7 @@ def main(argv=None) -> int:
                 f"({'; '.join(f'{c}: ' + ', '.join(PARTS[c]['overrides']) for c in other)}); "
                 f"expected some of {', '.join(parts_of(args.preset))}")
     out = Path(args.out)
-    plan = {}  # part -> (settings, whether its finished results in --out are read back)
+    plan = {}  # part -> (settings, its run.json, whether its finished results in --out are read back)
     for name in chosen:
         settings = part_settings(name, args.preset, args.seeds)
         run_file = out / name / "run.json"
@@ -408,17 +408,16 @@ def main(argv=None) -> int:
             if not reuse:
                 differ = sorted(k for k in settings if recorded.get(k) != settings[k])
                 print(f"{name}: {run_file} holds other settings ({', '.join(differ)} differ); rerunning", flush=True)
-        plan[name] = (settings, reuse)
-    to_run = [name for name, (_, reuse) in plan.items() if not reuse]
+        plan[name] = (settings, run_file, reuse)
+    to_run = [name for name, (_, _, reuse) in plan.items() if not reuse]
     if args.preset == "gpu" and to_run and device.type != "cuda" and args.device == "auto":
         p.error(f"--preset gpu: no CUDA device found, and the papers' networks train at about 10 s (VQ-Seg) and 24 s "
                 f"(VQ-BEGAL) a step on a 2-core CPU, weeks for each of {', '.join(to_run)} (benchmarks/README.md); "
                 f"run on a GPU, or pass --device cpu to run on the CPU anyway")
     out.mkdir(parents=True, exist_ok=True)
     parts = {}
-    for name, (settings, reuse) in plan.items():
-        folder = out / name
-        run_file = folder / "run.json"
+    for name, (settings, run_file, reuse) in plan.items():
+        folder = run_file.parent
         if not reuse:
             print(f"{name}: running {settings}", flush=True)
             run_part(settings, folder, device)
