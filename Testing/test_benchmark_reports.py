@@ -350,7 +350,7 @@ def test_speed_report_gives_each_presets_step_and_what_its_schedule_would_take_a
     import run_speed
 
     # the CHAOS part of the cpu preset: 300 initial iterations, then 2 rounds of 100 + 100
-    cfg, step, iterations, batch = run_speed._begal_stepper("cpu", "cpu")
+    cfg, step, iterations, batch = run_speed._begal_stepper("cpu", run_accuracy.PRESETS["cpu"]["rounds"])
     assert iterations == cfg.initial_iterations + 2 * cfg.round_iterations == 700 and batch == "8 labelled + 4 unlabelled"
     row = {"method": "vqseg", "preset": "paper", "accuracy_preset": "gpu", "slice_size": 224, "num_codes": 16384,
            "features": [32, 64, 128, 256, 512], "batch": "8 labelled + 4 unlabelled", "step_s": 9.35,

@@ -355,10 +355,6 @@ def bench_training_step() -> dict:
 
 
 # ------------------------------------------------------------------- 6. presets
-# (method, library preset, the run_accuracy.py preset that trains it)
-PRESET_STEPS = (("vqseg", "quick", "cpu"), ("vqseg", "paper", "gpu"), ("begal", "cpu", "cpu"), ("begal", "paper", "gpu"))
-
-
 def _vqseg_stepper(preset: str):
     from VQMedSegLib.config import vqseg_config_from_preset
     from VQMedSegLib.training.vqseg import VQSegTrainer
@@ -375,12 +371,11 @@ def _vqseg_stepper(preset: str):
     return cfg, trainer.step, cfg.iterations, f"{cfg.labelled_batch} labelled + {cfg.unlabelled_batch} unlabelled"
 
 
-def _begal_stepper(preset: str, accuracy_preset: str):
+def _begal_stepper(preset: str, rounds: int):
     from VQMedSegLib.active_learning.pool import CaseInput, build_pool
     from VQMedSegLib.config import begal_config_from_preset
     from VQMedSegLib.data.phantoms import make_dataset
     from VQMedSegLib.training.begal import Phase, PhaseTrainer, build_model
-    from run_accuracy import PRESETS as ACCURACY_PRESETS  # a script of this folder
 
     cfg = begal_config_from_preset(preset)
     cases = make_dataset("phantom-liver", 1, seed=5, ct_shape=(24, 64, 64))
@@ -390,29 +385,36 @@ def _begal_stepper(preset: str, accuracy_preset: str):
     trainer = PhaseTrainer(build_model(cfg), cfg, pool, torch.device("cpu"), seed=0)
     phase = Phase("initial", 1, "all", np.arange(len(pool)))
     # one strategy and seed of the CHAOS part: the initial set's training, then each round's
-    rounds = ACCURACY_PRESETS[accuracy_preset]["rounds"]
     iterations = cfg.initial_iterations + rounds * cfg.round_iterations
     return cfg, lambda: trainer.step(phase), iterations, f"{cfg.batch_size} labelled + {cfg.unlabelled_batch} unlabelled"
 
 
 def bench_preset_steps() -> dict:
+    from run_accuracy import PRESETS as ACCURACY_PRESETS  # a script of this folder
+
     out = {}
-    for method, preset, accuracy_preset in PRESET_STEPS:
-        if method == "vqseg":
-            cfg, step, iterations, batch = _vqseg_stepper(preset)
-        else:
-            cfg, step, iterations, batch = _begal_stepper(preset, accuracy_preset)
-        step()  # warm-up
-        extra = peak_extra_mb(step)
-        seconds = median_time(step, repeat=3, warmup=0)
-        out[f"{method}_{preset}"] = {
-            "method": method, "preset": preset, "accuracy_preset": accuracy_preset, "slice_size": cfg.slice_size,
-            "num_codes": cfg.num_codes, "features": list(cfg.features), "batch": batch, "step_s": seconds,
-            "step_peak_extra_mb": extra, "schedule_iterations": iterations,
-            "schedule_hours_here": seconds * iterations / 3600.0,
-        }
-        print(f"  {method} {preset}: {seconds:.2f} s a step", flush=True)
+    # each library preset that a run_accuracy.py preset trains, with that preset's schedule
+    for accuracy_preset, settings in ACCURACY_PRESETS.items():
+        for method, preset in (("vqseg", settings["ssl_preset"]), ("begal", settings["al_preset"])):
+            if method == "vqseg":
+                cfg, step, iterations, batch = _vqseg_stepper(preset)
+            else:
+                cfg, step, iterations, batch = _begal_stepper(preset, settings["rounds"])
+            out[f"{method}_{preset}"] = _time_step(method, preset, accuracy_preset, cfg, step, iterations, batch)
     return out
+
+
+def _time_step(method: str, preset: str, accuracy_preset: str, cfg, step, iterations: int, batch: str) -> dict:
+    step()  # warm-up
+    extra = peak_extra_mb(step)
+    seconds = median_time(step, repeat=3, warmup=0)
+    print(f"  {method} {preset}: {seconds:.2f} s a step", flush=True)
+    return {
+        "method": method, "preset": preset, "accuracy_preset": accuracy_preset, "slice_size": cfg.slice_size,
+        "num_codes": cfg.num_codes, "features": list(cfg.features), "batch": batch, "step_s": seconds,
+        "step_peak_extra_mb": extra, "schedule_iterations": iterations,
+        "schedule_hours_here": seconds * iterations / 3600.0,
+    }
 
 
 # ------------------------------------------------------------------------- main
