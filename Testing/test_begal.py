@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from VQMedSegLib.active_learning.budget import Budget
-from VQMedSegLib.active_learning.pool import CaseInput, body_positions, build_pool
+from VQMedSegLib.active_learning.pool import CaseInput, body_positions, build_pool, target_case
 from VQMedSegLib.active_learning.strategies import (
     BOTH,
     DECODER,
@@ -35,7 +35,7 @@ def cases():
 
 @pytest.fixture(scope="module")
 def pool(cases):
-    inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
+    inputs = [target_case(c.case_id, c.ct, c.ct_label, c.mr) for c in cases]
     return build_pool(inputs, 32, (-160, 240), seed=0)
 
 
@@ -78,6 +78,20 @@ def test_budget_arithmetic():
 def test_kcenter_greedy_picks_far_points_first():
     cand = np.array([[0.0], [0.1], [5.0], [10.0], [10.1]])
     assert kcenter_greedy(cand, np.array([[0.0]]), 2) == [4, 2]
+
+
+def test_a_target_case_keeps_one_label_value_as_its_binary_oracle(cases):
+    """Liver is label 1 in the phantoms and in CHAOS; kidneys and spleen must not leak in."""
+    c = cases[0]
+    assert set(np.unique(c.ct_label.array)) > {0, 1}  # the phantom holds other organs too
+    case = target_case(c.case_id, c.ct, c.ct_label, c.mr)
+    assert case.case_id == c.case_id and case.ct is c.ct and case.mr is c.mr
+    assert case.label.array.dtype == np.uint8
+    np.testing.assert_array_equal(case.label.array, (c.ct_label.array == 1).astype(np.uint8))
+    np.testing.assert_array_equal(case.label.spacing, c.ct_label.spacing)
+    spleen = target_case(c.case_id, c.ct, c.ct_label, value=4)
+    assert spleen.mr is None
+    np.testing.assert_array_equal(spleen.label.array, (c.ct_label.array == 4).astype(np.uint8))
 
 
 def test_pairing_uses_relative_body_position_and_is_deterministic(cases):
@@ -214,7 +228,7 @@ def test_plateau_stops_queries_after_patience_rounds(config):
 
 def test_pool_can_live_in_memory_mapped_files(cases, pool, tmp_path):
     """The same pool, memory-mapped: RAM no longer grows with the number of slices."""
-    inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
+    inputs = [target_case(c.case_id, c.ct, c.ct_label, c.mr) for c in cases]
     mapped = build_pool(inputs, 32, (-160, 240), seed=0, storage=tmp_path)
     assert isinstance(mapped.ct, np.memmap) and isinstance(mapped.mr, np.memmap) and isinstance(mapped.labels, np.memmap)
     np.testing.assert_array_equal(mapped.ct, pool.ct)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from VQMedSegLib.active_learning.pool import CaseInput, build_pool
+from VQMedSegLib.active_learning.pool import build_pool, target_case
 from VQMedSegLib.config import begal_config_from_preset, vqseg_config_from_preset
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.models.quantizers import CosineVectorQuantizer
@@ -102,7 +102,7 @@ def test_the_begal_paper_network_takes_a_step_at_full_size():
     """256 x 256, K = 1,024, the paper preset's widths; batches cut to 2 to keep CI short."""
     cfg = begal_config_from_preset("paper", batch_size=2, unlabelled_batch=2)
     cases = make_dataset("phantom-liver", 1, seed=5, ct_shape=(12, 64, 64))
-    inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
+    inputs = [target_case(c.case_id, c.ct, c.ct_label, c.mr) for c in cases]
     pool = build_pool(inputs, cfg.slice_size, (-160, 240), seed=0)
     assert pool.ct.shape[-1] == 256
     torch.manual_seed(0)

@@ -372,14 +372,14 @@ def _vqseg_stepper(preset: str):
 
 
 def _begal_stepper(preset: str, rounds: int):
-    from VQMedSegLib.active_learning.pool import CaseInput, build_pool
+    from VQMedSegLib.active_learning.pool import build_pool, target_case
     from VQMedSegLib.config import begal_config_from_preset
     from VQMedSegLib.data.phantoms import make_dataset
     from VQMedSegLib.training.begal import Phase, PhaseTrainer, build_model
 
     cfg = begal_config_from_preset(preset)
     cases = make_dataset("phantom-liver", 1, seed=5, ct_shape=(24, 64, 64))
-    inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
+    inputs = [target_case(c.case_id, c.ct, c.ct_label, c.mr) for c in cases]
     pool = build_pool(inputs, cfg.slice_size, (-160, 240), seed=0)
     torch.manual_seed(0)
     trainer = PhaseTrainer(build_model(cfg), cfg, pool, torch.device("cpu"), seed=0)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from VQMedSegLib.active_learning.pool import CaseInput, build_pool
+from VQMedSegLib.active_learning.pool import build_pool, target_case
 from VQMedSegLib.active_learning.strategies import BOTH, DECODER, ENCODER
 from VQMedSegLib.config import begal_config_from_preset
 from VQMedSegLib.data.phantoms import make_dataset
@@ -25,7 +25,7 @@ def train_phases(seed: int = 0, iterations: int = 3, revive: float = 0.0) -> dic
     """Weights after ``iterations`` steps of each phase; no randomness but the batch draws
     (no augmentation, no dropout, CT only), so ranks and one process see the same batches."""
     cases = make_dataset("phantom-liver", 2, seed=5, ct_shape=(12, 48, 48))
-    inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8))) for c in cases]
+    inputs = [target_case(c.case_id, c.ct, c.ct_label) for c in cases]
     pool = build_pool(inputs, 32, (-160, 240), seed=0)
     config = begal_config_from_preset("tiny", batch_size=4, unlabelled_batch=2, augment=False, mr_dropout=0.0,
                                       decoder_dropout=0.0, seed=seed)

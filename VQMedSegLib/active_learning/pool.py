@@ -36,6 +36,14 @@ class CaseInput:
     mr: Volume | None = None
 
 
+def target_case(case_id: str, ct: Volume, label: Volume, mr: Volume | None = None, value: int = 1) -> CaseInput:
+    """A pool case whose oracle is the voxels of ``label`` equal to ``value``.
+
+    The default is the liver: label 1 in CHAOS and in the phantoms (``LIVER_LABELS``).
+    """
+    return CaseInput(case_id, ct, label.with_array((label.array == value).astype(np.uint8)), mr)
+
+
 @dataclass
 class SlicePool:
     """Arrays over all candidate CT slices (``N``) and all MR slices (``M``).

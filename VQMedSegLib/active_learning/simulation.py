@@ -24,7 +24,7 @@ from ..provenance import compute_environment, software_versions
 from ..tasks import get_task
 from ..training.begal import PhaseTrainer, build_model, case_dice, round_schedule
 from .budget import Budget
-from .pool import CaseInput, SlicePool, build_pool
+from .pool import SlicePool, build_pool, target_case
 from .strategies import BOTH, STRATEGIES, select
 
 log = logging.getLogger("vqmedseg")
@@ -50,7 +50,7 @@ def load_simulation_data(dataset: str, size: int, seed: int = 0, n_phantoms: int
         from ..data.phantoms import make_dataset
 
         cases = make_dataset("phantom-liver", n_phantoms, seed=1000)
-        inputs = [CaseInput(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), c.mr) for c in cases]
+        inputs = [target_case(c.case_id, c.ct, c.ct_label, c.mr) for c in cases]
         pool = build_pool(inputs, size, task.ct_window, seed=seed)
         return _case_split(pool, [c.case_id for c in cases], test_share=0.25,
                            what="phantom cases (paired CT/MR, liver)")
@@ -84,7 +84,7 @@ def _chaos_data(root: Path, size: int, seed: int) -> SimulationData:
     inputs = []
     for ref in ct_refs:
         image, label = load_case(ref)
-        inputs.append(CaseInput(ref.case_id, image, label.with_array((label.array == 1).astype(np.uint8)), None))
+        inputs.append(target_case(ref.case_id, image, label))
     extra_mr = []
     for ref in discover_cases(root / "chaos_mr_t2", modality="MR"):
         image, _ = load_case(ref)
@@ -114,7 +114,7 @@ def _folder_data(path: Path, size: int, seed: int) -> SimulationData:
     inputs = []
     for ref in ct_refs:
         image, label = load_case(ref)
-        inputs.append(CaseInput(ref.case_id, image, label.with_array((label.array == 1).astype(np.uint8)), None))
+        inputs.append(target_case(ref.case_id, image, label))
     extra = [(r.case_id, load_case(r)[0]) for r in mr_refs]
     pool = build_pool(inputs, size, task.ct_window, seed=seed, extra_mr=extra)
     return _case_split(pool, [c.case_id for c in inputs], test_share=0.2,
