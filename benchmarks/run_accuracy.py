@@ -411,9 +411,9 @@ def main(argv=None) -> int:
         plan[name] = (settings, run_file, reuse)
     to_run = [name for name, (_, _, reuse) in plan.items() if not reuse]
     if args.preset == "gpu" and to_run and device.type != "cuda" and args.device == "auto":
-        p.error(f"--preset gpu: no CUDA device found, and the papers' networks train at about 10 s (VQ-Seg) and 24 s "
-                f"(VQ-BEGAL) a step on a 2-core CPU, weeks for each of {', '.join(to_run)} (benchmarks/README.md); "
-                f"run on a GPU, or pass --device cpu to run on the CPU anyway")
+        p.error(f"--preset gpu: no CUDA device found, and on a CPU the papers' networks take seconds a training step, "
+                f"days to weeks for each of {', '.join(to_run)} (python benchmarks/run_speed.py --only presets measures "
+                f"this machine's pace); run on a GPU, or pass --device cpu to run on the CPU anyway")
     out.mkdir(parents=True, exist_ok=True)
     parts = {}
     for name, (settings, run_file, reuse) in plan.items():
