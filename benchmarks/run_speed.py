@@ -395,12 +395,9 @@ def bench_preset_steps() -> dict:
     out = {}
     # each library preset that a run_accuracy.py preset trains, with that preset's schedule
     for accuracy_preset, settings in ACCURACY_PRESETS.items():
-        for method, preset in (("vqseg", settings["ssl_preset"]), ("begal", settings["al_preset"])):
-            if method == "vqseg":
-                cfg, step, iterations, batch = _vqseg_stepper(preset)
-            else:
-                cfg, step, iterations, batch = _begal_stepper(preset, settings["rounds"])
-            out[f"{method}_{preset}"] = _time_step(method, preset, accuracy_preset, cfg, step, iterations, batch)
+        vqseg, begal = settings["ssl_preset"], settings["al_preset"]
+        out[f"vqseg_{vqseg}"] = _time_step("vqseg", vqseg, accuracy_preset, *_vqseg_stepper(vqseg))
+        out[f"begal_{begal}"] = _time_step("begal", begal, accuracy_preset, *_begal_stepper(begal, settings["rounds"]))
     return out
 
 
