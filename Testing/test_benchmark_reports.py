@@ -357,13 +357,31 @@ def test_speed_report_gives_each_presets_step_and_what_its_schedule_would_take_a
            "step_peak_extra_mb": None, "schedule_iterations": 100_000, "schedule_hours_here": 9.35 * 100_000 / 3600}
     quick = {**row, "preset": "quick", "accuracy_preset": "cpu", "slice_size": 128, "num_codes": 1024, "step_s": 0.4,
              "step_peak_extra_mb": 42.0, "schedule_iterations": 600, "schedule_hours_here": 0.4 * 600 / 3600}
-    result = {"sections": {"presets": {"vqseg_quick": quick, "vqseg_paper": row, "wall_seconds": 30.0}},
+    result = {"sections": {"presets": {"cpu_vqseg": quick, "gpu_vqseg": row, "wall_seconds": 30.0}},
               "environment": {"vqmedseg": "x", "torch": "x", "python": "3.11", "threads": 2, "cpu_count": 2,
                               "cpu_model": "a CPU", "cpu_capability": "AVX2", "cuda": False}}
     result["targets"] = run_speed.check_targets(result)
     report = run_speed.report(result)
     assert "| vqseg | quick | 128 | 1,024 | 8 labelled + 4 unlabelled | 0.40 | 42 | 600 iterations | 4 min |" in report
     assert "| vqseg | paper | 224 | 16,384 | 8 labelled + 4 unlabelled | 9.35 | n/a | 100,000 iterations | 10.8 days |" in report
+
+
+def test_the_presets_section_keeps_a_row_per_accuracy_preset_when_two_share_a_library_preset(monkeypatch):
+    import types
+
+    import run_speed
+
+    def stepper(preset, *rounds):
+        cfg = types.SimpleNamespace(slice_size=64, num_codes=8, features=(4, 8))
+        return cfg, lambda: None, 10, "1 labelled + 1 unlabelled"
+
+    shared = {"ssl_preset": "quick", "al_preset": "cpu", "initial": 8, "rounds": 2, "per_round": 4}
+    monkeypatch.setattr(run_accuracy, "PRESETS", {"cpu": shared, "cpu-long": {**shared, "rounds": 5}})
+    monkeypatch.setattr(run_speed, "_vqseg_stepper", stepper)
+    monkeypatch.setattr(run_speed, "_begal_stepper", stepper)
+    rows = run_speed.bench_preset_steps()
+    assert sorted((r["accuracy_preset"], r["method"], r["preset"]) for r in rows.values()) == [
+        ("cpu", "begal", "cpu"), ("cpu", "vqseg", "quick"), ("cpu-long", "begal", "cpu"), ("cpu-long", "vqseg", "quick")]
 
 
 def test_the_gpu_preset_is_refused_without_a_gpu_unless_the_cpu_is_asked_for(tmp_path, capsys, monkeypatch):

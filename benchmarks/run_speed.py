@@ -393,11 +393,12 @@ def bench_preset_steps() -> dict:
     from run_accuracy import PRESETS as ACCURACY_PRESETS  # a script of this folder
 
     out = {}
-    # each library preset that a run_accuracy.py preset trains, with that preset's schedule
+    # each library preset that a run_accuracy.py preset trains, with that preset's schedule;
+    # keyed by the accuracy preset, so two of them sharing a library preset keep a row each
     for accuracy_preset, settings in ACCURACY_PRESETS.items():
         vqseg, begal = settings["ssl_preset"], settings["al_preset"]
-        out[f"vqseg_{vqseg}"] = _time_step("vqseg", vqseg, accuracy_preset, *_vqseg_stepper(vqseg))
-        out[f"begal_{begal}"] = _time_step("begal", begal, accuracy_preset, *_begal_stepper(begal, settings["rounds"]))
+        out[f"{accuracy_preset}_vqseg"] = _time_step("vqseg", vqseg, accuracy_preset, *_vqseg_stepper(vqseg))
+        out[f"{accuracy_preset}_begal"] = _time_step("begal", begal, accuracy_preset, *_begal_stepper(begal, settings["rounds"]))
     return out
 
 
