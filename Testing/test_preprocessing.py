@@ -5,6 +5,7 @@ import pytest
 
 from VQMedSegLib.data.preprocessing import (
     ct_window,
+    extract_ct_slices,
     extract_label_slices,
     extract_slices,
     mr_normalize,
@@ -86,6 +87,32 @@ def test_chunked_transform_matches_transforming_the_whole_volume(size):
     extract_slices(vol, plan, transform=lambda a: seen.append(a.shape) or a, chunk=4)
     assert [s[0] for s in seen] == [4, 4, 3]
     assert arr.dtype == np.int16 and vol.array is arr  # the input is left as it was
+
+
+@pytest.mark.parametrize("size", [16, 32, 48])  # downsampled (area), padded only, upsampled (bilinear)
+def test_ct_slices_scaled_after_resizing_are_the_windowed_volumes_slices(size):
+    """extract_ct_slices clips first and scales once resized: the slices of the windowed
+    volume, padding included (the window's floor, 0), on a padded, permuted, flipped grid."""
+    rng = np.random.default_rng(4)
+    arr = rng.normal(40, 300, size=(9, 32, 11)).astype(np.int16)
+    vol = Volume(arr, direction=_permuted_flipped_direction())
+    plan = plan_slices(vol, size)
+    assert plan.square == 32 and plan.canonical_shape[1:] == (9, 32)  # rows are padded: 11 above, 12 below
+    window = (-160.0, 240.0)
+    expected = extract_slices(vol, plan, values=ct_window(arr, window))
+    for chunk in (1, 4, 64):
+        got = extract_ct_slices(vol, plan, window, chunk=chunk)
+        assert got.dtype == np.float32 and got.shape == (11, size, size)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert got.min() == 0.0 and got.max() <= 1.0
+    # what the clip stands for: clipped values, padded with the low end rather than 0
+    clipped = extract_slices(vol, plan_slices(vol, 32), clip=(-160.0, 240.0))
+    assert (clipped[:, :11] == -160.0).all() and (clipped[:, 20:] == -160.0).all()
+    inside = np.clip(extract_slices(vol, plan_slices(vol, 32))[:, 11:20], -160.0, 240.0)
+    assert inside.min() == -160.0 and inside.max() == 240.0  # the clip does clip
+    np.testing.assert_array_equal(clipped[:, 11:20], inside)
+    with pytest.raises(InputError, match="CT window"):
+        extract_ct_slices(vol, plan, (240.0, -160.0))
 
 
 def test_mapping_back_is_torchs_bilinear_resize_cropped(oblique_volume):

@@ -39,11 +39,16 @@ __all__ = [
 
 
 # --------------------------------------------------------------------- intensities
-def ct_window(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Clip HU to ``window = (lower, upper)`` and scale to ``[0, 1]`` (float32)."""
+def _window_bounds(window: tuple[float, float]) -> tuple[float, float]:
     lower, upper = float(window[0]), float(window[1])
     if not upper > lower:
         raise InputError(f"CT window {window}: expected lower < upper")
+    return lower, upper
+
+
+def ct_window(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Clip HU to ``window = (lower, upper)`` and scale to ``[0, 1]`` (float32)."""
+    lower, upper = _window_bounds(window)
     # torch runs the three passes in place, on every thread
     out = torch.from_numpy(np.array(array, dtype=np.float32))  # always a copy
     return out.sub_(lower).mul_(1.0 / (upper - lower)).clamp_(0.0, 1.0).numpy()
@@ -197,21 +202,18 @@ def plan_slices(volume: Volume, size: int) -> SlicePlan:
     )
 
 
-def _pad_resize(slices: np.ndarray, plan: SlicePlan, mode: str) -> np.ndarray:
-    """``[S, P, L]`` -> ``[S, size, size]``: centre zero-pad to a square, then resize.
-
-    The slices ride in MONAI's channel axis, so one 2-D transform handles them all.
-    """
+def _pad_resize_labels(slices: np.ndarray, plan: SlicePlan) -> np.ndarray:
+    """Label slices ``[S, P, L]`` -> ``[S, size, size]``: centre zero-pad to a square,
+    then nearest-neighbour resize. The slices ride in MONAI's channel axis."""
     padded = SpatialPad(spatial_size=(plan.square, plan.square), method="symmetric", mode="constant")(slices)
     if plan.square == plan.size:
         return np.asarray(padded)
-    # "area" (box-filter averaging) is itself the anti-aliasing for downsampling; an extra
-    # Gaussian (MONAI's anti_aliasing) would cost 20x the resize and blur more
-    resized = Resize(spatial_size=(plan.size, plan.size), mode=mode, anti_aliasing=False)(padded)
-    return np.asarray(resized)
+    return np.asarray(Resize(spatial_size=(plan.size, plan.size), mode="nearest", anti_aliasing=False)(padded))
 
 
-EXTRACT_CHUNK = 16  # slices resized at a time: 16 MB of float32 at 512 x 512
+# slices cast, clipped and resized at a time: 4 MB of float32 at 512 x 512 stays in cache
+# (23 ms for a 512 x 512 x 100 CT on 2 cores, against 27 and 30 ms at 8 and 16)
+EXTRACT_CHUNK = 4
 MAP_BACK_CHUNK = 8  # slices mapped back at a time (8 MB at 512 x 512; faster than 16 or 32 on 2 cores)
 
 
@@ -221,6 +223,7 @@ def extract_slices(
     values: np.ndarray | None = None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     chunk: int = EXTRACT_CHUNK,
+    clip: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Model slices ``[S, size, size]`` (float32) of ``values`` (default: the volume's array).
 
@@ -228,27 +231,58 @@ def extract_slices(
     voxel-wise ``transform`` (such as :func:`ct_window`) is instead applied to ``chunk``
     canonical slices at a time, just before they are resized: the result is the same as
     transforming the whole array first, without ever holding a full-resolution float
-    copy of it (100 MB for a 512 x 512 x 100 CT).
+    copy of it (100 MB for a 512 x 512 x 100 CT). ``clip = (low, high)`` clips the values
+    on the way, in place, and pads with ``low`` instead of 0.
+
+    Each chunk is cast straight into a reused float32 square that holds the padding, and
+    resized there with ``F.interpolate`` ("area" averaging to go down, bilinear to go
+    up: what MONAI's ``Resize`` calls, without the copies of its pad-then-resize pair).
     """
     arr = volume.array if values is None else values
     if arr.shape != plan.shape:
         raise InputError(f"extract_slices: array shape {arr.shape} does not match the plan's {plan.shape}")
     if int(chunk) < 1:
         raise InputError(f"extract_slices: chunk {chunk}: expected at least 1 slice")
+    chunk = int(chunk)
     canonical = _to_canonical(arr, plan.axis_for_lps, plan.sign_for_lps)  # a view
-    mode = "area" if plan.size < plan.square else "bilinear"
+    _, rows, cols = plan.canonical_shape
+    r0, c0 = (plan.square - rows) // 2, (plan.square - cols) // 2  # MONAI's symmetric padding
+    square = np.full((min(chunk, plan.n_slices), plan.square, plan.square), 0.0 if clip is None else clip[0], np.float32)
     out = np.empty((plan.n_slices, plan.size, plan.size), np.float32)
-    for start in range(0, plan.n_slices, int(chunk)):
-        part = canonical[start : start + int(chunk)]
+    for start in range(0, plan.n_slices, chunk):
+        part = canonical[start : start + chunk]
         if transform is not None:
             part = transform(part)
-        out[start : start + len(part)] = _pad_resize(np.ascontiguousarray(part, dtype=np.float32), plan, mode=mode)
+        n = len(part)
+        square[:n, r0 : r0 + rows, c0 : c0 + cols] = part  # cast in place; the padding stays
+        x = torch.from_numpy(square[:n])
+        if clip is not None:
+            x.clamp_(clip[0], clip[1])  # the padding already holds the low value
+        if plan.size < plan.square:
+            # "area" (box-filter averaging) is itself the anti-aliasing for downsampling;
+            # an extra Gaussian (MONAI's anti_aliasing) would cost 20x the resize and blur more
+            x = F.interpolate(x[None], size=(plan.size, plan.size), mode="area")[0]
+        elif plan.size > plan.square:
+            x = F.interpolate(x[None], size=(plan.size, plan.size), mode="bilinear", align_corners=False)[0]
+        out[start : start + n] = x.numpy()
     return out
 
 
-def extract_ct_slices(ct: Volume, plan: SlicePlan, window_hu: tuple[float, float]) -> np.ndarray:
-    """Model slices of a CT in HU, windowed by :func:`ct_window` a chunk at a time."""
-    return extract_slices(ct, plan, transform=lambda part: ct_window(part, window_hu))
+def extract_ct_slices(
+    ct: Volume, plan: SlicePlan, window_hu: tuple[float, float], chunk: int = EXTRACT_CHUNK
+) -> np.ndarray:
+    """Model slices of a CT in HU, windowed by :func:`ct_window`.
+
+    The HU are clipped to the window a chunk at a time and scaled to ``[0, 1]`` only once
+    resized: averaging and bilinear weights sum to 1, so scaling after the resize gives
+    the slices of the windowed volume (to float rounding, 1e-7), with two fewer passes
+    over the full-resolution voxels.
+    """
+    lower, upper = _window_bounds(window_hu)
+    hu = extract_slices(ct, plan, chunk=chunk, clip=(lower, upper))
+    hu -= lower
+    hu *= 1.0 / (upper - lower)
+    return np.clip(hu, 0.0, 1.0, out=hu)
 
 
 def extract_label_slices(label: Volume | np.ndarray, plan: SlicePlan) -> np.ndarray:
@@ -257,7 +291,7 @@ def extract_label_slices(label: Volume | np.ndarray, plan: SlicePlan) -> np.ndar
     if arr.shape != plan.shape:
         raise InputError(f"label shape {arr.shape} does not match the image's {plan.shape}")
     canonical = np.ascontiguousarray(_to_canonical(arr.astype(np.float32), plan.axis_for_lps, plan.sign_for_lps))
-    return np.rint(_pad_resize(canonical, plan, mode="nearest")).astype(np.int64)
+    return np.rint(_pad_resize_labels(canonical, plan)).astype(np.int64)
 
 
 def slices_to_volume(
