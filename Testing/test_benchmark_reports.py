@@ -346,6 +346,20 @@ def test_speed_benchmark_writes_its_figures_with_the_machine_they_were_measured_
     assert "assignment, qpm, pool, inference, training" in wrong.stderr and not (tmp_path / "x").exists()
 
 
+def test_the_inference_section_is_measured_in_a_fresh_process_of_its_own():
+    """A section run fresh comes back from another process, marked as such; a child that
+    fails says which section and why."""
+    import os
+
+    import run_speed
+
+    assert run_speed.FRESH_PROCESS_SECTIONS == ("inference",)
+    section = run_speed.section_in_fresh_process("training", threads=1)  # the cheapest section
+    assert section["process"] == "fresh" and section["pid"] != os.getpid() and section["vqseg_step_s"] > 0
+    with pytest.raises(RuntimeError, match="(?s)section 'trainng' in a fresh process failed .*unknown section 'trainng'"):
+        run_speed.section_in_fresh_process("trainng", threads=1)
+
+
 def test_speed_report_gives_each_presets_step_and_what_its_schedule_would_take_at_that_pace():
     import run_speed
 
