@@ -126,3 +126,55 @@ def test_cpu_presets_bound_the_foundation_feature_pass_and_the_paper_preset_uses
     for preset in ("tiny", "quick", "cpu"):
         assert 0 < vqseg_config_from_preset(preset).pfa_slices <= 96, preset
     assert vqseg_config_from_preset("paper").pfa_slices == 0  # all of them, as in the paper
+
+
+def _square_slices(n: int = 3) -> np.ndarray:
+    """``n`` copies of a 32 x 32 slice: background 0.2, a bright square off the centre."""
+    x = np.full((n, 1, 32, 32), 0.2, np.float32)
+    x[:, :, 4:13, 6:15] = 0.9
+    return x
+
+
+def _centroid(img: torch.Tensor) -> np.ndarray:
+    """Centroid of the bright square (pixels above the halfway level)."""
+    a = img.squeeze().numpy()
+    ys, xs = np.nonzero(a > (a.min() + a.max()) / 2)
+    return np.array([ys.mean(), xs.mean()])
+
+
+def _trainer(strong: bool) -> VQSegTrainer:
+    ux = _square_slices()
+    cfg = VQSegConfig(slice_size=32, features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, iterations=4,
+                      labelled_batch=2, unlabelled_batch=1, warmup_supervised=1, use_pfa=False, strong_augment=strong)
+    return VQSegTrainer(cfg, ux, (ux[:, 0] > 0.5).astype(np.int64), ux, None, fm_channels=0, device=torch.device("cpu"))
+
+
+def test_unlabelled_slices_are_rotated_and_the_students_strong_view_gets_colour_jitter_and_blur():
+    """The paper (section 4.1): random rotation, colour jittering and CutMix for unlabelled
+    data. With one unlabelled slice a step, CutMix pastes the slice into itself, so the
+    strong view is the weak view with the intensity changes alone."""
+    trainer = _trainer(strong=True)
+    original = _centroid(torch.as_tensor(_square_slices(1)[0]))
+    moved, jittered = 0, 0
+    for _ in range(12):
+        u = trainer.unlabelled_batch()
+        if np.abs(_centroid(u.x[0]) - original).max() > 1.0:
+            moved += 1
+        # the strong view keeps the weak view's geometry, so its pseudo-label still fits it
+        assert torch.equal(u.y_mix, u.pseudo)
+        np.testing.assert_allclose(_centroid(u.x_mix[0]), _centroid(u.x[0]), atol=0.75)
+        assert np.corrcoef(u.x_mix.flatten().numpy(), u.x.flatten().numpy())[0, 1] > 0.8
+        # clipped to the weak view's range, as colour jitter on an 8-bit image is
+        assert u.x.min() - 1e-6 <= u.x_mix.min() and u.x_mix.max() <= u.x.max() + 1e-6
+        if (u.x_mix - u.x).abs().max() > 0.05:
+            jittered += 1
+    assert moved >= 4 and jittered >= 6
+
+
+def test_without_strong_augmentation_unlabelled_views_keep_their_geometry_and_the_cutmix_view_its_intensities():
+    trainer = _trainer(strong=False)
+    original = _centroid(torch.as_tensor(_square_slices(1)[0]))
+    for _ in range(6):
+        u = trainer.unlabelled_batch()
+        np.testing.assert_allclose(_centroid(u.x[0]), original, atol=1e-6)
+        assert torch.equal(u.x_mix, u.x)

@@ -292,6 +292,9 @@ class VQSegConfig(JsonConfig):
     foreground_fraction: float = 0.5
     unlabelled_batch: int = 4
     augment: bool = True  # weak geometric and intensity augmentation of the labelled slices
+    # the paper's augmentation of unlabelled data: random rotation (with scaling and
+    # translation) before the teacher, colour jitter and blur on the student's CutMix view
+    strong_augment: bool = False
     backbone_lr: float = 1e-3
     head_lr_factor: float = 2.0
     weight_decay: float = 1e-4

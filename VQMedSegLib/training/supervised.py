@@ -32,19 +32,15 @@ from .slices import SliceSet, labelled_signature, load_labelled_slices
 METHOD = "supervised"
 
 
+# mild rotation, scaling and translation (no left-right flips: anatomy is not symmetric)
+AFFINE = {"prob": 0.7, "rotate_range": (0.2,), "scale_range": (0.12, 0.12), "translate_range": (8, 8), "padding_mode": "zeros"}
+
+
 def augmentation(seed: int) -> Compose:
-    """Mild geometric and intensity augmentation (no left-right flips: anatomy is not symmetric)."""
+    """Mild geometric and intensity augmentation of labelled slices (:data:`AFFINE`)."""
     t = Compose(
         [
-            RandAffined(
-                keys=("image", "label"),
-                prob=0.7,
-                rotate_range=(0.2,),
-                scale_range=(0.12, 0.12),
-                translate_range=(8, 8),
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-            ),
+            RandAffined(keys=("image", "label"), mode=("bilinear", "nearest"), **AFFINE),
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.3),
             RandShiftIntensityd(keys="image", offsets=0.05, prob=0.3),
             RandGaussianNoised(keys="image", std=0.02, prob=0.3),

@@ -11,6 +11,13 @@ slices (paper: 8 + 4):
   learns it from its QPM-perturbed codes and from a CutMix strong view (a box of another
   unlabelled slice pasted in, with its own pseudo-label pasted likewise), plus the L1
   reconstruction of ``x_u``: ``L_u = L1 + CE(QPM view) + CE(CutMix view)``.
+  With ``strong_augment`` (the paper's "random rotation, color jittering, and CutMix"
+  for unlabelled data, as in UniMatch), the unlabelled slices are first rotated, scaled
+  and shifted like the labelled ones (the teacher and the student see the same
+  geometry), and the CutMix view is built from strong views: brightness and contrast
+  jitter (x 0.5-1.5, probability 0.8, torchvision's ``ColorJitter(0.5, 0.5)`` on a
+  greyscale slice), Gaussian blur (sigma 0.1-2, probability 0.5), clipped to the weak
+  view's range. Intensity changes keep the geometry, so the pseudo-labels still fit.
 * PFA (eq. 11): the quantised features of ``pfa_batch`` unlabelled slices (intensity
   jitter only, no geometric change), adapted to the foundation model's grid, against
   that model's features of the same slices. The foundation model is slow on a CPU
@@ -43,14 +50,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
 from monai.losses import DiceLoss
-from monai.transforms import Compose, RandScaleIntensityd, RandShiftIntensityd
+from monai.transforms import (Compose, RandAffined, RandGaussianSmoothd, RandScaleIntensityd, RandScaleIntensityFixedMeand,
+                              RandShiftIntensityd)
 
 from ..config import VQSegConfig
 from ..errors import InputError
 from ..models.vqseg import VQSegNet, patch_info_nce
 from .distributed import SINGLE, DistInfo, shard
 from .slices import SliceSet
-from .supervised import BatchSampler, augmentation, make_batch
+from .supervised import AFFINE, BatchSampler, augmentation, make_batch
 
 
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
@@ -73,6 +81,15 @@ def cutmix_boxes(batch: int, size: int, rng: np.random.Generator, area: tuple[fl
         y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
         masks[b, :, y : y + h, x : x + w] = 1
     return masks
+
+
+def strong_intensity(seed: int) -> Compose:
+    """UniMatch's strong view of a greyscale slice: brightness and contrast jitter, blur."""
+    t = Compose([RandScaleIntensityd(keys="image", factors=0.5, prob=0.8),
+                 RandScaleIntensityFixedMeand(keys="image", factors=0.5, prob=0.8),
+                 RandGaussianSmoothd(keys="image", sigma_x=(0.1, 2.0), sigma_y=(0.1, 2.0), prob=0.5)])
+    t.set_random_state(seed=seed)
+    return t
 
 
 def cutmix(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +227,11 @@ class VQSegTrainer:
         self.weak = augmentation(config.seed + dist_info.rank) if config.augment else None
         self.intensity = Compose([RandScaleIntensityd(keys="image", factors=0.1, prob=0.5), RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)])
         self.intensity.set_random_state(seed=config.seed + 1 + dist_info.rank)
+        self.geometric = self.strong = None
+        if config.strong_augment:
+            self.geometric = RandAffined(keys="image", mode="bilinear", **AFFINE)
+            self.geometric.set_random_state(seed=config.seed + 2 + dist_info.rank)
+            self.strong = strong_intensity(config.seed + 3 + dist_info.rank)
         self.iteration = 0
         self.objective = VQSegObjective(self.student, config)
         self.step_loss: nn.Module = self.objective
@@ -226,9 +248,25 @@ class VQSegTrainer:
         x, y = make_batch(self.sampler.data, shard(self.sampler.indices(), self.info), self.weak)
         return x.to(self.device), y[:, 0].to(self.device)
 
-    def _intensity_view(self, idx: np.ndarray) -> torch.Tensor:
-        xs = [np.asarray(self.intensity({"image": self.ux[i]})["image"], np.float32) for i in idx]
+    def _intensity_view(self, idx: np.ndarray, geometric: bool = False) -> torch.Tensor:
+        """Intensity-jittered unlabelled slices; with ``geometric`` (and ``strong_augment``)
+        also rotated, scaled and shifted. The PFA batch never is: its cached foundation
+        features are of the slices as stored."""
+        xs = []
+        for i in idx:
+            item = {"image": self.ux[i]}
+            if geometric and self.geometric is not None:
+                item = self.geometric(item)
+            xs.append(np.asarray(self.intensity(item)["image"], np.float32))
         return torch.as_tensor(np.stack(xs), device=self.device)
+
+    def _strong_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Each slice's strong view, clipped to its weak view's range."""
+        out = []
+        for s in x.cpu().numpy():
+            v = np.asarray(self.strong({"image": s})["image"], np.float32)
+            out.append(np.clip(v, s.min(), s.max()))
+        return torch.as_tensor(np.stack(out), device=self.device)
 
     def alignment_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``pfa_batch`` unlabelled slices whose foundation features are cached, and those features."""
@@ -238,14 +276,14 @@ class VQSegTrainer:
     def unlabelled_batch(self) -> UnlabelledViews:
         """The teacher's pseudo-labels of ``unlabelled_batch`` slices and their CutMix view."""
         cfg = self.cfg
-        x_u = self._intensity_view(shard(self.rng.integers(0, len(self.ux), cfg.unlabelled_batch), self.info))
+        x_u = self._intensity_view(shard(self.rng.integers(0, len(self.ux), cfg.unlabelled_batch), self.info), geometric=True)
         with torch.no_grad():
             probs = torch.softmax(self.teacher(x_u, reconstruct=False).logits, dim=1)
             conf, pseudo = probs.max(1)
             weight = (conf >= cfg.confidence_threshold).float()
         perm = torch.as_tensor(self.rng.permutation(len(x_u)), device=self.device)
         masks = cutmix_boxes(len(x_u), x_u.shape[-1], self.rng).to(self.device)
-        x_a, y_a = cutmix(x_u, pseudo, masks, perm)
+        x_a, y_a = cutmix(self._strong_view(x_u) if self.strong is not None else x_u, pseudo, masks, perm)
         w_a = torch.where(masks[:, 0].bool(), weight[perm], weight)
         return UnlabelledViews(x_u, pseudo, weight, x_a, y_a, w_a)
 
