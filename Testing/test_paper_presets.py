@@ -50,6 +50,9 @@ def test_the_vqseg_paper_preset_holds_the_settings_the_paper_states():
     assert cfg.pfa_slices == 0  # the foundation features of every unlabelled slice
     assert cfg.pfa_grid == 224 // 14  # DINOv2's patch grid at 224 x 224
     assert cfg.augment
+    # section 4.2: "random rotation, color jittering, and CutMix-based strong perturbations
+    # for unlabeled data"
+    assert cfg.strong_augment
     # the differences benchmarks/README.md names: a backbone trained from scratch takes a
     # larger learning rate than the paper's pretrained one (5e-6), and the labelled loss
     # adds Dice to the paper's cross-entropy

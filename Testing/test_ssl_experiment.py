@@ -405,3 +405,14 @@ def test_chaos_mr_cases_load_as_mr_without_a_guess(caplog):
         data = load_cases("chaos-mr")
     assert len(data.cases) == 20 and {c.modality for c in data.cases} == {"MR"}
     assert "modality not given" not in caplog.text
+
+
+def test_strong_augment_is_switched_on_from_the_command_line_and_recorded(tmp_path):
+    folder = _liver_folder(tmp_path / "data", 4, seed=7, shape=(8, 32, 32))
+    common = ("ssl", "--dataset", folder, "--seeds", "1", "--preset", "tiny", "--iterations", "2", "--methods", "vqseg",
+              "--foundation", "none")
+    for argv, expected in (((), False), (("--strong-augment",), True)):
+        out = tmp_path / f"out-{expected}"
+        run_main(*common, *argv, "--out", out)
+        run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        assert run["config"]["strong_augment"] is expected and run["preset"] == "tiny"

@@ -351,7 +351,8 @@ VQSEG_PRESETS: dict[str, dict[str, Any]] = {
             "warmup_supervised": 200, "rampup": 800, "confidence_threshold": 0.95, "pfa_slices": 96},
     # the paper's setting for a GPU: 224 x 224, K = 16,384, 8 + 4 per batch
     "paper": {"slice_size": 224, "features": (32, 64, 128, 256, 512), "code_dim": 256, "num_codes": 16384,
-              "iterations": 100000, "warmup_supervised": 1000, "backbone_lr": 1e-4, "head_lr_factor": 40.0},
+              "iterations": 100000, "warmup_supervised": 1000, "backbone_lr": 1e-4, "head_lr_factor": 40.0,
+              "strong_augment": True},
 }
 
 

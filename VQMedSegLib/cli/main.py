@@ -337,7 +337,7 @@ def cmd_ssl(args) -> int:
     device = resolve_device(args.device)
     config = VQSegConfig.load(args.config) if args.config else vqseg_config_from_preset(
         args.preset, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
-        dropout_rate=args.dropout_rate)
+        dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, Path(args.out), device,
                       preset=args.preset if not args.config else "custom", validation_patients=args.validation_patients,
@@ -507,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--foundation", default=None, help="litemedsam (default), dinov2:PATH, or none")
     ss.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None)
     ss.add_argument("--dropout-rate", type=float, default=None)
+    ss.add_argument("--strong-augment", action="store_true",
+                    help="the paper's augmentation of unlabelled slices: rotation before the teacher, colour jitter and blur "
+                         "on the student's CutMix view (on in the paper preset)")
     ss.add_argument("--validation-patients", type=int, default=0,
                     help="hold out the last N training patients (sorted); each row is tested with its weights of best validation Dice")
     ss.add_argument("--validate-every", type=int, default=0,
