@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from VQMedSegLib.config import TrainConfig, train_config_from_preset
+from VQMedSegLib.config import PRESETS, TrainConfig, config_from_preset, train_config_from_preset
 from VQMedSegLib.errors import ConfigError
 from VQMedSegLib.jobs.events import EventLog, read_events
 
@@ -35,6 +35,32 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="c.json: not valid JSON"):
         TrainConfig.load(bad)
+
+
+def test_a_config_file_is_laid_over_the_preset_and_options_over_both(tmp_path):
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"iterations": 7, "learning_rate": 0.01}), encoding="utf-8")
+    config = config_from_preset(TrainConfig, PRESETS, "tiny", {"iterations": 9, "seed": None}, config_file=path)
+    # the file's keys replace the preset's, the options the file's; the rest is the preset
+    assert config == train_config_from_preset("tiny").replace(iterations=9, learning_rate=0.01)
+    assert config_from_preset(TrainConfig, PRESETS, "standard", {}, config_file=path) == \
+        train_config_from_preset("standard").replace(iterations=7, learning_rate=0.01)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"iteratoins": 3}, "partial.json: unknown key.*'iteratoins'"),
+        ({"iterations": "many"}, "partial.json: config key 'iterations': found str 'many', expected an integer"),
+        ({"slice_size": 100}, "partial.json: config key 'slice_size': found 100, expected a multiple of 16"),
+        ([1, 2], "partial.json: found list, expected a JSON object"),
+    ],
+)
+def test_errors_in_a_config_file_laid_over_a_preset_name_the_file(tmp_path, data, message):
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        config_from_preset(TrainConfig, PRESETS, "tiny", {}, config_file=path)
 
 
 def test_events_are_numbered_and_gaps_and_truncation_are_reported(tmp_path):

@@ -219,6 +219,20 @@ def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
             "iterations", "expected an integer", code=2)
 
 
+def test_train_lays_its_config_file_over_the_preset_and_its_options_over_both(ws_with_case, tmp_path):
+    from VQMedSegLib.config import train_config_from_preset
+
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[2:6, 8:16, 8:16] = 1
+    annotate(ws_with_case, tmp_path, label, check=True)
+    (tmp_path / "partial.json").write_text(json.dumps({"learning_rate": 0.01, "iterations": 50}), encoding="utf-8")
+    run_main("train", "--workspace", ws_with_case, "--preset", "tiny", "--config", tmp_path / "partial.json",
+             "--iterations", "2", "--seed", "5", "--device", "cpu")
+    ws = Workspace.open(ws_with_case)
+    ckpt = torch.load(ws.root / ws.latest_model()["path"], map_location="cpu", weights_only=True)
+    assert ckpt["config"] == train_config_from_preset("tiny", learning_rate=0.01, iterations=2, seed=5).to_json()
+
+
 def test_workspace_from_a_newer_format(ws_with_case):
     state = json.loads((ws_with_case / "state.json").read_text())
     state["format_version"] = 99

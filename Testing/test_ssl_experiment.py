@@ -416,3 +416,15 @@ def test_strong_augment_is_switched_on_from_the_command_line_and_recorded(tmp_pa
         run_main(*common, *argv, "--out", out)
         run = json.loads((out / "run.json").read_text(encoding="utf-8"))
         assert run["config"]["strong_augment"] is expected and run["preset"] == "tiny"
+
+
+def test_a_config_file_is_laid_over_the_preset_and_command_line_options_over_both(tmp_path):
+    folder = _liver_folder(tmp_path / "data", 4, seed=7, shape=(8, 32, 32))
+    config = tmp_path / "partial.json"
+    config.write_text(json.dumps({"num_codes": 32, "iterations": 50}), encoding="utf-8")
+    out = tmp_path / "out"
+    run_main("ssl", "--dataset", folder, "--seeds", "1", "--preset", "tiny", "--config", config, "--iterations", "2",
+             "--strong-augment", "--methods", "vqseg", "--foundation", "none", "--out", out)
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    expected = vqseg_config_from_preset("tiny", num_codes=32, iterations=2, strong_augment=True, foundation="none")
+    assert run["config"] == expected.to_json() and run["preset"] == "tiny + partial.json"

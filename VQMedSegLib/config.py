@@ -78,19 +78,29 @@ class JsonConfig:
         return out
 
     @classmethod
-    def from_json(cls: type[T], data: dict, *, source: str = "config") -> T:
+    def checked(cls, data: Any, *, source: str | None = None) -> dict[str, Any]:
+        """``data``'s settings, each of its field's type; an error names ``source``."""
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: found {type(data).__name__}, expected a JSON object")
+            raise ConfigError(f"{source or 'config'}: found {type(data).__name__}, expected a JSON object")
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; expected some of {', '.join(sorted(names))}")
-        values = {k: _check_type(k, v, hints[k]) for k, v in data.items()}
-        obj = cls(**values)  # type: ignore[call-arg]
+            raise ConfigError(f"{source or 'config'}: unknown key(s) {', '.join(map(repr, unknown))}; expected some of {', '.join(sorted(names))}")
+        try:
+            return {k: _check_type(k, v, hints[k]) for k, v in data.items()}
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+
+    @classmethod
+    def from_json(cls: type[T], data: dict, *, source: str | None = None) -> T:
+        obj = cls(**cls.checked(data, source=source))  # type: ignore[attr-defined, call-arg]
         validate = getattr(obj, "validate", None)
         if validate:
-            validate()
+            try:
+                validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
         return obj
 
     @classmethod
@@ -151,12 +161,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def config_from_preset(cls: type[T], presets: dict[str, dict[str, Any]], preset: str, overrides: dict[str, Any]) -> T:
-    """``cls`` built from a named preset; overrides that are ``None`` are ignored."""
+def config_from_preset(cls: type[T], presets: dict[str, dict[str, Any]], preset: str, overrides: dict[str, Any],
+                       config_file: str | Path | None = None) -> T:
+    """``cls`` in three layers: the named preset, then the keys of the JSON file
+    ``config_file`` (when given), then the ``overrides`` that are not ``None``."""
     if preset not in presets:
         raise ConfigError(f"preset {preset!r}: expected one of {', '.join(presets)}")
-    data = {**presets[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return cls.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=f"preset {preset!r}")  # type: ignore[attr-defined]
+    data = dict(presets[preset])
+    source = f"preset {preset!r}"
+    if config_file is not None:
+        path = Path(config_file)
+        data.update(cls.checked(read_json(path, ConfigError, expected=f"a JSON object of {cls.__name__} settings"),  # type: ignore[attr-defined]
+                                source=f"config file {path}"))
+        source = f"preset {preset!r} with config file {path}"
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return cls.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=source)  # type: ignore[attr-defined]
 
 
 def check_values(checks: list[tuple[bool, str, Any, str]]) -> None:
@@ -166,8 +185,9 @@ def check_values(checks: list[tuple[bool, str, Any, str]]) -> None:
             raise ConfigError(f"config key {key!r}: found {value!r}, expected {expected}")
 
 
-def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
-    return config_from_preset(TrainConfig, PRESETS, preset, overrides)
+def train_config_from_preset(preset: str, config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """The preset, the JSON file ``config_file`` laid over it, and ``overrides`` (not ``None``) over both."""
+    return config_from_preset(TrainConfig, PRESETS, preset, overrides, config_file)
 
 
 @dataclass
@@ -249,8 +269,9 @@ BEGAL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def begal_config_from_preset(preset: str, **overrides: Any) -> BEGALConfig:
-    return config_from_preset(BEGALConfig, BEGAL_PRESETS, preset, overrides)
+def begal_config_from_preset(preset: str, config_file: str | Path | None = None, **overrides: Any) -> BEGALConfig:
+    """The preset, the JSON file ``config_file`` laid over it, and ``overrides`` (not ``None``) over both."""
+    return config_from_preset(BEGALConfig, BEGAL_PRESETS, preset, overrides, config_file)
 
 
 @dataclass
@@ -356,5 +377,6 @@ VQSEG_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def vqseg_config_from_preset(preset: str, **overrides: Any) -> VQSegConfig:
-    return config_from_preset(VQSegConfig, VQSEG_PRESETS, preset, overrides)
+def vqseg_config_from_preset(preset: str, config_file: str | Path | None = None, **overrides: Any) -> VQSegConfig:
+    """The preset, the JSON file ``config_file`` laid over it, and ``overrides`` (not ``None``) over both."""
+    return config_from_preset(VQSegConfig, VQSEG_PRESETS, preset, overrides, config_file)

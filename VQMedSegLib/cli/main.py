@@ -239,12 +239,10 @@ def cmd_workspace_status(args) -> int:
 
 
 def _begal_config(args):
-    from ..config import BEGALConfig, begal_config_from_preset
+    from ..config import begal_config_from_preset
 
-    if getattr(args, "config", None):
-        return BEGALConfig.load(args.config)
     preset = args.preset if args.preset in ("tiny", "quick", "cpu", "paper") else "quick"
-    return begal_config_from_preset(preset, seed=getattr(args, "seed", None))
+    return begal_config_from_preset(preset, args.config, seed=getattr(args, "seed", None))
 
 
 def cmd_train(args) -> int:
@@ -255,11 +253,11 @@ def cmd_train(args) -> int:
     ws = Workspace.open(args.workspace)
     device = resolve_device(args.device)
     if args.method == "supervised":
-        from ..config import TrainConfig, train_config_from_preset
+        from ..config import train_config_from_preset
         from ..training.supervised import train_supervised
 
         preset = args.preset if args.preset in ("tiny", "quick", "standard") else "quick"
-        config = TrainConfig.load(args.config) if args.config else train_config_from_preset(preset, iterations=args.iterations, seed=args.seed)
+        config = train_config_from_preset(preset, args.config, iterations=args.iterations, seed=args.seed)
         run = train_supervised
     elif args.method == "begal":
         from ..active_learning.rounds import train_round
@@ -268,12 +266,11 @@ def cmd_train(args) -> int:
         run = train_round
     elif args.method == "vqseg":
         from ..config import vqseg_config_from_preset
-        from ..config import VQSegConfig
         from ..training.vqseg_workspace import train_vqseg
 
         preset = args.preset if args.preset in ("tiny", "quick", "cpu", "paper") else "quick"
-        config = VQSegConfig.load(args.config) if args.config else vqseg_config_from_preset(
-            preset, iterations=args.iterations, seed=args.seed, perturbation=args.perturbation,
+        config = vqseg_config_from_preset(
+            preset, args.config, iterations=args.iterations, seed=args.seed, perturbation=args.perturbation,
             dropout_rate=args.dropout_rate, foundation=args.foundation)
         run = train_vqseg
     else:
@@ -315,16 +312,21 @@ def cmd_query(args) -> int:
     return 0
 
 
+def _preset_label(args) -> str:
+    """The preset as an experiment records it: ``quick``, or ``quick + FILE`` with a config file laid over it."""
+    return f"{args.preset} + {Path(args.config).name}" if args.config else args.preset
+
+
 def cmd_simulate(args) -> int:
     from ..active_learning.simulation import simulate
-    from ..config import BEGALConfig, begal_config_from_preset
+    from ..config import begal_config_from_preset
     from ..device import resolve_device
 
     device = resolve_device(args.device)
-    config = BEGALConfig.load(args.config) if args.config else begal_config_from_preset(args.preset)
+    config = begal_config_from_preset(args.preset, args.config)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     results = simulate(args.dataset, strategies, args.rounds, args.per_round, _seed_list(args), config, Path(args.out),
-                       device, initial=args.initial, preset=args.preset if not args.config else "custom")
+                       device, initial=args.initial, preset=_preset_label(args))
     return _report_experiment(args, results)
 
 
@@ -332,15 +334,14 @@ def cmd_ssl(args) -> int:
     from ..config import vqseg_config_from_preset
     from ..device import resolve_device
     from ..training.ssl_experiment import run_ssl
-    from ..config import VQSegConfig
 
     device = resolve_device(args.device)
-    config = VQSegConfig.load(args.config) if args.config else vqseg_config_from_preset(
-        args.preset, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
+    config = vqseg_config_from_preset(
+        args.preset, args.config, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, Path(args.out), device,
-                      preset=args.preset if not args.config else "custom", validation_patients=args.validation_patients,
+                      preset=_preset_label(args), validation_patients=args.validation_patients,
                       validate_every=args.validate_every, test_list=Path(args.test_list) if args.test_list else None)
     return _report_experiment(args, results)
 
@@ -457,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="supervised: the U-Net baseline; begal: one VQ-BEGAL round; vqseg: VQ-Seg semi-supervised")
     tr.add_argument("--preset", default="quick", choices=["tiny", "quick", "standard", "cpu", "paper"],
                     help="supervised: tiny, quick, standard; begal and vqseg: tiny, quick, cpu, paper")
-    tr.add_argument("--config", help="JSON configuration (overrides the preset)")
+    tr.add_argument("--config", help="JSON settings laid over the preset; the options given here win over both")
     tr.add_argument("--iterations", type=int, help="supervised and vqseg: training iterations")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--validation-cases", help="comma-separated annotated cases used only for validation")
@@ -473,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--n", type=int, default=50, help="slices to suggest (BEGAL: half high-, half low-uncertainty)")
     qu.add_argument("--budget", type=int, help="total slices that may be annotated (stored in the workspace)")
     qu.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
-    qu.add_argument("--config", help="JSON VQ-BEGAL configuration")
+    qu.add_argument("--config", help="JSON VQ-BEGAL settings laid over the preset; the options given here win over both")
     qu.add_argument("--seed", type=int)
     qu.add_argument("--force", action="store_true", help="suggest even when validation Dice has plateaued")
     qu.add_argument("--json", action="store_true")
@@ -488,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--initial", type=int, help="random initial slices (default: --per-round)")
     _seed_args(si, 2)
     si.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
-    si.add_argument("--config", help="JSON VQ-BEGAL configuration (overrides the preset)")
+    si.add_argument("--config", help="JSON VQ-BEGAL settings laid over the preset; the options given here win over both")
     si.add_argument("--out", required=True)
     si.add_argument("--json", action="store_true")
     device_arg(si)
@@ -502,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "vqseg-nopfa, vqseg-dropout, vqseg-labelled (VQ-Seg's network on the labelled slices alone)")
     _seed_args(ss, 2, " (to spread one experiment over processes or machines; gather the folders with ssl-merge)")
     ss.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
-    ss.add_argument("--config", help="JSON VQ-Seg configuration (overrides the preset)")
+    ss.add_argument("--config", help="JSON VQ-Seg settings laid over the preset; the options given here win over both")
     ss.add_argument("--iterations", type=int)
     ss.add_argument("--foundation", default=None, help="litemedsam (default), dinov2:PATH, or none")
     ss.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None)
