@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from VQMedSegLib.models.vqseg import MappedEuclideanQuantizer, VQSegNet, patch_info_nce
+from VQMedSegLib.training.distributed import DistInfo
 from VQMedSegLib.training.vqseg import VQSegConfig, VQSegTrainer, cutmix, cutmix_boxes, ema_update
 
 
@@ -142,11 +143,28 @@ def _centroid(img: torch.Tensor) -> np.ndarray:
     return np.array([ys.mean(), xs.mean()])
 
 
-def _trainer(strong: bool) -> VQSegTrainer:
+def _trainer(strong: bool, rank: int = 0) -> VQSegTrainer:
     ux = _square_slices()
     cfg = VQSegConfig(slice_size=32, features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, iterations=4,
                       labelled_batch=2, unlabelled_batch=1, warmup_supervised=1, use_pfa=False, strong_augment=strong)
-    return VQSegTrainer(cfg, ux, (ux[:, 0] > 0.5).astype(np.int64), ux, None, fm_channels=0, device=torch.device("cpu"))
+    return VQSegTrainer(cfg, ux, (ux[:, 0] > 0.5).astype(np.int64), ux, None, fm_channels=0, device=torch.device("cpu"),
+                        dist_info=DistInfo(rank=rank))
+
+
+def test_every_rank_draws_its_own_augmentation_streams():
+    """Four streams a rank (weak, intensity, geometric, strong): under torchrun no stream
+    of one rank may start where another rank's does, and rank 0 keeps single-process seeds."""
+    def states(trainer):
+        return [tuple(t.R.get_state()[1][:8]) for t in (trainer.weak, trainer.intensity, trainer.geometric, trainer.strong)]
+
+    ranks = [states(_trainer(strong=True, rank=r)) for r in range(3)]
+    every = [s for streams in ranks for s in streams]
+    assert len(set(every)) == len(every) == 12
+    from VQMedSegLib.training.supervised import augmentation
+    from VQMedSegLib.training.vqseg import strong_intensity
+
+    single = [tuple(t.R.get_state()[1][:8]) for t in (augmentation(0), strong_intensity(3))]  # VQSegConfig's seed is 0
+    assert [ranks[0][0], ranks[0][3]] == single
 
 
 def test_unlabelled_slices_are_rotated_and_the_students_strong_view_gets_colour_jitter_and_blur():

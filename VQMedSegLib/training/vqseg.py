@@ -83,6 +83,9 @@ def cutmix_boxes(batch: int, size: int, rng: np.random.Generator, area: tuple[fl
     return masks
 
 
+AUGMENTATION_STREAMS = 4  # weak (labelled), intensity and geometric (unlabelled), strong (CutMix view)
+
+
 def strong_intensity(seed: int) -> Compose:
     """UniMatch's strong view of a greyscale slice: brightness and contrast jitter, blur."""
     t = Compose([RandScaleIntensityd(keys="image", factors=0.5, prob=0.8),
@@ -224,14 +227,16 @@ class VQSegTrainer:
             weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=config.iterations, power=config.poly_power)
-        self.weak = augmentation(config.seed + dist_info.rank) if config.augment else None
+        # four augmentation streams a rank, seeded apart: rank 0 keeps seed .. seed + 3
+        stream = config.seed + AUGMENTATION_STREAMS * dist_info.rank
+        self.weak = augmentation(stream) if config.augment else None
         self.intensity = Compose([RandScaleIntensityd(keys="image", factors=0.1, prob=0.5), RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5)])
-        self.intensity.set_random_state(seed=config.seed + 1 + dist_info.rank)
+        self.intensity.set_random_state(seed=stream + 1)
         self.geometric = self.strong = None
         if config.strong_augment:
             self.geometric = RandAffined(keys="image", mode="bilinear", **AFFINE)
-            self.geometric.set_random_state(seed=config.seed + 2 + dist_info.rank)
-            self.strong = strong_intensity(config.seed + 3 + dist_info.rank)
+            self.geometric.set_random_state(seed=stream + 2)
+            self.strong = strong_intensity(stream + 3)
         self.iteration = 0
         self.objective = VQSegObjective(self.student, config)
         self.step_loss: nn.Module = self.objective
