@@ -233,6 +233,23 @@ def test_train_lays_its_config_file_over_the_preset_and_its_options_over_both(ws
     assert ckpt["config"] == train_config_from_preset("tiny", learning_rate=0.01, iterations=2, seed=5).to_json()
 
 
+def test_train_says_which_preset_it_used_when_the_method_lacks_the_one_asked_for(ws_with_case, tmp_path):
+    """The Slicer module passes one preset to every job; the U-Net has no `paper` preset."""
+    from VQMedSegLib.config import train_config_from_preset
+    from VQMedSegLib.jobs.events import read_events
+
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[2:6, 8:16, 8:16] = 1
+    annotate(ws_with_case, tmp_path, label, check=True)
+    run_main("train", "--workspace", ws_with_case, "--method", "supervised", "--preset", "paper", "--iterations", "2",
+             "--device", "cpu")
+    ws = Workspace.open(ws_with_case)
+    warnings = [e["message"] for e in read_events(ws.events_path).events if e["type"] == "warning"]
+    assert warnings == ["--preset paper: the supervised U-Net has the presets tiny, quick and standard; trained with 'quick'"]
+    ckpt = torch.load(ws.root / ws.latest_model()["path"], map_location="cpu", weights_only=True)
+    assert ckpt["config"] == train_config_from_preset("quick", iterations=2).to_json()
+
+
 def test_workspace_from_a_newer_format(ws_with_case):
     state = json.loads((ws_with_case / "state.json").read_text())
     state["format_version"] = 99

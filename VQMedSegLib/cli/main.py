@@ -238,11 +238,25 @@ def cmd_workspace_status(args) -> int:
     return 0
 
 
-def _begal_config(args):
+TRAIN_PRESETS = {"supervised": ("tiny", "quick", "standard"), "begal": ("tiny", "quick", "cpu", "paper"),
+                 "vqseg": ("tiny", "quick", "cpu", "paper")}
+TRAIN_METHOD_NAMES = {"supervised": "the supervised U-Net", "begal": "VQ-BEGAL", "vqseg": "VQ-Seg"}
+
+
+def _train_preset(method: str, preset: str) -> tuple[str, str | None]:
+    """The preset ``method`` trains with, and a warning when it is not the one asked for
+    (the Slicer module passes one preset to every job)."""
+    available = TRAIN_PRESETS[method]
+    if preset in available:
+        return preset, None
+    names = f"{', '.join(available[:-1])} and {available[-1]}"
+    return "quick", f"--preset {preset}: {TRAIN_METHOD_NAMES[method]} has the presets {names}; trained with 'quick'"
+
+
+def _begal_config(args, preset: str | None = None):
     from ..config import begal_config_from_preset
 
-    preset = args.preset if args.preset in ("tiny", "quick", "cpu", "paper") else "quick"
-    return begal_config_from_preset(preset, args.config, seed=getattr(args, "seed", None))
+    return begal_config_from_preset(preset or args.preset, args.config, seed=getattr(args, "seed", None))
 
 
 def cmd_train(args) -> int:
@@ -252,29 +266,28 @@ def cmd_train(args) -> int:
 
     ws = Workspace.open(args.workspace)
     device = resolve_device(args.device)
+    if args.method not in TRAIN_PRESETS:
+        raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
+    preset, preset_warning = _train_preset(args.method, args.preset)
     if args.method == "supervised":
         from ..config import train_config_from_preset
         from ..training.supervised import train_supervised
 
-        preset = args.preset if args.preset in ("tiny", "quick", "standard") else "quick"
         config = train_config_from_preset(preset, args.config, iterations=args.iterations, seed=args.seed)
         run = train_supervised
     elif args.method == "begal":
         from ..active_learning.rounds import train_round
 
-        config = _begal_config(args)
+        config = _begal_config(args, preset)
         run = train_round
     elif args.method == "vqseg":
         from ..config import vqseg_config_from_preset
         from ..training.vqseg_workspace import train_vqseg
 
-        preset = args.preset if args.preset in ("tiny", "quick", "cpu", "paper") else "quick"
         config = vqseg_config_from_preset(
             preset, args.config, iterations=args.iterations, seed=args.seed, perturbation=args.perturbation,
             dropout_rate=args.dropout_rate, foundation=args.foundation)
         run = train_vqseg
-    else:
-        raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
     if args.validation_cases:
         config = config.replace(validation_cases=[c.strip() for c in args.validation_cases.split(",") if c.strip()])
     from ..training.distributed import FollowerContext, process_group
@@ -283,6 +296,8 @@ def cmd_train(args) -> int:
         params = {"method": args.method, "config": config.to_json(), "device": str(device), "processes": info.world}
         context = JobContext(ws, "train", params=params) if info.is_main else FollowerContext(ws, "train", info)
         with context as ctx:
+            if preset_warning and info.is_main:
+                ctx.warn(preset_warning)
             entry = run(ctx, ws, config, device)
     if info.is_main:
         sys.stdout.write(f"model {entry['id']} written to {ws.root / entry['path']}\n")
