@@ -34,7 +34,7 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "c.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="c.json: not valid JSON"):
-        TrainConfig.load(bad)
+        config_from_preset(TrainConfig, PRESETS, "tiny", {}, config_file=bad)
 
 
 def test_a_config_file_is_laid_over_the_preset_and_options_over_both(tmp_path):

@@ -103,12 +103,6 @@ class JsonConfig:
                 raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
         return obj
 
-    @classmethod
-    def load(cls: type[T], path: str | Path) -> T:
-        path = Path(path)
-        data = read_json(path, ConfigError, expected=f"a JSON object of {cls.__name__} settings")
-        return cls.from_json(data, source=f"config file {path}")  # type: ignore[attr-defined]
-
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
