@@ -238,15 +238,15 @@ def cmd_workspace_status(args) -> int:
     return 0
 
 
-TRAIN_PRESETS = {"supervised": ("tiny", "quick", "standard"), "begal": ("tiny", "quick", "cpu", "paper"),
-                 "vqseg": ("tiny", "quick", "cpu", "paper")}
 TRAIN_METHOD_NAMES = {"supervised": "the supervised U-Net", "begal": "VQ-BEGAL", "vqseg": "VQ-Seg"}
 
 
 def _train_preset(method: str, preset: str) -> tuple[str, str | None]:
     """The preset ``method`` trains with, and a warning when it is not the one asked for
     (the Slicer module passes one preset to every job)."""
-    available = TRAIN_PRESETS[method]
+    from ..config import BEGAL_PRESETS, PRESETS, VQSEG_PRESETS
+
+    available = tuple({"supervised": PRESETS, "begal": BEGAL_PRESETS, "vqseg": VQSEG_PRESETS}[method])
     if preset in available:
         return preset, None
     names = f"{', '.join(available[:-1])} and {available[-1]}"
@@ -266,7 +266,7 @@ def cmd_train(args) -> int:
 
     ws = Workspace.open(args.workspace)
     device = resolve_device(args.device)
-    if args.method not in TRAIN_PRESETS:
+    if args.method not in TRAIN_METHOD_NAMES:
         raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
     preset, preset_warning = _train_preset(args.method, args.preset)
     if args.method == "supervised":
