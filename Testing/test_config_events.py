@@ -43,8 +43,8 @@ def test_a_config_file_is_laid_over_the_preset_and_options_over_both(tmp_path):
     config = config_from_preset(TrainConfig, PRESETS, "tiny", {"iterations": 9, "seed": None}, config_file=path)
     # the file's keys replace the preset's, the options the file's; the rest is the preset
     assert config == train_config_from_preset("tiny").replace(iterations=9, learning_rate=0.01)
-    assert config_from_preset(TrainConfig, PRESETS, "standard", {}, config_file=path) == \
-        train_config_from_preset("standard").replace(iterations=7, learning_rate=0.01)
+    assert config_from_preset(TrainConfig, PRESETS, "cpu", {}, config_file=path) == \
+        train_config_from_preset("cpu").replace(iterations=7, learning_rate=0.01)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from VQMedSegLib.active_learning.pool import build_pool, target_case
-from VQMedSegLib.config import begal_config_from_preset, vqseg_config_from_preset
+from VQMedSegLib.config import begal_config_from_preset, train_config_from_preset, vqseg_config_from_preset
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.models.quantizers import CosineVectorQuantizer
 from VQMedSegLib.training.begal import Phase, PhaseTrainer, build_model
@@ -62,6 +62,21 @@ def test_the_vqseg_paper_preset_holds_the_settings_the_paper_states():
     assert cfg.features == (32, 64, 128, 256, 512) and cfg.code_dim == 256
     assert cfg.foundation == "litemedsam"
     assert run_accuracy.PRESETS["gpu"]["ssl_preset"] == "paper"
+
+
+def test_the_supervised_paper_preset_follows_the_vqseg_papers_schedule():
+    """The U-Net baseline has no paper of its own: its `paper` preset (what the Slicer
+    module's `paper` choice trains) takes VQ-Seg's schedule and network widths."""
+    cfg = train_config_from_preset("paper")
+    vqseg = vqseg_config_from_preset("paper")
+    assert cfg.slice_size == vqseg.slice_size == 224
+    assert cfg.batch_size == vqseg.labelled_batch == 8
+    assert cfg.iterations == vqseg.iterations == 100_000
+    assert cfg.poly_power == vqseg.poly_power == 0.9
+    assert cfg.features[:5] == vqseg.features == (32, 64, 128, 256, 512)
+    # ours: the learning rate of a U-Net trained from scratch (the paper's 5e-6 is for a
+    # pretrained backbone), as in the other presets
+    assert cfg.learning_rate == train_config_from_preset("quick").learning_rate
 
 
 def test_the_begal_paper_preset_holds_the_settings_the_paper_states():

@@ -233,21 +233,43 @@ def test_train_lays_its_config_file_over_the_preset_and_its_options_over_both(ws
     assert ckpt["config"] == train_config_from_preset("tiny", learning_rate=0.01, iterations=2, seed=5).to_json()
 
 
-def test_train_says_which_preset_it_used_when_the_method_lacks_the_one_asked_for(ws_with_case, tmp_path):
-    """The Slicer module passes one preset to every job; the U-Net has no `paper` preset."""
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_the_supervised_unet_trains_with_each_preset_the_slicer_module_offers(ws_with_case, tmp_path, preset):
+    """The Slicer module passes one preset to every job: `train --method supervised` must
+    train with that preset, not fall back to another (the step at `paper` size is cut to
+    one slice a batch to keep CI short)."""
     from VQMedSegLib.config import train_config_from_preset
     from VQMedSegLib.jobs.events import read_events
 
     label = np.zeros((8, 24, 24), np.uint8)
     label[2:6, 8:16, 8:16] = 1
     annotate(ws_with_case, tmp_path, label, check=True)
-    run_main("train", "--workspace", ws_with_case, "--method", "supervised", "--preset", "paper", "--iterations", "2",
-             "--device", "cpu")
+    (tmp_path / "small.json").write_text(json.dumps({"batch_size": 1}), encoding="utf-8")
+    run_main("train", "--workspace", ws_with_case, "--method", "supervised", "--preset", preset, "--iterations", "1",
+             "--config", tmp_path / "small.json", "--device", "cpu")
     ws = Workspace.open(ws_with_case)
-    warnings = [e["message"] for e in read_events(ws.events_path).events if e["type"] == "warning"]
-    assert warnings == ["--preset paper: the supervised U-Net has the presets tiny, quick and standard; trained with 'quick'"]
+    assert [e for e in read_events(ws.events_path).events if e["type"] == "warning"] == []
     ckpt = torch.load(ws.root / ws.latest_model()["path"], map_location="cpu", weights_only=True)
-    assert ckpt["config"] == train_config_from_preset("quick", iterations=2).to_json()
+    assert ckpt["config"] == train_config_from_preset(preset, batch_size=1, iterations=1).to_json()
+
+
+def test_every_method_trains_with_the_same_preset_names(ws_with_case):
+    """`train --preset` offers the names every method has, so one choice (the Slicer
+    module's) means a preset of that name for each; `standard`, the U-Net's old name for
+    `cpu`, is refused with the choices."""
+    from VQMedSegLib.cli.main import build_parser
+    from VQMedSegLib.config import begal_config_from_preset, train_config_from_preset, vqseg_config_from_preset
+
+    parser = build_parser()
+    for preset in ("tiny", "quick", "cpu", "paper"):
+        for method, config_from in (("supervised", train_config_from_preset), ("begal", begal_config_from_preset),
+                                    ("vqseg", vqseg_config_from_preset)):
+            args = parser.parse_args(["train", "--workspace", "WS", "--method", method, "--preset", preset])
+            config_from(args.preset)
+    before = files_under(ws_with_case)
+    refused(run_main("train", "--workspace", ws_with_case, "--preset", "standard", check=False),
+            "--preset", "'standard'", "tiny", "quick", "cpu", "paper", code=2)
+    unchanged_workspace(ws_with_case, before)
 
 
 def test_workspace_from_a_newer_format(ws_with_case):

@@ -376,13 +376,16 @@ def test_target_choices_are_the_library_tasks():
 
 
 def test_strategy_method_and_preset_choices_are_what_the_library_accepts():
-    from VQMedSegLib.config import BEGAL_PRESETS
+    """The module passes its one preset to every job, so each method has every preset it offers."""
+    from VQMedSegLib.config import BEGAL_PRESETS, PRESETS, VQSEG_PRESETS
     from VQMedSegLib.workflow.logic import METHODS, STRATEGIES
 
     fields = parameter_fields()
     assert set(choice_values(fields["strategy"].annotation)) == set(STRATEGIES)
     assert set(choice_values(fields["method"].annotation)) == set(METHODS)
-    assert set(choice_values(fields["preset"].annotation)) <= set(BEGAL_PRESETS)
+    offered = set(choice_values(fields["preset"].annotation))
+    for method, presets in {"supervised": PRESETS, "begal": BEGAL_PRESETS, "vqseg": VQSEG_PRESETS}.items():
+        assert offered <= set(presets), (method, offered - set(presets))
 
 
 def test_the_gui_polls_jobs_with_a_timer_and_never_waits_on_them():

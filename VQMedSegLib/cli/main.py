@@ -238,25 +238,10 @@ def cmd_workspace_status(args) -> int:
     return 0
 
 
-TRAIN_METHOD_NAMES = {"supervised": "the supervised U-Net", "begal": "VQ-BEGAL", "vqseg": "VQ-Seg"}
-
-
-def _train_preset(method: str, preset: str) -> tuple[str, str | None]:
-    """The preset ``method`` trains with, and a warning when it is not the one asked for
-    (the Slicer module passes one preset to every job)."""
-    from ..config import BEGAL_PRESETS, PRESETS, VQSEG_PRESETS
-
-    available = tuple({"supervised": PRESETS, "begal": BEGAL_PRESETS, "vqseg": VQSEG_PRESETS}[method])
-    if preset in available:
-        return preset, None
-    names = f"{', '.join(available[:-1])} and {available[-1]}"
-    return "quick", f"--preset {preset}: {TRAIN_METHOD_NAMES[method]} has the presets {names}; trained with 'quick'"
-
-
-def _begal_config(args, preset: str | None = None):
+def _begal_config(args):
     from ..config import begal_config_from_preset
 
-    return begal_config_from_preset(preset or args.preset, args.config, seed=getattr(args, "seed", None))
+    return begal_config_from_preset(args.preset, args.config, seed=getattr(args, "seed", None))
 
 
 def cmd_train(args) -> int:
@@ -266,28 +251,27 @@ def cmd_train(args) -> int:
 
     ws = Workspace.open(args.workspace)
     device = resolve_device(args.device)
-    if args.method not in TRAIN_METHOD_NAMES:
-        raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
-    preset, preset_warning = _train_preset(args.method, args.preset)
     if args.method == "supervised":
         from ..config import train_config_from_preset
         from ..training.supervised import train_supervised
 
-        config = train_config_from_preset(preset, args.config, iterations=args.iterations, seed=args.seed)
+        config = train_config_from_preset(args.preset, args.config, iterations=args.iterations, seed=args.seed)
         run = train_supervised
     elif args.method == "begal":
         from ..active_learning.rounds import train_round
 
-        config = _begal_config(args, preset)
+        config = _begal_config(args)
         run = train_round
     elif args.method == "vqseg":
         from ..config import vqseg_config_from_preset
         from ..training.vqseg_workspace import train_vqseg
 
         config = vqseg_config_from_preset(
-            preset, args.config, iterations=args.iterations, seed=args.seed, perturbation=args.perturbation,
+            args.preset, args.config, iterations=args.iterations, seed=args.seed, perturbation=args.perturbation,
             dropout_rate=args.dropout_rate, foundation=args.foundation)
         run = train_vqseg
+    else:
+        raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
     if args.validation_cases:
         config = config.replace(validation_cases=[c.strip() for c in args.validation_cases.split(",") if c.strip()])
     from ..training.distributed import FollowerContext, process_group
@@ -296,8 +280,6 @@ def cmd_train(args) -> int:
         params = {"method": args.method, "config": config.to_json(), "device": str(device), "processes": info.world}
         context = JobContext(ws, "train", params=params) if info.is_main else FollowerContext(ws, "train", info)
         with context as ctx:
-            if preset_warning and info.is_main:
-                ctx.warn(preset_warning)
             entry = run(ctx, ws, config, device)
     if info.is_main:
         sys.stdout.write(f"model {entry['id']} written to {ws.root / entry['path']}\n")
@@ -407,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="build a phantom example, train a small baseline, predict, write a Slicer scene")
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--preset", default="quick", choices=["tiny", "quick", "standard"])
+    d.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu"],
+                   help="tiny: seconds, for smoke tests; quick: about two minutes; cpu: a larger network, about ten minutes")
     d.add_argument("--iterations", type=int, default=None, help="override the preset's training iterations")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -471,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workspace", required=True)
     tr.add_argument("--method", default="supervised", choices=["supervised", "begal", "vqseg"],
                     help="supervised: the U-Net baseline; begal: one VQ-BEGAL round; vqseg: VQ-Seg semi-supervised")
-    tr.add_argument("--preset", default="quick", choices=["tiny", "quick", "standard", "cpu", "paper"],
-                    help="supervised: tiny, quick, standard; begal and vqseg: tiny, quick, cpu, paper")
+    tr.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"],
+                    help="tiny: seconds, for tests; quick: minutes on a CPU; cpu: real scans on a CPU; paper: the papers' settings, for a GPU")
     tr.add_argument("--config", help="JSON settings laid over the preset; the options given here win over both")
     tr.add_argument("--iterations", type=int, help="supervised and vqseg: training iterations")
     tr.add_argument("--seed", type=int)
