@@ -272,6 +272,24 @@ def test_every_method_trains_with_the_same_preset_names(ws_with_case):
     unchanged_workspace(ws_with_case, before)
 
 
+@pytest.mark.parametrize("command", [
+    ["train", "--method", "supervised"], ["train", "--method", "begal"], ["train", "--method", "vqseg"],
+    ["simulate", "--dataset", "phantom-liver", "--strategies", "random"],
+    ["ssl", "--dataset", "phantom-lung", "--labeled-fraction", "0.1"],
+])
+def test_the_paper_presets_are_refused_on_a_cpu_unless_asked_for_by_name(ws_with_case, tmp_path, monkeypatch, command):
+    """`--preset paper` with `--device auto` and no GPU would train for days (the Slicer
+    module's device choice is `auto` by default): refused at once, saying how to run it
+    anyway; nothing is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    where = ["--workspace", ws_with_case] if command[0] == "train" else ["--out", tmp_path / "out"]
+    before = files_under(ws_with_case)
+    refused(run_main(*command, *where, "--preset", "paper", check=False),
+            "--preset paper", "no CUDA device", "days", "--device cpu", code=2)
+    unchanged_workspace(ws_with_case, before)
+    assert not (tmp_path / "out").exists()
+
+
 def test_workspace_from_a_newer_format(ws_with_case):
     state = json.loads((ws_with_case / "state.json").read_text())
     state["format_version"] = 99

@@ -238,6 +238,20 @@ def cmd_workspace_status(args) -> int:
     return 0
 
 
+def _device_for_preset(args):
+    """The device ``--device`` names; with ``auto``, the ``paper`` preset is refused when
+    no CUDA device is found, for its networks would train for days on a CPU."""
+    from ..device import resolve_device
+
+    device = resolve_device(args.device)
+    if args.preset == "paper" and device.type != "cuda" and args.device == "auto":
+        raise InputError(
+            "--preset paper: no CUDA device found, and on a CPU the papers' networks take seconds a training step, "
+            "days for a run (benchmarks/run_speed.py --only presets measures this machine's pace); run on a GPU, "
+            "or pass --device cpu to train on the CPU anyway")
+    return device
+
+
 def _begal_config(args):
     from ..config import begal_config_from_preset
 
@@ -245,12 +259,11 @@ def _begal_config(args):
 
 
 def cmd_train(args) -> int:
-    from ..device import resolve_device
     from ..jobs.runner import JobContext
     from ..jobs.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
-    device = resolve_device(args.device)
+    device = _device_for_preset(args)
     if args.method == "supervised":
         from ..config import train_config_from_preset
         from ..training.supervised import train_supervised
@@ -317,9 +330,8 @@ def _preset_label(args) -> str:
 def cmd_simulate(args) -> int:
     from ..active_learning.simulation import simulate
     from ..config import begal_config_from_preset
-    from ..device import resolve_device
 
-    device = resolve_device(args.device)
+    device = _device_for_preset(args)
     config = begal_config_from_preset(args.preset, args.config)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     results = simulate(args.dataset, strategies, args.rounds, args.per_round, _seed_list(args), config, Path(args.out),
@@ -329,10 +341,9 @@ def cmd_simulate(args) -> int:
 
 def cmd_ssl(args) -> int:
     from ..config import vqseg_config_from_preset
-    from ..device import resolve_device
     from ..training.ssl_experiment import run_ssl
 
-    device = resolve_device(args.device)
+    device = _device_for_preset(args)
     config = vqseg_config_from_preset(
         args.preset, args.config, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
