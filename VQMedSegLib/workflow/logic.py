@@ -25,6 +25,7 @@ without a GUI:
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ CASE_ATTRIBUTE = "VQMedSeg.CaseID"
 
 ANNOTATION_ROLE = "annotation"
 TERMINAL = ("finished", "cancelled", "error")
+
+# the line ``vqmedseg COMMAND: error: MESSAGE`` the command line ends with when it refuses its input
+REFUSAL = re.compile(r"^vqmedseg [\w-]+: error: (.+)$", re.MULTILINE)
 
 STRATEGIES = ("begal", "egal", "random", "entropy", "mcdropout", "coreset")
 METHODS = {"begal": "VQ-BEGAL round", "vqseg": "VQ-Seg semi-supervised", "supervised": "supervised baseline"}
@@ -397,6 +401,10 @@ class WorkflowLogic:
         elif exited and job.kill_at is not None:
             job.status = "cancelled"
             job.reason = "cancelled; the job did not stop within the grace period and was killed"
+        elif exited and self._refusal(job):
+            # the command line refused its input before the job began (bad input, busy workspace)
+            job.status = "failed"
+            job.reason = self._refusal(job)
         elif exited:
             # the process ended without a final event: killed, or died before its context
             job.status = "crashed"
@@ -436,6 +444,17 @@ class WorkflowLogic:
             time.sleep(interval)
         assert self.job is not None
         return self.job
+
+    def _refusal(self, job: JobState) -> str:
+        """The error the command line printed when it exited with a refusal's code, else ''."""
+        if job.proc is None or job.proc.returncode not in (InputError.exit_code, WorkspaceError.exit_code):
+            return ""
+        try:
+            text = (self._ws().job_dir(job.job_id) / "log.txt").read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        errors = [m.group(1) for m in REFUSAL.finditer(text)]
+        return errors[-1] if errors else ""
 
     def _log_tail(self, job: JobState, lines: int = 5) -> str:
         path = self._ws().job_dir(job.job_id) / "log.txt"
