@@ -247,8 +247,7 @@ def _device_for_preset(args):
     if args.preset == "paper" and device.type != "cuda" and args.device == "auto":
         raise InputError(
             "--preset paper: no CUDA device found, and on a CPU the papers' networks take seconds a training step, "
-            "days for a run (benchmarks/run_speed.py --only presets measures this machine's pace); run on a GPU, "
-            "or pass --device cpu to train on the CPU anyway")
+            "days for a run; run on a GPU, or choose the device cpu (--device cpu) to train on the CPU anyway")
     return device
 
 

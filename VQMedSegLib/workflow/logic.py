@@ -401,10 +401,10 @@ class WorkflowLogic:
         elif exited and job.kill_at is not None:
             job.status = "cancelled"
             job.reason = "cancelled; the job did not stop within the grace period and was killed"
-        elif exited and self._refusal(job):
+        elif exited and (refusal := self._refusal(job)):
             # the command line refused its input before the job began (bad input, busy workspace)
             job.status = "failed"
-            job.reason = self._refusal(job)
+            job.reason = refusal
         elif exited:
             # the process ended without a final event: killed, or died before its context
             job.status = "crashed"
