@@ -150,7 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"iterations": 30, "batch_size": 4, "slice_size": 64, "val_interval": 10, "checkpoint_interval": 10},
     # the built-in example on 2 CPU cores: about two minutes of training
     "quick": {},
-    # CPU, real scans: a better model in roughly ten minutes
+    # CPU, real scans: a larger network, about nine times the training of `quick`
     "cpu": {"iterations": 2000, "slice_size": 160, "features": (16, 32, 64, 128, 256, 16), "val_interval": 200},
     # for a GPU: the U-Net baseline has no paper of its own, so it takes VQ-Seg's schedule
     # (224 x 224, 8 labelled slices a batch, 100,000 iterations, poly 0.9) and the widths of

@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build a phantom example, train a small baseline, predict, write a Slicer scene")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu"],
-                   help="tiny: seconds, for smoke tests; quick: about two minutes; cpu: a larger network, about ten minutes")
+                   help="tiny: seconds, for smoke tests; quick: minutes; cpu: a larger network, about nine times as long")
     d.add_argument("--iterations", type=int, default=None, help="override the preset's training iterations")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print the result as JSON")
