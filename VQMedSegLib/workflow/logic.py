@@ -445,24 +445,26 @@ class WorkflowLogic:
         assert self.job is not None
         return self.job
 
+    def _log(self, job: JobState) -> str | None:
+        """The job process's output (``jobs/<id>/log.txt``), or None when it has none."""
+        try:
+            return (self._ws().job_dir(job.job_id) / "log.txt").read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+
     def _refusal(self, job: JobState) -> str:
         """The error the command line printed when it exited with a refusal's code, else ''."""
         if job.proc is None or job.proc.returncode not in (InputError.exit_code, WorkspaceError.exit_code):
             return ""
-        try:
-            text = (self._ws().job_dir(job.job_id) / "log.txt").read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-        errors = [m.group(1) for m in REFUSAL.finditer(text)]
+        errors = REFUSAL.findall(self._log(job) or "")
         return errors[-1] if errors else ""
 
     def _log_tail(self, job: JobState, lines: int = 5) -> str:
-        path = self._ws().job_dir(job.job_id) / "log.txt"
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-        except FileNotFoundError:
+        text = self._log(job)
+        if text is None:
             return "no log"
-        return "last log lines: " + " | ".join(text[-lines:]) if text else "empty log"
+        tail = text.strip().splitlines()[-lines:]
+        return "last log lines: " + " | ".join(tail) if tail else "empty log"
 
     # -------------------------------------------------------------------- results
     def available_predictions(self) -> dict[str, dict]:
