@@ -177,3 +177,54 @@ def test_a_job_leads_its_own_process_group_inside_the_callers_session(workspace)
         assert os.getsid(proc.pid) == os.getsid(0)
     finally:
         proc.wait(timeout=120)
+
+
+def _job_record(ws: Workspace, job: str) -> list[str]:
+    return [j["status"] for j in ws.load_state()["jobs"] if j["id"] == job]
+
+
+def test_a_job_refused_before_it_begins_is_recorded_in_the_workspace(workspace):
+    """The command line refuses `--preset paper` on a CPU under `--device auto` before any
+    job context exists; the workspace's event log and job list still say so, with the reason."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU on any machine
+    args = ["train", "--workspace", str(workspace.root), "--method", "supervised", "--preset", "paper", "--device", "auto"]
+    proc, job = launch(args, workspace, "train", env=env)
+    assert proc.wait(timeout=120) == 2, (workspace.job_dir(job) / "log.txt").read_text()
+    events = _events(workspace, job)
+    assert [(e["type"], e["status"], e["kind"]) for e in events] == [("error", "refused", "train")], events
+    assert events[0]["message"].startswith("--preset paper: no CUDA device found")
+    assert _job_record(workspace, job) == ["refused"]
+    assert running_job(workspace) is None
+
+
+def test_a_job_refused_because_the_workspace_is_busy_is_recorded_beside_the_running_one(workspace):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys,time; sys.path.insert(0, sys.argv[2]);"
+         "from VQMedSegLib.jobs.runner import JobContext; from VQMedSegLib.jobs.workspace import Workspace;"
+         "ctx = JobContext(Workspace(sys.argv[1]), 'hold').__enter__(); print(ctx.job_id, flush=True); time.sleep(60)",
+         str(workspace.root), str(REPO)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        holder_job = holder.stdout.readline().strip()
+        proc, job = launch(["query", "--workspace", str(workspace.root), "--strategy", "random", "--n", "2",
+                            "--preset", "tiny", "--device", "cpu"], workspace, "query")
+        assert proc.wait(timeout=120) == 3, (workspace.job_dir(job) / "log.txt").read_text()
+        events = _events(workspace, job)
+        assert [(e["type"], e["status"]) for e in events] == [("error", "refused")], events
+        assert "is busy" in events[0]["message"] and holder_job in events[0]["message"]
+        assert [e["type"] for e in _events(workspace, holder_job)] == ["started"]  # the running job's record is untouched
+        assert running_job(workspace)["job"] == holder_job
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_job_that_fails_inside_its_context_is_recorded_once(workspace, tmp_path):
+    """No model yet: `predict` fails inside its job; that job's own `error` event is its only record."""
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", "predict", "--workspace", str(workspace.root), "--device", "cpu"],
+                       capture_output=True, text=True, cwd=REPO, env=dict(os.environ, VQMEDSEG_JOB_ID="predict-no-model"))
+    assert r.returncode == 2 and "no trained model yet" in r.stderr, r.stderr
+    events = _events(workspace, "predict-no-model")
+    assert [e["type"] for e in events] == ["started", "error"] and events[1]["status"] == "failed", events
+    assert _job_record(workspace, "predict-no-model") == ["failed"]

@@ -225,20 +225,27 @@ def test_a_killed_job_is_reported_as_crashed_with_its_reason(scene, tmp_path, ph
     json.loads((logic.workspace.root / "state.json").read_text())
 
 
-def test_a_job_the_command_line_refuses_fails_with_its_reason_not_as_a_crash(scene, tmp_path, phantom, monkeypatch):
-    """The `paper` preset with the device left at `auto` on a machine without a GPU: the
-    job process refuses it before it begins, and the panel shows why, as a failure; the
-    prediction queued behind the training never starts."""
+@pytest.mark.parametrize("preset, reason", [
+    ("paper", "--preset paper: no CUDA device found"),  # the command refuses it and records why in the workspace
+    ("standard", "argument --preset: invalid choice: 'standard'"),  # the parser refuses it: only its log says why
+], ids=["refused-by-the-command", "refused-by-the-parser"])
+def test_a_job_the_command_line_refuses_fails_with_its_reason_not_as_a_crash(scene, tmp_path, phantom, monkeypatch,
+                                                                              preset, reason):
+    """The `paper` preset with the device left at `auto` on a machine without a GPU, or a
+    preset no method has: the job process refuses it before it begins, and the panel shows
+    why, as a failure; the prediction queued behind the training never starts."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the job process sees no GPU on any machine
     ct_node = mrml.add_volume(scene, phantom.ct, "CT")
     truth = _truth_node(scene, phantom, ct_node)
-    logic = WorkflowLogic(scene, device="auto", preset="paper")
+    logic = WorkflowLogic(scene, device="auto", preset=preset)
     case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
     logic.mark_annotated(case_id, [4, 8, 12], truth)
     logic.start_training("supervised")
     job = logic.wait(timeout=120)
     assert job.kind == "train" and job.status == "failed", (job.status, job.reason)
-    assert job.reason.startswith("--preset paper: no CUDA device found") and "--device cpu" in job.reason, job.reason
+    assert job.reason.startswith(reason), job.reason
+    if preset == "paper":
+        assert "--device cpu" in job.reason, job.reason
     assert logic.status()["running_job"] is None and logic.status()["last_model"] is None
     assert logic.available_predictions() == {}
 

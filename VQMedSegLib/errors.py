@@ -10,6 +10,7 @@ class VQMedSegError(Exception):
     """Base class: a problem the user can fix (bad input, bad configuration, busy workspace)."""
 
     exit_code = 2
+    job_id: str | None = None  # the job whose event log recorded this error, if one did
 
 
 class InputError(VQMedSegError):

@@ -552,6 +552,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+JOB_COMMANDS = ("train", "query", "predict")  # the commands that run as a job in a workspace
+
+
+def _record_refusal(args, exc: VQMedSegError) -> None:
+    """A job command refused before its job began (bad input, a busy workspace) leaves its
+    reason in the workspace's event log, as a job that fails inside its context does. Only
+    rank 0 records under torchrun; nothing is recorded without a workspace to record in."""
+    if (args.command not in JOB_COMMANDS or not getattr(args, "workspace", None) or exc.job_id is not None
+            or os.environ.get("RANK", "0") != "0"):
+        return
+    from ..jobs.runner import record_refusal
+    from ..jobs.workspace import Workspace
+
+    try:
+        record_refusal(Workspace.open(args.workspace), args.command, str(exc))
+    except (VQMedSegError, OSError) as problem:  # a missing or broken workspace: the message above is the record
+        log.debug("refusal not recorded in %s: %s", args.workspace, problem)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -566,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except VQMedSegError as exc:
         sys.stderr.write(f"vqmedseg {args.command}: error: {exc}\n")
+        _record_refusal(args, exc)
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"vqmedseg {args.command}: interrupted\n")

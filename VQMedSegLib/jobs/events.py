@@ -7,7 +7,9 @@ reported, never fatal.
 
 Event types: ``started``, ``progress``, ``loss``, ``metric``, ``warning``, ``checkpoint``,
 ``result``, ``cancelled``, ``error``, ``finished``, plus workspace records
-(``case_added``, ``annotated``).
+(``case_added``, ``annotated``). An ``error`` has status ``failed`` (inside its job) or
+``refused`` (the command line refused the job before it began; see
+:func:`~VQMedSegLib.jobs.runner.record_refusal`).
 """
 
 from __future__ import annotations

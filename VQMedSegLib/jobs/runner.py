@@ -33,7 +33,7 @@ from .events import EventLog
 from .locks import HeldLock, read_lock_info
 from .workspace import Workspace
 
-__all__ = ["JobContext", "launch", "cancel", "running_job", "new_job_id"]
+__all__ = ["JobContext", "launch", "cancel", "running_job", "new_job_id", "record_refusal"]
 
 
 def new_job_id(kind: str) -> str:
@@ -105,6 +105,8 @@ class JobContext:
                     message=f"{exc_type.__name__}: {exc}",
                     traceback="".join(traceback.format_exception(exc_type, exc, tb))[-4000:],
                 )
+            if isinstance(exc, VQMedSegError):
+                exc.job_id = self.job_id  # recorded here, so not a refusal (see record_refusal)
             self._record_job(self.status)
         finally:
             self._clear_cancel_files()
@@ -166,15 +168,31 @@ class JobContext:
         self.events.emit("warning", message=message)
 
     def _record_job(self, status: str) -> None:
-        def update(state: dict) -> None:
-            jobs = [j for j in state.get("jobs", []) if j.get("id") != self.job_id]
-            entry = {"id": self.job_id, "kind": self.kind, "status": status, "pid": os.getpid(), "updated": time.time()}
-            state["jobs"] = (jobs + [entry])[-50:]
+        _record_job(self.workspace, self.job_id, self.kind, status)
 
-        try:
-            self.workspace.update(update)
-        except VQMedSegError:
-            pass  # the event log already says what happened
+
+def _record_job(workspace: Workspace, job_id: str, kind: str, status: str) -> None:
+    """The job's line in the workspace's job list (the last 50 jobs)."""
+    def update(state: dict) -> None:
+        jobs = [j for j in state.get("jobs", []) if j.get("id") != job_id]
+        entry = {"id": job_id, "kind": kind, "status": status, "pid": os.getpid(), "updated": time.time()}
+        state["jobs"] = (jobs + [entry])[-50:]
+
+    try:
+        workspace.update(update)
+    except VQMedSegError:
+        pass  # the event log already says what happened
+
+
+def record_refusal(workspace: Workspace, kind: str, message: str, job_id: str | None = None) -> str:
+    """Record a job refused before it began (bad input, a busy workspace), which has no
+    :class:`JobContext` to do it: an ``error`` event with status ``refused`` and the
+    reason, and the job's line in the job list. The running job's lock is not needed, so
+    a job refused because another holds it is recorded too. Returns the job's id."""
+    job_id = job_id or os.environ.get("VQMEDSEG_JOB_ID") or new_job_id(kind)
+    workspace.events(job_id).emit("error", status="refused", kind=kind, message=message)
+    _record_job(workspace, job_id, kind, "refused")
+    return job_id
 
 
 def _in_main_thread() -> bool:

@@ -402,7 +402,7 @@ class WorkflowLogic:
             job.status = "cancelled"
             job.reason = "cancelled; the job did not stop within the grace period and was killed"
         elif exited and (refusal := self._refusal(job)):
-            # the command line refused its input before the job began (bad input, busy workspace)
+            # refused before the job began with no event to say so (the parser's refusals; a workspace that could not record it)
             job.status = "failed"
             job.reason = refusal
         elif exited:
