@@ -74,15 +74,22 @@ def test_annotated_empty_slice_is_labelled(workspace):
     assert workspace.load_annotation("extra").array.sum() == 0
 
 
-def test_second_job_is_refused_and_crashed_lock_is_released(workspace):
+def _hold_the_lock(ws: Workspace) -> tuple[subprocess.Popen, str]:
+    """Another process runs a job named 'hold' on the workspace; returns it and the job's id
+    once the lock is held."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys,time; sys.path.insert(0, sys.argv[2]);"
          "from VQMedSegLib.jobs.runner import JobContext; from VQMedSegLib.jobs.workspace import Workspace;"
-         "ctx = JobContext(Workspace(sys.argv[1]), 'hold').__enter__(); print('held', flush=True); time.sleep(60)",
-         str(workspace.root), str(REPO)],
+         "ctx = JobContext(Workspace(sys.argv[1]), 'hold').__enter__(); print(ctx.job_id, flush=True); time.sleep(60)",
+         str(ws.root), str(REPO)],
         stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    return holder, holder.stdout.readline().strip()
+
+
+def test_second_job_is_refused_and_crashed_lock_is_released(workspace):
+    holder, held = _hold_the_lock(workspace)
+    assert "-hold-" in held  # the lock is held
     with pytest.raises(WorkspaceError, match="busy"):
         with JobContext(workspace, "second"):
             pass
@@ -198,15 +205,8 @@ def test_a_job_refused_before_it_begins_is_recorded_in_the_workspace(workspace):
 
 
 def test_a_job_refused_because_the_workspace_is_busy_is_recorded_beside_the_running_one(workspace):
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys,time; sys.path.insert(0, sys.argv[2]);"
-         "from VQMedSegLib.jobs.runner import JobContext; from VQMedSegLib.jobs.workspace import Workspace;"
-         "ctx = JobContext(Workspace(sys.argv[1]), 'hold').__enter__(); print(ctx.job_id, flush=True); time.sleep(60)",
-         str(workspace.root), str(REPO)],
-        stdout=subprocess.PIPE, text=True)
+    holder, holder_job = _hold_the_lock(workspace)
     try:
-        holder_job = holder.stdout.readline().strip()
         proc, job = launch(["query", "--workspace", str(workspace.root), "--strategy", "random", "--n", "2",
                             "--preset", "tiny", "--device", "cpu"], workspace, "query")
         assert proc.wait(timeout=120) == 3, (workspace.job_dir(job) / "log.txt").read_text()
