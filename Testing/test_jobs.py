@@ -18,6 +18,7 @@ from VQMedSegLib.errors import WorkspaceError
 from VQMedSegLib.jobs.events import read_events
 from VQMedSegLib.jobs.runner import JobContext, cancel, launch, running_job
 from VQMedSegLib.jobs.workspace import Workspace
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,6 +216,9 @@ def test_a_job_refused_because_the_workspace_is_busy_is_recorded_beside_the_runn
         assert "is busy" in events[0]["message"] and holder_job in events[0]["message"]
         assert [e["type"] for e in _events(workspace, holder_job)] == ["started"]  # the running job's record is untouched
         assert running_job(workspace)["job"] == holder_job
+        status = run_cli("workspace", "status", workspace.root).stdout
+        assert f"running: hold job {holder_job} (pid {holder.pid}" in status, status
+        assert f"  {job}  query  refused: workspace {workspace.root} is busy" in status, status
     finally:
         holder.kill()
         holder.wait()
@@ -228,3 +232,19 @@ def test_a_job_that_fails_inside_its_context_is_recorded_once(workspace, tmp_pat
     events = _events(workspace, "predict-no-model")
     assert [e["type"] for e in events] == ["started", "error"] and events[1]["status"] == "failed", events
     assert _job_record(workspace, "predict-no-model") == ["failed"]
+
+
+def test_workspace_status_says_which_jobs_ran_last_and_why_one_did_not_finish(workspace):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", VQMEDSEG_JOB_ID="train-on-a-cpu")
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", "train", "--workspace", str(workspace.root), "--preset", "paper"],
+                       capture_output=True, text=True, cwd=REPO, env=env)
+    assert r.returncode == 2, r.stderr
+    run_cli("train", "--workspace", workspace.root, "--method", "supervised", "--preset", "tiny", "--iterations", "2",
+            "--device", "cpu")
+    text = run_cli("workspace", "status", workspace.root).stdout.splitlines()
+    assert text[0] == "task liver: 2 cases, 12/12 slices labelled, 1 model, 0 rounds", text
+    assert text[1:3] == ["running: nothing", "last jobs, oldest first:"], text
+    assert text[3].startswith("  train-on-a-cpu  train  refused: --preset paper: no CUDA device found"), text
+    assert text[4].startswith("  ") and text[4].endswith("  train  done"), text
+    jobs = json.loads(run_cli("workspace", "status", workspace.root, "--json").stdout)["last_jobs"]
+    assert [(j["status"], j.get("reason", "")[:13]) for j in jobs] == [("refused", "--preset pape"), ("done", "")], jobs

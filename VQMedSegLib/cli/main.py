@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .. import __version__
@@ -210,6 +211,10 @@ def cmd_workspace_annotate(args) -> int:
     return 0
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def cmd_workspace_status(args) -> int:
     from ..jobs.runner import running_job
     from ..jobs.workspace import Workspace
@@ -230,11 +235,21 @@ def cmd_workspace_status(args) -> int:
     }
     if args.json:
         _print_json(status)
+        return 0
+    running = status["running_job"]
+    lines = [f"task {status['task']}: {_count(status['cases'], 'case')}, {status['labelled_slices']}/{status['total_slices']} "
+             f"slices labelled, {_count(len(status['models']), 'model')}, {_count(status['rounds'], 'round')}"]
+    if running:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(running.get("started", 0)))
+        lines.append(f"running: {running.get('kind', 'unknown')} job {running.get('job', '?')} "
+                     f"(pid {running.get('pid', '?')} on {running.get('host', '?')}, since {since})")
     else:
-        sys.stdout.write(
-            f"task {status['task']}: {status['cases']} cases, {status['labelled_slices']}/{status['total_slices']} slices labelled, "
-            f"{len(status['models'])} models, running: {status['running_job'] or 'nothing'}\n"
-        )
+        lines.append("running: nothing")
+    if status["last_jobs"]:
+        lines.append("last jobs, oldest first:")
+        lines += [f"  {j['id']}  {j['kind']}  {j['status']}" + (f": {j['reason']}" if j.get("reason") else "")
+                  for j in status["last_jobs"]]
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
@@ -455,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     wn.add_argument("--slices", help="indices along the slice axis that were annotated, e.g. 3,5,10-12 (default: all)")
     wn.add_argument("--label-value", type=int, default=None, help="foreground value (default: any non-zero)")
     wn.set_defaults(func=cmd_workspace_annotate)
-    wst = ws_sub.add_parser("status", help="cases, labelled slices, models, running job")
+    wst = ws_sub.add_parser(
+        "status", help="cases, labelled slices, models, the running job, and the last five jobs with why any did not finish")
     wst.add_argument("workspace")
     wst.add_argument("--json", action="store_true")
     wst.set_defaults(func=cmd_workspace_status)

@@ -88,26 +88,30 @@ class JobContext:
         if self._bar is not None:
             self._bar.close()
         try:
+            reason = ""
             if exc_type is None:
                 self.status = "done"
                 self.events.emit("finished", status="done")
             elif issubclass(exc_type, JobCancelled):
                 self.status = "cancelled"
-                self.events.emit("cancelled", status="cancelled", reason=str(exc) or "cancel requested")
+                reason = str(exc) or "cancel requested"
+                self.events.emit("cancelled", status="cancelled", reason=reason)
             elif issubclass(exc_type, VQMedSegError):
                 self.status = "failed"
-                self.events.emit("error", status="failed", message=str(exc))
+                reason = str(exc)
+                self.events.emit("error", status="failed", message=reason)
             else:
                 self.status = "failed"
+                reason = f"{exc_type.__name__}: {exc}"
                 self.events.emit(
                     "error",
                     status="failed",
-                    message=f"{exc_type.__name__}: {exc}",
+                    message=reason,
                     traceback="".join(traceback.format_exception(exc_type, exc, tb))[-4000:],
                 )
             if isinstance(exc, VQMedSegError):
                 exc.job_id = self.job_id  # recorded here, so not a refusal (see record_refusal)
-            self._record_job(self.status)
+            self._record_job(self.status, reason)
         finally:
             self._clear_cancel_files()
             if self._previous_handler is not None and _in_main_thread():
@@ -167,15 +171,19 @@ class JobContext:
         logging.getLogger("vqmedseg").warning(message)
         self.events.emit("warning", message=message)
 
-    def _record_job(self, status: str) -> None:
-        _record_job(self.workspace, self.job_id, self.kind, status)
+    def _record_job(self, status: str, reason: str = "") -> None:
+        _record_job(self.workspace, self.job_id, self.kind, status, reason)
 
 
-def _record_job(workspace: Workspace, job_id: str, kind: str, status: str) -> None:
-    """The job's line in the workspace's job list (the last 50 jobs)."""
+def _record_job(workspace: Workspace, job_id: str, kind: str, status: str, reason: str = "") -> None:
+    """The job's line in the workspace's job list (the last 50 jobs), with the first line of
+    the reason when it did not finish (the event log has all of it)."""
     def update(state: dict) -> None:
         jobs = [j for j in state.get("jobs", []) if j.get("id") != job_id]
         entry = {"id": job_id, "kind": kind, "status": status, "pid": os.getpid(), "updated": time.time()}
+        if reason:
+            first = reason.strip().splitlines()[0] if reason.strip() else reason
+            entry["reason"] = first if len(first) <= 300 else first[:299] + "…"
         state["jobs"] = (jobs + [entry])[-50:]
 
     try:
@@ -191,7 +199,7 @@ def record_refusal(workspace: Workspace, kind: str, message: str, job_id: str | 
     a job refused because another holds it is recorded too. Returns the job's id."""
     job_id = job_id or os.environ.get("VQMEDSEG_JOB_ID") or new_job_id(kind)
     workspace.events(job_id).emit("error", status="refused", kind=kind, message=message)
-    _record_job(workspace, job_id, kind, "refused")
+    _record_job(workspace, job_id, kind, "refused", message)
     return job_id
 
 
