@@ -181,8 +181,8 @@ def _record_job(workspace: Workspace, job_id: str, kind: str, status: str, reaso
     def update(state: dict) -> None:
         jobs = [j for j in state.get("jobs", []) if j.get("id") != job_id]
         entry = {"id": job_id, "kind": kind, "status": status, "pid": os.getpid(), "updated": time.time()}
-        if reason:
-            first = reason.strip().splitlines()[0] if reason.strip() else reason
+        first = next(iter(reason.strip().splitlines()), "")
+        if first:
             entry["reason"] = first if len(first) <= 300 else first[:299] + "…"
         state["jobs"] = (jobs + [entry])[-50:]
 
