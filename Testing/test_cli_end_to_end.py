@@ -93,22 +93,28 @@ def test_predict_keeps_only_the_largest_liver_piece_unless_asked(demo_out, tmp_p
 
     model = next((demo_out / "workspace" / "models").glob("*.pt"))
     case = make_abdominal_case(seed=1234, with_mr=False)
-    arr = case.ct.array.copy()
     liver = case.ct_label.array == 1
-    # a small block of liver tissue pasted into the other side of the body: a second,
-    # false "liver" piece that the model segments too
-    k, j, i = (int(v) for v in np.argwhere(liver).mean(0))
-    block = (slice(k - 3, k + 3), slice(j - 6, j + 6), slice(i - 6, i + 6))
-    arr[k - 3 : k + 3, j - 6 : j + 6, arr.shape[2] - i - 6 : arr.shape[2] - i + 6] = arr[block]
+    # five slices through the middle of the liver replaced by a slice of the body below it:
+    # the model sees the liver in two pieces, each real liver in its place. (This model
+    # segments no block of liver tissue pasted elsewhere in the body, and a block pasted
+    # beside the liver joins it; with such a block this test once passed on a stray voxel.)
+    k = int(np.argwhere(liver).mean(0)[0])
+    below = max(z for z in range(liver.shape[0]) if not liver[z].any())
+    arr = case.ct.array.copy()
+    arr[k - 2 : k + 3] = arr[below]
     write_volume(case.ct.with_array(arr), tmp_path / "ct.nrrd")
     pieces = {}
     for name, extra in (("default", ()), ("all", ("--keep-all-components",))):
         vqmedseg("predict", "--model", model, "--ct", tmp_path / "ct.nrrd", "--out", tmp_path / name, "--device", "cpu", *extra)
         pieces[name] = read_label(tmp_path / name / "prediction.seg.nrrd").array
-    assert components(pieces["all"], return_num=True)[1] >= 2
-    assert components(pieces["default"], return_num=True)[1] == 1
-    # the clean-up only removes: what it keeps is exactly what the model predicted there
-    assert np.all(pieces["default"] <= pieces["all"]) and pieces["default"].sum() > 0.8 * pieces["all"].sum()
+    found = components(pieces["all"], connectivity=1)  # 6-connected, as the clean-up counts pieces
+    sizes = np.bincount(found.ravel())[1:]
+    assert np.sort(sizes)[-2] > 2000, sorted(sizes)  # two real pieces of liver, not a stray voxel
+    assert components(pieces["default"], connectivity=1, return_num=True)[1] == 1
+    # the clean-up only removes: what it keeps is the model's largest piece, unchanged
+    largest = found == 1 + int(np.argmax(sizes))
+    assert np.all(pieces["default"] <= pieces["all"])
+    assert 2 * np.sum(pieces["default"] & largest) / (pieces["default"].sum() + largest.sum()) > 0.99
 
 
 def test_evaluate_rejects_mismatched_grids(tmp_path):
