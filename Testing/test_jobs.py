@@ -224,7 +224,7 @@ def test_a_job_refused_because_the_workspace_is_busy_is_recorded_beside_the_runn
         holder.wait()
 
 
-def test_a_job_that_fails_inside_its_context_is_recorded_once(workspace, tmp_path):
+def test_a_job_that_fails_inside_its_context_is_recorded_once(workspace):
     """No model yet: `predict` fails inside its job; that job's own `error` event is its only record."""
     r = subprocess.run([sys.executable, "-m", "VQMedSegLib", "predict", "--workspace", str(workspace.root), "--device", "cpu"],
                        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, VQMEDSEG_JOB_ID="predict-no-model"))
