@@ -81,7 +81,7 @@ class JobContext:
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.status = "running"
         self.events.emit("started", kind=self.kind, pid=os.getpid(), params=self.params)
-        self._record_job("running")
+        _record_job(self.workspace, self.job_id, self.kind, "running")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -111,7 +111,7 @@ class JobContext:
                 )
             if isinstance(exc, VQMedSegError):
                 exc.job_id = self.job_id  # recorded here, so not a refusal (see record_refusal)
-            self._record_job(self.status, reason)
+            _record_job(self.workspace, self.job_id, self.kind, self.status, reason)
         finally:
             self._clear_cancel_files()
             if self._previous_handler is not None and _in_main_thread():
@@ -171,9 +171,6 @@ class JobContext:
         logging.getLogger("vqmedseg").warning(message)
         self.events.emit("warning", message=message)
 
-    def _record_job(self, status: str, reason: str = "") -> None:
-        _record_job(self.workspace, self.job_id, self.kind, status, reason)
-
 
 def _record_job(workspace: Workspace, job_id: str, kind: str, status: str, reason: str = "") -> None:
     """The job's line in the workspace's job list (the last 50 jobs), with the first line of
@@ -192,12 +189,12 @@ def _record_job(workspace: Workspace, job_id: str, kind: str, status: str, reaso
         pass  # the event log already says what happened
 
 
-def record_refusal(workspace: Workspace, kind: str, message: str, job_id: str | None = None) -> str:
+def record_refusal(workspace: Workspace, kind: str, message: str) -> str:
     """Record a job refused before it began (bad input, a busy workspace), which has no
     :class:`JobContext` to do it: an ``error`` event with status ``refused`` and the
     reason, and the job's line in the job list. The running job's lock is not needed, so
     a job refused because another holds it is recorded too. Returns the job's id."""
-    job_id = job_id or os.environ.get("VQMEDSEG_JOB_ID") or new_job_id(kind)
+    job_id = os.environ.get("VQMEDSEG_JOB_ID") or new_job_id(kind)
     workspace.events(job_id).emit("error", status="refused", kind=kind, message=message)
     _record_job(workspace, job_id, kind, "refused", message)
     return job_id
