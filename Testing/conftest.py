@@ -67,10 +67,11 @@ def run_main(*args, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m VQMedSegLib ARGS`` in a real subprocess; with ``check``, a non-zero exit fails the test with stderr."""
+def run_cli(*args, check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -m VQMedSegLib ARGS`` in a real subprocess started in ``cwd``; with ``check``,
+    a non-zero exit fails the test with stderr."""
     r = subprocess.run([sys.executable, "-m", "VQMedSegLib", *map(str, args)], capture_output=True, text=True,
-                       encoding="utf-8", errors="replace", cwd=REPO)
+                       encoding="utf-8", errors="replace", cwd=cwd)
     if check and r.returncode != 0:
         raise AssertionError(f"vqmedseg {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
     return r

@@ -22,9 +22,10 @@ from conftest import run_cli, run_main as vqmedseg
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    run_cli("demo", "--out", out, "--device", "cpu", "--json")
-    return out
+    # as the README runs it: the output folder named relative to where the user stands
+    here = tmp_path_factory.mktemp("demo")
+    run_cli("demo", "--out", "demo-out", "--device", "cpu", "--json", cwd=here)
+    return here / "demo-out"
 
 
 @pytest.mark.slow

@@ -182,6 +182,19 @@ def test_label_values_without_a_segment_are_refused(mrml, case):
         mrml.add_segmentation(scene, label, _liver_segments())
 
 
+def test_a_scene_named_relative_to_the_working_folder_is_written_and_read_back(mrml, case, tmp_path, monkeypatch):
+    # MRML's bundle writer refuses a relative folder; `vqmedseg demo --out demo-out` names one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    scene, _logics = mrml.new_scene()
+    mrml.add_volume(scene, case["ct"], "CT")
+    assert mrml.write_mrb(scene, Path("out") / "scene.mrb") == Path("out") / "scene.mrb"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scene.mrb"]
+    back, _back_logics = mrml.read_mrb(Path("out") / "scene.mrb")
+    assert np.array_equal(mrml.volume_from_node(back.GetFirstNode("CT", "vtkMRMLScalarVolumeNode")).array,
+                          case["ct"].array)
+
+
 def test_write_mrb_requires_the_mrb_suffix(mrml, tmp_path):
     scene, _logics = mrml.new_scene()
     with pytest.raises(InputError, match="expected '.mrb'"):

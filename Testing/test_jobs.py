@@ -75,6 +75,24 @@ def test_annotated_empty_slice_is_labelled(workspace):
     assert workspace.load_annotation("extra").array.sum() == 0
 
 
+@pytest.mark.parametrize("root", ["ws", "sub/../ws"])
+def test_a_workspace_named_by_a_relative_path_records_models_where_it_finds_them(tmp_path, monkeypatch, root):
+    # `vqmedseg train --workspace ws` and `vqmedseg demo --out demo-out` name the folder
+    # relative to where the user stands; the model's recorded path is relative to the workspace
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    ws = Workspace.create(root, task="liver")
+    path = ws.root / "models" / "m.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"weights")
+    entry = ws.record_model("m", path, "supervised")
+    assert entry["path"] == "models/m.pt"
+    assert Workspace.open(tmp_path / "ws").resolve(entry["path"]).read_bytes() == b"weights"
+    assert ws.record_model("n", path.absolute(), "supervised")["path"] == "models/m.pt"
+    with pytest.raises(WorkspaceError, match="outside the workspace"):
+        ws.record_model("o", tmp_path / "elsewhere.pt", "supervised")
+
+
 def _hold_the_lock(ws: Workspace) -> tuple[subprocess.Popen, str]:
     """Another process runs a job named 'hold' on the workspace; returns it and the job's id
     once the lock is held."""

@@ -584,7 +584,7 @@ def write_mrb(scene: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         work = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
         try:
-            target = work / path.name
+            target = work.absolute() / path.name  # MRML refuses a bundle folder given relative to the working one
             messages = slicer.vtkMRMLMessageCollection()
             ok = scene.WriteToMRB(str(target), None, messages)
             if not ok or not target.is_file():
@@ -619,7 +619,7 @@ def read_mrb(path: str | os.PathLike) -> tuple[Any, SceneLogics]:
     scene, logics = new_scene()
     with tempfile.TemporaryDirectory(prefix="vqmedseg-mrb-") as unpack_dir:
         messages = slicer.vtkMRMLMessageCollection()
-        mrml = slicer.vtkMRMLScene.UnpackSlicerDataBundle(str(path), unpack_dir, messages)
+        mrml = slicer.vtkMRMLScene.UnpackSlicerDataBundle(str(path.absolute()), unpack_dir, messages)
         if not mrml or not Path(mrml).is_file():
             raise InputError(
                 f"scene file {path}: found no .mrml scene inside "

@@ -276,10 +276,16 @@ class Workspace:
 
     # ----------------------------------------------------------------- models
     def record_model(self, model_id: str, path: Path, method: str, **info: Any) -> dict:
+        """Record a model file written inside the workspace; ``path`` is absolute or relative to
+        the working directory (as ``self.root`` is), and is stored relative to the workspace."""
+        root = self.root.resolve()
+        target = Path(path).resolve()
+        if root not in target.parents:
+            raise WorkspaceError(f"workspace {self.root}: model {model_id!r} at {path} is outside the workspace")
         entry = {
             "id": model_id,
             "method": method,
-            "path": str(path.relative_to(self.root)) if path.is_absolute() else str(path),
+            "path": target.relative_to(root).as_posix(),
             "created": time.time(),
             **info,
         }
