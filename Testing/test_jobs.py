@@ -18,7 +18,7 @@ from VQMedSegLib.errors import WorkspaceError
 from VQMedSegLib.jobs.events import read_events
 from VQMedSegLib.jobs.runner import JobContext, cancel, launch, running_job
 from VQMedSegLib.jobs.workspace import Workspace
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +73,51 @@ def test_annotated_empty_slice_is_labelled(workspace):
     assert workspace.annotate("extra", empty, slices=[0, 2]) == [0, 2]
     assert workspace.labelled_slices()["extra"] == [0, 2]
     assert workspace.load_annotation("extra").array.sum() == 0
+
+
+def test_adding_a_case_again_keeps_its_annotations_and_takes_an_mr_given_now(workspace):
+    ct, label = _disk_case(0)
+    before, entry = workspace.labelled_slices()["case0"], workspace.case("case0")
+    assert workspace.add_case("case0", ct.with_array(ct.array.astype(np.float64))) == entry  # the same CT: unchanged
+    assert workspace.labelled_slices()["case0"] == before and workspace.load_mr("case0") is None
+    mr = ct.with_array(ct.array[::-1].copy())
+    assert workspace.add_case("case0", ct, mr)["mr"] == "inputs/case0/mr.nrrd"
+    np.testing.assert_array_equal(workspace.load_mr("case0").array, mr.array)
+    workspace.add_case("case0", ct)  # no MR given this time: the stored one stays
+    np.testing.assert_array_equal(workspace.load_mr("case0").array, mr.array)
+    assert workspace.labelled_slices()["case0"] == before
+    np.testing.assert_array_equal(workspace.load_annotation("case0").array, label.array)
+
+
+@pytest.mark.parametrize("change", ["voxels", "shape", "origin"])
+def test_another_ct_under_a_case_id_already_taken_is_refused_not_written_over(workspace, change):
+    ct, _ = _disk_case(0)
+    other = {"voxels": ct.with_array(ct.array + 1),
+             "shape": Volume(ct.array[:4], spacing=ct.spacing, origin=ct.origin),
+             "origin": Volume(ct.array, spacing=ct.spacing, origin=(0.0, 0.0, 0.0))}[change]
+    with pytest.raises(WorkspaceError, match=r"case 'case0': the workspace already holds another CT .*6 annotated "
+                                             r"slices.*another case id"):
+        workspace.add_case("case0", other)
+    np.testing.assert_array_equal(workspace.load_ct("case0").array, ct.array)
+    assert workspace.labelled_slices()["case0"] == [0, 1, 2, 3, 4, 5]
+
+
+def test_workspace_add_says_a_case_is_kept_and_refuses_another_ct_under_its_id(workspace, tmp_path):
+    from VQMedSegLib.data.io import write_volume
+
+    ct, _ = _disk_case(0)
+    write_volume(ct, tmp_path / "same.nrrd")
+    write_volume(ct.with_array(ct.array[::-1].copy()), tmp_path / "mr.nrrd")
+    write_volume(_disk_case(1)[0], tmp_path / "other.nrrd")
+    kept = run_main("workspace", "add", workspace.root, "--case", "case0", "--ct", tmp_path / "same.nrrd",
+                    "--mr", tmp_path / "mr.nrrd")
+    assert kept.stdout == ("case case0: already in the workspace with this CT (6 slices + MR); "
+                           "kept with its 6 annotated slices; MR stored\n")
+    refused = run_main("workspace", "add", workspace.root, "--case", "case0", "--ct", tmp_path / "other.nrrd",
+                       check=False)
+    assert refused.returncode == WorkspaceError.exit_code
+    assert "case 'case0': the workspace already holds another CT" in refused.stderr
+    assert workspace.labelled_slices()["case0"] == [0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("root", ["ws", "sub/../ws"])

@@ -64,15 +64,30 @@ def test_ct_and_mr_nodes_become_a_workspace_case_with_their_geometry(scene, tmp_
     np.testing.assert_allclose(stored_ct.spacing, ct.spacing, atol=1e-9)
     np.testing.assert_array_equal(stored_mr.array, mr.array)
     np.testing.assert_allclose(stored_mr.origin, mr.origin, atol=1e-9)
-    # preparing again keeps the case; a different grid under the same name is refused
+    # preparing again keeps the case; a different grid or different voxels under the same name are refused
     assert logic.prepare(ct_node, mr_node) == case_id
     other = mrml.add_volume(scene, Volume(np.zeros((4, 8, 8), np.int16)), "CT abdomen")
     with pytest.raises(Exception, match="shape"):
         logic.prepare(other, None, case_id=case_id)
+    edited = mrml.add_volume(scene, ct.with_array(ct.array + 1), "CT abdomen")
+    with pytest.raises(Exception, match="voxel values differ.*rename the CT volume 'CT abdomen'"):
+        logic.prepare(edited, None, case_id=case_id)
     with pytest.raises(Exception, match="is the CT"):
         logic.prepare(ct_node, ct_node)
     status = logic.status()
     assert status["cases"] == [case_id] and status["labelled_slices"] == 0 and status["total_slices"] == 10
+
+
+def test_an_mr_picked_after_the_case_was_prepared_with_ct_alone_is_stored(scene, tmp_path):
+    rng = np.random.default_rng(1)
+    ct = Volume(rng.integers(-1000, 400, (6, 16, 16)).astype(np.int16), (0.8, 0.8, 3.0))
+    mr = Volume(rng.random((5, 12, 12)).astype(np.float32), (1.5, 1.5, 4.0))
+    ct_node = mrml.add_volume(scene, ct, "CT")
+    logic = WorkflowLogic(scene)
+    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    assert logic.workspace.load_mr(case_id) is None
+    assert logic.prepare(ct_node, mrml.add_volume(scene, mr, "MR")) == case_id
+    np.testing.assert_array_equal(logic.workspace.load_mr(case_id).array, mr.array)
 
 
 def test_the_keep_every_piece_choice_reaches_the_predict_job(scene, tmp_path):

@@ -194,8 +194,16 @@ def cmd_workspace_add(args) -> int:
     ws = Workspace.open(args.workspace)
     ct = read_volume(args.ct, modality="CT")
     mr = read_volume(args.mr, modality="MR") if args.mr else None
-    entry = ws.add_case(safe_id(args.case), ct, mr)
-    sys.stdout.write(f"case {args.case}: {entry['n_slices']} slices{' + MR' if mr is not None else ''}\n")
+    known = ws.cases().get(safe_id(args.case))
+    entry = ws.add_case(args.case, ct, mr)
+    size = f"{entry['n_slices']} slices{' + MR' if entry.get('mr') else ''}"
+    if known is None:
+        sys.stdout.write(f"case {args.case}: {size}\n")
+    else:
+        labelled = len(ws.labelled_slices().get(args.case, []))
+        mr_note = "; MR stored" if mr is not None and entry is not known else ""
+        sys.stdout.write(f"case {args.case}: already in the workspace with this CT ({size}); "
+                         f"kept with its {labelled} annotated slices{mr_note}\n")
     return 0
 
 

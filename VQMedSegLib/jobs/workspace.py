@@ -154,11 +154,20 @@ class Workspace:
 
     # ------------------------------------------------------------------ cases
     def add_case(self, case_id: str, ct: Volume, mr: Volume | None = None, slice_size: int = 128) -> dict:
-        """Register a case: copy its volumes into ``inputs/`` and record their geometry."""
+        """Register a case: copy its volumes into ``inputs/`` and record their geometry.
+
+        Adding a case again is safe. With the same CT (grid and voxel values) the case, its
+        annotations and predictions are kept; an MR given now is stored, and one stored
+        before is kept when none is given. Another CT under the same id is refused: the
+        annotations were drawn on the stored one.
+        """
         from ..data.io import write_volume  # local: keeps `import workspace` light (no torch)
         from ..data.preprocessing import plan_slices
 
         safe_id(case_id)
+        known = self.cases().get(case_id)
+        if known is not None:
+            return self._add_case_again(case_id, known, ct, mr)
         case_dir = self.case_dir(case_id)
         write_volume(ct, case_dir / "ct.nrrd")
         if mr is not None:
@@ -176,6 +185,33 @@ class Workspace:
         with self.edit_state() as state:
             state["cases"][case_id] = entry
         self.events().emit("case_added", case=case_id, has_mr=mr is not None)
+        return entry
+
+    def _add_case_again(self, case_id: str, known: dict, ct: Volume, mr: Volume | None) -> dict:
+        from ..data.io import write_volume
+
+        stored = self.load_ct(case_id)
+        problems = stored.geometry_mismatch(ct)
+        if not problems and not np.array_equal(stored.array, ct.array):
+            problems = ["the voxel values differ"]
+        if problems:
+            labelled = len(self.labelled_slices().get(case_id, []))
+            raise WorkspaceError(
+                f"case {case_id!r}: the workspace already holds another CT under this id ({'; '.join(problems)}; "
+                f"given against stored), with {labelled} annotated slices drawn on it; register this CT under "
+                "another case id"
+            )
+        if mr is None:
+            return known
+        if known.get("mr"):
+            old = self.load_mr(case_id)
+            if old is not None and old.same_geometry(mr) and np.array_equal(old.array, mr.array):
+                return known
+        write_volume(mr, self.case_dir(case_id) / "mr.nrrd")
+        with self.edit_state() as state:
+            entry = state["cases"][case_id]
+            entry["mr"] = f"inputs/{case_id}/mr.nrrd"
+        self.events().emit("case_mr_added", case=case_id, replaced=bool(known.get("mr")))
         return entry
 
     def cases(self) -> dict[str, dict]:

@@ -135,7 +135,8 @@ class WorkflowLogic:
         """Copy the CT (and MR) nodes into the workspace as a case; returns the case id.
 
         A case already in the workspace under that id is kept (its annotations too) when
-        the CT grid is the same; a different grid is an error, never an overwrite.
+        the CT is the same, and takes an MR picked now; another CT is an error, never an
+        overwrite (:meth:`Workspace.add_case`).
         """
         from ..export.mrml import volume_from_node
 
@@ -147,15 +148,14 @@ class WorkflowLogic:
         case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or sanitize_id(ct_node.GetName())
         ct = volume_from_node(ct_node)
         mr = volume_from_node(mr_node) if mr_node is not None else None
-        known = ws.cases().get(case_id)
-        if known is not None:
-            if list(known["shape"]) != list(ct.shape):
-                raise WorkspaceError(
-                    f"case {case_id!r}: the workspace holds a CT of shape {tuple(known['shape'])}, the selected CT "
-                    f"{ct_node.GetName()!r} has {ct.shape}; rename the volume or use another workspace"
-                )
-        else:
+        known = case_id in ws.cases()
+        try:
             ws.add_case(case_id, ct, mr)
+        except WorkspaceError as exc:
+            if not known:
+                raise
+            # the case id comes from the CT node's name
+            raise WorkspaceError(f"{exc}: rename the CT volume {ct_node.GetName()!r} or use another workspace") from None
         ct_node.SetAttribute(CASE_ATTRIBUTE, case_id)
         if mr_node is not None:
             mr_node.SetAttribute(CASE_ATTRIBUTE, case_id)
