@@ -210,6 +210,17 @@ def test_label_with_no_labelled_voxel(ws_with_case, tmp_path):
     assert Workspace.open(ws_with_case).labelled_slices() == {}
 
 
+@pytest.mark.parametrize("slices", ["3-1", "", " , "])
+def test_slices_that_name_no_slice_are_refused_not_taken_as_none_or_all(ws_with_case, tmp_path, slices):
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[:, 5:9, 5:9] = 1
+    write_volume(Volume(label, spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
+    r = run_main("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd",
+                 "--slices", slices, check=False)
+    refused(r, f"--slices {slices!r}", "expected", code=2)
+    assert Workspace.open(ws_with_case).labelled_slices() == {}
+
+
 # ----------------------------------------------------------------- configuration
 def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({"iteratoins": 10}))

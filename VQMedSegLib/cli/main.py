@@ -21,8 +21,9 @@ from ..errors import InputError, VQMedSegError
 log = logging.getLogger("vqmedseg")
 
 
-def _parse_slices(text: str) -> list[int]:
-    """``"3,5,10-12"`` -> ``[3, 5, 10, 11, 12]``."""
+def _parse_indices(text: str, option: str = "--slices") -> list[int]:
+    """``"3,5,10-12"`` -> ``[3, 5, 10, 11, 12]``; a backwards range or a list naming no index is an error."""
+    expected = "expected comma-separated indices or ranges such as 3,5,10-12"
     out: list[int] = []
     try:
         for part in text.split(","):
@@ -30,12 +31,16 @@ def _parse_slices(text: str) -> list[int]:
             if not part:
                 continue
             if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
+                a, b = (int(v) for v in part.split("-", 1))
+                if b < a:
+                    raise InputError(f"{option} {text!r}: the range {part} runs backwards; {expected}")
+                out.extend(range(a, b + 1))
             else:
                 out.append(int(part))
     except ValueError:
-        raise InputError(f"--slices {text!r}: expected comma-separated indices or ranges such as 3,5,10-12") from None
+        raise InputError(f"{option} {text!r}: {expected}") from None
+    if not out:
+        raise InputError(f"{option} {text!r}: names no index; {expected}")
     return out
 
 
@@ -47,7 +52,7 @@ def _seed_list(args) -> list[int]:
     """``--seed-ids 1,4-5`` as given, else ``--seeds N`` as 0 .. N-1."""
     if args.seed_ids is not None:
         try:
-            ids = _parse_slices(args.seed_ids)
+            ids = _parse_indices(args.seed_ids, "--seed-ids")
         except InputError:
             ids = None
         if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
@@ -213,7 +218,7 @@ def cmd_workspace_annotate(args) -> int:
 
     ws = Workspace.open(args.workspace)
     label = read_label(args.label)
-    slices = _parse_slices(args.slices) if args.slices else None
+    slices = _parse_indices(args.slices) if args.slices is not None else None
     labelled = ws.annotate(args.case, label, slices=slices, label_value=args.label_value)
     sys.stdout.write(f"case {args.case}: {len(labelled)} labelled slices\n")
     return 0
