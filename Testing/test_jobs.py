@@ -185,6 +185,29 @@ def test_cancel_file_stops_job_cleanly_and_resume_continues(workspace):
     assert any(e["type"] == "cancelled" for e in _events(workspace, job2))
 
 
+def test_ctrl_c_is_recorded_as_a_cancel_and_the_training_resumes(workspace):
+    # a terminal's Ctrl-C: SIGINT to the process (not ignored, whatever the test runner's shell did)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+    proc = subprocess.Popen([sys.executable, "-m", "VQMedSegLib", *_train_args(workspace, 100000)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not any(e["type"] == "checkpoint" for e in _events(workspace)) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in proc.stderr.read()
+    job = [j for j in workspace.load_state()["jobs"] if j["kind"] == "train"][-1]
+    assert job["status"] == "cancelled" and job["reason"] == "interrupted (Ctrl-C)"
+    assert [e for e in _events(workspace, job["id"]) if e["type"] == "cancelled"]
+    assert not [e for e in _events(workspace, job["id"]) if e["type"] == "error"]
+
+    proc2, job2 = launch(_train_args(workspace, 100000), workspace, "train")
+    _wait_for(workspace, job2, "resumed", proc2)
+    cancel(workspace, job_id=job2, proc=proc2, grace=60)
+
+
 def test_kill_9_then_resume_to_completion(workspace):
     args = _train_args(workspace, 40)
     proc, job = launch(args, workspace, "train")

@@ -11,7 +11,7 @@ group with an argument list (never a shell string), and :func:`cancel` asks it t
 then kills the whole process tree if it does not.
 
 Exit codes: 0 done, 2 bad input or configuration, 3 workspace busy or broken,
-130 cancelled, 1 anything unexpected.
+130 cancelled (a cancel request, SIGTERM or Ctrl-C), 1 anything unexpected.
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ class JobContext:
             if exc_type is None:
                 self.status = "done"
                 self.events.emit("finished", status="done")
-            elif issubclass(exc_type, JobCancelled):
+            elif issubclass(exc_type, (JobCancelled, KeyboardInterrupt)):
+                # Ctrl-C at a terminal is the user's cancel, not a failure; checkpoints are written
+                # atomically, so the job resumes from the last one like any cancelled job
                 self.status = "cancelled"
-                reason = str(exc) or "cancel requested"
+                reason = "interrupted (Ctrl-C)" if issubclass(exc_type, KeyboardInterrupt) else str(exc) or "cancel requested"
                 self.events.emit("cancelled", status="cancelled", reason=reason)
             elif issubclass(exc_type, VQMedSegError):
                 self.status = "failed"
