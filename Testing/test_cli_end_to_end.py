@@ -118,6 +118,25 @@ def test_predict_keeps_only_the_largest_liver_piece_unless_asked(demo_out, tmp_p
     assert 2 * np.sum(pieces["default"] & largest) / (pieces["default"].sum() + largest.sum()) > 0.99
 
 
+def test_every_command_line_option_says_what_it_is_for():
+    import argparse
+
+    from VQMedSegLib.cli.main import build_parser
+
+    silent = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not (action.help or "").strip():
+                silent.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "vqmedseg")
+    assert not silent, f"options without help: {silent}"
+
+
 def test_evaluate_rejects_mismatched_grids(tmp_path):
     a = Volume(np.ones((3, 8, 8), np.uint8), spacing=(1, 1, 2))
     b = Volume(np.ones((3, 8, 8), np.uint8), spacing=(1, 1, 3))

@@ -425,13 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
     def device_arg(sp):
         sp.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
+    def json_arg(sp, what: str = "the result"):
+        sp.add_argument("--json", action="store_true", help=f"print {what} as JSON")
+
+    def preset_arg(sp, method: str):
+        sp.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"],
+                        help=f"{method} settings: tiny: seconds, for tests; quick (default): minutes on a CPU; "
+                             "cpu: real scans on a CPU; paper: the papers' settings, for a GPU")
+
+    def workspace_arg(sp, positional: bool = False):
+        if positional:
+            sp.add_argument("workspace", help="the workspace folder")
+        else:
+            sp.add_argument("--workspace", required=True, help="the workspace folder ('vqmedseg workspace init')")
+
     d = sub.add_parser("demo", help="build a phantom example, train a small baseline, predict, write a Slicer scene")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu"],
                    help="tiny: seconds, for smoke tests; quick: minutes; cpu: a larger network, about nine times as long")
     d.add_argument("--iterations", type=int, default=None, help="override the preset's training iterations")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--json", action="store_true", help="print the result as JSON")
+    d.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of training (default 0)")
+    json_arg(d)
     device_arg(d)
     d.set_defaults(func=cmd_demo)
 
@@ -445,59 +459,59 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model-id", help="with --workspace: a model id from 'workspace status' (default: the newest)")
     pr.add_argument("--keep-all-components", action="store_true",
                     help="keep every predicted piece; by default a liver label keeps only its largest connected component")
-    pr.add_argument("--json", action="store_true")
+    json_arg(pr, "the written files")
     device_arg(pr)
     pr.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (mm) of a prediction against a reference")
-    ev.add_argument("--pred", required=True)
-    ev.add_argument("--ref", required=True)
+    ev.add_argument("--pred", required=True, help="the predicted label volume (.seg.nrrd, .nrrd, .nii.gz)")
+    ev.add_argument("--ref", required=True, help="the reference label volume, on the same grid")
     ev.add_argument("--label", type=int, default=1, help="label value to score (default 1)")
     ev.add_argument("--per-slice", action="store_true", help="also score every slice")
-    ev.add_argument("--json", action="store_true")
+    json_arg(ev, "the scores")
     ev.set_defaults(func=cmd_evaluate)
 
     ds = sub.add_parser("dataset", help="dataset tools")
     ds_sub = ds.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     dc = ds_sub.add_parser("check", help="list cases, label statistics and geometry problems")
-    dc.add_argument("path")
-    dc.add_argument("--json", action="store_true")
+    dc.add_argument("path", help="a dataset folder (layout recognised: CHAOS, ACDC, ...), a case folder, or an image file")
+    json_arg(dc, "the report")
     dc.set_defaults(func=cmd_dataset_check)
 
     wsp = sub.add_parser("workspace", help="create and fill a workspace")
     ws_sub = wsp.add_subparsers(dest="workspace_command", required=True, metavar="ACTION")
     wi = ws_sub.add_parser("init", help="create a workspace folder")
-    wi.add_argument("workspace")
-    wi.add_argument("--task", default="liver", choices=["liver", "lung-tumour"])
+    workspace_arg(wi, positional=True)
+    wi.add_argument("--task", default="liver", choices=["liver", "lung-tumour"],
+                    help="the structure to segment on CT (default liver)")
     wi.set_defaults(func=cmd_workspace_init)
     wa = ws_sub.add_parser("add", help="register a case (CT and optional MR)")
-    wa.add_argument("workspace")
-    wa.add_argument("--case", required=True)
-    wa.add_argument("--ct", required=True)
-    wa.add_argument("--mr")
+    workspace_arg(wa, positional=True)
+    wa.add_argument("--case", required=True, help="the case's id: letters, digits, '.', '_' or '-'")
+    wa.add_argument("--ct", required=True, help="CT volume: NRRD, NIfTI, MHA or a DICOM folder")
+    wa.add_argument("--mr", help="optional MR volume of the same patient (the auxiliary modality)")
     wa.set_defaults(func=cmd_workspace_add)
     wn = ws_sub.add_parser("annotate", help="store annotated slices of a case from a label volume")
-    wn.add_argument("workspace")
-    wn.add_argument("--case", required=True)
+    workspace_arg(wn, positional=True)
+    wn.add_argument("--case", required=True, help="the case's id, as given to 'workspace add'")
     wn.add_argument("--label", required=True, help="label volume on the case's CT grid (.nrrd, .nii.gz, .seg.nrrd)")
     wn.add_argument("--slices", help="indices along the slice axis that were annotated, e.g. 3,5,10-12 (default: all)")
     wn.add_argument("--label-value", type=int, default=None, help="foreground value (default: any non-zero)")
     wn.set_defaults(func=cmd_workspace_annotate)
     wst = ws_sub.add_parser(
         "status", help="cases, labelled slices, models, the running job, and the last five jobs with why any did not finish")
-    wst.add_argument("workspace")
-    wst.add_argument("--json", action="store_true")
+    workspace_arg(wst, positional=True)
+    json_arg(wst, "the status")
     wst.set_defaults(func=cmd_workspace_status)
 
     tr = sub.add_parser("train", help="train on the workspace's labelled slices (a resumable, cancellable job)")
-    tr.add_argument("--workspace", required=True)
+    workspace_arg(tr)
     tr.add_argument("--method", default="supervised", choices=["supervised", "begal", "vqseg"],
                     help="supervised: the U-Net baseline; begal: one VQ-BEGAL round; vqseg: VQ-Seg semi-supervised")
-    tr.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"],
-                    help="tiny: seconds, for tests; quick: minutes on a CPU; cpu: real scans on a CPU; paper: the papers' settings, for a GPU")
+    preset_arg(tr, "the method's")
     tr.add_argument("--config", help="JSON settings laid over the preset; the options given here win over both")
     tr.add_argument("--iterations", type=int, help="supervised and vqseg: training iterations")
-    tr.add_argument("--seed", type=int)
+    tr.add_argument("--seed", type=int, help="seed of initialisation and sampling (default: the preset's, 0)")
     tr.add_argument("--validation-cases", help="comma-separated annotated cases used only for validation")
     tr.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None, help="vqseg: QPM (default) or the dropout baseline")
     tr.add_argument("--dropout-rate", type=float, default=None, help="vqseg with --perturbation dropout")
@@ -506,45 +520,50 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     qu = sub.add_parser("query", help="suggest slices to annotate next (a job; writes suggestions.json)")
-    qu.add_argument("--workspace", required=True)
-    qu.add_argument("--strategy", default="begal", choices=["begal", "egal", "random", "entropy", "mcdropout", "coreset"])
-    qu.add_argument("--n", type=int, default=50, help="slices to suggest (BEGAL: half high-, half low-uncertainty)")
+    workspace_arg(qu)
+    qu.add_argument("--strategy", default="begal", choices=["begal", "egal", "random", "entropy", "mcdropout", "coreset"],
+                    help="begal (default): VQ-BEGAL's modality uncertainty, high and low; egal: the same score, high only; "
+                         "random; entropy: of the segmentation; mcdropout: of T dropout passes (10; tiny 3); coreset: k-centre greedy")
+    qu.add_argument("--n", type=int, default=50, help="slices to suggest (default 50; BEGAL: half high-, half low-uncertainty)")
     qu.add_argument("--budget", type=int, help="total slices that may be annotated (stored in the workspace)")
-    qu.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
+    preset_arg(qu, "VQ-BEGAL")
     qu.add_argument("--config", help="JSON VQ-BEGAL settings laid over the preset; the options given here win over both")
-    qu.add_argument("--seed", type=int)
+    qu.add_argument("--seed", type=int, help="seed of the random first set and of random selection (default: the preset's, 0)")
     qu.add_argument("--force", action="store_true", help="suggest even when validation Dice has plateaued")
-    qu.add_argument("--json", action="store_true")
+    json_arg(qu, "the suggestions")
     device_arg(qu)
     qu.set_defaults(func=cmd_query)
 
     si = sub.add_parser("simulate", help="compare active-learning strategies with the ground truth as oracle")
     si.add_argument("--dataset", required=True, help="phantom-liver, chaos, or a dataset folder")
-    si.add_argument("--strategies", default="begal,random,entropy,mcdropout,coreset,egal")
-    si.add_argument("--rounds", type=int, default=4)
+    si.add_argument("--strategies", default="begal,random,entropy,mcdropout,coreset,egal",
+                    help="comma-separated, from: begal, egal, random, entropy, mcdropout, coreset (default: all six)")
+    si.add_argument("--rounds", type=int, default=4, help="query rounds after the initial set (default 4)")
     si.add_argument("--per-round", type=int, default=10, help="slices selected per round (B)")
     si.add_argument("--initial", type=int, help="random initial slices (default: --per-round)")
     _seed_args(si, 2)
-    si.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
+    preset_arg(si, "VQ-BEGAL")
     si.add_argument("--config", help="JSON VQ-BEGAL settings laid over the preset; the options given here win over both")
-    si.add_argument("--out", required=True)
-    si.add_argument("--json", action="store_true")
+    si.add_argument("--out", required=True, help="output folder: results.json, results.md, run.json, a plot")
+    json_arg(si, "the results")
     device_arg(si)
     si.set_defaults(func=cmd_simulate)
 
     ss = sub.add_parser("ssl", help="semi-supervised experiment: supervised against VQ-Seg (and ablations)")
     ss.add_argument("--dataset", required=True, help="phantom-liver, phantom-lung, acdc, chaos-mr, or a dataset folder")
-    ss.add_argument("--labeled-fraction", type=float, default=0.1)
+    ss.add_argument("--labeled-fraction", type=float, default=0.1,
+                    help="share of the training slices that are labelled, in (0, 1] (default 0.1)")
     ss.add_argument("--methods", default="supervised,vqseg",
                     help="comma-separated: supervised, supervised-full (every training slice labelled), vqseg, vqseg-noqpm, vqseg-nodb, "
                          "vqseg-nopfa, vqseg-dropout, vqseg-labelled (VQ-Seg's network on the labelled slices alone)")
     _seed_args(ss, 2, " (to spread one experiment over processes or machines; gather the folders with ssl-merge)")
-    ss.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"])
+    preset_arg(ss, "VQ-Seg and U-Net")
     ss.add_argument("--config", help="JSON VQ-Seg settings laid over the preset; the options given here win over both")
-    ss.add_argument("--iterations", type=int)
+    ss.add_argument("--iterations", type=int, help="training iterations of every row (default: the preset's)")
     ss.add_argument("--foundation", default=None, help="litemedsam (default), dinov2:PATH, or none")
-    ss.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None)
-    ss.add_argument("--dropout-rate", type=float, default=None)
+    ss.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None,
+                    help="VQ-Seg's perturbation of the unlabelled slices: QPM (default), the dropout baseline, or none")
+    ss.add_argument("--dropout-rate", type=float, default=None, help="with --perturbation dropout")
     ss.add_argument("--strong-augment", action="store_true",
                     help="the paper's augmentation of unlabelled slices: rotation before the teacher, colour jitter and blur "
                          "on the student's CutMix view (on in the paper preset)")
@@ -555,28 +574,31 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--test-list", metavar="FILE",
                     help="case or patient ids, one per line: their patients are the test set "
                          "(default: the dataset's test.list, else the last quarter of the patients, sorted)")
-    ss.add_argument("--out", required=True)
-    ss.add_argument("--json", action="store_true")
+    ss.add_argument("--out", required=True, help="output folder: results.json, results.md, run.json, figures")
+    json_arg(ss, "the results")
     device_arg(ss)
     ss.set_defaults(func=cmd_ssl)
 
     sm = sub.add_parser("ssl-merge", help="merge `ssl` runs of one experiment (seeds or methods run apart) into one result")
     sm.add_argument("folders", nargs="+", help="the runs' --out folders")
-    sm.add_argument("--out", required=True)
+    sm.add_argument("--out", required=True, help="output folder of the merged result")
     sm.add_argument("--methods", help="the rows' order, such as supervised,vqseg,supervised-full (default: as found)")
-    sm.add_argument("--json", action="store_true")
+    json_arg(sm, "the merged results")
     sm.set_defaults(func=cmd_ssl_merge)
 
     ca = sub.add_parser("cancel", help="ask the job running on a workspace to stop")
-    ca.add_argument("--workspace", required=True)
+    workspace_arg(ca)
     ca.add_argument("--job", help="job id (default: whichever job holds the workspace)")
     ca.set_defaults(func=cmd_cancel)
 
     ph = sub.add_parser("phantom", help="write synthetic phantom cases (CT, MR, labels) as NRRD")
-    ph.add_argument("--out", required=True)
-    ph.add_argument("--kind", default="phantom-liver", choices=["phantom-liver", "phantom-lung"])
-    ph.add_argument("--n", type=int, default=2)
-    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--out", required=True,
+                    help="output folder: CASE/ct.nrrd and ct_label.nrrd (liver 1, right kidney 2, left kidney 3, spleen 4; "
+                         "lung: tumour 1), with mr.nrrd and mr_label.nrrd for the liver")
+    ph.add_argument("--kind", default="phantom-liver", choices=["phantom-liver", "phantom-lung"],
+                    help="paired CT and MR of the abdomen (default), or a chest CT with one lung tumour")
+    ph.add_argument("--n", type=int, default=2, help="number of cases (default 2)")
+    ph.add_argument("--seed", type=int, default=0, help="dataset seed; case N depends only on it and N (default 0)")
     ph.set_defaults(func=cmd_phantom)
     return p
 
