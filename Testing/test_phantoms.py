@@ -260,3 +260,30 @@ def test_generation_is_fast() -> None:
     start = time.perf_counter()
     make_abdominal_case(123)
     assert time.perf_counter() - start < 3.0
+
+
+@pytest.mark.parametrize("kind", ["phantom-liver", "phantom-lung"])
+def test_the_phantom_command_writes_the_cases_make_dataset_makes(tmp_path, kind) -> None:
+    from conftest import run_main
+
+    from VQMedSegLib.data.io import read_label, read_volume
+
+    out = run_main("phantom", "--out", tmp_path, "--kind", kind, "--n", "2", "--seed", "5").stdout.split()
+    cases = make_dataset(kind, 2, seed=5)
+    assert out == [str(tmp_path / c.case_id) for c in cases]
+    for case in cases:
+        folder = tmp_path / case.case_id
+        expected = {"ct.nrrd", "ct_label.nrrd"} | ({"mr.nrrd", "mr_label.nrrd"} if case.mr is not None else set())
+        assert {p.name for p in folder.iterdir()} == expected
+        ct, label = read_volume(folder / "ct.nrrd"), read_label(folder / "ct_label.nrrd")
+        assert ct.same_geometry(case.ct) and np.allclose(ct.array, case.ct.array)
+        assert np.array_equal(label.array, case.ct_label.array)
+        assert set(np.unique(label.array)) == {0, *(LIVER_LABELS if kind == "phantom-liver" else LUNG_LABELS).values()}
+
+
+def test_the_phantom_command_refuses_no_cases(tmp_path) -> None:
+    from conftest import run_main
+
+    r = run_main("phantom", "--out", tmp_path / "none", "--n", "0", check=False)
+    assert r.returncode == 2 and "--n 0: expected at least 1 case" in r.stderr
+    assert not (tmp_path / "none").exists()

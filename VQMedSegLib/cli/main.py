@@ -404,6 +404,8 @@ def cmd_phantom(args) -> int:
     from ..data.io import write_volume
     from ..data.phantoms import make_dataset
 
+    if args.n < 1:
+        raise InputError(f"--n {args.n}: expected at least 1 case")
     out = Path(args.out)
     for case in make_dataset(args.kind, args.n, seed=args.seed):
         write_volume(case.ct, out / case.case_id / "ct.nrrd")
