@@ -277,6 +277,27 @@ def _job_record(ws: Workspace, job: str) -> list[str]:
     return [j["status"] for j in ws.load_state()["jobs"] if j["id"] == job]
 
 
+def test_the_cancel_command_names_the_job_it_stops_and_writes_nothing_when_none_runs(workspace):
+    def cancel_files() -> list[str]:
+        return sorted(str(p.relative_to(workspace.root)) for p in workspace.root.rglob("cancel"))
+
+    idle = run_main("cancel", "--workspace", workspace.root)
+    assert idle.stdout == f"no job is running on workspace {workspace.root}; nothing to cancel\n"
+    assert cancel_files() == []
+    holder, held = _hold_the_lock(workspace)
+    try:
+        other = run_main("cancel", "--workspace", workspace.root, "--job", "20260101-000000-train-abcdef")
+        assert other.stdout == (f"job 20260101-000000-train-abcdef is not running on workspace {workspace.root} "
+                                f"(running: {held}); nothing to cancel\n")
+        assert cancel_files() == []
+        asked = run_main("cancel", "--workspace", workspace.root)
+        assert asked.stdout == f"cancel requested for job {held}; it stops at its next step\n"
+        assert cancel_files() == [f"jobs/{held}/cancel"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_job_refused_before_it_begins_is_recorded_in_the_workspace(workspace):
     """The command line refuses `--preset paper` on a CPU under `--device auto` before any
     job context exists; the workspace's event log and job list still say so, with the reason."""

@@ -394,9 +394,14 @@ def cmd_cancel(args) -> int:
     from ..jobs.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
-    info = running_job(ws)
+    running = (running_job(ws) or {}).get("job")
+    # a job clears cancel requests as it starts, so one left for a job not running would do nothing
+    if running is None or (args.job is not None and args.job != running and running != "unknown"):
+        named = f"job {args.job} is not running" if args.job else "no job is running"
+        sys.stdout.write(f"{named} on workspace {ws.root}{f' (running: {running})' if running else ''}; nothing to cancel\n")
+        return 0
     cancel(ws, job_id=args.job)
-    sys.stdout.write(f"cancel requested for {info.get('job') if info else 'the next job to check'}\n")
+    sys.stdout.write(f"cancel requested for job {args.job or running}; it stops at its next step\n")
     return 0
 
 
