@@ -113,6 +113,9 @@ def test_workspace_add_says_a_case_is_kept_and_refuses_another_ct_under_its_id(w
                     "--mr", tmp_path / "mr.nrrd")
     assert kept.stdout == ("case case0: already in the workspace with this CT (6 slices + MR); "
                            "kept with its 6 annotated slices; MR stored\n")
+    again = run_main("workspace", "add", workspace.root, "--case", "case0", "--ct", tmp_path / "same.nrrd",
+                     "--mr", tmp_path / "mr.nrrd")
+    assert again.stdout.endswith("kept with its 6 annotated slices\n")  # the same MR: nothing stored
     refused = run_main("workspace", "add", workspace.root, "--case", "case0", "--ct", tmp_path / "other.nrrd",
                        check=False)
     assert refused.returncode == WorkspaceError.exit_code

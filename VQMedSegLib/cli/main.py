@@ -206,7 +206,7 @@ def cmd_workspace_add(args) -> int:
         sys.stdout.write(f"case {args.case}: {size}\n")
     else:
         labelled = len(ws.labelled_slices().get(args.case, []))
-        mr_note = "; MR stored" if mr is not None and entry is not known else ""
+        mr_note = "; MR stored" if entry.get("mr_added") != known.get("mr_added") else ""
         sys.stdout.write(f"case {args.case}: already in the workspace with this CT ({size}); "
                          f"kept with its {labelled} annotated slices{mr_note}\n")
     return 0

@@ -211,6 +211,7 @@ class Workspace:
         with self.edit_state() as state:
             entry = state["cases"][case_id]
             entry["mr"] = f"inputs/{case_id}/mr.nrrd"
+            entry["mr_added"] = time.time()
         self.events().emit("case_mr_added", case=case_id, replaced=bool(known.get("mr")))
         return entry
 
