@@ -163,3 +163,20 @@ def test_dataset_check_finds_chaos_ct_aligned(real_data):
     assert liver["voxels"] > 100000
     assert liver["mean_intensity"] > 100, "contrast-enhanced liver must be well above 100 HU when aligned"
     assert case["labels"]["0"]["mean_intensity"] < 0
+
+
+@pytest.mark.realdata
+def test_evaluate_scores_against_chaos_png_masks_given_as_the_reference(real_data, tmp_path):
+    from VQMedSegLib.data.datasets import discover_cases, load_case
+
+    case_dir = real_data / "chaos" / "Train_Sets" / "CT" / "1"
+    (ref,) = discover_cases(case_dir)
+    image, liver = load_case(ref)
+    eroded = liver.with_array(liver.array.copy())
+    eroded.array[: eroded.shape[0] // 2] = 0  # half of the liver's slices missed
+    write_volume(eroded, tmp_path / "pred.nrrd")
+    expected = 2 * eroded.array.sum() / (eroded.array.sum() + liver.array.sum())
+    for reference in (case_dir / "Ground", case_dir):  # the masks' folder, or the case's
+        scores = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "pred.nrrd", "--ref", reference, "--json").stdout)
+        assert scores["dice"] == pytest.approx(expected, abs=1e-6), reference
+        assert scores["units"] == "mm"

@@ -148,10 +148,11 @@ def _predict_workspace(args, device) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from ..data.datasets import read_reference_label
     from ..data.io import read_label
     from ..metrics.segmentation import per_slice_scores, score_volumes
 
-    ref = read_label(args.ref)
+    ref = read_reference_label(args.ref)
     pred = read_label(args.pred, reference=ref)
     scores = score_volumes(pred, ref, label=args.label).to_json()
     result = {"prediction": str(args.pred), "reference": str(args.ref), "label": args.label, **scores}
@@ -472,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (mm) of a prediction against a reference")
     ev.add_argument("--pred", required=True, help="the predicted label volume (.seg.nrrd, .nrrd, .nii.gz)")
-    ev.add_argument("--ref", required=True, help="the reference label volume, on the same grid")
+    ev.add_argument("--ref", required=True, help="the reference label volume on the same grid, or a CHAOS case's Ground folder of PNG masks")
     ev.add_argument("--label", type=int, default=1, help="label value to score (default 1)")
     ev.add_argument("--per-slice", action="store_true", help="also score every slice")
     json_arg(ev, "the scores")

@@ -472,6 +472,24 @@ def load_case(ref: CaseRef, *, check_geometry: bool = True) -> tuple[Volume, Vol
     return image, label
 
 
+def read_reference_label(path: str | os.PathLike) -> Volume:
+    """A reference label for scoring: a label file, or a CHAOS case's PNG masks.
+
+    PNG masks carry no geometry and no slice order of their own, so a CHAOS ``Ground``
+    folder (or the case folder holding it) is read with the DICOM series beside it, as
+    :func:`load_case` does. Anything else goes to :func:`~VQMedSegLib.data.io.read_label`.
+    """
+    path = Path(path)
+    folder = path.parent if path.is_dir() and path.name == "Ground" else path
+    if folder.is_dir() and _find_dicom_anon(folder):
+        refs = [r for r in _chaos_cases(folder, None) if r.label is not None]
+        if len(refs) == 1:
+            return load_case(refs[0])[1]
+        if len(refs) > 1:
+            raise InputError(f"{path}: found {len(refs)} CHAOS cases with masks; expected one case's folder or its Ground folder")
+    return read_label(path)
+
+
 # --------------------------------------------------------------------------- CHAOS masks
 def _chaos_mr_map(values: np.ndarray) -> np.ndarray:
     out = np.zeros(values.shape, dtype=np.uint8)
