@@ -85,6 +85,8 @@ def test_query_train_rounds(setup):
     done = vq("query", "--workspace", ws, "--n", "6", "--preset", "tiny")
     assert "budget of 14 slices is spent" in done.stdout
 
+    unknown = vq("predict", "--workspace", ws, "--model-id", "begal-r09", check=False)
+    assert unknown.returncode == 2 and "--model-id 'begal-r09': not a model of workspace" in unknown.stderr
     model = Workspace.open(ws).latest_model("begal")["path"]
     case = cases[0].case_id
     vq("predict", "--model", ws / model, "--ct", root / f"{case}_ct.nrrd", "--out", root / "ct_only")

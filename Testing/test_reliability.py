@@ -222,6 +222,24 @@ def test_slices_that_name_no_slice_are_refused_not_taken_as_none_or_all(ws_with_
 
 
 # ----------------------------------------------------------------- configuration
+@pytest.mark.parametrize("argv, needles", [
+    (("train", "--method", "begal", "--iterations", "5"), ("--iterations", "not used by --method begal", "--config")),
+    (("train", "--method", "supervised", "--perturbation", "dropout"), ("--perturbation", "only --method vqseg")),
+    (("train", "--method", "begal", "--foundation", "none"), ("--foundation", "only --method vqseg")),
+    (("predict", "--out", "elsewhere"), ("--out", "not used with --workspace", "predictions/<case>/")),
+])
+def test_options_a_command_would_ignore_are_refused(ws_with_case, argv, needles):
+    # an option that changes nothing must not pass silently: the user believes it took effect
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[:, 5:9, 5:9] = 1
+    ws = Workspace.open(ws_with_case)
+    ws.annotate("c1", Volume(label, spacing=(1.0, 1.0, 2.5)))
+    r = run_main(argv[0], "--workspace", ws_with_case, *argv[1:], "--preset" if argv[0] == "train" else "--device",
+                 "tiny" if argv[0] == "train" else "cpu", check=False)
+    refused(r, *needles, code=2)
+    assert ws.load_state()["models"] == []
+
+
 def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({"iteratoins": 10}))
     refused(run_main("train", "--workspace", ws_with_case, "--config", tmp_path / "typo.json", check=False), "iteratoins", code=2)

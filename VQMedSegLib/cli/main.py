@@ -102,7 +102,15 @@ def cmd_predict(args) -> int:
     from ..device import resolve_device
 
     if args.workspace:
+        unused = [flag for flag, value in (("--model", args.model), ("--ct", args.ct), ("--mr", args.mr),
+                                           ("--out", args.out)) if value]
+        if unused:
+            raise InputError(f"predict: {', '.join(unused)} not used with --workspace, which predicts the workspace's "
+                             "cases with its models into predictions/<case>/; choose a model with --model-id")
         return _predict_workspace(args, resolve_device(args.device))
+    unused = [flag for flag, value in (("--case", args.case), ("--model-id", args.model_id)) if value]
+    if unused:
+        raise InputError(f"predict: {', '.join(unused)} only with --workspace")
     missing = [flag for flag, value in (("--model", args.model), ("--ct", args.ct), ("--out", args.out)) if not value]
     if missing:
         raise InputError(f"predict: {', '.join(missing)} missing; give --model, --ct and --out, or --workspace")
@@ -290,6 +298,7 @@ def cmd_train(args) -> int:
     from ..jobs.runner import JobContext
     from ..jobs.workspace import Workspace
 
+    _refuse_options_the_method_ignores(args)
     ws = Workspace.open(args.workspace)
     device = _device_for_preset(args)
     if args.method == "supervised":
@@ -325,6 +334,19 @@ def cmd_train(args) -> int:
     if info.is_main:
         sys.stdout.write(f"model {entry['id']} written to {ws.root / entry['path']}\n")
     return 0
+
+
+def _refuse_options_the_method_ignores(args) -> None:
+    """An option that would change nothing is an error: whoever gave it believes it took effect."""
+    if args.method == "begal" and args.iterations is not None:
+        raise InputError(f"--iterations {args.iterations}: not used by --method begal, whose rounds train in phases; "
+                         "set initial_iterations, encoder_iterations and decoder_iterations in --config")
+    if args.method != "vqseg":
+        given = [flag for flag, value in (("--perturbation", args.perturbation), ("--dropout-rate", args.dropout_rate),
+                                          ("--foundation", args.foundation)) if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)}: only --method vqseg uses {'it' if len(given) == 1 else 'them'}; "
+                             f"--method {args.method} would ignore {'it' if len(given) == 1 else 'them'}")
 
 
 def cmd_query(args) -> int:

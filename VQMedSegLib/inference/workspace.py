@@ -52,7 +52,7 @@ def predict_workspace(
     else:
         found = [m for m in models if m["id"] == model_id]
         if not found:
-            raise InputError(f"--model {model_id!r}: not a model of workspace {ws.root}; known: {', '.join(m['id'] for m in models)}")
+            raise InputError(f"--model-id {model_id!r}: not a model of workspace {ws.root}; known: {', '.join(m['id'] for m in models)}")
         entry = found[0]
     cases = case_ids or sorted(state["cases"])
     for case_id in cases:
