@@ -205,6 +205,31 @@ def test_label_values_outside_the_task(ws_with_case, tmp_path):
     assert Workspace.open(ws_with_case).labelled_slices() == {"c1": list(range(8))}
 
 
+def test_a_slicer_segmentation_gives_the_segment_named_for_the_task(ws_with_case, tmp_path):
+    from VQMedSegLib.data.io import write_segmentation
+
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[2:5, 5:9, 5:9], label[3, 12:15, 12:15] = 1, 2
+    volume = Volume(label, spacing=(1.0, 1.0, 2.5))
+    liver_second = [{"label": 1, "name": "Tumor"}, {"label": 2, "name": "liver"}]  # the target is value 2 here
+    write_segmentation(volume, tmp_path / "edited.seg.nrrd", liver_second)
+    r = run_main("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "edited.seg.nrrd",
+                 "--slices", "2-4")
+    assert r.stdout == "case c1: 3 labelled slices, from segment 'liver' (value 2)\n"
+    stored = Workspace.open(ws_with_case).load_annotation("c1").array
+    np.testing.assert_array_equal(stored, (label == 2).astype(np.uint8))
+    # one segment, named for the task, with a value other than 1
+    single = (label == 2).astype(np.uint8) * 7
+    write_segmentation(volume.with_array(single), tmp_path / "one.seg.nrrd", [{"label": 7, "name": "Liver"}])
+    r = run_main("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "one.seg.nrrd",
+                 "--slices", "3")
+    assert r.stdout == "case c1: 3 labelled slices, from segment 'Liver' (value 7)\n"
+    # several segments, none named for the task: they are listed
+    write_segmentation(volume, tmp_path / "other.seg.nrrd", [{"label": 1, "name": "Segment_1"}, {"label": 2, "name": "Segment_2"}])
+    r = run_main("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "other.seg.nrrd", check=False)
+    refused(r, "segments Segment_1 (1), Segment_2 (2)", "none is named 'Liver'", "--label-value", code=2)
+
+
 def test_label_with_no_labelled_voxel(ws_with_case, tmp_path):
     refused(annotate(ws_with_case, tmp_path, np.zeros((8, 24, 24), np.uint8)), "no labelled voxel", "--slices", code=2)
     assert Workspace.open(ws_with_case).labelled_slices() == {}

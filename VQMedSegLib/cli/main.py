@@ -223,13 +223,16 @@ def cmd_workspace_add(args) -> int:
 
 def cmd_workspace_annotate(args) -> int:
     from ..data.io import read_label
-    from ..jobs.workspace import Workspace
+    from ..jobs.workspace import Workspace, segment_for_task
 
     ws = Workspace.open(args.workspace)
     label = read_label(args.label)
     slices = _parse_indices(args.slices) if args.slices is not None else None
-    labelled = ws.annotate(args.case, label, slices=slices, label_value=args.label_value)
-    sys.stdout.write(f"case {args.case}: {len(labelled)} labelled slices\n")
+    segment = segment_for_task(label, ws.task) if args.label_value is None else None
+    value = segment["label"] if segment else args.label_value
+    labelled = ws.annotate(args.case, label, slices=slices, label_value=value)
+    source = f", from segment {segment['name']!r} (value {value})" if segment else ""
+    sys.stdout.write(f"case {args.case}: {len(labelled)} labelled slices{source}\n")
     return 0
 
 
@@ -526,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     wn.add_argument("--case", required=True, help="the case's id, as given to 'workspace add'")
     wn.add_argument("--label", required=True, help="label volume on the case's CT grid (.nrrd, .nii.gz, .seg.nrrd)")
     wn.add_argument("--slices", help="indices along the slice axis that were annotated, e.g. 3,5,10-12 (default: all)")
-    wn.add_argument("--label-value", type=int, default=None, help="foreground value (default: any non-zero)")
+    wn.add_argument("--label-value", type=int, default=None, help="foreground value (default: any non-zero; in a .seg.nrrd with several segments, the one named for the task, such as Liver)")
     wn.set_defaults(func=cmd_workspace_annotate)
     wst = ws_sub.add_parser(
         "status", help="cases, labelled slices, models, the running job, and the last five jobs with why any did not finish")
