@@ -227,7 +227,7 @@ def test_a_slicer_segmentation_gives_the_segment_named_for_the_task(ws_with_case
     # several segments, none named for the task: they are listed
     write_segmentation(volume, tmp_path / "other.seg.nrrd", [{"label": 1, "name": "Segment_1"}, {"label": 2, "name": "Segment_2"}])
     r = run_main("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "other.seg.nrrd", check=False)
-    refused(r, "segments Segment_1 (1), Segment_2 (2)", "none is named 'Liver'", "--label-value", code=2)
+    refused(r, "segments 'Segment_1', 'Segment_2'", "none is named 'Liver'", "--label-value", code=2)
 
 
 def test_label_with_no_labelled_voxel(ws_with_case, tmp_path):

@@ -147,6 +147,29 @@ def test_a_segmentation_edited_on_two_slices_gives_exactly_two_labelled_slices(s
     assert ijk[2] == pytest.approx(9.0)
 
 
+def test_only_the_segment_named_for_the_task_is_stored_as_the_annotation(scene, tmp_path, phantom):
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    logic = WorkflowLogic(scene)
+    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    truth = (phantom.ct_label.array == 1).astype(np.uint8)
+    painted = np.zeros(phantom.ct.shape, np.uint8)
+    painted[6] = truth[6]
+    painted[10] = (phantom.ct_label.array[10] == 4) * 2  # the annotator's own extra segment: the spleen, on slice 10
+    assert painted[10].any()
+    segments = [{"value": 1, "name": "liver", "color": (1, 0, 0)}, {"value": 2, "name": "Spleen", "color": (0, 0, 1)}]
+    edited = mrml.add_segmentation(scene, phantom.ct.with_array(painted), segments, reference_node=ct_node, name="edited")
+    assert logic.annotated_slices(edited, case_id) == [6]
+    assert logic.mark_annotated(case_id, [6, 10], edited) == [6, 10]
+    stored = logic.workspace.load_annotation(case_id).array
+    np.testing.assert_array_equal(stored[6], truth[6])
+    assert stored[10].sum() == 0  # the spleen is not liver
+    # two segments, neither named for the task: refused, listing them
+    segments[0]["name"] = "Segment_1"
+    unnamed = mrml.add_segmentation(scene, phantom.ct.with_array(painted), segments, reference_node=ct_node, name="unnamed")
+    with pytest.raises(Exception, match=r"segments 'Segment_1', 'Spleen'.*none is named 'Liver'"):
+        logic.mark_annotated(case_id, [6], unnamed)
+
+
 def _truth_node(scene, phantom, ct_node):
     return mrml.add_segmentation(scene, phantom.ct_label.with_array((phantom.ct_label.array == 1).astype(np.uint8)),
                                  [{"value": 1, "name": "Liver", "color": (1, 0, 0)}], reference_node=ct_node, name="truth")

@@ -55,3 +55,22 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise InputError(f"task {name!r}: expected one of {', '.join(sorted(TASKS))}") from None
+
+
+def target_segment(names: list[str], task: str, source: str) -> int | None:
+    """Which of a segmentation's segments (by name, in order) holds ``task``'s target.
+
+    The segment named as the task's segment (``Liver``; any case) is the target, whatever
+    its label value. ``None`` when there is no such segment and at most one segment: the
+    labels are then taken as they are. Several segments and none (or more than one)
+    named for the task is an :class:`InputError` naming ``source`` and listing them.
+    """
+    wanted = get_task(task).segment_name
+    named = [i for i, name in enumerate(names) if str(name).strip().casefold() == wanted.casefold()]
+    if len(named) == 1:
+        return named[0]
+    if len(names) < 2 and not named:
+        return None
+    raise InputError(f"{source}: segments {', '.join(repr(str(n)) for n in names)}; "
+                     f"{'none is' if not named else 'more than one is'} named {wanted!r} for task {task!r}; "
+                     f"name the target's segment {wanted!r}")

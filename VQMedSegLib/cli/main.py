@@ -228,7 +228,10 @@ def cmd_workspace_annotate(args) -> int:
     ws = Workspace.open(args.workspace)
     label = read_label(args.label)
     slices = _parse_indices(args.slices) if args.slices is not None else None
-    segment = segment_for_task(label, ws.task) if args.label_value is None else None
+    try:
+        segment = segment_for_task(label, ws.task) if args.label_value is None else None
+    except InputError as exc:
+        raise InputError(f"{exc}, or give its value with --label-value") from None
     value = segment["label"] if segment else args.label_value
     labelled = ws.annotate(args.case, label, slices=slices, label_value=value)
     source = f", from segment {segment['name']!r} (value {value})" if segment else ""

@@ -345,6 +345,7 @@ def labelmap_from_segmentation(
     segmentation_node: Any,
     reference_node: Any,
     values: Mapping[str, int] | None = None,
+    only: str | None = None,
 ) -> Volume:
     """Export a segmentation back to a label array on the grid of ``reference_node``.
 
@@ -354,6 +355,7 @@ def labelmap_from_segmentation(
         values: label value per segment name; by default the value stored by
             :func:`add_segmentation` (segment tag :data:`LABEL_VALUE_TAG`), else the
             segment's position + 1.
+        only: the name of the one segment to export (default: every segment).
 
     Returns:
         A :class:`Volume` of ``int16`` labels on the reference grid (0 = background).
@@ -365,6 +367,8 @@ def labelmap_from_segmentation(
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segment_id)
+        if only is not None and segment.GetName() != only:
+            continue
         value = _segment_value(segment, index, values)
         tables_before = _node_ids(scene, "vtkMRMLColorTableNode")
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "VQMedSeg temporary export")

@@ -34,7 +34,7 @@ import numpy as np
 from ..data.volume import Volume
 from ..errors import InputError, WorkspaceError
 from ..files import atomic_write_json, read_json, safe_id
-from ..tasks import get_task
+from ..tasks import get_task, target_segment
 from .events import EventLog
 from .locks import file_lock
 
@@ -42,24 +42,11 @@ FORMAT_VERSION = 1
 
 
 def segment_for_task(label: Volume, task: str) -> dict | None:
-    """The segment of a Slicer segmentation (``.seg.nrrd``) that holds ``task``'s target.
-
-    The segment named as the task's segment (``Liver``, ``Lung tumour``; any case) is the
-    target, whatever its value. A plain label map, or a segmentation with one segment of
-    another name, gives ``None``: its values are checked as they are. Several segments and
-    none (or more than one) named for the task is an error that lists them.
-    """
+    """The segment of a Slicer segmentation (``.seg.nrrd``) that holds ``task``'s target,
+    by :func:`~VQMedSegLib.tasks.target_segment`'s rule; ``None`` for a plain label map."""
     segments = [s for s in label.metadata.get("segments") or [] if s.get("label")]
-    wanted = get_task(task).segment_name
-    named = [s for s in segments if str(s.get("name", "")).strip().casefold() == wanted.casefold()]
-    if len(named) == 1:
-        return named[0]
-    if len(segments) < 2:
-        return None
-    listed = ", ".join(f"{s.get('name')} ({s['label']})" for s in segments)
-    source = label.metadata.get("source", "the segmentation")
-    raise InputError(f"{source}: segments {listed}; {'none is' if not named else 'more than one is'} named "
-                     f"{wanted!r} for task {task!r}. Rename the target's segment, or pass --label-value")
+    index = target_segment([s.get("name", "") for s in segments], task, label.metadata.get("source", "the segmentation"))
+    return None if index is None else segments[index]
 
 
 class Workspace:

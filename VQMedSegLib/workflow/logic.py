@@ -34,13 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from ..data.volume import Volume
 from ..errors import InputError, WorkspaceError
 from ..files import read_json, sanitize_id
 from ..jobs.events import read_events
 from ..jobs.runner import cancel as cancel_job
 from ..jobs.runner import kill_tree, launch, running_job
 from ..jobs.workspace import Workspace
-from ..tasks import get_task
+from ..tasks import get_task, target_segment
 
 CASE_ATTRIBUTE = "VQMedSeg.CaseID"
 """Node attribute naming the workspace case a CT, MR or annotation node belongs to."""
@@ -227,22 +228,28 @@ class WorkflowLogic:
         """Store the annotation of ``slices`` (indices along the case's slice axis) from
         ``segmentation_node`` (default: the case's annotation node); returns all labelled
         slices of the case. An empty slice is stored as annotated background."""
-        from ..export.mrml import labelmap_from_segmentation
-
-        ws = self._ws()
         node = segmentation_node if segmentation_node is not None else self.annotation_node(case_id)
-        label = labelmap_from_segmentation(node, self.ct_node(case_id))
-        label = label.with_array((label.array != 0).astype(np.uint8))
-        return ws.annotate(case_id, label, slices=slices)
+        return self._ws().annotate(case_id, self._target_label(node, case_id), slices=slices)
 
     def annotated_slices(self, segmentation_node: Any, case_id: str) -> list[int]:
-        """Slices of the case's slice axis on which ``segmentation_node`` has any voxel."""
-        from ..export.mrml import labelmap_from_segmentation
-
-        label = labelmap_from_segmentation(segmentation_node, self.ct_node(case_id)).array
+        """Slices of the case's slice axis on which ``segmentation_node``'s target segment has any voxel."""
+        label = self._target_label(segmentation_node, case_id).array
         axis = self._ws().case(case_id)["slice_axis"]
         other = tuple(a for a in range(3) if a != 2 - axis)
         return [int(s) for s in np.flatnonzero((label != 0).any(axis=other))]
+
+    def _target_label(self, node: Any, case_id: str) -> Volume:
+        """``node`` on the case's CT grid as 0/1: its segment named for the task (the annotator
+        may add segments of their own), or every segment when it has only one
+        (:func:`~VQMedSegLib.tasks.target_segment`)."""
+        from ..export.mrml import labelmap_from_segmentation
+
+        segmentation = node.GetSegmentation()
+        names = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+                 for i in range(segmentation.GetNumberOfSegments())]
+        index = target_segment(names, self._ws().task, f"segmentation {node.GetName()!r}")
+        label = labelmap_from_segmentation(node, self.ct_node(case_id), only=None if index is None else names[index])
+        return label.with_array((label.array != 0).astype(np.uint8))
 
     def slice_center(self, case_id: str, slice_index: int) -> tuple[float, float, float]:
         """RAS point at the centre of slice ``slice_index`` of the case's CT."""
