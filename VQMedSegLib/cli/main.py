@@ -44,6 +44,11 @@ def _parse_indices(text: str, option: str = "--slices") -> list[int]:
     return out
 
 
+def _given(args, *flags: str) -> list[str]:
+    """Those of ``flags`` (options whose default is ``None``) given on the command line."""
+    return [flag for flag in flags if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
@@ -102,14 +107,11 @@ def cmd_predict(args) -> int:
     from ..device import resolve_device
 
     if args.workspace:
-        unused = [flag for flag, value in (("--model", args.model), ("--ct", args.ct), ("--mr", args.mr),
-                                           ("--out", args.out)) if value]
-        if unused:
+        if unused := _given(args, "--model", "--ct", "--mr", "--out"):
             raise InputError(f"predict: {', '.join(unused)} not used with --workspace, which predicts the workspace's "
                              "cases with its models into predictions/<case>/; choose a model with --model-id")
         return _predict_workspace(args, resolve_device(args.device))
-    unused = [flag for flag, value in (("--case", args.case), ("--model-id", args.model_id)) if value]
-    if unused:
+    if unused := _given(args, "--case", "--model-id"):
         raise InputError(f"predict: {', '.join(unused)} only with --workspace")
     missing = [flag for flag, value in (("--model", args.model), ("--ct", args.ct), ("--out", args.out)) if not value]
     if missing:
@@ -223,15 +225,20 @@ def cmd_workspace_add(args) -> int:
 
 def cmd_workspace_annotate(args) -> int:
     from ..data.io import read_label
-    from ..jobs.workspace import Workspace, segment_for_task
+    from ..jobs.workspace import Workspace
+    from ..tasks import target_segment
 
     ws = Workspace.open(args.workspace)
     label = read_label(args.label)
     slices = _parse_indices(args.slices) if args.slices is not None else None
-    try:
-        segment = segment_for_task(label, ws.task) if args.label_value is None else None
-    except InputError as exc:
-        raise InputError(f"{exc}, or give its value with --label-value") from None
+    segment = None
+    if args.label_value is None:  # a Slicer .seg.nrrd: the segment named for the task
+        segments = [s for s in label.metadata.get("segments") or [] if s.get("label")]
+        try:
+            index = target_segment([s.get("name", "") for s in segments], ws.task, str(args.label))
+        except InputError as exc:
+            raise InputError(f"{exc}, or give its value with --label-value") from None
+        segment = None if index is None else segments[index]
     value = segment["label"] if segment else args.label_value
     labelled = ws.annotate(args.case, label, slices=slices, label_value=value)
     source = f", from segment {segment['name']!r} (value {value})" if segment else ""
@@ -348,9 +355,7 @@ def _refuse_options_the_method_ignores(args) -> None:
         raise InputError(f"--iterations {args.iterations}: not used by --method begal, whose rounds train in phases; "
                          "set initial_iterations, encoder_iterations and decoder_iterations in --config")
     if args.method != "vqseg":
-        given = [flag for flag, value in (("--perturbation", args.perturbation), ("--dropout-rate", args.dropout_rate),
-                                          ("--foundation", args.foundation)) if value is not None]
-        if given:
+        if given := _given(args, "--perturbation", "--dropout-rate", "--foundation"):
             raise InputError(f"{', '.join(given)}: only --method vqseg uses {'it' if len(given) == 1 else 'them'}; "
                              f"--method {args.method} would ignore {'it' if len(given) == 1 else 'them'}")
 

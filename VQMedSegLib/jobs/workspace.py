@@ -34,19 +34,11 @@ import numpy as np
 from ..data.volume import Volume
 from ..errors import InputError, WorkspaceError
 from ..files import atomic_write_json, read_json, safe_id
-from ..tasks import get_task, target_segment
+from ..tasks import get_task
 from .events import EventLog
 from .locks import file_lock
 
 FORMAT_VERSION = 1
-
-
-def segment_for_task(label: Volume, task: str) -> dict | None:
-    """The segment of a Slicer segmentation (``.seg.nrrd``) that holds ``task``'s target,
-    by :func:`~VQMedSegLib.tasks.target_segment`'s rule; ``None`` for a plain label map."""
-    segments = [s for s in label.metadata.get("segments") or [] if s.get("label")]
-    index = target_segment([s.get("name", "") for s in segments], task, label.metadata.get("source", "the segmentation"))
-    return None if index is None else segments[index]
 
 
 class Workspace:
