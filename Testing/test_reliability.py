@@ -248,10 +248,11 @@ def test_slices_that_name_no_slice_are_refused_not_taken_as_none_or_all(ws_with_
 
 # ----------------------------------------------------------------- configuration
 @pytest.mark.parametrize("argv, needles", [
-    (("train", "--method", "begal", "--iterations", "5"), ("--iterations", "not used by --method begal", "--config")),
-    (("train", "--method", "supervised", "--perturbation", "dropout"), ("--perturbation", "only --method vqseg")),
-    (("train", "--method", "begal", "--foundation", "none"), ("--foundation", "only --method vqseg")),
-    (("predict", "--out", "elsewhere"), ("--out", "not used with --workspace", "predictions/<case>/")),
+    (("train", "WS", "--preset", "tiny", "--method", "begal", "--iterations", "5"), ("--iterations", "not used by --method begal", "--config")),
+    (("train", "WS", "--preset", "tiny", "--method", "supervised", "--perturbation", "dropout"), ("--perturbation", "only --method vqseg")),
+    (("train", "WS", "--preset", "tiny", "--method", "begal", "--foundation", "none"), ("--foundation", "only --method vqseg")),
+    (("predict", "WS", "--out", "elsewhere"), ("--out", "not used with --workspace", "predictions/<case>/")),
+    (("predict", "--model", "m.pt", "--ct", "ct.nrrd", "--out", "o", "--case", "c1"), ("--case only with --workspace",)),
 ])
 def test_options_a_command_would_ignore_are_refused(ws_with_case, argv, needles):
     # an option that changes nothing must not pass silently: the user believes it took effect
@@ -259,9 +260,8 @@ def test_options_a_command_would_ignore_are_refused(ws_with_case, argv, needles)
     label[:, 5:9, 5:9] = 1
     ws = Workspace.open(ws_with_case)
     ws.annotate("c1", Volume(label, spacing=(1.0, 1.0, 2.5)))
-    r = run_main(argv[0], "--workspace", ws_with_case, *argv[1:], "--preset" if argv[0] == "train" else "--device",
-                 "tiny" if argv[0] == "train" else "cpu", check=False)
-    refused(r, *needles, code=2)
+    argv = [a for arg in argv for a in (("--workspace", ws_with_case) if arg == "WS" else (arg,))]
+    refused(run_main(*argv, check=False), *needles, code=2)
     assert ws.load_state()["models"] == []
 
 
