@@ -356,8 +356,8 @@ def _refuse_options_the_method_ignores(args) -> None:
                          "set initial_iterations, encoder_iterations and decoder_iterations in --config")
     if args.method != "vqseg":
         if given := _given(args, "--perturbation", "--dropout-rate", "--foundation"):
-            raise InputError(f"{', '.join(given)}: only --method vqseg uses {'it' if len(given) == 1 else 'them'}; "
-                             f"--method {args.method} would ignore {'it' if len(given) == 1 else 'them'}")
+            them = "it" if len(given) == 1 else "them"
+            raise InputError(f"{', '.join(given)}: only --method vqseg uses {them}; --method {args.method} would ignore {them}")
 
 
 def cmd_query(args) -> int:
