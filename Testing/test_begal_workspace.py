@@ -145,3 +145,19 @@ def test_simulate_rejects_a_budget_larger_than_the_pool(tmp_path):
     r = vq("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--rounds", "100", "--per-round", "50",
            "--seeds", "1", "--out", tmp_path, check=False)
     assert r.returncode == 2 and "exceed the pool" in r.stderr
+
+
+def test_simulate_table_shows_a_spread_only_over_several_seeds():
+    from VQMedSegLib.active_learning.simulation import results_table, summarise
+
+    def run(dice):
+        return {"test_dice": dice, "labeled_fraction": [0.2, 0.4]}
+
+    one = results_table(summarise({"begal": [run([0.9, 0.95])]}), "chaos", "one CT", [0], "cpu")
+    assert "| VQ + BEGAL (ours) | 90.00 | 95.00 |" in one and "±" not in one.split("| strategy |")[1]
+    assert "one seed" in one
+    three = results_table(summarise({"begal": [run([0.9, 0.95]), run([0.8, 0.95]), run([0.7, 0.95])]}),
+                          "chaos", "one CT", [0, 1, 2], "cpu")
+    # population standard deviation over the seeds (ddof 0), as the header says
+    assert f"| VQ + BEGAL (ours) | 80.00 ± {100 * np.std([0.9, 0.8, 0.7]):.2f} | 95.00 ± 0.00 |" in three
+    assert "population standard deviation" in three

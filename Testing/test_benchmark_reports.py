@@ -50,6 +50,12 @@ def test_accuracy_report_reads_finished_parts_and_judges_the_targets(tmp_path, c
     assert "## acdc-10 (10 min, 2 threads, AVX2)" in report and "## chaos-begal (10 min, threads not recorded)" in report
 
 
+def test_a_single_seed_difference_is_shown_without_a_spread(tmp_path):
+    _report_on(tmp_path, {"acdc-10": {"supervised": [0.60], "vqseg": [0.55], "supervised-full": [0.75]}}, seeds=1)
+    report = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "| acdc-10/vqseg | acdc-10/supervised | -5.00 | -5.00 | 0 of 1 |" in report
+
+
 def test_a_part_run_with_other_settings_is_not_reused():
     settings = run_accuracy.part_settings("chaos-begal", "cpu", 3)
     recorded = {**{k: v for k, v in settings.items() if k != "kind"}, "seeds": [0]}
@@ -79,13 +85,13 @@ def _ssl_results(**rows):
             for m, d in rows.items()}
 
 
-def _report_on(out: Path, parts: dict, results_of=lambda name, rows: _ssl_results(**rows)) -> dict:
+def _report_on(out: Path, parts: dict, results_of=lambda name, rows: _ssl_results(**rows), seeds: int = 3) -> dict:
     """Writes each part's rows (method -> Dice per seed) as a finished part with the part's
     own settings, runs the report over them and returns ``accuracy.json``."""
     for name, rows in parts.items():
-        settings = run_accuracy.part_settings(name, "cpu", 3)
+        settings = run_accuracy.part_settings(name, "cpu", seeds)
         _write_part(out, name, {k: v for k, v in settings.items() if k != "kind"}, results_of(name, rows))
-    assert run_accuracy.main(["--out", str(out), "--only", ",".join(parts)]) == 0
+    assert run_accuracy.main(["--out", str(out), "--only", ",".join(parts), "--seeds", str(seeds)]) == 0
     return json.loads((out / "accuracy.json").read_text(encoding="utf-8"))
 
 

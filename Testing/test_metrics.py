@@ -5,7 +5,7 @@ import pytest
 
 from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.errors import InputError
-from VQMedSegLib.metrics.segmentation import per_slice_scores, score_masks, score_volumes, summarize
+from VQMedSegLib.metrics.segmentation import mean_std_text, per_slice_scores, score_masks, score_volumes, summarize
 
 
 def _box(shape, lo, hi):
@@ -93,3 +93,11 @@ def test_dice_alone_agrees_with_the_full_scores_and_their_empty_conventions():
     assert dice_masks(empty, empty) == 1.0 and dice_masks(empty, ref) == 0.0 and dice_masks(pred, empty) == 0.0
     with pytest.raises(InputError, match=r"prediction shape \(6, 20, 20\) does not match reference shape \(6, 20\)"):
         dice_masks(pred, ref[:, 0])
+
+
+def test_mean_and_spread_are_shown_only_where_there_is_a_spread():
+    assert mean_std_text(0.61264, 0.04021, 3) == "61.26 ± 4.02"
+    # one seed has no spread: its std of 0 would read as a measured, perfectly steady figure
+    assert mean_std_text(0.61264, 0.0, 1) == "61.26"
+    assert mean_std_text(2.49, 2.0, 3, scale=1, sign=True) == "+2.49 ± 2.00"
+    assert mean_std_text(-0.19, 0.0, 1, scale=1, sign=True) == "-0.19"

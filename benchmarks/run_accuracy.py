@@ -61,6 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from VQMedSegLib.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from VQMedSegLib.metrics.segmentation import mean_std_text  # noqa: E402
 from VQMedSegLib.provenance import compute_environment, software_versions  # noqa: E402
 from VQMedSegLib.training.ssl_report import case_paired, format_p  # noqa: E402
 
@@ -347,7 +348,7 @@ def report(summary: dict) -> str:
                   "| A | B | per seed | mean ± std | seeds where A > B |", "|---|---|---|---|---|"]
         for d in summary["paired"]:
             seeds = " / ".join(f"{v:+.2f}" for v in d["per_seed"])
-            lines.append(f"| {d['a']} | {d['b']} | {seeds} | {d['mean']:+.2f} ± {d['std']:.2f} | {d['a_higher']} of {len(d['seeds'])} |")
+            lines.append(f"| {d['a']} | {d['b']} | {seeds} | {mean_std_text(d['mean'], d['std'], len(d['seeds']), scale=1, sign=True)} | {d['a_higher']} of {len(d['seeds'])} |")
         by_case = [d for d in summary["paired"] if "cases" in d]
         if by_case:
             lines += ["", "The same pairs test case by test case, where both rows kept per-case scores: each case's Dice "

@@ -20,6 +20,7 @@ import torch
 from ..config import BEGALConfig
 from ..errors import InputError
 from ..files import atomic_write_json, atomic_write_text
+from ..metrics.segmentation import mean_std_text, spread_words
 from ..provenance import compute_environment, software_versions
 from ..tasks import get_task
 from ..training.begal import PhaseTrainer, build_model, case_dice, round_schedule
@@ -295,14 +296,14 @@ def results_table(results: dict, dataset: str, description: str, seeds: list[int
     lines = [
         f"# Active learning on `{dataset}`",
         "",
-        f"{description}. Preset `{preset}`, seeds {seeds}. Dice (%) on the test cases, mean ± std over seeds, "
+        f"{description}. Preset `{preset}`, seeds {seeds}. Dice (%) on the test cases, {spread_words(len(seeds))}, "
         "by the fraction of the pool labelled (in the style of VQ-BEGAL Table 2).",
         "",
         f"| strategy | {header} |",
         "|---|" + "---|" * len(first["labeled_fraction"]),
     ]
     for strategy, r in results.items():
-        cells = " | ".join(f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in zip(r["dice_mean"], r["dice_std"]))
+        cells = " | ".join(mean_std_text(m, s, len(seeds)) for m, s in zip(r["dice_mean"], r["dice_std"]))
         lines.append(f"| {NAMES.get(strategy, strategy)} | {cells} |")
     return "\n".join(lines) + "\n"
 

@@ -177,3 +177,16 @@ def summarize(scores: Iterable[SegmentationScores]) -> dict:
         "n_distance_undefined": len(scores) - len(hd_vals),
         "units": units,
     }
+
+
+def mean_std_text(mean: float, std: float, n: int, scale: float = 100.0, sign: bool = False) -> str:
+    """``mean ± std`` (times ``scale``, two decimals) over ``n`` runs, or the mean alone
+    when ``n`` is 1: one run has no spread, and "± 0.00" would read as a perfectly steady figure."""
+    value = f"{scale * mean:{'+' if sign else ''}.2f}"
+    return value if n < 2 else f"{value} ± {scale * std:.2f}"
+
+
+def spread_words(n: int) -> str:
+    """How a table over ``n`` seeds states its spread."""
+    return ("one seed, so no spread is shown" if n < 2
+            else "mean ± population standard deviation (ddof 0) over seeds")

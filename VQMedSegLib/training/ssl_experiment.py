@@ -44,7 +44,7 @@ from ..data.volume import Volume
 from ..errors import InputError
 from ..files import atomic_write_json, atomic_write_text, read_json, read_text
 from ..inference.postprocess import keep_largest_component
-from ..metrics.segmentation import dice_masks, score_volumes, summarize
+from ..metrics.segmentation import dice_masks, mean_std_text, score_volumes, spread_words, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
 from ..provenance import compute_environment, software_versions
 from .ssl_report import per_case_table, write_figures
@@ -673,7 +673,7 @@ def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_tes
         "",
         f"{n_train} training and {n_test} test cases, split by patient ({rule}); {100 * fraction:g}% of the training "
         f"slices labelled (`supervised-full`: all); preset `{preset}`; seeds {seeds}; {seconds / 60:.1f} min. "
-        "3-D scores on the original grids, mean ± std over seeds. *Largest component*: the same "
+        f"3-D scores on the original grids, {spread_words(len(seeds))}. *Largest component*: the same "
         "predictions with each structure reduced to its largest connected component." + selection,
         "",
         "| method | labelled slices | Dice (%) |" + "".join(f" {n} Dice (%) |" for n in names if per_structure)
@@ -686,18 +686,22 @@ def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_tes
         return "n/a" if r["hd95_mean"] is None else f"{r['hd95_mean']:.2f} {'mm' if r['hd95_units'] == 'mm' else 'voxels'}"
 
     for m, r in results.items():
-        cells = "".join(f" {100 * r['structures'][n]['dice_mean']:.2f} ± {100 * r['structures'][n]['dice_std']:.2f} |"
-                        for n in names if per_structure)
+        n_seeds = len(r["per_seed"])
+
+        def dice(summary):
+            return mean_std_text(summary["dice_mean"], summary["dice_std"], n_seeds)
+
+        cells = "".join(f" {dice(r['structures'][n])} |" for n in names if per_structure)
         lc = r["largest_component"]
         chosen = ""
         if "last_iteration" in r:
             li = r["last_iteration"]
             pp = r.get("post_processing")
             cleanup = "n/a" if pp is None else (
-                f"{100 * pp['dice_mean']:.2f} ± {100 * pp['dice_std']:.2f} (largest piece kept: "
-                + ", ".join(f"{n} in {k} of {len(seeds)}" for n, k in pp["largest_piece_seeds"].items()) + " seeds)")
+                f"{dice(pp)} (largest piece kept: "
+                + ", ".join(f"{n} in {k} of {n_seeds}" for n, k in pp["largest_piece_seeds"].items())
+                + (" seed)" if n_seeds == 1 else " seeds)"))
             chosen = (f" {' / '.join(str(i) for i in r['validation_best_iteration'])} "
-                      f"| {100 * li['dice_mean']:.2f} ± {100 * li['dice_std']:.2f} | {cleanup} |")
-        lines.append(f"| {m} | {r['labelled_slices']} | {100 * r['dice_mean']:.2f} ± {100 * r['dice_std']:.2f} |{cells} {hd(r)} "
-                     f"| {100 * lc['dice_mean']:.2f} ± {100 * lc['dice_std']:.2f} | {hd(lc)} |{chosen}")
+                      f"| {dice(li)} | {cleanup} |")
+        lines.append(f"| {m} | {r['labelled_slices']} | {dice(r)} |{cells} {hd(r)} | {dice(lc)} | {hd(lc)} |{chosen}")
     return "\n".join(lines) + "\n"
