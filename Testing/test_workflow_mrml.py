@@ -16,6 +16,7 @@ import pytest
 
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.data.volume import Volume
+from VQMedSegLib.errors import InputError
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without the Slicer app) is not installed: pip install slicer-core")
 
@@ -211,6 +212,16 @@ def test_query_train_predict_loop_through_the_logic_ends_with_the_segmentation_i
     scores = logic.score_against(case_id, truth)
     assert scores["dice"] > 0.6, scores
     assert scores["hd95_mm"] is not None
+    # a reference holding more organs (as a whole-body segmentation does) is scored on its liver alone
+    organs = mrml.add_segmentation(scene, phantom.ct_label, [
+        {"value": 2, "name": "kidney right", "color": (0, 1, 0)}, {"value": 1, "name": "liver", "color": (1, 0, 0)},
+        {"value": 3, "name": "kidney left", "color": (0, 0, 1)}, {"value": 4, "name": "spleen", "color": (1, 1, 0)}],
+        reference_node=ct_node, name="organs")
+    assert logic.score_against(case_id, organs) == scores
+    # and one whose segments name no liver is refused, naming them
+    organs.GetSegmentation().RemoveSegment(organs.GetSegmentation().GetSegmentIdBySegmentName("liver"))
+    with pytest.raises(InputError, match="'kidney right', 'kidney left', 'spleen'; none is named 'Liver'"):
+        logic.score_against(case_id, organs)
 
 
 def _poll_until(logic, condition, timeout=120.0):

@@ -375,6 +375,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if reference is None or not self.logic.loadedResults():
             self.ui.scoresLabel.text = ""
             return
+        self.ui.scoresLabel.text = ""  # no earlier reference's scores beside a failure
         with slicer.util.tryWithErrorDisplay(_("Failed to score the prediction."), waitCursor=True):
             scores = self.logic.scoreAgainstReference(reference)
             hd = scores.get("hd95_mm")

@@ -347,7 +347,8 @@ def labelmap_from_segmentation(
     values: Mapping[str, int] | None = None,
     only: str | None = None,
 ) -> Volume:
-    """Export a segmentation back to a label array on the grid of ``reference_node``.
+    """Export a segmentation back to a label array on the grid of ``reference_node``;
+    where segments overlap, the later segment's value wins.
 
     Args:
         segmentation_node: a ``vtkMRMLSegmentationNode``.

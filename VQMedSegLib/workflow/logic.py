@@ -541,18 +541,16 @@ class WorkflowLogic:
         return loaded["overlays"][name]
 
     def score_against(self, case_id: str, reference_node: Any) -> dict[str, Any]:
-        """Dice and HD95 (mm) of the loaded prediction against a reference segmentation."""
-        from ..export.mrml import labelmap_from_segmentation
+        """Dice and HD95 (mm) of the loaded prediction against a reference segmentation's
+        target segment (the one named for the task, or its only segment: a reference with
+        more organs is scored on the target alone)."""
         from ..metrics.segmentation import score_volumes
 
         loaded = self.loaded.get(case_id)
         if not loaded:
             raise WorkspaceError(f"case {case_id!r}: load its prediction first")
-        ct_node = self.ct_node(case_id)
-        pred = labelmap_from_segmentation(loaded["segmentation"], ct_node)
-        ref = labelmap_from_segmentation(reference_node, ct_node)
-        pred = pred.with_array((pred.array != 0).astype(np.uint8))
-        ref = ref.with_array((ref.array != 0).astype(np.uint8))
+        pred = self._target_label(loaded["segmentation"], case_id)
+        ref = self._target_label(reference_node, case_id)
         return score_volumes(pred, ref).to_json()
 
 
