@@ -146,6 +146,47 @@ def test_evaluate_rejects_mismatched_grids(tmp_path):
     assert r.returncode == 2 and "spacing" in r.stderr and "a.nrrd" in r.stderr
 
 
+def test_evaluate_scores_the_target_segment_whatever_its_value_in_each_file(tmp_path):
+    """A reference from another tool holds more organs, at its own values: the liver is
+    found by its segment's name in a .seg.nrrd, or by --ref-label in a plain label map."""
+    from VQMedSegLib.data.io import write_segmentation
+
+    grid = dict(spacing=(0.8, 0.8, 2.0))
+    liver = np.zeros((6, 16, 16), np.uint8)
+    liver[1:5, 3:12, 3:12] = 1
+    predicted = np.zeros_like(liver)
+    predicted[1:5, 4:13, 3:12] = 1  # shifted by one row
+    predicted[2, 0:2, 0:2] = 2  # a second structure of the prediction's own
+    organs = np.where(liver == 1, 5, 0).astype(np.uint8)
+    organs[:, 13:, 13:] = 1  # the spleen, at value 1
+    write_segmentation(Volume(predicted, **grid), tmp_path / "pred.seg.nrrd",
+                       [{"label": 1, "name": "Liver"}, {"label": 2, "name": "Tumour"}])
+    write_segmentation(Volume(organs, **grid), tmp_path / "organs.seg.nrrd",
+                       [{"label": 1, "name": "spleen"}, {"label": 5, "name": "liver"}])
+    write_volume(Volume(organs, **grid), tmp_path / "organs.nii.gz")
+    expected = 2 * (liver & (predicted == 1)).sum() / (liver.sum() + (predicted == 1).sum())
+
+    scores = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "pred.seg.nrrd", "--ref", tmp_path / "organs.seg.nrrd",
+                                 "--json").stdout)
+    assert scores["dice"] == pytest.approx(expected)
+    assert (scores["label"], scores["reference_label"]) == (1, 5)
+    assert (scores["segment"], scores["reference_segment"]) == ("Liver", "liver")
+    scores = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "pred.seg.nrrd", "--ref", tmp_path / "organs.nii.gz",
+                                 "--ref-label", "5", "--json").stdout)
+    assert scores["dice"] == pytest.approx(expected) and scores["reference_segment"] is None
+    # --label names one value for both files
+    scores = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "organs.nii.gz", "--ref", tmp_path / "organs.seg.nrrd",
+                                 "--label", "1", "--json").stdout)
+    assert scores["dice"] == 1.0 and (scores["label"], scores["reference_label"]) == (1, 1)
+
+    # segments of which none is named for the task are refused, not scored by a guessed value
+    write_segmentation(Volume(organs, **grid), tmp_path / "unnamed.seg.nrrd",
+                       [{"label": 1, "name": "Segment_1"}, {"label": 5, "name": "Segment_2"}])
+    r = vqmedseg("evaluate", "--pred", tmp_path / "pred.seg.nrrd", "--ref", tmp_path / "unnamed.seg.nrrd", check=False)
+    assert r.returncode == 2 and "unnamed.seg.nrrd" in r.stderr and "'Segment_1', 'Segment_2'" in r.stderr
+    assert "--ref-label" in r.stderr
+
+
 def test_predict_refuses_a_missing_model(tmp_path):
     r = vqmedseg("predict", "--model", tmp_path / "none.pt", "--ct", tmp_path / "ct.nrrd", "--out", tmp_path, check=False)
     assert r.returncode == 2 and "none.pt: not found" in r.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InputError, VQMedSegError
+from ..tasks import TASKS
 
 log = logging.getLogger("vqmedseg")
 
@@ -158,16 +159,25 @@ def _predict_workspace(args, device) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    import numpy as np
+
     from ..data.datasets import read_reference_label
     from ..data.io import read_label
     from ..metrics.segmentation import per_slice_scores, score_volumes
 
     ref = read_reference_label(args.ref)
     pred = read_label(args.pred, reference=ref)
-    scores = score_volumes(pred, ref, label=args.label).to_json()
-    result = {"prediction": str(args.pred), "reference": str(args.ref), "label": args.label, **scores}
+    ref_option = "--ref-label" if args.label is None else "--label"
+    value, segment = _scored_value(pred, args.pred, args.label, args.task, "--label")
+    ref_value, ref_segment = _scored_value(ref, args.ref, args.ref_label if args.ref_label is not None else args.label,
+                                           args.task, ref_option)
+    pred = pred.with_array((pred.array == value).astype(np.uint8))
+    ref = ref.with_array((ref.array == ref_value).astype(np.uint8))
+    scores = score_volumes(pred, ref).to_json()
+    result = {"prediction": str(args.pred), "reference": str(args.ref), "label": value, "reference_label": ref_value,
+              "segment": segment, "reference_segment": ref_segment, **scores}
     if args.per_slice:
-        result["per_slice"] = per_slice_scores(pred, ref, label=args.label)
+        result["per_slice"] = per_slice_scores(pred, ref)
     if args.json:
         _print_json(result)
     else:
@@ -181,6 +191,24 @@ def cmd_evaluate(args) -> int:
             + "\n"
         )
     return 0
+
+
+def _scored_value(label, path, given: int | None, task: str, option: str) -> tuple[int, str | None]:
+    """The label value of ``task``'s structure in one file, and its segment's name when
+    it was found by name: ``given`` if set; in a Slicer segmentation, the segment named
+    for the task (:func:`~VQMedSegLib.tasks.target_segment`), or its only segment; else 1."""
+    from ..tasks import target_segment
+
+    if given is not None:
+        return given, None
+    segments = [s for s in label.metadata.get("segments") or [] if s.get("label")]
+    try:
+        index = target_segment([s.get("name", "") for s in segments], task, str(path))
+    except InputError as exc:
+        raise InputError(f"{exc}, or give its value with {option}") from None
+    if index is None:
+        return (segments[0]["label"], segments[0].get("name")) if segments else (1, None)
+    return segments[index]["label"], segments[index].get("name")
 
 
 def cmd_dataset_check(args) -> int:
@@ -507,7 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (mm) of a prediction against a reference")
     ev.add_argument("--pred", required=True, help="the predicted label volume (.seg.nrrd, .nrrd, .nii.gz)")
     ev.add_argument("--ref", required=True, help="the reference label volume on the same grid, or a CHAOS case's Ground folder of PNG masks")
-    ev.add_argument("--label", type=int, default=1, help="label value to score (default 1)")
+    ev.add_argument("--label", type=int, default=None,
+                    help="label value to score in both files (default: in a Slicer .seg.nrrd, the segment named for "
+                    "--task, or its only segment; in other files 1)")
+    ev.add_argument("--ref-label", type=int, default=None,
+                    help="the reference's value of the same structure, where it differs from the prediction's "
+                    "(default: as --label)")
+    ev.add_argument("--task", default="liver", choices=sorted(TASKS),
+                    help="the structure scored: its segment's name in .seg.nrrd files (default liver: 'Liver')")
     ev.add_argument("--per-slice", action="store_true", help="also score every slice")
     json_arg(ev, "the scores")
     ev.set_defaults(func=cmd_evaluate)
