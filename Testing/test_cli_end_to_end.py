@@ -187,6 +187,32 @@ def test_evaluate_scores_the_target_segment_whatever_its_value_in_each_file(tmp_
     assert "--ref-label" in r.stderr
 
 
+def test_the_workspace_commands_take_the_folder_as_the_job_commands_do_too(tmp_path):
+    """`train --workspace WS` and `workspace add WS` both work, and so does `workspace add --workspace WS`:
+    a user who has typed one form will type it again."""
+    case = make_abdominal_case(seed=1, ct_shape=(6, 32, 32))
+    write_volume(case.ct, tmp_path / "ct.nrrd")
+    write_volume(case.ct_label, tmp_path / "label.nrrd")
+    vqmedseg("workspace", "init", "--workspace", tmp_path / "ws")
+    vqmedseg("workspace", "add", "--workspace", tmp_path / "ws", "--case", "c1", "--ct", tmp_path / "ct.nrrd")
+    vqmedseg("workspace", "add", tmp_path / "ws", "--case", "c2", "--ct", tmp_path / "ct.nrrd")
+    status = json.loads(vqmedseg("workspace", "status", "--workspace", tmp_path / "ws", "--json").stdout)
+    assert status["cases"] == 2
+    # each case's share of the labelling
+    vqmedseg("workspace", "annotate", "--workspace", tmp_path / "ws", "--case", "c2", "--label", tmp_path / "label.nrrd",
+             "--label-value", "1", "--slices", "1,2")
+    status = json.loads(vqmedseg("workspace", "status", tmp_path / "ws", "--json").stdout)
+    n = status["total_slices"] // 2
+    assert status["per_case"] == {"c1": {"labelled_slices": 0, "slices": n, "mr": False},
+                                  "c2": {"labelled_slices": 2, "slices": n, "mr": False}}
+    text = vqmedseg("workspace", "status", tmp_path / "ws").stdout
+    assert f"  c1: 0/{n} slices labelled, CT\n" in text and f"  c2: 2/{n} slices labelled, CT\n" in text
+    r = vqmedseg("workspace", "status", check=False)
+    assert r.returncode == 2 and "the workspace folder: give it as WS or --workspace WS" in r.stderr
+    r = vqmedseg("workspace", "status", tmp_path / "ws", "--workspace", tmp_path / "other", check=False)
+    assert r.returncode == 2 and "two workspace folders" in r.stderr and "other" in r.stderr
+
+
 def test_predict_refuses_a_missing_model(tmp_path):
     r = vqmedseg("predict", "--model", tmp_path / "none.pt", "--ct", tmp_path / "ct.nrrd", "--out", tmp_path, check=False)
     assert r.returncode == 2 and "none.pt: not found" in r.stderr

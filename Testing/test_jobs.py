@@ -353,8 +353,9 @@ def test_workspace_status_says_which_jobs_ran_last_and_why_one_did_not_finish(wo
             "--device", "cpu")
     text = run_cli("workspace", "status", workspace.root).stdout.splitlines()
     assert text[0] == "task liver: 2 cases, 12/12 slices labelled, 1 model, 0 rounds", text
-    assert text[1:3] == ["running: nothing", "last jobs, oldest first:"], text
-    assert text[3].startswith("  train-on-a-cpu  train  refused: --preset paper: no CUDA device found"), text
-    assert text[4].startswith("  ") and text[4].endswith("  train  done"), text
+    assert text[1:3] == ["  case0: 6/6 slices labelled, CT", "  case1: 6/6 slices labelled, CT"], text
+    assert text[3:5] == ["running: nothing", "last jobs, oldest first:"], text
+    assert text[5].startswith("  train-on-a-cpu  train  refused: --preset paper: no CUDA device found"), text
+    assert text[6].startswith("  ") and text[6].endswith("  train  done"), text
     jobs = json.loads(run_cli("workspace", "status", workspace.root, "--json").stdout)["last_jobs"]
     assert [(j["status"], j.get("reason", "")[:13]) for j in jobs] == [("refused", "--preset pape"), ("done", "")], jobs

@@ -295,6 +295,8 @@ def cmd_workspace_status(args) -> int:
         "models": [m["id"] for m in state["models"]],
         "running_job": running_job(ws),
         "last_jobs": state["jobs"][-5:],
+        "per_case": {case_id: {"labelled_slices": len(labelled.get(case_id, [])), "slices": entry["n_slices"],
+                               "mr": bool(entry.get("mr"))} for case_id, entry in state["cases"].items()},
     }
     if args.json:
         _print_json(status)
@@ -302,6 +304,11 @@ def cmd_workspace_status(args) -> int:
     running = status["running_job"]
     lines = [f"task {status['task']}: {_count(status['cases'], 'case')}, {status['labelled_slices']}/{status['total_slices']} "
              f"slices labelled, {_count(len(status['models']), 'model')}, {_count(status['rounds'], 'round')}"]
+    shown = 20
+    lines += [f"  {case_id}: {c['labelled_slices']}/{c['slices']} slices labelled, {'CT + MR' if c['mr'] else 'CT'}"
+              for case_id, c in list(status["per_case"].items())[:shown]]
+    if len(status["per_case"]) > shown:
+        lines.append(f"  ... and {len(status['per_case']) - shown} more cases (--json lists every case)")
     if running:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(running.get("started", 0)))
         lines.append(f"running: {running.get('kind', 'unknown')} job {running.get('job', '?')} "
@@ -503,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "cpu: real scans on a CPU; paper: the papers' settings, for a GPU")
 
     def workspace_arg(sp, positional: bool = False):
-        if positional:
-            sp.add_argument("workspace", help="the workspace folder")
+        if positional:  # WS, or --workspace WS as the job commands take it (see _workspace_folder)
+            sp.add_argument("workspace", nargs="?", help="the workspace folder (or --workspace WS)")
+            sp.add_argument("--workspace", dest="workspace_option", metavar="WS", help="the workspace folder, as WS")
         else:
             sp.add_argument("--workspace", required=True, help="the workspace folder ('vqmedseg workspace init')")
 
@@ -698,9 +706,23 @@ def _record_refusal(args, exc: VQMedSegError) -> None:
         log.debug("refusal not recorded in %s: %s", args.workspace, problem)
 
 
+def _workspace_folder(parser: argparse.ArgumentParser, args) -> None:
+    """``workspace ACTION`` takes its folder as ``WS`` or as ``--workspace WS``: one of them."""
+    if args.command != "workspace":
+        return
+    given = [f for f in (args.workspace, args.workspace_option) if f is not None]
+    if not given:
+        parser.error(f"workspace {args.workspace_command}: the workspace folder: give it as WS or --workspace WS")
+    if len(given) == 2 and Path(given[0]).resolve() != Path(given[1]).resolve():
+        parser.error(f"workspace {args.workspace_command}: two workspace folders, {given[0]} and --workspace "
+                     f"{given[1]}; expected one")
+    args.workspace = given[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _workspace_folder(parser, args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
