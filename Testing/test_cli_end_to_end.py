@@ -247,3 +247,25 @@ def test_evaluate_scores_against_chaos_png_masks_given_as_the_reference(real_dat
         scores = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "pred.nrrd", "--ref", reference, "--json").stdout)
         assert scores["dice"] == pytest.approx(expected, abs=1e-6), reference
         assert scores["units"] == "mm"
+
+
+@pytest.mark.realdata
+def test_a_chaos_case_is_annotated_from_its_png_masks(real_data, tmp_path):
+    """The researcher's loop on a CHAOS CT: the Ground folder serves as the annotation, as it serves `evaluate`."""
+    from VQMedSegLib.data.datasets import discover_cases, load_case
+    from VQMedSegLib.jobs.workspace import Workspace
+
+    case_dir = real_data / "chaos" / "Train_Sets" / "CT" / "1"
+    vqmedseg("workspace", "init", tmp_path / "ws")
+    vqmedseg("workspace", "add", tmp_path / "ws", "--case", "p1", "--ct", case_dir / "DICOM_anon")
+    out = vqmedseg("workspace", "annotate", tmp_path / "ws", "--case", "p1", "--label", case_dir / "Ground",
+                   "--slices", "30,40").stdout
+    assert out == "case p1: 2 labelled slices\n"
+    ws = Workspace.open(tmp_path / "ws")
+    _, liver = load_case(discover_cases(case_dir)[0])
+    stored = ws.load_annotation("p1")
+    axis = 2 - ws.case("p1")["slice_axis"]  # the slice axis in the array's (z, y, x) order
+    for k in (30, 40):
+        assert np.array_equal(np.take(stored.array, k, axis=axis), np.take(liver.array, k, axis=axis)), k
+        assert np.take(liver.array, k, axis=axis).any(), k
+

@@ -252,12 +252,12 @@ def cmd_workspace_add(args) -> int:
 
 
 def cmd_workspace_annotate(args) -> int:
-    from ..data.io import read_label
+    from ..data.datasets import read_reference_label
     from ..jobs.workspace import Workspace
     from ..tasks import target_segment
 
     ws = Workspace.open(args.workspace)
-    label = read_label(args.label)
+    label = read_reference_label(args.label)  # a label file, or a CHAOS case's Ground folder of PNG masks
     slices = _parse_indices(args.slices) if args.slices is not None else None
     segment = None
     if args.label_value is None:  # a Slicer .seg.nrrd: the segment named for the task
@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     wn = ws_sub.add_parser("annotate", help="store annotated slices of a case from a label volume")
     workspace_arg(wn, positional=True)
     wn.add_argument("--case", required=True, help="the case's id, as given to 'workspace add'")
-    wn.add_argument("--label", required=True, help="label volume on the case's CT grid (.nrrd, .nii.gz, .seg.nrrd)")
+    wn.add_argument("--label", required=True, help="label volume on the case's CT grid (.nrrd, .nii.gz, .seg.nrrd), "
+                    "or a CHAOS case's Ground folder of PNG masks")
     wn.add_argument("--slices", help="indices along the slice axis that were annotated, e.g. 3,5,10-12 (default: all)")
     wn.add_argument("--label-value", type=int, default=None, help="foreground value (default: any non-zero; in a .seg.nrrd with several segments, the one named for the task, such as Liver)")
     wn.set_defaults(func=cmd_workspace_annotate)
