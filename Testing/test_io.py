@@ -162,6 +162,9 @@ def test_dicom_multi_series_folder(tmp_path: Path) -> None:
     assert str(folder) in message and "2 DICOM series" in message
     assert "1.2.3.4.1 (3 files)" in message and "1.2.3.4.2 (2 files)" in message
     assert "series_uid" in message
+    # the command line has no series_uid: one file of a series stands for it, and the message names one of each
+    assert f"{folder / 'a0000.dcm'} for 1.2.3.4.1" in message and f"{folder / 'b0000.dcm'} for 1.2.3.4.2" in message
+    assert read_volume(folder / "b0000.dcm").shape == (2, 4, 4)
     picked = read_volume(folder, series_uid="1.2.3.4.2")
     assert picked.shape == (2, 4, 4) and picked.array.max() == 1
     with pytest.raises(InputError, match="series_uid '9.9'.*not found"):
@@ -326,3 +329,17 @@ def test_no_temp_files_left_after_failed_write(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(InputError, match="could not write"):
         write_volume(oblique_volume(), tmp_path / "v.nrrd")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_patient_folder_whose_series_sit_in_subfolders_names_them(tmp_path: Path) -> None:
+    """As CHAOS lays a case out (DICOM_anon/ beside Ground/), and many exports nest a study."""
+    patient = tmp_path / "patient"
+    write_dicom_series(patient / "DICOM_anon", np.zeros((3, 4, 4), np.int16))
+    (patient / "Ground").mkdir()
+    (patient / "Ground" / "mask.png").write_bytes(b"\x89PNG")
+    with pytest.raises(InputError) as info:
+        read_volume(patient)
+    message = str(info.value)
+    assert "found no DICOM series (0 file(s) in the folder)" in message
+    assert f"a DICOM series is in {patient / 'DICOM_anon'}" in message and "Ground" not in message
+

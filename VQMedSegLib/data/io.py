@@ -211,7 +211,7 @@ def _select_series(folder: Path, series_uid: str | None) -> tuple[str, list[str]
         n_files = sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
         raise InputError(
             f"{folder}: found no DICOM series ({n_files} file(s) in the folder); expected a folder "
-            f"holding the DICOM files of one series, or an image file ({READ_FORMATS})"
+            f"holding the DICOM files of one series, or an image file ({READ_FORMATS})" + _series_below(folder)
         )
     listing = ", ".join(f"{uid} ({len(files)} files)" for uid, files in series.items())
     if series_uid is not None:
@@ -221,12 +221,28 @@ def _select_series(folder: Path, series_uid: str | None) -> tuple[str, list[str]
             )
         return series_uid, series[series_uid]
     if len(series) > 1:
+        examples = "; ".join(f"{files[0]} for {uid}" for uid, files in series.items())
         raise InputError(
             f"{folder}: found {len(series)} DICOM series: {listing}; expected one. "
-            "Pass series_uid= to choose one, or put each series in its own folder"
+            f"Give one file of the series you want instead of the folder ({examples}): it stands for its series; "
+            "or pass series_uid= to choose one, or put each series in its own folder"
         )
     uid = next(iter(series))
     return uid, series[uid]
+
+
+def _series_below(folder: Path, most: int = 5) -> str:
+    """Where a folder without a series of its own holds one a level down (a patient
+    folder, or a CHAOS case's ``DICOM_anon``): said so, to be given instead."""
+    if not folder.is_dir():
+        return ""
+    found = [sub for sub in sorted(p for p in folder.iterdir() if p.is_dir())
+             if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sub))]
+    if not found:
+        return ""
+    shown = ", ".join(str(p) for p in found[:most]) + (f" and {len(found) - most} more" if len(found) > most else "")
+    return (f"; a DICOM series is in {shown}: give that folder" if len(found) == 1
+            else f"; DICOM series are in {shown}: give one of them")
 
 
 def _dicom_series_uid_of_file(path: Path) -> str | None:
