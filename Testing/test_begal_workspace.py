@@ -87,6 +87,10 @@ def test_query_train_rounds(setup):
 
     unknown = vq("predict", "--workspace", ws, "--model-id", "begal-r09", check=False)
     assert unknown.returncode == 2 and "--model-id 'begal-r09': not a model of workspace" in unknown.stderr
+    # the paths it prints are where the user finds the files, as train's are
+    for line in vq("predict", "--workspace", ws).stdout.splitlines():
+        files = line.split(": ", 1)[1].split(", ")
+        assert len(files) == 2 and all(Path(f).is_file() and Path(f).is_relative_to(ws) for f in files), line
     model = Workspace.open(ws).latest_model("begal")["path"]
     case = cases[0].case_id
     vq("predict", "--model", ws / model, "--ct", root / f"{case}_ct.nrrd", "--out", root / "ct_only")

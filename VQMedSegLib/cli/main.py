@@ -153,8 +153,8 @@ def _predict_workspace(args, device) -> int:
     if args.json:
         _print_json(result)
     else:
-        for case_id, record in result["predictions"].items():
-            sys.stdout.write(f"{case_id}: {', '.join(record['files'].values())}\n")
+        for case_id, record in result["predictions"].items():  # files recorded relative to the workspace
+            sys.stdout.write(f"{case_id}: {', '.join(str(Path(args.workspace) / f) for f in record['files'].values())}\n")
     return 0
 
 
