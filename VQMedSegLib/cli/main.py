@@ -154,7 +154,7 @@ def _predict_workspace(args, device) -> int:
         _print_json(result)
     else:
         for case_id, record in result["predictions"].items():  # files recorded relative to the workspace
-            sys.stdout.write(f"{case_id}: {', '.join(str(Path(args.workspace) / f) for f in record['files'].values())}\n")
+            sys.stdout.write(f"{case_id}: {', '.join(str(ws.root / f) for f in record['files'].values())}\n")
     return 0
 
 
