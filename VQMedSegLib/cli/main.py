@@ -167,10 +167,9 @@ def cmd_evaluate(args) -> int:
 
     ref = read_reference_label(args.ref)
     pred = read_label(args.pred, reference=ref)
-    ref_option = "--ref-label" if args.label is None else "--label"
     value, segment = _scored_value(pred, args.pred, args.label, args.task, "--label")
     ref_value, ref_segment = _scored_value(ref, args.ref, args.ref_label if args.ref_label is not None else args.label,
-                                           args.task, ref_option)
+                                           args.task, "--ref-label")
     pred = pred.with_array((pred.array == value).astype(np.uint8))
     ref = ref.with_array((ref.array == ref_value).astype(np.uint8))
     scores = score_volumes(pred, ref).to_json()
