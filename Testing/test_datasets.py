@@ -93,6 +93,19 @@ def test_modality_guess_ct(tmp_path: Path) -> None:
     assert discover_cases(tmp_path)[0].modality == "CT"
 
 
+def test_a_pairs_folder_takes_its_modality_from_dataset_json(tmp_path: Path, caplog) -> None:
+    """The command line has no modality option: a guess says how to settle it there."""
+    write_pair(tmp_path, "1", np.full((3, 4, 4), 200.0), np.zeros((3, 4, 4)))  # no air: would be guessed MR
+    with caplog.at_level("WARNING"):
+        assert discover_cases(tmp_path)[0].modality == "MR"
+    assert "guessed MR" in caplog.text and 'dataset.json beside the images ({"modality": {"0": "CT"}})' in caplog.text
+    (tmp_path / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ref = discover_cases(tmp_path)[0]
+    assert ref.modality == "CT" and ref.options["modality_source"] == "dataset.json" and "guessed" not in caplog.text
+
+
 def test_label_geometry_mismatch(tmp_path: Path) -> None:
     write_pair(tmp_path, "1", np.zeros((3, 4, 4)), None)
     write_volume(make_volume(np.ones((3, 4, 4), np.uint8), origin=(0.0, 0.0, 0.0)), tmp_path / "label_1.nii.gz")

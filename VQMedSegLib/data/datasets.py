@@ -8,7 +8,8 @@
     (liver 1, right kidney 2, left kidney 3, spleen 4). The path may be the data-set
     root, ``Train_Sets``, ``CT``/``MR``, or one case folder. T1-DUAL series are skipped.
 ``pairs``
-    A folder of ``image_N.<ext>`` files with optional ``label_N.<ext>`` partners.
+    A folder of ``image_N.<ext>`` files with optional ``label_N.<ext>`` partners; the
+    modality comes from a ``dataset.json`` beside them when present.
 ``imagesTr``
     Medical Segmentation Decathlon / nnU-Net: ``imagesTr/`` (+ ``labelsTr/``,
     ``imagesTs/``) holding ``name.nii.gz`` or ``name_0000.nii.gz`` images and
@@ -167,7 +168,8 @@ def _guess_modality(image: Path, loader: Callable[[Path], Volume]) -> str:
     guess = "CT" if float(np.min(volume.array)) < -500 else "MR"
     log.warning(
         "%s: modality not given; guessed %s from the intensities (CT images hold values below -500 HU). "
-        "Pass modality= to be sure", image, guess,
+        'To be sure, put a dataset.json beside the images ({"modality": {"0": "CT"}}), or pass modality=',
+        image, guess,
     )
     return guess
 
@@ -233,6 +235,8 @@ def _pairs_cases(root: Path, modality: str | None) -> list[CaseRef]:
         log.warning("%s: label files without an image ignored: %s", root, ", ".join(f"label_{o}" for o in orphans))
     keys = sorted(images, key=_natural_key)
     source = "given"
+    if modality is None:
+        modality, source = _dataset_json_modality(root), "dataset.json"
     if modality is None:
         modality = _guess_modality(images[keys[0]], lambda p: read_volume(p))
         source = "guessed"
