@@ -41,3 +41,7 @@ def test_vqseg_trains_on_a_workspace_and_predicts_two_uncertainty_maps(tmp_path)
     assert entropy.same_geometry(ct) and qpm.same_geometry(ct)
     assert 0 <= qpm.array.min() and qpm.array.max() <= 1
     assert read_label(tmp_path / "pred" / "prediction.seg.nrrd").same_geometry(ct)
+    # the QPM map is drawn, but the same model on the same CT gives the same map every time
+    assert qpm.array.max() > 0
+    vq("predict", "--model", ws / model["path"], "--ct", tmp_path / "ct.nrrd", "--out", tmp_path / "again")
+    assert (read_volume(tmp_path / "again" / "uncertainty_qpm.nrrd").array == qpm.array).all()

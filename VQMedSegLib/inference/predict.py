@@ -13,7 +13,8 @@ Uncertainty maps:
   decodings re-draws the bottleneck codes with QPM at the trained strength; the map is
   the fraction of decodings whose label differs from the unperturbed prediction: 0 where
   the answer does not depend on which nearby codes encode the image, up to 1 where it
-  flips. It perturbs within the learned codebook, so it asks "would a similar-looking
+  flips. The draws come from a generator seeded with ``QPM_SEED``, so the same model on
+  the same volume gives the same map every time (and the global RNG is left alone). It perturbs within the learned codebook, so it asks "would a similar-looking
   image be segmented differently?" rather than "is this network unsure?".
 """
 
@@ -38,6 +39,7 @@ log = logging.getLogger("vqmedseg")
 
 SUPPORTED_METHODS = ("supervised", "begal", "vqseg")
 QPM_DECODINGS = 8
+QPM_SEED = 0
 
 
 @dataclass
@@ -114,13 +116,14 @@ def predict_volume(
     vqseg = ckpt["model"].get("kind") == "vqseg2d"
     probs = np.empty((plan.n_slices, 2, size, size), np.float32)
     disagreement = np.zeros((plan.n_slices, 1, size, size), np.float32) if vqseg else None
+    draws = torch.Generator(device=device).manual_seed(QPM_SEED) if vqseg else None
     for start in range(0, plan.n_slices, batch_size):
         if vqseg:
             x = torch.as_tensor(slices[start : start + batch_size, None], device=device)
             logits = model(x, perturb=False, reconstruct=False).logits
             label = logits.argmax(1)
             for _ in range(QPM_DECODINGS):
-                moved = model(x, perturb=True, reconstruct=False).logits.argmax(1)
+                moved = model(x, perturb=True, reconstruct=False, generator=draws).logits.argmax(1)
                 disagreement[start : start + batch_size, 0] += (moved != label).float().cpu().numpy() / QPM_DECODINGS
         elif begal:
             logits = model(*pool.tensors(np.arange(start, min(start + batch_size, plan.n_slices)), device)).logits

@@ -205,10 +205,11 @@ class VQSegNet(nn.Module):
         backbone = {id(p) for p in self.backbone_parameters()}
         return [p for p in self.parameters() if id(p) not in backbone]
 
-    def perturb(self, vq: VQOutput) -> torch.Tensor:
-        """The student's perturbed quantised map (no gradient into the choice of codes)."""
+    def perturb(self, vq: VQOutput, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The student's perturbed quantised map (no gradient into the choice of codes);
+        QPM's draws come from ``generator`` when one is given."""
         if self.perturbation == "qpm":
-            idx = self.qpm(vq.indices, self.quantizer.codebook())
+            idx = self.qpm(vq.indices, self.quantizer.codebook(), generator=generator)
             codebook = self.quantizer.codebook()
             moved = codebook[idx].permute(0, 3, 1, 2)
             keep = (idx == vq.indices)[:, None]
@@ -217,10 +218,11 @@ class VQSegNet(nn.Module):
             return F.dropout2d(vq.quantized, self.dropout_rate, training=True)
         return vq.quantized
 
-    def forward(self, x: torch.Tensor, perturb: bool = False, reconstruct: bool = True) -> VQSegOutput:
+    def forward(self, x: torch.Tensor, perturb: bool = False, reconstruct: bool = True,
+                generator: torch.Generator | None = None) -> VQSegOutput:
         feats = self.encoder(x)
         vq = self.quantizer(self.pre_quant(feats[4]))
-        q = self.perturb(vq) if perturb else vq.quantized
+        q = self.perturb(vq, generator) if perturb else vq.quantized
         bottleneck = self.post_quant(q)
         logits = self.seg_decoder(bottleneck, feats[:4])
         rec = torch.sigmoid(self.rec_decoder(bottleneck)) if (reconstruct and self.rec_decoder is not None) else None
