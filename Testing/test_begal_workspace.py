@@ -118,6 +118,23 @@ def test_annotated_empty_slices_count_and_are_never_suggested(setup, tmp_path):
     assert r["exhausted"] == "pool" and r["suggestions"] == [] and "every one of the 16 slices" in r["message"]
 
 
+def test_a_query_asked_again_suggests_the_same_slices_with_every_strategy(setup, tmp_path):
+    """MC dropout draws its masks: seeded per query (the preset's seed and the slices labelled so far), as random is."""
+    root, _, cases = setup
+    ws = tmp_path / "ws"
+    case = cases[0].case_id
+    vq("workspace", "init", ws)
+    vq("workspace", "add", ws, "--case", case, "--ct", root / f"{case}_ct.nrrd")
+    vq("workspace", "annotate", ws, "--case", case, "--label", root / f"{case}_label.nrrd", "--label-value", "1",
+       "--slices", "2,5,8,11,14")
+    vq("train", "--workspace", ws, "--method", "begal", "--preset", "tiny")
+    for strategy in ("mcdropout", "random", "entropy"):
+        first, again = (json.loads(vq("query", "--workspace", ws, "--strategy", strategy, "--n", "4", "--preset", "tiny",
+                                      "--json").stdout)["suggestions"] for _ in range(2))
+        assert first == again, strategy
+        assert len(first) == 4, strategy
+
+
 def test_query_refuses_unknown_strategy(setup):
     _, ws, _ = setup
     r = vq("query", "--workspace", ws, "--strategy", "oracle", check=False)

@@ -144,7 +144,12 @@ def query(
         unlabelled = np.setdiff1d(np.arange(len(pool)), taken)
         ctx.progress(0, 1, "scoring the pool", force=True)
         rng = np.random.default_rng([config.seed, labelled_count])
-        picks = select(strategy, model, pool, unlabelled, taken, budget.allowance(n), device, rng, config.mc_samples)
+        # MC dropout's masks from the same seed as the random draws: a query asked again
+        # suggests the same slices (forked, so the caller's torch RNG is left as it was)
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(np.random.SeedSequence([config.seed, labelled_count]).generate_state(1, np.uint64)[0]))
+            picks = select(strategy, model, pool, unlabelled, taken, budget.allowance(n), device, rng, config.mc_samples)
         result["model"] = entry["id"] if entry else None
         if model is None:
             result["message"] = "no VQ-BEGAL model yet: this first set is drawn at random; annotate it, then train"
