@@ -209,6 +209,15 @@ def test_query_train_predict_loop_through_the_logic_ends_with_the_segmentation_i
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     folder = sh.GetItemParent(sh.GetItemByDataNode(seg))
     assert folder and sh.GetItemParent(sh.GetItemByDataNode(overlay)) == folder
+    # loading the results again (as after another training) replaces them, folder and all
+    logic.load_results(case_id)
+    from vtkmodules.vtkCommonCore import vtkIdList
+
+    children = vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), children, True)
+    names = [sh.GetItemName(children.GetId(i)) for i in range(children.GetNumberOfIds())]
+    assert names.count(f"{case_id} results") == 1 and names.count(f"{case_id} Liver (supervised)") == 1, names
+    assert seg.GetScene() is None and logic.loaded[case_id]["segmentation"].GetScene() is scene
     scores = logic.score_against(case_id, truth)
     assert scores["dice"] > 0.6, scores
     assert scores["hd95_mm"] is not None

@@ -510,6 +510,7 @@ class WorkflowLogic:
             node.SetAttribute(CASE_ATTRIBUTE, case_id)
             overlays[name] = node
         sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        folder = None
         if sh is not None:
             parent = sh.GetItemParent(_sh_item(sh, ct_node)) or sh.GetSceneItemID()
             folder = sh.CreateFolderItem(parent, f"{case_id} results")
@@ -517,16 +518,25 @@ class WorkflowLogic:
                 sh.SetItemParent(_sh_item(sh, node), folder)
         shown = uncertainty if uncertainty in overlays else next(iter(overlays), None)
         show_in_slice_views(self.scene, ct_node, overlays.get(shown), opacity)
-        self.loaded[case_id] = {"segmentation": seg, "overlays": overlays, "shown": shown, "record": record}
+        self.loaded[case_id] = {"segmentation": seg, "overlays": overlays, "shown": shown, "record": record,
+                                "folder": folder}
         return self.loaded[case_id]
 
     def unload_results(self, case_id: str) -> None:
+        """Remove the loaded results of ``case_id``: their nodes and their subject-hierarchy folder."""
+        import slicer
+
         old = self.loaded.pop(case_id, None)
         if not old:
             return
         for node in [old["segmentation"], *old["overlays"].values()]:
             if node.GetScene() is not None:
                 self.scene.RemoveNode(node)
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        if sh is not None and old.get("folder") and sh.GetItemName(old["folder"]):
+            # the folder and the items in it; no data node goes with them (ours are removed above, and
+            # a node the user moved into the folder is theirs)
+            sh.RemoveItem(old["folder"], False, True)
 
     def show_uncertainty(self, case_id: str, name: str, opacity: float = 0.4) -> Any:
         """Show another loaded uncertainty map (``entropy``, ``qpm`` ...) as the overlay."""
