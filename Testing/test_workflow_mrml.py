@@ -231,6 +231,14 @@ def test_query_train_predict_loop_through_the_logic_ends_with_the_segmentation_i
     organs.GetSegmentation().RemoveSegment(organs.GetSegmentation().GetSegmentIdBySegmentName("liver"))
     with pytest.raises(InputError, match="'kidney right', 'kidney left', 'spleen'; none is named 'Liver'"):
         logic.score_against(case_id, organs)
+    # results whose nodes left the scene (the user deleted them, or closed the scene) are forgotten, not shown
+    scene.RemoveNode(logic.loaded[case_id]["overlays"]["entropy"])
+    assert logic.forget_removed_results() == [case_id] and case_id not in logic.loaded
+    with pytest.raises(InputError, match="not loaded"):
+        logic.show_uncertainty(case_id, "entropy")
+    logic.load_results(case_id)
+    scene.Clear(0)
+    assert logic.forget_removed_results() == [case_id] and logic.loaded == {}
 
 
 def _poll_until(logic, condition, timeout=120.0):

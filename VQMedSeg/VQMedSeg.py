@@ -207,6 +207,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
+        self.logic.forgetRemovedResults()  # their nodes went with the scene
+        self._refreshResults()
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -637,7 +639,12 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
     def loadResults(self, caseId: str | None = None, opacity: float = 0.4) -> dict:
         return self._flow().load_results(caseId or self.caseId, opacity=opacity)
 
+    def forgetRemovedResults(self) -> list[str]:
+        """Forget loaded results whose nodes were deleted or went with a closed scene."""
+        return self.workflow.forget_removed_results() if self.workflow is not None else []
+
     def loadedResults(self) -> dict | None:
+        self.forgetRemovedResults()  # never a node the user has deleted
         return self.workflow.loaded.get(self.caseId) if self.workflow is not None else None
 
     def uncertaintyNames(self) -> list[str]:

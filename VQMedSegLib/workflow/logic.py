@@ -522,6 +522,15 @@ class WorkflowLogic:
                                 "folder": folder}
         return self.loaded[case_id]
 
+    def forget_removed_results(self) -> list[str]:
+        """Forget the loaded results any of whose nodes has left the scene (deleted by the
+        user, or the scene closed), removing what is left of them; returns their cases."""
+        gone = [case_id for case_id, loaded in self.loaded.items()
+                if any(node.GetScene() is None for node in [loaded["segmentation"], *loaded["overlays"].values()])]
+        for case_id in gone:
+            self.unload_results(case_id)
+        return gone
+
     def unload_results(self, case_id: str) -> None:
         """Remove the loaded results of ``case_id``: their nodes and their subject-hierarchy folder."""
         import slicer
