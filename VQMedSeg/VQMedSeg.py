@@ -562,9 +562,13 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"the {LIBRARY_PACKAGE} library cannot be imported; see the application log")
         from VQMedSegLib.workflow import WorkflowLogic
 
-        if self.workflow is None or self.workflow.job is None or self.workflow.job.finished:
+        if self.workflow is None:
             self.workflow = WorkflowLogic(slicer.mrmlScene, python=self.jobPython(parameterNode), device=parameterNode.device,
                                           preset=parameterNode.preset)
+        elif not self.jobRunning():  # the same workflow, which keeps track of the results it loaded, with the new settings
+            self.workflow.python = self.jobPython(parameterNode)
+            self.workflow.device = parameterNode.device
+            self.workflow.preset = parameterNode.preset
         workspace = pathlib.Path(parameterNode.workspace).expanduser()
         self.caseId = self.workflow.prepare(parameterNode.ctVolume, parameterNode.mrVolume, task=parameterNode.target, folder=workspace)
         return self.caseId
@@ -810,4 +814,7 @@ class VQMedSegTest(ScriptedLoadableModuleTest):
         composite = slicer.mrmlScene.GetSingletonNode("Red", "vtkMRMLSliceCompositeNode")
         self.assertEqual(composite.GetForegroundVolumeID(), loaded["overlays"][loaded["shown"]].GetID())
         self.assertGreater(composite.GetForegroundOpacity(), 0.0)
+        # preparing again (the MR picked later, another preset) keeps track of the results on show
+        self.assertEqual(logic.prepareWorkspace(), caseId)
+        self.assertIs(logic.loadedResults(), loaded)
         self.delayDisplay(f"Test passed: Dice {scores['dice']:.3f}")
