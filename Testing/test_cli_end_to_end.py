@@ -184,7 +184,15 @@ def test_evaluate_scores_the_target_segment_whatever_its_value_in_each_file(tmp_
                        [{"label": 1, "name": "Segment_1"}, {"label": 5, "name": "Segment_2"}])
     r = vqmedseg("evaluate", "--pred", tmp_path / "pred.seg.nrrd", "--ref", tmp_path / "unnamed.seg.nrrd", check=False)
     assert r.returncode == 2 and "unnamed.seg.nrrd" in r.stderr and "'Segment_1', 'Segment_2'" in r.stderr
-    assert "--ref-label" in r.stderr
+    assert "--ref-label" in r.stderr and "--task" in r.stderr
+    # a lung-tumour reference is scored with --task lung-tumour, by its segment's name
+    write_segmentation(Volume(organs, **grid), tmp_path / "chest.seg.nrrd",
+                       [{"label": 1, "name": "Lung"}, {"label": 5, "name": "lung tumour"}])
+    write_segmentation(Volume((predicted == 1).astype(np.uint8), **grid), tmp_path / "tumour.seg.nrrd",
+                       [{"label": 1, "name": "Lung tumour"}])
+    scores = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "tumour.seg.nrrd", "--ref", tmp_path / "chest.seg.nrrd",
+                                 "--task", "lung-tumour", "--json").stdout)
+    assert scores["dice"] == pytest.approx(expected) and scores["reference_segment"] == "lung tumour"
 
 
 def test_the_workspace_commands_take_the_folder_as_the_job_commands_do_too(tmp_path):

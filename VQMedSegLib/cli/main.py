@@ -204,7 +204,7 @@ def _scored_value(label, path, given: int | None, task: str, option: str) -> tup
     try:
         index = target_segment([s.get("name", "") for s in segments], task, str(path))
     except InputError as exc:
-        raise InputError(f"{exc}, or give its value with {option}") from None
+        raise InputError(f"{exc}, or give its value with {option}, or score another structure with --task") from None
     if index is None:
         return (segments[0]["label"], segments[0].get("name")) if segments else (1, None)
     return segments[index]["label"], segments[index].get("name")
