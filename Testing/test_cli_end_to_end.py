@@ -171,6 +171,8 @@ def test_evaluate_scores_the_target_segment_whatever_its_value_in_each_file(tmp_
     assert scores["dice"] == pytest.approx(expected)
     assert (scores["label"], scores["reference_label"]) == (1, 5)
     assert (scores["segment"], scores["reference_segment"]) == ("Liver", "liver")
+    text = vqmedseg("evaluate", "--pred", tmp_path / "pred.seg.nrrd", "--ref", tmp_path / "organs.seg.nrrd").stdout
+    assert text.splitlines()[1] == "scored: segment 'Liver' (value 1) of the prediction against segment 'liver' (value 5) of the reference"
     scores = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "pred.seg.nrrd", "--ref", tmp_path / "organs.nii.gz",
                                  "--ref-label", "5", "--json").stdout)
     assert scores["dice"] == pytest.approx(expected) and scores["reference_segment"] is None

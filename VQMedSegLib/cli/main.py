@@ -189,6 +189,12 @@ def cmd_evaluate(args) -> int:
             + (f"  (empty: {scores['empty']})" if scores["empty"] else "")
             + "\n"
         )
+        if segment or ref_segment or value != ref_value:  # say what was scored where it is not simply label 1
+            def what(name, v):
+                return f"segment {name!r} (value {v})" if name else f"value {v}"
+
+            sys.stdout.write(f"scored: {what(segment, value)} of the prediction against {what(ref_segment, ref_value)} "
+                             "of the reference\n")
     return 0
 
 
