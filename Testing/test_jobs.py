@@ -359,3 +359,18 @@ def test_workspace_status_says_which_jobs_ran_last_and_why_one_did_not_finish(wo
     assert text[6].startswith("  ") and text[6].endswith("  train  done"), text
     jobs = json.loads(run_cli("workspace", "status", workspace.root, "--json").stdout)["last_jobs"]
     assert [(j["status"], j.get("reason", "")[:13]) for j in jobs] == [("refused", "--preset pape"), ("done", "")], jobs
+
+
+def test_the_terminal_progress_bar_follows_each_stage_of_a_job(workspace, capsys):
+    """VQ-Seg reports its foundation features (0 of 1) before its iterations (of 600): the bar
+    must then count iterations, under the stage's name, not stay at a total of 1."""
+    with JobContext(workspace, "train", progress_bar=True) as ctx:
+        ctx.progress(0, 1, "foundation features", force=True)
+        ctx.progress(3, 10, "vqseg")
+        started = ctx._bar.start_t
+        ctx.progress(4, 10, "vqseg")
+        assert ctx._bar.start_t == started  # the same stage goes on: its rate is not reset
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "4/10" in last and "vqseg" in last, err
+    assert "foundation features" in err

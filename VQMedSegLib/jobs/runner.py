@@ -60,6 +60,7 @@ class JobContext:
         self._cancel_signal = False
         self._previous_handler: Any = None
         self._bar = None
+        self._bar_desc = ""
         self._progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
         self._last_progress_emit = 0.0
         self.status = "created"
@@ -154,10 +155,15 @@ class JobContext:
     def progress(self, done: int, total: int, message: str = "", force: bool = False, **fields: Any) -> None:
         """Report progress; events are throttled to about two a second."""
         if self._progress_bar:
+            desc = f"{self.kind}: {message}" if message else self.kind
             if self._bar is None:
                 from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=total, desc=self.kind, unit="it", dynamic_ncols=True)
+                self._bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True)
+            elif self._bar.total != total or self._bar_desc != desc:  # a new stage (features, then iterations)
+                self._bar.reset(total=total)
+                self._bar.set_description_str(desc, refresh=False)
+            self._bar_desc = desc
             self._bar.n = done
             if fields:
                 self._bar.set_postfix({k: (round(v, 4) if isinstance(v, float) else v) for k, v in fields.items()}, refresh=False)
