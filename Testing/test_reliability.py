@@ -609,6 +609,10 @@ def test_main_commands_run_with_networking_disabled(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("DONE")] == [[c[0], "0"] for c in commands]
+    # LiteMedSAM's features for PFA (seconds a slice on a CPU) report their progress batch by batch
+    events = [json.loads(line) for line in (ws / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+    features = [(e["done"], e["total"]) for e in events if e["type"] == "progress" and e.get("message") == "foundation features"]
+    assert features[-1] == (6, 6) and len(features) >= 2, features
     assert (ws / "predictions").is_dir() and any((ws / "predictions").rglob("*.seg.nrrd"))
 
 

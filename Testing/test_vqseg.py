@@ -196,3 +196,23 @@ def test_without_strong_augmentation_unlabelled_views_keep_their_geometry_and_th
         u = trainer.unlabelled_batch()
         np.testing.assert_allclose(_centroid(u.x[0]), original, atol=1e-6)
         assert torch.equal(u.x_mix, u.x)
+
+
+def test_foundation_features_report_each_batch_and_can_be_stopped_between_them():
+    from VQMedSegLib.training.vqseg import foundation_features
+
+    class Stub(torch.nn.Module):
+        def forward(self, x):
+            return x.repeat(1, 3, 1, 1)
+
+    images = np.random.default_rng(0).random((10, 1, 8, 8), dtype=np.float32)
+    seen = []
+    out = foundation_features(Stub(), images, grid=2, batch=4, progress=lambda done, total: seen.append((done, total)))
+    assert out.shape == (10, 3, 2, 2) and seen == [(4, 10), (8, 10), (10, 10)]
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        foundation_features(Stub(), images, grid=2, batch=4, progress=stop)
+

@@ -137,12 +137,18 @@ def build_vqseg(config: VQSegConfig, fm_channels: int) -> VQSegNet:
 
 
 @torch.no_grad()
-def foundation_features(foundation: nn.Module, images: np.ndarray, grid: int, batch: int = 4) -> np.ndarray:
-    """Foundation features of every slice, average-pooled to ``grid x grid``, float16."""
+def foundation_features(foundation: nn.Module, images: np.ndarray, grid: int, batch: int = 4,
+                        progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Foundation features of every slice, average-pooled to ``grid x grid``, float16.
+
+    ``progress(done, total)`` is called after each batch (LiteMedSAM takes seconds a
+    slice on a CPU); it may raise to stop, as a job's cancel check does."""
     out = []
     for start in range(0, len(images), batch):
         f = foundation(torch.as_tensor(images[start : start + batch]))
         out.append(F.adaptive_avg_pool2d(f, grid).half().numpy())
+        if progress is not None:
+            progress(min(start + batch, len(images)), len(images))
     return np.concatenate(out) if out else np.zeros((0, 1, grid, grid), np.float16)
 
 

@@ -51,8 +51,14 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
 
         rows = unl if not config.pfa_slices or config.pfa_slices >= len(unl) else np.sort(
             np.random.default_rng(config.seed).choice(unl, config.pfa_slices, replace=False))
-        ctx.progress(0, 1, "foundation features", force=True)
-        fm = foundation_features(build_foundation(config.foundation), pool.ct[rows], config.pfa_grid)
+        ctx.progress(0, len(rows), "foundation features", force=True)
+        check = cancel_check(ctx, info)
+
+        def features_done(done: int, total: int) -> None:
+            ctx.progress(done, total, "foundation features")
+            check()  # a cancel need not wait for every slice's features
+
+        fm = foundation_features(build_foundation(config.foundation), pool.ct[rows], config.pfa_grid, progress=features_done)
         fm_channels, fm_rows = fm.shape[1], np.searchsorted(unl, rows)
     elif config.use_pfa:
         ctx.warn("PFA is off: no foundation model (foundation 'none')")
