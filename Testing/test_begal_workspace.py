@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from VQMedSegLib.data.io import read_label, read_volume, write_volume
 from VQMedSegLib.data.phantoms import make_dataset
@@ -61,6 +62,9 @@ def test_query_train_rounds(setup):
     vq("train", "--workspace", ws, "--method", "begal", "--preset", "tiny")
     second = json.loads(vq("query", "--workspace", ws, "--n", "6", "--preset", "tiny", "--json").stdout)
     assert second["model"].startswith("begal-r00")
+    events = [json.loads(line) for line in (ws / "events.jsonl").read_text().splitlines()]
+    scoring = [(e["done"], e["total"]) for e in events if e.get("message") == "scoring the pool"]
+    assert scoring[-1] == (26, 26), scoring  # the 26 unlabelled slices of the two 16-slice cases
     purposes = [s["purpose"] for s in second["suggestions"]]
     assert purposes.count("decoder") == 3 and purposes.count("encoder") == 3
     taken = {(s["case"], s["slice"]) for s in first["suggestions"]}
@@ -182,3 +186,13 @@ def test_simulate_table_shows_a_spread_only_over_several_seeds():
     # population standard deviation over the seeds (ddof 0), as the header says
     assert f"| VQ + BEGAL (ours) | 80.00 ± {100 * np.std([0.9, 0.8, 0.7]):.2f} | 95.00 ± 0.00 |" in three
     assert "population standard deviation" in three
+
+
+def test_pool_scoring_reports_each_batch():
+    from VQMedSegLib.active_learning.strategies import _stream
+
+    seen = []
+    scores = _stream(np.arange(70), 32, lambda b: torch.as_tensor(b, dtype=torch.float32),
+                     progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(32, 70), (64, 70), (70, 70)] and (scores == np.arange(70)).all()
+

@@ -97,6 +97,21 @@ def _load_latest(ws: Workspace, config: BEGALConfig, device: torch.device):
     return model.to(device).eval(), entry
 
 
+def _scoring_progress(ctx: JobContext):
+    """The pool's scoring as the job's progress; in one process a cancel stops it between
+    batches (under torchrun the ranks' shares differ by a batch, so only the end is collective)."""
+    from ..training.distributed import current
+
+    single = not current().enabled
+
+    def report(done: int, total: int) -> None:
+        ctx.progress(done, total, "scoring the pool")
+        if single:
+            ctx.check_cancel()
+
+    return report
+
+
 def query(
     ctx: JobContext,
     ws: Workspace,
@@ -149,7 +164,8 @@ def query(
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(int(np.random.SeedSequence([config.seed, labelled_count]).generate_state(1, np.uint64)[0]))
-            picks = select(strategy, model, pool, unlabelled, taken, budget.allowance(n), device, rng, config.mc_samples)
+            picks = select(strategy, model, pool, unlabelled, taken, budget.allowance(n), device, rng, config.mc_samples,
+                           progress=_scoring_progress(ctx))
         result["model"] = entry["id"] if entry else None
         if model is None:
             result["message"] = "no VQ-BEGAL model yet: this first set is drawn at random; annotate it, then train"

@@ -33,6 +33,7 @@ from ..errors import InputError
 from .pool import SlicePool
 
 STRATEGIES = ("begal", "egal", "random", "entropy", "mcdropout", "coreset")
+Progress = Callable[[int, int], None]  # (slices scored, slices to score), after each batch
 ENCODER, DECODER, BOTH = "encoder", "decoder", "both"
 
 
@@ -48,8 +49,10 @@ def _batches(idx: np.ndarray, batch: int):
         yield idx[start : start + batch]
 
 
-def _stream(idx: np.ndarray, batch: int, score: Callable[[np.ndarray], torch.Tensor]) -> np.ndarray:
-    """One score per pool index, computed ``batch`` slices at a time (memory flat in the pool size).
+def _stream(idx: np.ndarray, batch: int, score: Callable[[np.ndarray], torch.Tensor],
+            progress: Progress | None = None) -> np.ndarray:
+    """One score per pool index, computed ``batch`` slices at a time (memory flat in the pool size);
+    ``progress(done, total)`` after each batch, counting this process's share.
 
     Under torchrun each rank scores its share of ``idx`` and the scores are gathered back
     into ``idx``'s order on every rank (:mod:`VQMedSegLib.training.distributed`)."""
@@ -62,14 +65,17 @@ def _stream(idx: np.ndarray, batch: int, score: Callable[[np.ndarray], torch.Ten
     for b in _batches(mine, batch):
         out[pos : pos + len(b)] = score(b).float().cpu().numpy()
         pos += len(b)
+        if progress is not None:
+            progress(pos, len(mine))
     return gather_scores(out, len(idx), info)
 
 
 @torch.no_grad()
-def modality_scores(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:
+def modality_scores(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32,
+                    progress: Progress | None = None) -> np.ndarray:
     """Eq. 5 for each pool slice (one encoder pass, no decoder)."""
     model.eval()
-    return _stream(idx, batch, lambda b: model.modality_uncertainty(*pool.tensors(b, device)[:2]))
+    return _stream(idx, batch, lambda b: model.modality_uncertainty(*pool.tensors(b, device)[:2]), progress)
 
 
 def _pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -77,9 +83,11 @@ def _pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prediction_entropy_scores(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:
+def prediction_entropy_scores(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32,
+                              progress: Progress | None = None) -> np.ndarray:
     model.eval()
-    return _stream(idx, batch, lambda b: _pixel_entropy(torch.softmax(model(*pool.tensors(b, device)).logits, dim=1)))
+    return _stream(idx, batch, lambda b: _pixel_entropy(torch.softmax(model(*pool.tensors(b, device)).logits, dim=1)),
+                   progress)
 
 
 def _enable_dropout(model: nn.Module) -> None:
@@ -90,7 +98,8 @@ def _enable_dropout(model: nn.Module) -> None:
 
 @torch.no_grad()
 def mc_dropout_scores(
-    model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, samples: int = 10, batch: int = 32
+    model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, samples: int = 10, batch: int = 32,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """Predictive entropy of the mean of ``samples`` stochastic passes (dropout on)."""
     model.eval()
@@ -103,20 +112,24 @@ def mc_dropout_scores(
         mean = sum(torch.softmax(model(*inputs).logits, dim=1) for _ in range(samples))
         return _pixel_entropy(mean / samples)
 
-    out = _stream(idx, batch, score)
+    out = _stream(idx, batch, score, progress)
     model.eval()
     return out
 
 
 @torch.no_grad()
-def bottleneck_features(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32) -> np.ndarray:
+def bottleneck_features(model: nn.Module, pool: SlicePool, idx: np.ndarray, device: torch.device, batch: int = 32,
+                        progress: Progress | None = None) -> np.ndarray:
     from ..training.distributed import current, gather_scores, shard
 
     model.eval()
     info = current()
     feats = []
-    for b in _batches(shard(idx, info), batch):
+    mine = shard(idx, info)
+    for b in _batches(mine, batch):
         feats.append(model.ct_encoder(pool.tensors(b, device)[0])[4].mean(dim=(2, 3)).float().cpu().numpy())
+        if progress is not None:
+            progress(sum(len(f) for f in feats), len(mine))
     width = model.ct_encoder.features[4] if hasattr(model.ct_encoder, "features") else 1
     local = np.concatenate(feats) if feats else np.zeros((0, width), np.float32)
     return gather_scores(local, len(idx), info)
@@ -169,8 +182,10 @@ def select(
     rng: np.random.Generator,
     mc_samples: int = 10,
     batch: int = 32,
+    progress: Progress | None = None,
 ) -> list[Selection]:
-    """Choose ``n`` slices from ``unlabelled`` (pool indices) with ``strategy``."""
+    """Choose ``n`` slices from ``unlabelled`` (pool indices) with ``strategy``; the scoring
+    of ``unlabelled`` reports to ``progress(done, total)`` after each batch."""
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     n = min(n, len(unlabelled))
@@ -180,7 +195,7 @@ def select(
         picks = rng.choice(len(unlabelled), n, replace=False)
         return [Selection(int(unlabelled[p]), 0.0, BOTH) for p in picks]
     if strategy in ("begal", "egal"):
-        scores = modality_scores(model, pool, unlabelled, device, batch)
+        scores = modality_scores(model, pool, unlabelled, device, batch, progress)
         if strategy == "begal":
             high, low = bimodal_select(scores, n)
             return [Selection(int(unlabelled[p]), float(scores[p]), DECODER) for p in high] + [
@@ -189,13 +204,13 @@ def select(
         top = np.argsort(-scores, kind="stable")[:n]
         return [Selection(int(unlabelled[p]), float(scores[p]), BOTH) for p in top]
     if strategy == "coreset":
-        cand = bottleneck_features(model, pool, unlabelled, device, batch)
+        cand = bottleneck_features(model, pool, unlabelled, device, batch, progress)
         centres = bottleneck_features(model, pool, labelled, device, batch) if len(labelled) else np.zeros((0, cand.shape[1]))
         picks = kcenter_greedy(cand, centres, n)
         return [Selection(int(unlabelled[p]), 0.0, BOTH) for p in picks]
-    scorer: Callable = prediction_entropy_scores if strategy == "entropy" else (
-        lambda m, p, i, d, b: mc_dropout_scores(m, p, i, d, mc_samples, b)
-    )
-    scores = scorer(model, pool, unlabelled, device, batch)
+    if strategy == "entropy":
+        scores = prediction_entropy_scores(model, pool, unlabelled, device, batch, progress)
+    else:
+        scores = mc_dropout_scores(model, pool, unlabelled, device, mc_samples, batch, progress)
     top = np.argsort(-scores, kind="stable")[:n]
     return [Selection(int(unlabelled[p]), float(scores[p]), BOTH) for p in top]
