@@ -91,6 +91,26 @@ def test_query_train_rounds(setup):
 
     unknown = vq("predict", "--workspace", ws, "--model-id", "begal-r09", check=False)
     assert unknown.returncode == 2 and "--model-id 'begal-r09': not a model of workspace" in unknown.stderr
+    # a prediction reports its progress within each case, not only between cases
+    from VQMedSegLib.inference.workspace import predict_workspace
+
+    class Recorder:
+        job_id, calls = "recorded", []
+
+        def progress(self, done, total, message="", force=False, **fields):
+            self.calls.append((done, total, message))
+
+        def check_cancel(self):
+            pass
+
+        def emit(self, *args, **fields):
+            pass
+
+    recorder = Recorder()
+    predict_workspace(recorder, Workspace.open(ws), torch.device("cpu"), None, None)
+    first, second = sorted(c.case_id for c in cases)
+    assert recorder.calls == [(0, 2000, f"predicting {first}"), (1000, 2000, f"predicting {first}"),
+                              (1000, 2000, f"predicting {second}"), (2000, 2000, f"predicting {second}"), (2000, 2000, "done")]
     # the paths it prints are where the user finds the files, as train's are
     for line in vq("predict", "--workspace", ws).stdout.splitlines():
         files = line.split(": ", 1)[1].split(", ")

@@ -65,9 +65,14 @@ def predict_workspace(
     written: dict[str, dict] = {}
     for n, case_id in enumerate(cases):
         ctx.check_cancel()
-        ctx.progress(n, len(cases), f"predicting {case_id}", force=True)
+        ctx.progress(1000 * n, 1000 * len(cases), f"predicting {case_id}", force=True)
         ct, mr = ws.load_ct(case_id), ws.load_mr(case_id)
-        pred = predict_volume(model, ckpt, ct, device, mr=mr, largest_component=largest_component)
+
+        def slices_done(done: int, total: int, n=n, case_id=case_id) -> None:  # per mille of each case
+            ctx.progress(1000 * n + 1000 * done // max(total, 1), 1000 * len(cases), f"predicting {case_id}")
+            ctx.check_cancel()
+
+        pred = predict_volume(model, ckpt, ct, device, mr=mr, largest_component=largest_component, progress=slices_done)
         ctx.check_cancel()
         staging = root / f".staging-{ctx.job_id}-{case_id}"
         files = write_prediction(staging, pred, task_name=state["task"])
@@ -89,5 +94,5 @@ def predict_workspace(
         ws.update(remember)
         written[case_id] = record
         ctx.emit("result", kind="prediction", case=case_id, model=entry["id"], files=record["files"], voxels=record["voxels"])
-    ctx.progress(len(cases), len(cases), "done", force=True)
+    ctx.progress(1000 * len(cases), 1000 * len(cases), "done", force=True)
     return {"model": entry["id"], "predictions": written}
