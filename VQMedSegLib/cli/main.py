@@ -198,22 +198,31 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _scored_value(label, path, given: int | None, task: str, option: str) -> tuple[int, str | None]:
-    """The label value of ``task``'s structure in one file, and its segment's name when
-    it was found by name: ``given`` if set; in a Slicer segmentation, the segment named
-    for the task (:func:`~VQMedSegLib.tasks.target_segment`), or its only segment; else 1."""
+def _task_segment(label, task: str, path, hint: str) -> dict | None:
+    """The segment of a Slicer segmentation read as ``label`` that is named for ``task``
+    (:func:`~VQMedSegLib.tasks.target_segment`); None when the file has no segments, or one
+    not so named. Several segments and none so named is an error ending with ``hint``."""
     from ..tasks import target_segment
 
-    if given is not None:
-        return given, None
     segments = [s for s in label.metadata.get("segments") or [] if s.get("label")]
     try:
         index = target_segment([s.get("name", "") for s in segments], task, str(path))
     except InputError as exc:
-        raise InputError(f"{exc}, or give its value with {option}, or score another structure with --task") from None
-    if index is None:
-        return (segments[0]["label"], segments[0].get("name")) if segments else (1, None)
-    return segments[index]["label"], segments[index].get("name")
+        raise InputError(f"{exc}, {hint}") from None
+    return None if index is None else segments[index]
+
+
+def _scored_value(label, path, given: int | None, task: str, option: str) -> tuple[int, str | None]:
+    """The label value of ``task``'s structure in one file, and its segment's name when
+    it was found by name: ``given`` if set; in a Slicer segmentation, the segment named
+    for the task, or its only segment; else 1."""
+    if given is not None:
+        return given, None
+    segment = _task_segment(label, task, path, f"or give its value with {option}, or score another structure with --task")
+    if segment is None:
+        segments = [s for s in label.metadata.get("segments") or [] if s.get("label")]
+        segment = segments[0] if segments else {"label": 1}
+    return segment["label"], segment.get("name")
 
 
 def cmd_dataset_check(args) -> int:
@@ -259,19 +268,13 @@ def cmd_workspace_add(args) -> int:
 def cmd_workspace_annotate(args) -> int:
     from ..data.datasets import read_reference_label
     from ..jobs.workspace import Workspace
-    from ..tasks import target_segment
 
     ws = Workspace.open(args.workspace)
     label = read_reference_label(args.label)  # a label file, or a CHAOS case's Ground folder of PNG masks
     slices = _parse_indices(args.slices) if args.slices is not None else None
     segment = None
     if args.label_value is None:  # a Slicer .seg.nrrd: the segment named for the task
-        segments = [s for s in label.metadata.get("segments") or [] if s.get("label")]
-        try:
-            index = target_segment([s.get("name", "") for s in segments], ws.task, str(args.label))
-        except InputError as exc:
-            raise InputError(f"{exc}, or give its value with --label-value") from None
-        segment = None if index is None else segments[index]
+        segment = _task_segment(label, ws.task, args.label, "or give its value with --label-value")
     value = segment["label"] if segment else args.label_value
     labelled = ws.annotate(args.case, label, slices=slices, label_value=value)
     source = f", from segment {segment['name']!r} (value {value})" if segment else ""
