@@ -158,12 +158,13 @@ def query(
         taken = np.array(sorted(labelled), dtype=np.int64)
         unlabelled = np.setdiff1d(np.arange(len(pool)), taken)
         ctx.progress(0, 1, "scoring the pool", force=True)
-        rng = np.random.default_rng([config.seed, labelled_count])
+        seeds = np.random.SeedSequence([config.seed, labelled_count])
+        rng = np.random.default_rng(seeds)
         # MC dropout's masks from the same seed as the random draws: a query asked again
         # suggests the same slices (forked, so the caller's torch RNG is left as it was)
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(int(np.random.SeedSequence([config.seed, labelled_count]).generate_state(1, np.uint64)[0]))
+            torch.manual_seed(int(seeds.generate_state(1, np.uint64)[0]))
             picks = select(strategy, model, pool, unlabelled, taken, budget.allowance(n), device, rng, config.mc_samples,
                            progress=_scoring_progress(ctx))
         result["model"] = entry["id"] if entry else None
