@@ -46,13 +46,13 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
     lab = np.array(sorted(labelled), dtype=np.int64)
     unl = np.setdiff1d(np.arange(len(pool)), lab)
     fm, fm_channels, fm_rows = None, 0, None
+    check = cancel_check(ctx, info)
     if config.use_pfa and config.foundation != "none":
         from ..models.foundation import build_foundation
 
         rows = unl if not config.pfa_slices or config.pfa_slices >= len(unl) else np.sort(
             np.random.default_rng(config.seed).choice(unl, config.pfa_slices, replace=False))
         ctx.progress(0, len(rows), "foundation features", force=True)
-        check = cancel_check(ctx, info)
 
         def features_done(done: int, total: int) -> None:
             ctx.progress(done, total, "foundation features")
@@ -98,7 +98,7 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
             ctx.emit("checkpoint", iteration=it)
 
     t0 = time.monotonic()
-    trainer.run(on_step=on_step, check_cancel=cancel_check(ctx, info))
+    trainer.run(on_step=on_step, check_cancel=check)
     if not info.is_main:
         barrier(info)
         return {}
