@@ -207,8 +207,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
-        self.logic.forgetRemovedResults()  # their nodes went with the scene
-        self._refreshResults()
+        self._refreshResults()  # reading the results forgets those whose nodes went with the scene
         if self.parent.isEntered:
             self.initializeParameterNode()
 
