@@ -349,8 +349,8 @@ def test_workspace_status_says_which_jobs_ran_last_and_why_one_did_not_finish(wo
     r = subprocess.run([sys.executable, "-m", "VQMedSegLib", "train", "--workspace", str(workspace.root), "--preset", "paper"],
                        capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 2, r.stderr
-    run_cli("train", "--workspace", workspace.root, "--method", "supervised", "--preset", "tiny", "--iterations", "2",
-            "--device", "cpu")
+    run_main("train", "--workspace", workspace.root, "--method", "supervised", "--preset", "tiny", "--iterations", "2",
+             "--device", "cpu")
     text = run_cli("workspace", "status", workspace.root).stdout.splitlines()
     assert text[0] == "task liver: 2 cases, 12/12 slices labelled, 1 model, 0 rounds", text
     assert text[1:3] == ["  case0: 6/6 slices labelled, CT", "  case1: 6/6 slices labelled, CT"], text

@@ -514,8 +514,9 @@ def test_kill_9_during_training_20_times_loses_at_most_one_checkpoint_interval(t
 
 def test_kill_9_during_query_or_prediction_leaves_nothing_that_looks_final(tmp_path):
     ws = _training_workspace(tmp_path)
-    run_cli("train", "--workspace", ws, "--method", "begal", "--preset", "tiny", "--device", "cpu")
-    run_cli("query", "--workspace", ws, "--strategy", "begal", "--n", "4", "--preset", "tiny", "--device", "cpu")
+    # the model and a first suggestion list, in this process; the runs that are killed are processes of their own
+    run_main("train", "--workspace", ws, "--method", "begal", "--preset", "tiny", "--device", "cpu")
+    run_main("query", "--workspace", ws, "--strategy", "begal", "--n", "4", "--preset", "tiny", "--device", "cpu")
     before = (ws / "suggestions.json").read_bytes()
     for delay in (0.5, 1.5, 2.5):
         proc = _spawn("query", "--workspace", ws, "--strategy", "mcdropout", "--n", "4", "--preset", "tiny", "--device", "cpu")
