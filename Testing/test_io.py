@@ -331,6 +331,34 @@ def test_no_temp_files_left_after_failed_write(tmp_path: Path, monkeypatch: pyte
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_outputs_are_readable_as_any_new_file_and_keep_the_mode_of_the_file_they_replace(tmp_path: Path) -> None:
+    """Outputs are written to a temporary file and renamed: the file the user gets has the
+    permissions of any file they create (0666 less the umask), not a temporary file's 0600
+    (which hid every prediction from the user's group), and a rewrite keeps the mode the
+    user gave the file."""
+    import stat
+
+    from VQMedSegLib.files import atomic_write_json
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    previous = os.umask(0o022)
+    try:
+        write_volume(oblique_volume(), tmp_path / "ct.nrrd")
+        atomic_write_json(tmp_path / "state.json", {"a": 1})
+        assert (mode(tmp_path / "ct.nrrd"), mode(tmp_path / "state.json")) == (0o644, 0o644)
+        os.umask(0o002)  # a group that shares its folders
+        atomic_write_json(tmp_path / "shared.json", {"a": 1})
+        assert mode(tmp_path / "shared.json") == 0o664
+        (tmp_path / "state.json").chmod(0o640)
+        atomic_write_json(tmp_path / "state.json", {"a": 2})
+        assert mode(tmp_path / "state.json") == 0o640
+    finally:
+        os.umask(previous)
+
+
 def test_a_patient_folder_whose_series_sit_in_subfolders_names_them(tmp_path: Path) -> None:
     """As CHAOS lays a case out (DICOM_anon/ beside Ground/), and many exports nest a study."""
     patient = tmp_path / "patient"

@@ -11,7 +11,8 @@ import contextlib
 import json
 import os
 import re
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,14 +36,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         suffix = "".join(path.suffixes) or ".tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+        tmp = _new_temporary(path.parent, f".{path.name.split('.')[0]}-", suffix)
     except OSError as exc:
         raise storage_error(path, exc) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         _fsync_file(tmp)
+        _keep_mode(path, tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
@@ -55,6 +55,31 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _new_temporary(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new, empty file in ``folder`` with the permissions of any file the user creates
+    (0666 less the umask). ``tempfile.mkstemp`` gives 0600, and the rename would hand that
+    on to the output, hiding it from the user's group."""
+    for _ in range(100):
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(errno.EEXIST, f"no free temporary name for {prefix}*{suffix}", str(folder))
+
+
+def _keep_mode(path: Path, tmp: Path) -> None:
+    """Give ``tmp`` the permission bits of the file it replaces, so that a rewrite keeps the
+    mode the user gave ``path`` (a new file keeps the umask's). POSIX only, and best effort:
+    a file system without permission bits (a network share) keeps its own rules."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
