@@ -71,10 +71,17 @@ def process_group(device: torch.device | None = None):
 
     A process that exits while still in a Gloo group can be aborted by the C++ runtime
     ("terminate called without an active exception") as the group's threads are torn
-    down at interpreter exit; leaving it explicitly avoids that."""
+    down at interpreter exit; leaving it explicitly avoids that. After work that ended
+    well the ranks first meet at a barrier, so that none tears its connections down while
+    another is still in its last collective (the abort was seen once more, in one rank of a
+    2-process test run that left the group without a barrier; when in the run it happened
+    is not known). After an error there is no barrier: the other ranks may never reach it,
+    and torchrun stops them."""
     info, device = from_environment(device)
     try:
         yield info, device
+        if info.enabled and dist.is_initialized():
+            dist.barrier()
     finally:
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
