@@ -569,6 +569,14 @@ def test_case_identifiers_cannot_escape_the_workspace(ws, tmp_path, case_id):
     assert Workspace.open(ws).cases() == {}
 
 
+def test_a_case_name_with_spaces_or_accents_is_refused_with_a_name_that_would_do(ws, tmp_path):
+    write_volume(ct_volume(), tmp_path / "ct.nrrd")
+    r = run_main("workspace", "add", ws, "--case", "Pätient 1", "--ct", tmp_path / "ct.nrrd", check=False)
+    refused(r, "'Pätient 1'", "for example 'P_tient_1'", code=2)
+    run_main("workspace", "add", ws, "--case", "P_tient_1", "--ct", tmp_path / "ct.nrrd")  # the suggestion is accepted
+    assert list(Workspace.open(ws).cases()) == ["P_tient_1"]
+
+
 def test_main_commands_run_with_networking_disabled(tmp_path):
     site = tmp_path / "site"
     site.mkdir()

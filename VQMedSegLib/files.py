@@ -146,14 +146,19 @@ def safe_id(value: str, what: str = "case identifier") -> str:
         raise InputError(
             f"{what} {value!r}: expected letters, digits, '.', '_' or '-' (at most 128, "
             "not starting with '.' or '-'), so that it cannot name a path outside the workspace"
+            f"; for example {_cleaned(value)!r}"
         )
     return value
 
 
+def _cleaned(value: object) -> str:
+    """``value`` with every run of other characters made one '_' (at most 128 characters)."""
+    return (re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("._-") or "case")[:128]
+
+
 def sanitize_id(value: str) -> str:
     """Turn an arbitrary name (a file stem, a patient id) into a safe identifier."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("._-") or "case"
-    return safe_id(cleaned[:128])
+    return safe_id(_cleaned(value))
 
 
 def _fsync_file(path: Path) -> None:
