@@ -144,6 +144,12 @@ def test_evaluate_rejects_mismatched_grids(tmp_path):
     write_volume(b, tmp_path / "b.nrrd")
     r = vqmedseg("evaluate", "--pred", tmp_path / "a.nrrd", "--ref", tmp_path / "b.nrrd", check=False)
     assert r.returncode == 2 and "spacing" in r.stderr and "a.nrrd" in r.stderr
+    # in the words of the command: which file is the prediction, which the reference, and what to do
+    message = r.stderr.strip().splitlines()[-1]
+    assert f"--pred {tmp_path / 'a.nrrd'}: the prediction's voxel grid differs from the reference's ({tmp_path / 'b.nrrd'})" in message
+    assert "spacing (1, 1, 2) != (1, 1, 3) (prediction != reference)" in message, message
+    assert "expected both on one grid: predict on the image the reference was drawn on" in message, message
+    assert "label value != image value" not in message
 
 
 def test_evaluate_scores_the_target_segment_whatever_its_value_in_each_file(tmp_path):

@@ -166,7 +166,12 @@ def cmd_evaluate(args) -> int:
     from ..metrics.segmentation import per_slice_scores, score_volumes
 
     ref = read_reference_label(args.ref)
-    pred = read_label(args.pred, reference=ref)
+    pred = read_label(args.pred)
+    problems = ref.geometry_mismatch(pred)
+    if problems:
+        raise InputError(f"--pred {args.pred}: the prediction's voxel grid differs from the reference's ({args.ref}): "
+                         f"{'; '.join(problems)} (prediction != reference); expected both on one grid: predict on the "
+                         "image the reference was drawn on")
     value, segment = _scored_value(pred, args.pred, args.label, args.task, "--label")
     ref_value, ref_segment = _scored_value(ref, args.ref, args.ref_label if args.ref_label is not None else args.label,
                                            args.task, "--ref-label")
