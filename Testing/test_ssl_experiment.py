@@ -388,7 +388,7 @@ def test_pfa_is_reported_off_only_when_a_row_would_have_used_it(tmp_path, caplog
     def pfa_warnings(*argv):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="vqmedseg"):
-            run_main(*common, *argv, "--out", tmp_path / "out")
+            run_main(*common, *argv, "--out", tmp_path / "out", "--overwrite")  # one folder, run again
         return [r.getMessage() for r in caplog.records if "PFA is off" in r.getMessage() or "foundation features" in r.getMessage()]
 
     # rows that never use PFA: no foundation model built, and nothing to warn about
@@ -430,3 +430,28 @@ def test_a_config_file_is_laid_over_the_preset_and_command_line_options_over_bot
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     expected = vqseg_config_from_preset("tiny", num_codes=32, iterations=2, strong_augment=True, foundation="none")
     assert run["config"] == expected.to_json() and run["preset"] == "tiny + partial.json"
+
+
+def test_an_experiment_never_writes_over_the_results_of_an_earlier_one_unless_asked(tmp_path):
+    """`ssl`, `simulate` and `ssl-merge` runs can take hours: an --out that already holds
+    results (a typo, a command run again with other settings) is refused before any work,
+    and --overwrite replaces them."""
+    folder = _liver_folder(tmp_path / "data", 3, seed=4, shape=(8, 40, 40))
+    common = ("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
+              "--foundation", "none", "--iterations", "2", "--out", tmp_path / "run")
+    run_main(*common, "--labeled-fraction", "0.3")
+    results = (tmp_path / "run" / "results.json").read_bytes()
+    again = run_main(*common, "--labeled-fraction", "0.5", check=False)
+    assert again.returncode == 2, again.stderr
+    assert f"--out {tmp_path / 'run'}: holds the results of an earlier run" in again.stderr
+    assert "give another --out, or --overwrite to replace them" in again.stderr
+    assert (tmp_path / "run" / "results.json").read_bytes() == results
+    run_main(*common, "--labeled-fraction", "0.5", "--overwrite")
+    assert json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))["labeled_fraction"] == 0.5
+    # the other two commands refuse the same folder before they begin
+    simulate = run_main("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--strategies", "random", "--seeds", "1",
+                        "--out", tmp_path / "run", check=False)
+    merge = run_main("ssl-merge", tmp_path / "run", "--out", tmp_path / "run", check=False)
+    for r in (simulate, merge):
+        assert r.returncode == 2 and "holds the results of an earlier run" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))["labeled_fraction"] == 0.5

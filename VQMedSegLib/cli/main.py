@@ -436,10 +436,20 @@ def _preset_label(args) -> str:
     return f"{args.preset} + {Path(args.config).name}" if args.config else args.preset
 
 
+def _refuse_to_replace_results(args) -> None:
+    """An experiment's --out that holds an earlier run's results is refused before any work
+    (those results may have taken hours), unless --overwrite says to replace them."""
+    earlier = Path(args.out) / "results.json"
+    if earlier.exists() and not args.overwrite:
+        raise InputError(f"--out {args.out}: holds the results of an earlier run ({earlier}); expected a folder without "
+                         "results; give another --out, or --overwrite to replace them")
+
+
 def cmd_simulate(args) -> int:
     from ..active_learning.simulation import simulate
     from ..config import begal_config_from_preset
 
+    _refuse_to_replace_results(args)
     device = _device_for_preset(args)
     config = begal_config_from_preset(args.preset, args.config)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -452,6 +462,7 @@ def cmd_ssl(args) -> int:
     from ..config import vqseg_config_from_preset
     from ..training.ssl_experiment import run_ssl
 
+    _refuse_to_replace_results(args)
     device = _device_for_preset(args)
     config = vqseg_config_from_preset(
         args.preset, args.config, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
@@ -466,6 +477,7 @@ def cmd_ssl(args) -> int:
 def cmd_ssl_merge(args) -> int:
     from ..training.ssl_experiment import merge_ssl
 
+    _refuse_to_replace_results(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     results = merge_ssl([Path(f) for f in args.folders], Path(args.out), methods)
     return _report_experiment(args, results)
@@ -516,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def json_arg(sp, what: str = "the result"):
         sp.add_argument("--json", action="store_true", help=f"print {what} as JSON")
+
+    def overwrite_arg(sp):
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --out (refused otherwise)")
 
     def preset_arg(sp, method: str):
         sp.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu", "paper"],
@@ -643,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset_arg(si, "VQ-BEGAL")
     si.add_argument("--config", help="JSON VQ-BEGAL settings laid over the preset; the options given here win over both")
     si.add_argument("--out", required=True, help="output folder: results.json, results.md, run.json, a plot")
+    overwrite_arg(si)
     json_arg(si, "the results")
     device_arg(si)
     si.set_defaults(func=cmd_simulate)
@@ -673,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="case or patient ids, one per line: their patients are the test set "
                          "(default: the dataset's test.list, else the last quarter of the patients, sorted)")
     ss.add_argument("--out", required=True, help="output folder: results.json, results.md, run.json, figures")
+    overwrite_arg(ss)
     json_arg(ss, "the results")
     device_arg(ss)
     ss.set_defaults(func=cmd_ssl)
@@ -680,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("ssl-merge", help="merge `ssl` runs of one experiment (seeds or methods run apart) into one result")
     sm.add_argument("folders", nargs="+", help="the runs' --out folders")
     sm.add_argument("--out", required=True, help="output folder of the merged result")
+    overwrite_arg(sm)
     sm.add_argument("--methods", help="the rows' order, such as supervised,vqseg,supervised-full (default: as found)")
     json_arg(sm, "the merged results")
     sm.set_defaults(func=cmd_ssl_merge)
