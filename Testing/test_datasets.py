@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import h5py
@@ -265,6 +266,37 @@ def test_check_dataset_synthetic(tmp_path: Path) -> None:
     assert "5x6x4" in report and "1:10(100)" in report and "2: no labelled voxel" in report
     with pytest.raises(InputError, match="limit 0"):
         check_dataset(tmp_path, limit=0)
+
+
+def test_check_dataset_shows_one_progress_bar_instead_of_a_log_line_per_case(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    label = np.zeros((4, 6, 5), np.uint8)
+    label[1] = 1
+    for case in "123":
+        write_pair(tmp_path, case, np.ones((4, 6, 5)), label)
+    with caplog.at_level(logging.INFO, logger="VQMedSegLib"):
+        assert check_dataset(tmp_path, modality="MR", progress=True)["n_checked"] == 3
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(info) == 1 and "3 case(s)" in info[0], info  # what was found, then the bar
+    err = capsys.readouterr().err
+    assert "check" in err and "3/3" in err, err
+    check_dataset(tmp_path, modality="MR", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_check_report_says_a_problem_shared_by_many_cases_once() -> None:
+    spacing = "voxel spacing unknown (the file stores none; (1, 1, 1) used)"
+    cases = [{"id": f"p{i:02d}", "modality": "MR", "problems": [spacing]} for i in range(60)]
+    cases[7]["problems"].append("no labelled voxel (the label map is all background)")
+    report = format_report({"path": "acdc", "layout": "acdc-h5", "n_cases": 60, "n_checked": 60, "cases": cases})
+    problems = report.split("Problems:\n")[1].splitlines()
+    assert problems == [
+        f"  60 cases (p00, p01, p02 and 57 more): {spacing}",
+        "  p07: no labelled voxel (the label map is all background)",
+    ]
+    two = format_report({"cases": cases[:2]}).split("Problems:\n")[1].splitlines()
+    assert two == [f"  2 cases (p00, p01): {spacing}"]
 
 
 # ------------------------------------------------------------------ real scans

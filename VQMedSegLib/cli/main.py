@@ -233,7 +233,7 @@ def _scored_value(label, path, given: int | None, task: str, option: str) -> tup
 def cmd_dataset_check(args) -> int:
     from ..data.check import check_dataset, format_report
 
-    result = check_dataset(args.path)
+    result = check_dataset(args.path, progress=None)
     if args.json:
         _print_json(result)
     else:

@@ -96,6 +96,7 @@ def check_dataset(
     *,
     modality: str | None = None,
     limit: int | None = None,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Load every case under ``path`` and report what was found.
 
@@ -108,6 +109,8 @@ def check_dataset(
         path: anything :func:`~VQMedSegLib.data.datasets.discover_cases` accepts.
         modality: passed to ``discover_cases``.
         limit: check only the first ``limit`` cases (``None`` = all).
+        progress: a tqdm bar on stderr, one step a case; ``None`` shows it only when
+            stderr is a terminal (as the command line does).
 
     Returns:
         ``{"path", "layout", "n_cases", "n_checked", "cases": [...]}``; each case has
@@ -123,9 +126,11 @@ def check_dataset(
         raise InputError(f"limit {limit!r}: expected a positive integer or None")
     refs = discover_cases(path, modality)
     selected = refs if limit is None else refs[:limit]
+    from tqdm.auto import tqdm
+
     cases = []
-    for ref in selected:
-        log.info("checking %s", ref.case_id)
+    for ref in tqdm(selected, desc="check", unit="case", disable=None if progress is None else not progress):
+        log.debug("checking %s", ref.case_id)
         cases.append(check_case(ref))
     return {
         "path": str(path),
@@ -142,8 +147,26 @@ def _fmt_floats(values: Any, digits: int = 3) -> str:
     return "x".join(f"{float(v):.{digits}g}" for v in values)
 
 
+def _problem_lines(cases: list[dict[str, Any]], named: int = 3) -> list[str]:
+    """One line a distinct problem, in the order first met: a problem of one case names
+    it; one shared by several names the first ``named`` and counts the rest."""
+    where: dict[str, list[str]] = {}
+    for case in cases:
+        for problem in case.get("problems", []):
+            where.setdefault(problem, []).append(str(case.get("id")))
+    lines = []
+    for problem, ids in where.items():
+        if len(ids) == 1:
+            lines.append(f"  {ids[0]}: {problem}")
+            continue
+        shown = ", ".join(ids[:named]) + (f" and {len(ids) - named} more" if len(ids) > named else "")
+        lines.append(f"  {len(ids)} cases ({shown}): {problem}")
+    return lines
+
+
 def format_report(result: dict[str, Any]) -> str:
-    """A plain-text table of :func:`check_dataset`'s result, problems listed below it."""
+    """A plain-text table of :func:`check_dataset`'s result, problems listed below it
+    (a problem shared by several cases once, with how many; the JSON lists every case's)."""
     header = ["case", "mod", "size i x j x k", "spacing mm", "labels value:voxels(mean)"]
     rows = []
     for case in result.get("cases", []):
@@ -169,9 +192,7 @@ def format_report(result: dict[str, Any]) -> str:
         "  ".join("-" * w for w in widths),
     ]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    problem_lines = [
-        f"  {case.get('id')}: {problem}" for case in result.get("cases", []) for problem in case.get("problems", [])
-    ]
+    problem_lines = _problem_lines(result.get("cases", []))
     lines.append("")
     lines.append("Problems:" if problem_lines else "No problems found.")
     lines += problem_lines
