@@ -331,6 +331,29 @@ def test_no_temp_files_left_after_failed_write(tmp_path: Path, monkeypatch: pyte
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["prediction.seg.nrrd", "state.json", "last.pt", "README", "my-case.v2.nrrd"])
+def test_a_temporary_file_left_by_a_killed_writer_is_recognised_and_nothing_else(tmp_path: Path, name: str) -> None:
+    """What a writer killed between its write and its rename leaves is exactly what
+    remove_temporaries deletes (a job does so once it holds the workspace's locks)."""
+    import subprocess
+    import sys
+
+    from VQMedSegLib.files import remove_temporaries
+
+    others = [name, "." + name, ".DS_Store", ".state.lock", "notes-0123abcd.txt"]
+    for other in others:
+        (tmp_path / other).write_bytes(b"the user's")
+    killed = ("import os, sys; from VQMedSegLib.files import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half'); os._exit(9)")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", killed, str(tmp_path / name)], env={**os.environ, "PYTHONPATH": str(repo)})
+    assert r.returncode == 9
+    (left,) = set(os.listdir(tmp_path)) - set(others)
+    assert left.startswith(".") and (tmp_path / left).read_bytes() == b"half"  # hidden: never taken for the output
+    assert remove_temporaries(tmp_path) == [tmp_path / left]
+    assert sorted(os.listdir(tmp_path)) == sorted(others)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_outputs_are_readable_as_any_new_file_and_keep_the_mode_of_the_file_they_replace(tmp_path: Path) -> None:
     """Outputs are written to a temporary file and renamed: the file the user gets has the

@@ -154,18 +154,38 @@ def _hold_the_lock(ws: Workspace) -> tuple[subprocess.Popen, str]:
     return holder, holder.stdout.readline().strip()
 
 
-def test_second_job_is_refused_and_crashed_lock_is_released(workspace):
+def test_second_job_is_refused_and_a_crashed_jobs_lock_and_temporary_files_are_cleared(workspace):
     holder, held = _hold_the_lock(workspace)
     assert "-hold-" in held  # the lock is held
+    root = workspace.root
+    # what a writer killed between writing its temporary file and renaming it leaves behind
+    # (files.atomic_path names them .<stem>-<8 hex digits><suffix>), and files that only look alike
+    left = [".state-0123abcd.json", ".suggestions-89abcdef.json", "models/.m-0011aabb.pt",
+            "checkpoints/supervised/.last-00ff00ff.pt", "predictions/case0/.uncertainty-deadbeef.nrrd",
+            "predictions/case0/.prediction-0a0b0c0d.seg.nrrd", "inputs/case1/.ct-01234567.nrrd",
+            "annotations/.case1-7654abcd.nrrd"]
+    kept = [".notes.txt", ".state.lock", "models/.m-backup.pt", "inputs/case1/.ct-0123456.nrrd",
+            "predictions/case0/.DS_Store", "models/m-0123abcd.pt"]
+    for name in left + kept:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"partial")
     with pytest.raises(WorkspaceError, match="busy"):
         with JobContext(workspace, "second"):
             pass
     assert running_job(workspace)["kind"] == "hold"
+    assert all((root / name).exists() for name in left)  # a refused job touches nothing of the running one's
     holder.kill()  # kill -9: the lock dies with the process
     holder.wait()
     assert running_job(workspace) is None
     with JobContext(workspace, "third") as ctx:
         assert ctx.status == "running"
+        assert [name for name in left if (root / name).exists()] == []
+        assert [name for name in kept if not (root / name).exists()] == []
+        (started,) = [e for e in _events(workspace, ctx.job_id) if e["type"] == "started"]
+        assert sorted(started["removed_temporary_files"]) == sorted(left)
+    with JobContext(workspace, "fourth") as ctx:
+        (started,) = [e for e in _events(workspace, ctx.job_id) if e["type"] == "started"]
+        assert "removed_temporary_files" not in started
 
 
 def test_cancel_file_stops_job_cleanly_and_resume_continues(workspace):

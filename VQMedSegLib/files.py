@@ -2,7 +2,9 @@
 
 Every output goes to a temporary file in the destination folder and is renamed into
 place only once complete (``os.replace`` is atomic on POSIX and Windows), so a reader
-sees either the old file or the new one, even if the writer is killed.
+sees either the old file or the new one, even if the writer is killed. A writer killed
+between the two (``kill -9``, the out-of-memory killer) leaves its temporary file, hidden
+by a leading dot; :func:`remove_temporaries` clears them once no writer can be at work.
 """
 
 from __future__ import annotations
@@ -55,6 +57,31 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+# what _new_temporary names, for atomic_path: ".<the name up to its first dot>-<8 hex digits><suffix>"
+_TEMPORARY = re.compile(r"^\.[^.]*-[0-9a-f]{8}\..+$")
+
+
+def remove_temporaries(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` (and below it,
+    with ``recursive``) when their writer was killed before renaming them; return them.
+
+    Only for a folder no writer is using at the time (its writers' locks held): a file
+    being written looks the same as one left behind.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.rglob(".*") if recursive else folder.glob(".*")):
+        if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+            except OSError:  # best effort: gone already, or not ours to delete
+                continue
+            removed.append(path)
+    return removed
 
 
 def _new_temporary(folder: Path, prefix: str, suffix: str) -> Path:

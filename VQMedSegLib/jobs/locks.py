@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from ..files import storage_error
+
 if os.name == "nt":  # pragma: no cover - exercised on Windows only
     import msvcrt
 
@@ -84,10 +86,18 @@ def read_lock_info(path: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Block until the lock on ``path`` is ours; release it on exit."""
+    """Block until the lock on ``path`` is ours; release it on exit.
+
+    Raises:
+        StorageError: when the lock file cannot be created or opened (a read-only or full
+            file system, no permission): the writes it guards cannot happen either.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
     try:
         _lock(fd, blocking=True)
         yield

@@ -78,10 +78,13 @@ class JobContext:
         )
         self.job_dir.mkdir(parents=True, exist_ok=True)
         self._clear_cancel_files()
+        # what an earlier job (or `workspace add`, `annotate`) killed mid-write left behind
+        removed = self.workspace.remove_stale_temporaries()
         if _in_main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.status = "running"
-        self.events.emit("started", kind=self.kind, pid=os.getpid(), params=self.params)
+        self.events.emit("started", kind=self.kind, pid=os.getpid(), params=self.params,
+                         **({"removed_temporary_files": removed} if removed else {}))
         _record_job(self.workspace, self.job_id, self.kind, "running")
         return self
 

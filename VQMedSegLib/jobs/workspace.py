@@ -13,6 +13,11 @@ Layout::
       predictions/<case>/     prediction.seg.nrrd, uncertainty.nrrd
       jobs/<job-id>/          log of one job, its cancel request
       job.lock                held by the running job (released by the OS if it dies)
+      .inputs.lock, .annotations.lock, .state.lock   held while inputs, annotations, state.json are written
+
+Every file is written under a hidden temporary name and renamed into place. A writer
+killed in between leaves that hidden file; the next job removes it
+(:meth:`Workspace.remove_stale_temporaries`).
 
 ``state.json`` is only ever replaced atomically, under a short lock, so a Slicer session
 marking a slice as annotated and a training job recording a model never overwrite each
@@ -33,7 +38,7 @@ import numpy as np
 
 from ..data.volume import Volume
 from ..errors import InputError, WorkspaceError
-from ..files import atomic_write_json, read_json, safe_id
+from ..files import atomic_write_json, read_json, remove_temporaries, safe_id
 from ..tasks import get_task
 from .events import EventLog
 from .locks import file_lock
@@ -148,6 +153,23 @@ class Workspace:
             except OSError as exc:
                 raise WorkspaceError(f"workspace {self.state_path}: cannot write ({exc.strerror})") from None
 
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete the temporary files that writers killed mid-write left in the workspace
+        (see :func:`~VQMedSegLib.files.remove_temporaries`); return their paths relative
+        to the workspace.
+
+        Call only while holding the job lock, as a job does when it starts: with the job
+        lock and the inputs, annotations and state locks held (taken in the order
+        ``add_case`` and ``annotate`` take them), no writer is at work in these folders.
+        """
+        removed = []
+        with file_lock(self.root / ".inputs.lock"), file_lock(self.root / ".annotations.lock"), \
+                file_lock(self.root / ".state.lock"):
+            removed += remove_temporaries(self.root)  # state.json, suggestions.json
+            for folder in ("inputs", "annotations", "checkpoints", "models", "predictions"):
+                removed += remove_temporaries(self.root / folder, recursive=True)
+        return [p.relative_to(self.root).as_posix() for p in removed]
+
     @property
     def task(self) -> str:
         return self.load_state()["task"]
@@ -169,9 +191,10 @@ class Workspace:
         if known is not None:
             return self._add_case_again(case_id, known, ct, mr)
         case_dir = self.case_dir(case_id)
-        write_volume(ct, case_dir / "ct.nrrd")
-        if mr is not None:
-            write_volume(mr, case_dir / "mr.nrrd")
+        with file_lock(self.root / ".inputs.lock"):  # see remove_stale_temporaries
+            write_volume(ct, case_dir / "ct.nrrd")
+            if mr is not None:
+                write_volume(mr, case_dir / "mr.nrrd")
         plan = plan_slices(ct, slice_size)
         entry = {
             "ct": f"inputs/{case_id}/ct.nrrd",
@@ -207,7 +230,8 @@ class Workspace:
             old = self.load_mr(case_id)
             if old is not None and old.same_geometry(mr) and np.array_equal(old.array, mr.array):
                 return known
-        write_volume(mr, self.case_dir(case_id) / "mr.nrrd")
+        with file_lock(self.root / ".inputs.lock"):
+            write_volume(mr, self.case_dir(case_id) / "mr.nrrd")
         with self.edit_state() as state:
             entry = state["cases"][case_id]
             entry["mr"] = f"inputs/{case_id}/mr.nrrd"
