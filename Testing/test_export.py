@@ -247,3 +247,35 @@ def test_result_figures_never_switch_matplotlibs_backend(case, tmp_path, monkeyp
     write_overview_png(tmp_path / "overview.png", case["ct"], case["label"], case["uncertainty"], n_slices=2)
     for name in ("budget.png", "dice_by_case.png", "validation.png", "overview.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_a_prediction_that_fails_part_way_leaves_the_previous_one_whole(tmp_path: Path, monkeypatch) -> None:
+    """The segmentation and its uncertainty maps replace the previous ones together, or not
+    at all: a failure after the segmentation (here the disk fills while the uncertainty map
+    is written) must not leave a new segmentation beside the old case's uncertainty."""
+    from types import SimpleNamespace
+
+    import SimpleITK as sitk
+
+    from VQMedSegLib.errors import VQMedSegError
+    from VQMedSegLib.export.prediction import write_prediction
+
+    def prediction(seed: int, shape: tuple[int, int, int]) -> SimpleNamespace:
+        rng = np.random.default_rng(seed)
+        label = Volume((rng.random(shape) > 0.5).astype(np.uint8), spacing=(1.0, 1.0, 2.0), metadata={"task": "liver"})
+        return SimpleNamespace(label=label, uncertainty={"entropy": label.with_array(rng.random(shape).astype(np.float32)),
+                                                         "qpm": label.with_array(rng.random(shape).astype(np.float32))})
+
+    out = tmp_path / "out"
+    files = write_prediction(out, prediction(0, (4, 8, 8)))
+    assert sorted(p.name for p in files.values()) == ["prediction.seg.nrrd", "uncertainty.nrrd", "uncertainty_qpm.nrrd"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", full_disk)
+    with pytest.raises(VQMedSegError) as failed:
+        write_prediction(out, prediction(1, (5, 8, 8)))
+    assert str(failed.value).startswith(f"{out / 'uncertainty.nrrd'}: could not write"), failed.value
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier case's, whole; no temporaries
