@@ -198,11 +198,6 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Make a rename in ``path`` durable (POSIX; Windows cannot open a folder to sync it)."""
+    if os.name == "posix":
+        _fsync_file(path)
