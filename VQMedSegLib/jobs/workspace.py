@@ -159,8 +159,9 @@ class Workspace:
         to the workspace.
 
         Call only while holding the job lock, as a job does when it starts: with the job
-        lock and the inputs, annotations and state locks held (taken in the order
-        ``add_case`` and ``annotate`` take them), no writer is at work in these folders.
+        lock and the inputs, annotations and state locks held, no writer is at work in these
+        folders. They are taken in that order, the order ``annotate`` nests the last two
+        in; no writer holds a later one while it waits for an earlier one.
         """
         removed = []
         with file_lock(self.root / ".inputs.lock"), file_lock(self.root / ".annotations.lock"), \
