@@ -7,7 +7,8 @@ reported, never fatal.
 
 Event types: ``started``, ``progress``, ``loss``, ``metric``, ``warning``, ``checkpoint``,
 ``result``, ``cancelled``, ``error``, ``finished``, plus workspace records
-(``case_added``, ``case_mr_added``, ``annotated``). An ``error`` has status ``failed`` (inside its job) or
+(``case_added``, ``case_mr_added``, ``annotated``). A ``started`` event lists, in
+``removed_temporary_files``, the temporary files of killed writers the job deleted. An ``error`` has status ``failed`` (inside its job) or
 ``refused`` (the command line refused the job before it began; see
 :func:`~VQMedSegLib.jobs.runner.record_refusal`).
 """
