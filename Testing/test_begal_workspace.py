@@ -88,6 +88,14 @@ def test_query_train_rounds(setup):
     _annotate(root, ws, third["suggestions"])
     done = vq("query", "--workspace", ws, "--n", "6", "--preset", "tiny")
     assert "budget of 14 slices is spent" in done.stdout
+    # a budget of no slice is refused and the stored one kept; one below the labelled count is not
+    # (annotating beyond the suggestions is allowed), and says so in plain numbers
+    zero = vq("query", "--workspace", ws, "--n", "6", "--budget", "0", "--preset", "tiny", check=False)
+    assert zero.returncode == 2 and "--budget 0: expected at least 1 slice" in zero.stderr, zero.stderr
+    assert Workspace.open(ws).load_state()["budget"] == 14
+    below = vq("query", "--workspace", ws, "--n", "6", "--budget", "10", "--preset", "tiny")
+    assert "budget: 14 labelled, 4 over the budget of 10 slices" in below.stdout, below.stdout
+    vq("query", "--workspace", ws, "--n", "6", "--budget", "14", "--preset", "tiny")
 
     unknown = vq("predict", "--workspace", ws, "--model-id", "begal-r09", check=False)
     assert unknown.returncode == 2 and "--model-id 'begal-r09': not a model of workspace" in unknown.stderr

@@ -126,8 +126,8 @@ def query(
     if n < 1:
         raise InputError(f"--n {n}: expected at least 1 slice")
     if budget_total is not None:
-        if budget_total < 0:
-            raise InputError(f"--budget {budget_total}: expected a non-negative number of slices")
+        if budget_total < 1:
+            raise InputError(f"--budget {budget_total}: expected at least 1 slice (the total that may be annotated)")
         ws.update(lambda s: s.__setitem__("budget", int(budget_total)))
     state = ws.load_state()
     total_slices = sum(c["n_slices"] for c in state["cases"].values())

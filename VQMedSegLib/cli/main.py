@@ -427,7 +427,10 @@ def cmd_query(args) -> int:
         for s in result["suggestions"]:
             sys.stdout.write(f"{s['rank']:4d}  {s['case']}  slice {s['slice']:4d}  score {s['score']:.4f}  {s['purpose']}\n")
         b = result["budget"]
-        sys.stdout.write(f"budget: {b['spent']} of {b['total']} slices labelled, {b['remaining']} remaining\n")
+        if b["spent"] > b["total"]:  # annotated beyond the suggestions, or the budget lowered later
+            sys.stdout.write(f"budget: {b['spent']} labelled, {b['spent'] - b['total']} over the budget of {b['total']} slices\n")
+        else:
+            sys.stdout.write(f"budget: {b['spent']} of {b['total']} slices labelled, {b['remaining']} remaining\n")
     return 0
 
 
@@ -639,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="begal (default): VQ-BEGAL's modality uncertainty, high and low; egal: the same score, high only; "
                          "random; entropy: of the segmentation; mcdropout: of T dropout passes (10; tiny 3); coreset: k-centre greedy")
     qu.add_argument("--n", type=int, default=50, help="slices to suggest (default 50; BEGAL: half high-, half low-uncertainty)")
-    qu.add_argument("--budget", type=int, help="total slices that may be annotated (stored in the workspace)")
+    qu.add_argument("--budget", type=int, help="total slices that may be annotated, at least 1 (stored in the workspace; slices annotated beyond it are kept)")
     preset_arg(qu, "VQ-BEGAL")
     qu.add_argument("--config", help="JSON VQ-BEGAL settings laid over the preset; the options given here win over both")
     qu.add_argument("--seed", type=int, help="seed of the random first set and of random selection (default: the preset's, 0)")
