@@ -455,3 +455,46 @@ def test_an_experiment_never_writes_over_the_results_of_an_earlier_one_unless_as
     for r in (simulate, merge):
         assert r.returncode == 2 and "holds the results of an earlier run" in r.stderr, r.stderr
     assert json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))["labeled_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("command", ["ssl", "simulate"])
+def test_results_that_fail_part_way_leave_the_earlier_run_whole(tmp_path, monkeypatch, command):
+    """An experiment's results.json, results.md, figures and run.json replace the earlier
+    run's together or not at all: a run that fails while writing them (here the disk fills
+    at the figure) must not leave new results beside the earlier run's run.json, which
+    `run_accuracy.py` would then take for the settings they were made with."""
+    import errno
+
+    import matplotlib.figure
+
+    out = tmp_path / "run"
+    if command == "ssl":
+        folder = _liver_folder(tmp_path / "data", 3, seed=4, shape=(8, 40, 40))
+        args = ("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
+                "--foundation", "none", "--iterations", "2", "--labeled-fraction")
+        first, second, figure = ("0.3", "--validation-patients", "1", "--validate-every", "1"), ("0.5",), "dice_by_case.png"
+    else:
+        args = ("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--strategies", "random", "--seeds", "1",
+                "--rounds", "1")
+        first, second, figure = ("--per-round", "2"), ("--per-round", "4"), "dice_vs_budget.png"
+    run_main(*args, *first, "--out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"results.json", "results.md", "run.json", figure} | ({"validation.png"} if command == "ssl" else set()) <= set(before)
+
+    def full_disk(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    failed = run_main(*args, *second, "--out", out, "--overwrite", check=False)
+    assert failed.returncode == 3, failed.stderr
+    assert f"{out / figure}: could not write (the disk is full)" in failed.stderr, failed.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier run's, whole; no temporaries
+
+    # once it succeeds, nothing of the earlier run is left beside it: a run without
+    # validation patients has no validation figure, and the earlier run's goes
+    monkeypatch.undo()
+    run_main(*args, *second, "--out", out, "--overwrite")
+    after = sorted(p.name for p in out.iterdir())
+    assert after == sorted(before) if command == "simulate" else after == sorted(set(before) - {"validation.png"})
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["labeled_fraction" if command == "ssl" else "per_round"] \
+        == (0.5 if command == "ssl" else 4)

@@ -16,11 +16,11 @@ import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import errno
 
-from .errors import InputError, StorageError
+from .errors import InputError, StorageError, VQMedSegError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -57,6 +57,34 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[Callable[[str | os.PathLike], Path]]:
+    """Write several files that belong together (a prediction and its uncertainty maps, an
+    experiment's results and the record of its settings): ``stage(path)`` gives the
+    temporary to write ``path`` to, and every one is renamed into place once the block
+    completes, or deleted if it fails, leaving the earlier files whole.
+
+    A writer's error that names a temporary is raised again naming the file the user knows.
+    """
+    staged: dict[Path, Path] = {}
+    with contextlib.ExitStack() as renames:  # on leaving: every temporary renamed, or every one deleted
+
+        def stage(path: str | os.PathLike) -> Path:
+            tmp = renames.enter_context(atomic_path(path))
+            staged[tmp] = Path(path)
+            return tmp
+
+        try:
+            yield stage
+        except VQMedSegError as exc:
+            message = str(exc)
+            for tmp, path in staged.items():
+                message = message.replace(str(tmp), str(path))
+            if message == str(exc):
+                raise
+            raise type(exc)(message) from exc
 
 
 # what _new_temporary names, for atomic_path: ".<the name up to its first dot>-<8 hex digits><suffix>"

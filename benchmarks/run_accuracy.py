@@ -60,7 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from VQMedSegLib.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from VQMedSegLib.files import atomic_files, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from VQMedSegLib.metrics.segmentation import mean_std_text  # noqa: E402
 from VQMedSegLib.provenance import compute_environment, software_versions  # noqa: E402
 from VQMedSegLib.training.ssl_report import case_paired, format_p  # noqa: E402
@@ -440,8 +440,9 @@ def main(argv=None) -> int:
     summary["targets"] = {k: {"target": t, "what": w, "value": summary["figures"].get(k),
                               "met": None if summary["figures"].get(k) is None else summary["figures"][k] >= t}
                           for k, (t, w) in TARGETS.items()}
-    atomic_write_json(out / "accuracy.json", summary)
-    atomic_write_text(out / "accuracy.md", report(summary))
+    with atomic_files() as stage:  # the figures and their report replace an earlier run's together
+        atomic_write_json(stage(out / "accuracy.json"), summary)
+        atomic_write_text(stage(out / "accuracy.md"), report(summary))
     print(report(summary))
     return 0
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from VQMedSegLib import __version__  # noqa: E402
-from VQMedSegLib.files import atomic_write_json, atomic_write_text  # noqa: E402
+from VQMedSegLib.files import atomic_files, atomic_write_json, atomic_write_text  # noqa: E402
 from VQMedSegLib.provenance import compute_environment  # noqa: E402
 
 
@@ -488,8 +488,9 @@ def main(argv=None) -> int:
     }
     result["wall_seconds"] = time.perf_counter() - t0
     result["targets"] = check_targets(result)
-    atomic_write_json(out / "speed.json", result)
-    atomic_write_text(out / "speed.md", report(result))
+    with atomic_files() as stage:  # the figures and their report replace an earlier run's together
+        atomic_write_json(stage(out / "speed.json"), result)
+        atomic_write_text(stage(out / "speed.md"), report(result))
     print(report(result))
     return 0
 

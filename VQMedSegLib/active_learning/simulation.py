@@ -19,7 +19,7 @@ import torch
 
 from ..config import BEGALConfig
 from ..errors import InputError
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_files, atomic_write_json, atomic_write_text
 from ..metrics.segmentation import mean_std_text, spread_words
 from ..provenance import compute_environment, software_versions
 from ..tasks import get_task
@@ -241,9 +241,6 @@ def simulate(
             runs[strategy].append(result)
     bar.close()
     results = summarise(runs)
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", results_table(results, dataset, data.description, seeds, preset))
-    plot_dice_vs_budget(results, out / "dice_vs_budget.png", title=f"{dataset}: Dice vs labelled fraction")
     run_info = {
         "dataset": dataset,
         "description": data.description,
@@ -260,7 +257,11 @@ def simulate(
         "versions": software_versions(),
         "runs": {s: [{k: v for k, v in r.items()} for r in rs] for s, rs in runs.items()},
     }
-    atomic_write_json(out / "run.json", run_info)
+    with atomic_files() as stage:  # the results, their plot and run.json replace an earlier run's together
+        atomic_write_json(stage(out / "results.json"), results)
+        atomic_write_text(stage(out / "results.md"), results_table(results, dataset, data.description, seeds, preset))
+        plot_dice_vs_budget(results, stage(out / "dice_vs_budget.png"), title=f"{dataset}: Dice vs labelled fraction")
+        atomic_write_json(stage(out / "run.json"), run_info)
     return results
 
 

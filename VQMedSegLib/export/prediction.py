@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from ..data.io import write_segmentation, write_volume
-from ..errors import VQMedSegError
-from ..files import atomic_path
+from ..files import atomic_files
 from ..tasks import get_task
 
 
@@ -29,15 +27,11 @@ def write_prediction(out_dir: Path, prediction, task_name: str | None = None) ->
     out_dir = Path(out_dir)
     task_name = task_name or prediction.label.metadata.get("task", "liver")
     files: dict[str, Path] = {"segmentation": out_dir / "prediction.seg.nrrd"}
-    writes = [lambda path: write_segmentation(prediction.label, path, segments_for(task_name))]
-    for i, (name, volume) in enumerate(prediction.uncertainty.items()):
-        files[f"uncertainty_{name}" if i else "uncertainty"] = out_dir / ("uncertainty.nrrd" if i == 0 else f"uncertainty_{name}.nrrd")
-        writes.append(lambda path, volume=volume: write_volume(volume, path))
-    with contextlib.ExitStack() as renames:  # on leaving: every temporary renamed, or on an error every one deleted
-        for path, write in zip(files.values(), writes):
-            tmp = renames.enter_context(atomic_path(path))
-            try:
-                write(tmp)
-            except VQMedSegError as exc:  # name the file the user asked for, not its temporary
-                raise type(exc)(str(exc).replace(str(tmp), str(path))) from exc
+    with atomic_files() as stage:
+        write_segmentation(prediction.label, stage(files["segmentation"]), segments_for(task_name))
+        for i, (name, volume) in enumerate(prediction.uncertainty.items()):
+            role, path = ("uncertainty", out_dir / "uncertainty.nrrd") if i == 0 else \
+                (f"uncertainty_{name}", out_dir / f"uncertainty_{name}.nrrd")
+            files[role] = path
+            write_volume(volume, stage(path))
     return files

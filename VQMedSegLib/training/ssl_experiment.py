@@ -42,12 +42,12 @@ from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
 from ..data.volume import Volume
 from ..errors import InputError
-from ..files import atomic_write_json, atomic_write_text, read_json, read_text
+from ..files import atomic_files, atomic_write_json, atomic_write_text, read_json, read_text
 from ..inference.postprocess import keep_largest_component
 from ..metrics.segmentation import dice_masks, mean_std_text, score_volumes, spread_words, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
 from ..provenance import compute_environment, software_versions
-from .ssl_report import per_case_table, write_figures
+from .ssl_report import FIGURES, per_case_table, write_figures
 from .vqseg import VQSegTrainer, foundation_features, labelled_loss
 
 log = logging.getLogger("vqmedseg")
@@ -519,17 +519,25 @@ def _results(per_method: dict[str, list[dict]], structures: dict[int, str], labe
 
 def _write(out: Path, results: dict, run: dict) -> None:
     """results.json, results.md (with the per-case table), the figures of :mod:`.ssl_report`
-    and run.json, each written whole (temporary file, then rename)."""
+    and run.json, each written whole, and all replacing an earlier run's together or not
+    at all (:func:`~VQMedSegLib.files.atomic_files`)."""
     out.mkdir(parents=True, exist_ok=True)
     structures = {int(k): v for k, v in run["structures"].items()}
     split = run["split"]
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", _table(results, run["dataset"], structures, run["labeled_fraction"], run["seeds"],
-                                                 run["preset"], len(split["train_cases"]), len(split["test_cases"]),
-                                                 split["rule"], run["seconds"], split.get("validation_cases", []),
-                                                 run.get("validate_every", 0)) + per_case_table(results))
-    write_figures(results, out, title=Path(str(run["dataset"])).name)
-    atomic_write_json(out / "run.json", run)
+    with atomic_files() as stage:
+        atomic_write_json(stage(out / "results.json"), results)
+        atomic_write_text(stage(out / "results.md"),
+                          _table(results, run["dataset"], structures, run["labeled_fraction"], run["seeds"], run["preset"],
+                                 len(split["train_cases"]), len(split["test_cases"]), split["rule"], run["seconds"],
+                                 split.get("validation_cases", []), run.get("validate_every", 0)) + per_case_table(results))
+        figures = write_figures(results, out, title=Path(str(run["dataset"])).name, stage=stage)
+        atomic_write_json(stage(out / "run.json"), run)
+    for stale in sorted({out / name for name in FIGURES} - set(figures)):  # an earlier run's, which this run did not draw
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s: could not delete this figure of an earlier run (%s); it does not belong to %s",
+                        stale, exc.strerror, out / "results.json")
 
 
 # what must agree for rows of separate runs to be one experiment

@@ -12,6 +12,7 @@ Figures are drawn and written with :mod:`VQMedSegLib.export.figures`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -132,7 +133,16 @@ def figure_validation(results: dict, title: str):
     return fig
 
 
-def write_figures(results: dict, out: Path, title: str) -> list[Path]:
-    """``dice_by_case.png`` and ``validation.png`` in ``out``, for what ``results`` holds."""
-    figures = (("dice_by_case.png", figure_dice_by_case(results, title)), ("validation.png", figure_validation(results, title)))
-    return [save_png(fig, out / name) for name, fig in figures if fig is not None]
+FIGURES = ("dice_by_case.png", "validation.png")  # every figure write_figures may draw
+
+
+def write_figures(results: dict, out: Path, title: str, stage: Callable[[Path], Path] | None = None) -> list[Path]:
+    """``dice_by_case.png`` and ``validation.png`` in ``out``, for what ``results`` holds;
+    with ``stage`` (:func:`~VQMedSegLib.files.atomic_files`), each to the path it gives."""
+    figures = zip(FIGURES, (figure_dice_by_case(results, title), figure_validation(results, title)))
+    written = []
+    for name, fig in figures:
+        if fig is not None:
+            save_png(fig, stage(out / name) if stage else out / name)
+            written.append(out / name)
+    return written
