@@ -118,6 +118,44 @@ def test_predict_keeps_only_the_largest_liver_piece_unless_asked(demo_out, tmp_p
     assert 2 * np.sum(pieces["default"] & largest) / (pieces["default"].sum() + largest.sum()) > 0.99
 
 
+@pytest.mark.slow
+def test_predict_into_a_folder_is_one_at_a_time_and_clears_what_a_killed_one_left(demo_out, tmp_path):
+    """`predict --out DIR` outside a workspace: two predictions into one folder at once
+    would leave one's segmentation beside the other's uncertainty, so the second is refused
+    before it starts; and the hidden temporaries of a prediction killed mid-write are
+    deleted by the next, which holds the folder's lock (nothing else of the user's is)."""
+    import os
+
+    from VQMedSegLib.jobs.locks import HeldLock
+
+    model = next((demo_out / "workspace" / "models").glob("*.pt"))
+    case = make_abdominal_case(seed=1234, with_mr=False)
+    write_volume(case.ct, tmp_path / "ct.nrrd")
+    out = tmp_path / "pred"
+    out.mkdir()
+    left = [".prediction-0a1b2c3d.seg.nrrd", ".uncertainty-00ff00ff.nrrd", ".uncertainty_qpm-12345678.nrrd",
+            ".-9abcdef0.seg.nrrd", ".-deadbeef.nrrd"]  # a killed write_prediction's (outer and inner) temporaries
+    kept = [".DS_Store", ".notes-0a1b2c3d.txt", ".scan-0a1b2c3d.nii.gz", "prediction-0a1b2c3d.seg.nrrd", ".old.nrrd"]
+    for name in left + kept:
+        (out / name).write_bytes(b"x")
+
+    holder = HeldLock(out / ".vqmedseg-predict.lock")  # another prediction at work in the folder
+    assert holder.try_acquire()
+    holder.write_info(json.dumps({"pid": os.getpid(), "command": "predict"}))
+    try:
+        busy = vqmedseg("predict", "--model", model, "--ct", tmp_path / "ct.nrrd", "--out", out, "--device", "cpu", check=False)
+    finally:
+        holder.release()
+    assert busy.returncode == 3, busy.stderr
+    assert f"--out {out}: another prediction is being written into this folder" in busy.stderr, busy.stderr
+    assert f'"pid": {os.getpid()}' in busy.stderr and "wait for it to finish or give another --out" in busy.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(left + kept + [".vqmedseg-predict.lock"])  # untouched
+
+    vqmedseg("predict", "--model", model, "--ct", tmp_path / "ct.nrrd", "--out", out, "--device", "cpu")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        kept + [".vqmedseg-predict.lock", "prediction.seg.nrrd", "uncertainty.nrrd"])
+
+
 def test_every_command_line_option_says_what_it_is_for():
     import argparse
 

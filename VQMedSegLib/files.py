@@ -91,9 +91,10 @@ def atomic_files() -> Iterator[Callable[[str | os.PathLike], Path]]:
 _TEMPORARY = re.compile(r"^\.[^.]*-[0-9a-f]{8}\..+$")
 
 
-def remove_temporaries(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+def remove_temporaries(folder: str | os.PathLike, recursive: bool = False, suffix: str = "") -> list[Path]:
     """Delete the temporary files :func:`atomic_path` left in ``folder`` (and below it,
     with ``recursive``) when their writer was killed before renaming them; return them.
+    With ``suffix``, only those of files whose names end with it.
 
     Only for a folder no writer is using at the time (its writers' locks held): a file
     being written looks the same as one left behind.
@@ -103,7 +104,7 @@ def remove_temporaries(folder: str | os.PathLike, recursive: bool = False) -> li
         return []
     removed = []
     for path in sorted(folder.rglob(".*") if recursive else folder.glob(".*")):
-        if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+        if _TEMPORARY.match(path.name) and path.name.endswith(suffix) and path.is_file() and not path.is_symlink():
             try:
                 path.unlink()
             except OSError:  # best effort: gone already, or not ours to delete

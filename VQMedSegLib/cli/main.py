@@ -118,15 +118,17 @@ def cmd_predict(args) -> int:
     if missing:
         raise InputError(f"predict: {', '.join(missing)} missing; give --model, --ct and --out, or --workspace")
     from ..data.io import read_volume
-    from ..export.prediction import write_prediction
+    from ..export.prediction import prediction_folder, write_prediction
     from ..inference.predict import load_model, predict_volume
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.model, device)
     ct = read_volume(args.ct, modality="CT")
     mr = read_volume(args.mr, modality="MR") if args.mr else None
-    pred = predict_volume(model, ckpt, ct, device, mr=mr, largest_component=_largest_component(args))
-    files = write_prediction(Path(args.out), pred)
+    # the folder is held from before the prediction: a second one into it is refused at once, not after minutes
+    with prediction_folder(args.out) as out:
+        pred = predict_volume(model, ckpt, ct, device, mr=mr, largest_component=_largest_component(args))
+        files = write_prediction(out, pred)
     if args.json:
         _print_json({"outputs": {k: str(v) for k, v in files.items()}, "voxels": int(pred.label.array.sum())})
     else:
