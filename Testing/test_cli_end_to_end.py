@@ -156,6 +156,75 @@ def test_predict_into_a_folder_is_one_at_a_time_and_clears_what_a_killed_one_lef
         kept + [".vqmedseg-predict.lock", "prediction.seg.nrrd", "uncertainty.nrrd"])
 
 
+def _documented_commands(text: str) -> list[str]:
+    """The `vqmedseg` command lines of a README: in its shell blocks (continued lines
+    joined, comments dropped, `C="vqmedseg ..."` variables expanded; `torchrun ... -m
+    VQMedSegLib` counts) and in its backticked table cells."""
+    import re
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        variables: dict[str, str] = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if m := re.fullmatch(r'([A-Z]\w*)="(.*)"', line):
+                variables[m[1]] = m[2]
+                continue
+            line = re.sub(r"\$([A-Z]\w*)", lambda v: variables.get(v[1], v[0]), line)
+            for part in re.split(r"\s*(?:&&|;)\s*", line):
+                part = re.sub(r"^torchrun .*?-m VQMedSegLib ", "vqmedseg ", part)
+                if part.startswith("vqmedseg "):
+                    commands.append(part)
+    for row in re.findall(r"^\|.*\|$", text, flags=re.M):
+        commands += [c.replace("\\|", "|") for c in re.findall(r"`(vqmedseg [^`]+)`", row)]  # `a\|b`: a|b
+    return commands
+
+
+def _parsable(command: str) -> list[str]:
+    """A documented command as arguments: optional parts `[--json]` given, the first of
+    alternatives `a|b|PATH`, a placeholder in capitals (`WS`, `B`) a value that parses as a
+    path and as a number, and an ellipsis `...` dropped (or a value where an option needs one)."""
+    import re
+    import shlex
+
+    words = []
+    for word in shlex.split(command.replace("[", "").replace("]", ""))[1:]:
+        word = word.split("|")[0] if not word.startswith("--") else word
+        word = "1" if re.fullmatch(r"[A-Z][A-Z0-9_]*", word) else word
+        if word == "...":
+            if words and words[-1].startswith("--"):
+                words.append("X")
+            continue
+        words.append(word)
+    return words
+
+
+def test_every_command_line_the_readmes_document_is_accepted_by_the_command_line():
+    """The READMEs stay true: each `vqmedseg` command they show parses with the real parser
+    (an option renamed or removed in the code fails here, naming the README and the line)."""
+    import contextlib
+    import io
+
+    from VQMedSegLib.cli.main import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    checked = 0
+    for readme in (root / "README.md", root / "benchmarks" / "README.md"):
+        commands = _documented_commands(readme.read_text(encoding="utf-8"))
+        assert len(commands) >= 10, (readme, commands)
+        for command in commands:
+            words = _parsable(command)
+            mention = len(words) <= 2 and not any(w.startswith("-") for w in words)  # `vqmedseg query`, `... workspace init`
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    build_parser().parse_args(words + ["--help"] if mention else words)
+            except SystemExit as exc:
+                if not (mention and exc.code == 0):
+                    pytest.fail(f"{readme.relative_to(root)}: the command line rejects `{command}` (exit {exc.code})")
+            checked += 1
+    assert checked >= 60, checked
+
+
 def test_every_command_line_option_says_what_it_is_for():
     import argparse
 
