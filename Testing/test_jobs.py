@@ -16,7 +16,7 @@ import pytest
 from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.errors import WorkspaceError
 from VQMedSegLib.jobs.events import read_events
-from VQMedSegLib.jobs.runner import JobContext, cancel, launch, running_job
+from VQMedSegLib.jobs.runner import JobContext, cancel, kill_tree, launch, running_job
 from VQMedSegLib.jobs.workspace import Workspace
 from conftest import run_cli, run_main
 
@@ -298,6 +298,24 @@ def test_a_job_leads_its_own_process_group_inside_the_callers_session(workspace)
 
 def _job_record(ws: Workspace, job: str) -> list[str]:
     return [j["status"] for j in ws.load_state()["jobs"] if j["id"] == job]
+
+
+def test_a_cancel_asked_for_while_the_job_starts_up_is_kept(workspace):
+    """The Slicer module's Cancel can come before the job's process has taken the workspace
+    lock (Python and torch still importing): the job must stop at its first step, not erase
+    the request when it starts and train to the end."""
+    proc, job = launch(_train_args(workspace, 100000), workspace, "train")
+    try:
+        assert running_job(workspace) is None  # still starting up
+        cancel(workspace, job_id=job)  # asks only, as the module does before its grace period
+        assert proc.wait(timeout=120) == 130, (workspace.job_dir(job) / "log.txt").read_text()
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=30)
+    assert _job_record(workspace, job) == ["cancelled"]
+    assert workspace.load_state()["models"] == []
+    assert not (workspace.job_dir(job) / "cancel").exists()  # and the request is cleared once honoured
 
 
 def test_the_cancel_command_names_the_job_it_stops_and_writes_nothing_when_none_runs(workspace):

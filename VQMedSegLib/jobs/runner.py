@@ -77,7 +77,9 @@ class JobContext:
             json.dumps({"job": self.job_id, "kind": self.kind, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
         )
         self.job_dir.mkdir(parents=True, exist_ok=True)
-        self._clear_cancel_files()
+        # a cancel asked for this job while it started up (its id is known from its launch) is
+        # kept; a workspace-wide one left from before is not this job's
+        self._clear_cancel_files(own=False)
         # what an earlier job (or `workspace add`, `annotate`) killed mid-write left behind
         removed = self.workspace.remove_stale_temporaries()
         if _in_main_thread():
@@ -133,8 +135,8 @@ class JobContext:
     def _cancel_files(self) -> list[Path]:
         return [self.job_dir / "cancel", self.workspace.root / "cancel"]
 
-    def _clear_cancel_files(self) -> None:
-        for f in self._cancel_files():
+    def _clear_cancel_files(self, own: bool = True) -> None:
+        for f in self._cancel_files()[0 if own else 1 :]:
             try:
                 f.unlink()
             except FileNotFoundError:
