@@ -279,6 +279,61 @@ def test_a_cancelled_training_is_reported_loads_nothing_and_resumes(scene, tmp_p
     assert again.wait(timeout=60).status == "cancelled"
 
 
+def test_no_workspace_is_opened_or_prepared_under_a_running_job(scene, tmp_path, phantom):
+    """Preparing while a job runs would swap the workspace whose events the job is read
+    from (a finished training then reads as crashed, its queued prediction is dropped) or,
+    on the same folder, replace the followed job by one without its process handle."""
+    from VQMedSegLib.errors import WorkspaceError
+
+    logic = _endless_training(scene, tmp_path, phantom)
+    job = logic.job
+    other = mrml.add_volume(scene, phantom.ct, "CT other")
+    for folder in (tmp_path / "other", tmp_path / "ws"):
+        with pytest.raises(WorkspaceError, match=r"a train job \(.+\) is running on workspace .*; wait for it or cancel it"):
+            logic.prepare(other, None, folder=folder)
+    assert logic.workspace.root == tmp_path / "ws" and not (tmp_path / "other").exists()
+    assert logic.attach() is job and job.proc is not None  # following it already: the same job, its process kept
+    logic.cancel(grace=30)
+    assert logic.wait(timeout=60).status == "cancelled"
+    assert logic.prepare(other, None, folder=tmp_path / "other") == "CT_other"  # once it has ended
+
+
+def test_a_suggested_slice_is_marked_only_once_shown_in_the_segment_editor(scene, tmp_path, phantom):
+    """A click on a suggestion shows its slice and sets the Segment Editor (created if the
+    user has not opened it yet) on the case's annotation and CT, so what is drawn is what is
+    stored; Mark annotated stores that slice, and only once it was shown."""
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    liver = phantom.ct_label.with_array((phantom.ct_label.array == 1).astype(np.uint8))
+    prediction = mrml.add_segmentation(scene, liver, [{"value": 1, "name": "Liver", "color": (1, 0, 0)}],
+                                       reference_node=ct_node, name="an earlier prediction")
+    logic = WorkflowLogic(scene)
+    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    assert scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode") is None  # never opened
+    with pytest.raises(InputError, match="no suggested slice is shown; click one in the table"):
+        logic.mark_shown_annotated()
+    logic.show_for_annotation(case_id, 9)
+    editor = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    annotation = logic.annotation_node(case_id)
+    assert editor is not None and editor.GetSegmentationNode() is annotation and annotation is not prediction
+    assert editor.GetSourceVolumeNode() is ct_node
+    assert logic.shown == (case_id, 9)
+    # the annotator draws the liver on slice 9 in the node the editor shows
+    truth = (phantom.ct_label.array == 1).astype(np.uint8)
+    drawn = np.zeros_like(truth)
+    drawn[9] = truth[9]
+    annotation.GetSegmentation().RemoveAllSegments()
+    mrml._import_label_array(scene, phantom.ct.with_array(drawn), [{"value": 1, "name": "Liver", "color": (1, 0, 0)}], annotation)
+    assert logic.mark_shown_annotated() == (case_id, [9])
+    np.testing.assert_array_equal(logic.workspace.load_annotation(case_id).array[9], truth[9])
+    assert logic.shown is None  # marked once; the next needs another click
+    with pytest.raises(InputError, match="no suggested slice is shown"):
+        logic.mark_shown_annotated()
+    # the editor node the user made themselves is used, not a second one
+    logic.show_for_annotation(case_id, 3)
+    assert len([scene.GetNthNodeByClass(i, "vtkMRMLSegmentEditorNode")
+                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode"))]) == 1
+
+
 def test_a_killed_job_is_reported_as_crashed_with_its_reason(scene, tmp_path, phantom):
     logic = _endless_training(scene, tmp_path, phantom)
     _poll_until(logic, lambda job: job.fraction > 0)

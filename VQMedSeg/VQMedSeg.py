@@ -1,3 +1,5 @@
+from __future__ import annotations  # `X | None` in signatures on Slicer 5.8's Python 3.9
+
 import importlib
 import logging
 import pathlib
@@ -164,6 +166,9 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
         self.ui.suggestionsTable.connect("cellClicked(int,int)", self.onSuggestionClicked)
+        # the arrow keys move between suggestions too; each row reached is shown
+        self.ui.suggestionsTable.connect("currentCellChanged(int,int,int,int)",
+                                         lambda row, column, previousRow, previousColumn: self.onSuggestionClicked(row, column))
         self.ui.markAnnotatedButton.connect("clicked(bool)", self.onMarkAnnotatedButton)
         self.ui.startCancelButton.connect("clicked(bool)", self.onStartCancelButton)
         self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResultsButton)
@@ -240,8 +245,11 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = reason or _("Check the inputs, create or open the workspace and copy the volumes into it.")
         ready = self.logic.caseId is not None
         running = self.logic.jobRunning()
+        if running:  # the job is followed in this workspace: no other one, no new case, until it ends
+            self.ui.applyButton.enabled = False
+            self.ui.applyButton.toolTip = _("A job is running; wait for it or cancel it.")
         self.ui.suggestButton.enabled = ready and not running
-        self.ui.markAnnotatedButton.enabled = ready and self.ui.suggestionsTable.currentRow() >= 0
+        self.ui.markAnnotatedButton.enabled = ready and self.logic.shownSlice() is not None
         self.ui.startCancelButton.enabled = ready
         self.ui.startCancelButton.text = _("Cancel") if running else _("Start training")
         self.ui.loadResultsButton.enabled = ready and not running
@@ -275,15 +283,17 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
     def onMarkAnnotatedButton(self) -> None:
-        row = self.ui.suggestionsTable.currentRow()
-        if not 0 <= row < len(self._suggestions):
+        """Store the slice last shown (not merely the selected row: after a refresh the row
+        holds the next suggestion, which nobody has looked at yet)."""
+        shown = self.logic.shownSlice()
+        if shown is None:
             return
-        s = self._suggestions[row]
         with slicer.util.tryWithErrorDisplay(_("Failed to store the annotation."), waitCursor=True):
-            labelled = self.logic.markAnnotated(s["case"], s["slice"])
+            caseId, labelled = self.logic.markShownAnnotated()
             self._appendLog(_("Slice {slice} of {case} stored as annotated ({n} labelled in this case).").format(
-                slice=s["slice"], case=s["case"], n=len(labelled)))
+                slice=shown[1], case=caseId, n=len(labelled)))
             self._refreshState()
+        self._checkCanApply()
 
     def onStartCancelButton(self) -> None:
         if self.logic.jobRunning():
@@ -310,7 +320,9 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setOverlayOpacity(value)
 
     def onReferenceChanged(self, node) -> None:
-        self._refreshScores()
+        # the node given, not the parameter node's: this slot may run before the parameter
+        # node's own connection has stored the new choice
+        self._refreshScores(node)
 
     # --------------------------------------------------------------- job follow-up
     def _jobStarted(self, text: str) -> None:
@@ -320,6 +332,15 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
     def onPollTimer(self) -> None:
+        try:
+            self._followJob()
+        except Exception as exc:  # an error while reading the job or loading its results must reach the user
+            self._timer.stop()
+            logging.exception("VQMedSeg: following the job failed")
+            slicer.util.errorDisplay(_("Following the job failed: {error}").format(error=exc), windowTitle="VQMedSeg")
+            self._checkCanApply()
+
+    def _followJob(self) -> None:
         update = self.logic.poll()
         for line in update.lines:
             self._appendLog(line)
@@ -354,9 +375,12 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setRowCount(len(self._suggestions))
         import qt
 
+        wasBlocked = table.blockSignals(True)
         for row, s in enumerate(self._suggestions):
             for column, value in enumerate((s["case"], str(s["slice"]), f"{s['score']:.3f}", s["purpose"])):
                 table.setItem(row, column, qt.QTableWidgetItem(value))
+        table.setCurrentCell(-1, -1)  # no row selected: the rows have moved, and the next is shown by a click
+        table.blockSignals(wasBlocked)
 
     def _refreshResults(self) -> None:
         names = self.logic.uncertaintyNames()
@@ -371,8 +395,9 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.blockSignals(wasBlocked)
         self._refreshScores()
 
-    def _refreshScores(self) -> None:
-        reference = self._parameterNode.referenceSegmentation if self._parameterNode else None
+    def _refreshScores(self, reference=None) -> None:
+        if reference is None:
+            reference = self._parameterNode.referenceSegmentation if self._parameterNode else None
         if reference is None or not self.logic.loadedResults():
             self.ui.scoresLabel.text = ""
             return
@@ -482,13 +507,11 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingPackages() -> list[str]:
-        missing = []
-        for module in ("torch", "monai", "skimage", "tqdm", "slicerio"):
-            try:
-                importlib.import_module(module)
-            except ImportError:
-                missing.append(module)
-        return missing
+        """Packages the jobs need that are not installed, found without importing them
+        (importing torch and MONAI takes seconds, and this runs on the GUI thread)."""
+        import importlib.util
+
+        return [module for module in ("torch", "monai", "skimage", "tqdm", "slicerio") if importlib.util.find_spec(module) is None]
 
     def ensureDependencies(self, ask: bool = True) -> bool:
         """Install what the jobs need into Slicer's Python, after asking.
@@ -597,13 +620,16 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         """Centre the slice views on the slice and select its annotation segmentation in
         the Segment Editor, so the user can start drawing."""
         flow = self._flow()
-        point = flow.jump_to_slice(caseId, sliceIndex)
-        annotation = flow.annotation_node(caseId)
-        editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
-        if editorNode is not None:
-            editorNode.SetAndObserveSegmentationNode(annotation)
-            editorNode.SetAndObserveSourceVolumeNode(flow.ct_node(caseId))
-        return point
+        flow.show_for_annotation(caseId, sliceIndex)
+        return flow.slice_center(caseId, sliceIndex)
+
+    def shownSlice(self) -> tuple[str, int] | None:
+        """The suggested slice last shown for annotation and not yet marked, as (case, slice)."""
+        return self.workflow.shown if self.workflow is not None else None
+
+    def markShownAnnotated(self) -> tuple[str, list[int]]:
+        """Store the slice last shown from the case's annotation; returns the case and its labelled slices."""
+        return self._flow().mark_shown_annotated()
 
     def markAnnotated(self, caseId: str, sliceIndex: int | list[int], segmentationNode=None) -> list[int]:
         slices = [sliceIndex] if isinstance(sliceIndex, int) else list(sliceIndex)
@@ -798,7 +824,14 @@ class VQMedSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.waitForJob(300).status, "done")
         suggestions = logic.suggestions()
         self.assertEqual(len(suggestions), 8)
-        logic.jumpToSuggestion(caseId, suggestions[0]["slice"])
+        # a click shows the slice with the Segment Editor on the case's annotation; Mark stores that slice once
+        first = suggestions[0]["slice"]
+        logic.jumpToSuggestion(caseId, first)
+        editor = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        self.assertEqual(editor.GetSegmentationNode().GetAttribute("VQMedSeg.Role"), "annotation")
+        self.assertEqual(logic.shownSlice(), (caseId, first))
+        self.assertEqual(logic.markShownAnnotated(), (caseId, [first]))
+        self.assertIsNone(logic.shownSlice())
         logic.markAnnotated(caseId, [s["slice"] for s in suggestions], truth)
 
         self.delayDisplay("Training job, then prediction")

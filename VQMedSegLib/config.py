@@ -18,13 +18,14 @@ from .errors import ConfigError
 from .files import read_json
 
 T = TypeVar("T")
+_UNIONS = (typing.Union, getattr(types, "UnionType", typing.Union))  # `X | Y` has its own type from Python 3.10
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
     """Validate (and lightly coerce: int -> float, list -> tuple) one value."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
+    if origin in _UNIONS:
         errors = []
         for option in args:
             if option is type(None):

@@ -5,6 +5,8 @@ command line turns them into one line on stderr and a non-zero exit code (see
 ``VQMedSegLib.cli.main``), never a traceback.
 """
 
+from __future__ import annotations  # `str | None` below on Python 3.9 (3D Slicer 5.8)
+
 
 class VQMedSegError(Exception):
     """Base class: a problem the user can fix (bad input, bad configuration, busy workspace)."""

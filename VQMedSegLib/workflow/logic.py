@@ -47,6 +47,7 @@ CASE_ATTRIBUTE = "VQMedSeg.CaseID"
 """Node attribute naming the workspace case a CT, MR or annotation node belongs to."""
 
 ANNOTATION_ROLE = "annotation"
+SEGMENT_EDITOR_TAG = "SegmentEditor"  # the singleton tag of the Segment Editor module's parameter node
 TERMINAL = ("finished", "cancelled", "error")
 
 # the line ``vqmedseg COMMAND: error: MESSAGE`` the command line ends with when it refuses its input
@@ -110,11 +111,13 @@ class WorkflowLogic:
         self.job: JobState | None = None
         self._queue: list[tuple[str, list[str]]] = []
         self.loaded: dict[str, dict[str, Any]] = {}
+        self.shown: tuple[str, int] | None = None  # the suggested slice last shown for annotation
 
     # ------------------------------------------------------------------ workspace
     def open_workspace(self, folder: str | os.PathLike, task: str = "liver") -> Workspace:
         """Open the workspace at ``folder``, creating it for ``task`` if it is new."""
         folder = Path(folder).expanduser()
+        self._refuse_while_running("opening a workspace")
         if folder.exists() and not folder.is_dir():
             raise InputError(f"workspace {folder}: exists but is not a folder")
         if (folder / "state.json").exists():
@@ -125,6 +128,13 @@ class WorkflowLogic:
             ws = Workspace.create(folder, task=task)
         self.workspace = ws
         return ws
+
+    def _refuse_while_running(self, action: str) -> None:
+        """The job is followed through its workspace's events: no other workspace, and no
+        new case, while it runs."""
+        if self.job is not None and not self.job.finished:
+            raise WorkspaceError(f"a {self.job.kind} job ({self.job.job_id}) is running on workspace {self._ws().root}; "
+                                 f"wait for it or cancel it before {action}")
 
     def _ws(self) -> Workspace:
         if self.workspace is None:
@@ -145,6 +155,7 @@ class WorkflowLogic:
             raise InputError("CT volume: none selected, expected a scalar volume node")
         if mr_node is not None and mr_node is ct_node:
             raise InputError(f"MR volume {mr_node.GetName()!r}: is the CT volume; expected a different node or none")
+        self._refuse_while_running("preparing a case")
         ws = self.open_workspace(folder, task) if folder is not None else self._ws()
         case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or sanitize_id(ct_node.GetName())
         ct = volume_from_node(ct_node)
@@ -272,6 +283,35 @@ class WorkflowLogic:
         slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
         return r, a, s
 
+    def show_for_annotation(self, case_id: str, slice_index: int) -> Any:
+        """Show a suggested slice for drawing: centre the views on it and set the Segment
+        Editor on the case's annotation and CT, so that what is drawn is what
+        :meth:`mark_shown_annotated` stores. The editor's node is made as the Segment Editor
+        module makes it when the user has not opened that module yet (it would otherwise
+        pick the scene's first segmentation, perhaps a prediction). Returns the editor node."""
+        self.jump_to_slice(case_id, slice_index)
+        editor = self.scene.GetSingletonNode(SEGMENT_EDITOR_TAG, "vtkMRMLSegmentEditorNode")
+        if editor is None:
+            editor = self.scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            editor.UnRegister(None)
+            editor.SetSingletonTag(SEGMENT_EDITOR_TAG)
+            editor = self.scene.AddNode(editor)
+        editor.SetAndObserveSegmentationNode(self.annotation_node(case_id))
+        editor.SetAndObserveSourceVolumeNode(self.ct_node(case_id))
+        self.shown = (case_id, int(slice_index))
+        return editor
+
+    def mark_shown_annotated(self) -> tuple[str, list[int]]:
+        """Store the slice last shown by :meth:`show_for_annotation` from the case's
+        annotation node; returns the case and all its labelled slices. A slice is marked
+        once per showing, so a second click can never store a slice nobody has looked at."""
+        if self.shown is None:
+            raise InputError("Mark annotated: no suggested slice is shown; click one in the table, draw on it, then mark it")
+        case_id, slice_index = self.shown
+        labelled = self.mark_annotated(case_id, [slice_index])
+        self.shown = None
+        return case_id, labelled
+
     def suggestions(self) -> list[dict]:
         """The last query's suggestions that are not labelled yet (``case``, ``slice``,
         ``score``, ``purpose``, ``rank``)."""
@@ -336,6 +376,8 @@ class WorkflowLogic:
     def attach(self) -> JobState | None:
         """Follow a job that is already running on the workspace (e.g. started before
         Slicer was restarted); it can be cancelled but it has no process handle here."""
+        if self.job is not None and not self.job.finished:
+            return self.job  # ours already (perhaps still starting up), with its process handle
         info = running_job(self._ws())
         if info is None or info.get("job") in (None, "unknown"):
             return None
