@@ -506,3 +506,21 @@ def test_project_files_hold_no_machine_specific_paths():
         text = path.read_text(encoding="utf-8")
         found = re.findall(r"(?:/work/|/home/|/tmp/|/Users/|[A-Z]:\\\\)", text)
         assert not found, f"{path.relative_to(REPO)}: machine-specific paths {found}"
+
+
+def test_what_the_module_installs_into_slicer_meets_the_library_requirements():
+    """The module pip-installs MONAI (and asks the PyTorch extension for torch) into Slicer's
+    Python: the same ranges as pyproject.toml, so that the jobs find what the library needs
+    and pip never swaps the torch build chosen for the machine's GPU for another."""
+    constants = {}
+    for node in ast.parse(MODULE_FILE.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("PIP_REQUIREMENTS", "TORCH_REQUIREMENT"):
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(encoding="utf-8"),
+                             flags=re.M | re.S)[1]
+    required = dict(re.findall(r'"([A-Za-z-]+)([<>=!~][^"]*)"', dependencies))
+    assert "torch" + constants["TORCH_REQUIREMENT"] == "torch" + required["torch"]
+    assert f"monai{required['monai']}" in constants["PIP_REQUIREMENTS"]
+    text = MODULE_FILE.read_text(encoding="utf-8")
+    assert "torch=={version('torch')}" in text  # the installed torch is a constraint of the pip install

@@ -27,7 +27,8 @@ README_URL = f"{HOMEPAGE_URL}#readme"
 LIBRARY_PACKAGE = "VQMedSegLib"
 METHOD_TITLES = {"begal": "VQ-BEGAL round", "vqseg": "VQ-Seg semi-supervised", "supervised": "Supervised baseline"}
 # What the jobs import; SimpleITK is Slicer's own and is never installed or replaced.
-PIP_REQUIREMENTS = ["monai>=1.4", "scikit-image", "tqdm", "slicerio"]
+PIP_REQUIREMENTS = ["monai>=1.5,<1.7", "scikit-image", "tqdm", "slicerio"]  # as the library's pyproject.toml
+TORCH_REQUIREMENT = ">=2.8"  # what MONAI 1.5 and the library need
 POLL_INTERVAL_MS = 500
 
 
@@ -532,15 +533,19 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
                 import PyTorchUtils
             except ModuleNotFoundError:
                 raise RuntimeError("VQMedSeg needs the PyTorch extension: install it from the Extensions Manager, then restart Slicer.")
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.1") is None:
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 raise RuntimeError("PyTorch could not be installed; see the Python console.")
         rest = [m for m in missing if m != "torch"]
         if rest:
             import SimpleITK
             import tempfile
 
+            from importlib.metadata import version
+
+            # Slicer's own SimpleITK, and the torch build the PyTorch extension chose for this
+            # machine's GPU, are kept: MONAI must fit them, never replace them
             constraints = pathlib.Path(tempfile.mkdtemp()) / "constraints.txt"
-            constraints.write_text(f"SimpleITK=={SimpleITK.Version_VersionString()}\n")
+            constraints.write_text(f"SimpleITK=={SimpleITK.Version_VersionString()}\ntorch=={version('torch')}\n")
             slicer.util.pip_install(PIP_REQUIREMENTS + ["-c", str(constraints)])
         return not self.missingPackages() and self.libraryAvailable()
 
