@@ -231,11 +231,21 @@ def test_query_train_predict_loop_through_the_logic_ends_with_the_segmentation_i
     organs.GetSegmentation().RemoveSegment(organs.GetSegmentation().GetSegmentIdBySegmentName("liver"))
     with pytest.raises(InputError, match="'kidney right', 'kidney left', 'spleen'; none is named 'Liver'"):
         logic.score_against(case_id, organs)
-    # results whose nodes left the scene (the user deleted them, or closed the scene) are forgotten, not shown
+    # an overlay the user deleted is forgotten, and nothing else: the segmentation (perhaps
+    # edited since) stays in the scene and loaded
+    segmentation = logic.loaded[case_id]["segmentation"]
     scene.RemoveNode(logic.loaded[case_id]["overlays"]["entropy"])
-    assert logic.forget_removed_results() == [case_id] and case_id not in logic.loaded
+    assert logic.forget_removed_results() == [] and "entropy" not in logic.loaded[case_id]["overlays"]
+    assert logic.loaded[case_id]["shown"] in (None, *logic.loaded[case_id]["overlays"])
+    assert segmentation.GetScene() is scene and logic.loaded[case_id]["segmentation"] is segmentation
     with pytest.raises(InputError, match="not loaded"):
         logic.show_uncertainty(case_id, "entropy")
+    # a deleted segmentation forgets the case's results, and takes its overlays with it
+    logic.load_results(case_id)
+    overlays = list(logic.loaded[case_id]["overlays"].values())
+    scene.RemoveNode(logic.loaded[case_id]["segmentation"])
+    assert logic.forget_removed_results() == [case_id] and case_id not in logic.loaded
+    assert all(node.GetScene() is None for node in overlays)
     logic.load_results(case_id)
     scene.Clear(0)
     assert logic.forget_removed_results() == [case_id] and logic.loaded == {}

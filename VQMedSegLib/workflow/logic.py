@@ -565,10 +565,15 @@ class WorkflowLogic:
         return self.loaded[case_id]
 
     def forget_removed_results(self) -> list[str]:
-        """Forget the loaded results any of whose nodes has left the scene (deleted by the
-        user, or the scene closed), removing what is left of them; returns their cases."""
-        gone = [case_id for case_id, loaded in self.loaded.items()
-                if any(node.GetScene() is None for node in [loaded["segmentation"], *loaded["overlays"].values()])]
+        """Forget what of the loaded results has left the scene (deleted by the user, or the
+        scene closed). An overlay deleted is forgotten alone: the segmentation, which the user
+        may have edited, stays. A segmentation deleted forgets its case's results, removing
+        their overlays. Returns the cases forgotten."""
+        for loaded in self.loaded.values():
+            loaded["overlays"] = {name: node for name, node in loaded["overlays"].items() if node.GetScene() is not None}
+            if loaded.get("shown") not in loaded["overlays"]:
+                loaded["shown"] = None  # it went from the slice views with its node
+        gone = [case_id for case_id, loaded in self.loaded.items() if loaded["segmentation"].GetScene() is None]
         for case_id in gone:
             self.unload_results(case_id)
         return gone
