@@ -49,6 +49,31 @@ def _annotate(root: Path, ws: Path, suggestions: list[dict]) -> None:
            "--slices", ",".join(map(str, slices)))
 
 
+def test_validation_cases_are_checked_before_training_and_refused_where_unused(tmp_path):
+    """A VQ-BEGAL round with a validation case that has no annotation is refused before it
+    trains (it used to train the whole round, then fail and lose it); VQ-Seg in a workspace
+    uses no validation cases, so it refuses them rather than train on them silently."""
+    case = make_dataset("phantom-liver", 1, seed=3, ct_shape=(8, 48, 48))[0]
+    write_volume(case.ct, tmp_path / "ct.nrrd")
+    write_volume(case.ct_label, tmp_path / "label.nrrd")
+    ws = tmp_path / "ws"
+    vq("workspace", "init", ws, "--task", "liver")
+    vq("workspace", "add", ws, "--case", "c0", "--ct", tmp_path / "ct.nrrd")
+    vq("workspace", "annotate", ws, "--case", "c0", "--label", tmp_path / "label.nrrd", "--label-value", "1", "--slices", "2-5")
+    begal = vq("train", "--workspace", ws, "--method", "begal", "--preset", "tiny", "--validation-cases", "nope", check=False)
+    assert begal.returncode == 2 and "validation case(s) ['nope']: not annotated in workspace" in begal.stderr, begal.stderr
+    assert "expected some of ['c0']" in begal.stderr
+    state = Workspace.open(ws).load_state()
+    assert state["models"] == [] and not state.get("rounds")
+    assert not (ws / "checkpoints" / "begal").exists() or not any((ws / "checkpoints" / "begal").iterdir())  # nothing trained
+    vqseg = vq("train", "--workspace", ws, "--method", "vqseg", "--preset", "tiny", "--validation-cases", "c0", check=False)
+    assert vqseg.returncode == 2 and "--validation-cases c0: not used by --method vqseg" in vqseg.stderr, vqseg.stderr
+    (tmp_path / "config.json").write_text('{"validation_cases": ["c0"]}', encoding="utf-8")
+    from_file = vq("train", "--workspace", ws, "--method", "vqseg", "--preset", "tiny", "--foundation", "none",
+                   "--config", tmp_path / "config.json", check=False)
+    assert from_file.returncode == 2 and "config key 'validation_cases' ['c0']: not used by VQ-Seg" in from_file.stderr
+
+
 def test_query_train_rounds(setup):
     root, ws, cases = setup
     first = json.loads(vq("query", "--workspace", ws, "--n", "6", "--budget", "14", "--preset", "tiny", "--json").stdout)

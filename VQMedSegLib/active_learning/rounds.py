@@ -211,6 +211,10 @@ def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: tor
     if not labelled:
         raise InputError(f"workspace {ws.root}: no labelled slice yet; run 'vqmedseg query', annotate, then train")
     val_cases = set(config.validation_cases)
+    annotated_cases = {str(pool.case_ids[i]) for i in labelled}
+    if unknown := sorted(val_cases - annotated_cases):  # before the round trains, not after
+        raise InputError(f"validation case(s) {unknown}: not annotated in workspace {ws.root}; expected some of "
+                         f"{sorted(annotated_cases)}")
     train_labelled = {i: p for i, p in labelled.items() if str(pool.case_ids[i]) not in val_cases}
     if not train_labelled:
         raise InputError(f"workspace {ws.root}: every labelled slice belongs to a validation case")

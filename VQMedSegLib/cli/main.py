@@ -404,6 +404,9 @@ def _refuse_options_the_method_ignores(args) -> None:
     if args.method == "begal" and args.iterations is not None:
         raise InputError(f"--iterations {args.iterations}: not used by --method begal, whose rounds train in phases; "
                          "set initial_iterations, encoder_iterations and decoder_iterations in --config")
+    if args.method == "vqseg" and args.validation_cases:
+        raise InputError(f"--validation-cases {args.validation_cases}: not used by --method vqseg, which trains on every "
+                         "annotated slice and keeps its teacher's last weights; leave those cases unannotated to hold them out")
     if args.method != "vqseg":
         if given := _given(args, "--perturbation", "--dropout-rate", "--foundation"):
             them = "it" if len(given) == 1 else "them"

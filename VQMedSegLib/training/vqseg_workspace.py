@@ -39,6 +39,9 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
     from ..active_learning.rounds import workspace_pool
 
     info = dist_info or current()
+    if config.validation_cases:  # from a --config file; the command line refuses the option itself
+        raise InputError(f"config key 'validation_cases' {config.validation_cases}: not used by VQ-Seg in a workspace, which "
+                         "trains on every annotated slice; remove it, or leave those cases unannotated to hold them out")
 
     pool, labelled = workspace_pool(ws, config.slice_size, config.seed)
     if not labelled:
