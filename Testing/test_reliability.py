@@ -246,6 +246,21 @@ def test_slices_that_name_no_slice_are_refused_not_taken_as_none_or_all(ws_with_
     assert Workspace.open(ws_with_case).labelled_slices() == {}
 
 
+def test_slices_far_out_of_range_are_refused_at_once_in_a_short_message(ws_with_case, tmp_path):
+    """`--slices 0-1000000000` once spelled out a billion indices (the process was killed
+    for memory), and `0-100000` printed each bad one: a 688 kB error line."""
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[:, 5:9, 5:9] = 1
+    write_volume(Volume(label, spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
+    annotate = ("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd", "--slices")
+    huge = run_main(*annotate, "0-1000000000", check=False)
+    refused(huge, "--slices '0-1000000000': index 1000000000 is beyond any image this tool reads (at most 2048 slices)", code=2)
+    many = run_main(*annotate, "0-2000", check=False)
+    refused(many, "annotated slices [8, 9, 10, 11, 12, ... 2000] (1993 indices) of case 'c1': expected indices in 0..7", code=2)
+    assert len(many.stderr) < 300
+    assert Workspace.open(ws_with_case).labelled_slices() == {}
+
+
 # ----------------------------------------------------------------- configuration
 @pytest.mark.parametrize("argv, needles", [
     (("train", "WS", "--preset", "tiny", "--method", "begal", "--iterations", "5"), ("--iterations", "not used by --method begal", "--config")),
@@ -271,6 +286,15 @@ def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     (tmp_path / "type.json").write_text(json.dumps({"iterations": "ten"}))
     refused(run_main("train", "--workspace", ws_with_case, "--config", tmp_path / "type.json", check=False),
             "iterations", "expected an integer", code=2)
+    # a negative seed, which NumPy refuses with a traceback half way into a job
+    (tmp_path / "seed.json").write_text(json.dumps({"seed": -3}))
+    for method in ("supervised", "begal", "vqseg"):
+        refused(run_main("train", "--workspace", ws_with_case, "--method", method, "--config", tmp_path / "seed.json",
+                         check=False), "seed", "-3", "expected a whole number from 0", code=2)
+    for argv in (("train", "--workspace", ws_with_case), ("query", "--workspace", ws_with_case),
+                 ("phantom", "--out", tmp_path / "p"), ("demo", "--out", tmp_path / "d")):
+        refused(run_main(*argv, "--seed", "-1", check=False), "argument --seed: found -1, expected a whole number from 0", code=2)
+    assert Workspace.open(ws_with_case).load_state()["models"] == [] and not (tmp_path / "p").exists()
 
 
 def test_train_lays_its_config_file_over_the_preset_and_its_options_over_both(ws_with_case, tmp_path):

@@ -133,6 +133,7 @@ class TrainConfig(JsonConfig):
 
     def validate(self) -> None:
         checks = [
+            (self.seed >= 0, "seed", self.seed, "a whole number from 0"),
             (self.iterations >= 1, "iterations", self.iterations, "at least 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
             (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
@@ -235,6 +236,7 @@ class BEGALConfig(JsonConfig):
 
     def validate(self) -> None:
         checks = [
+            (self.seed >= 0, "seed", self.seed, "a whole number from 0"),
             (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
             (len(self.features) == 5, "features", self.features, "five channel counts"),
             (self.num_codes >= 2, "num_codes", self.num_codes, "at least 2"),
@@ -326,6 +328,7 @@ class VQSegConfig(JsonConfig):
 
     def validate(self) -> None:
         checks = [
+            (self.seed >= 0, "seed", self.seed, "a whole number from 0"),
             (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
             (len(self.features) == 5, "features", self.features, "five channel counts"),
             (self.num_classes >= 2, "num_classes", self.num_classes, "at least 2 (background and one structure)"),

@@ -23,7 +23,10 @@ log = logging.getLogger("vqmedseg")
 
 
 def _parse_indices(text: str, option: str = "--slices") -> list[int]:
-    """``"3,5,10-12"`` -> ``[3, 5, 10, 11, 12]``; a backwards range or a list naming no index is an error."""
+    """``"3,5,10-12"`` -> ``[3, 5, 10, 11, 12]``; a backwards range, an index beyond any image
+    or a list naming no index is an error."""
+    from ..data.io import MAX_AXIS
+
     expected = "expected comma-separated indices or ranges such as 3,5,10-12"
     out: list[int] = []
     try:
@@ -35,6 +38,9 @@ def _parse_indices(text: str, option: str = "--slices") -> list[int]:
                 a, b = (int(v) for v in part.split("-", 1))
                 if b < a:
                     raise InputError(f"{option} {text!r}: the range {part} runs backwards; {expected}")
+                if b >= MAX_AXIS:  # checked before the range is spelled out: 0-1000000000 would fill the memory
+                    raise InputError(f"{option} {text!r}: index {b} is beyond any image this tool reads (at most "
+                                     f"{MAX_AXIS} slices); {expected}")
                 out.extend(range(a, b + 1))
             else:
                 out.append(int(part))
@@ -43,6 +49,17 @@ def _parse_indices(text: str, option: str = "--slices") -> list[int]:
     if not out:
         raise InputError(f"{option} {text!r}: names no index; {expected}")
     return out
+
+
+def _seed(text: str) -> int:
+    """An ``argparse`` type: a seed is a whole number from 0 (NumPy refuses negative ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"found {text!r}, expected a whole number from 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"found {value}, expected a whole number from 0")
+    return value
 
 
 def _given(args, *flags: str) -> list[str]:
@@ -558,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="quick", choices=["tiny", "quick", "cpu"],
                    help="tiny: seconds, for smoke tests; quick: minutes; cpu: a larger network, about nine times as long")
     d.add_argument("--iterations", type=int, default=None, help="override the preset's training iterations")
-    d.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of training (default 0)")
+    d.add_argument("--seed", type=_seed, default=0, help="seed of the phantoms and of training (default 0)")
     json_arg(d)
     device_arg(d)
     d.set_defaults(func=cmd_demo)
@@ -633,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset_arg(tr, "the method's")
     tr.add_argument("--config", help="JSON settings laid over the preset; the options given here win over both")
     tr.add_argument("--iterations", type=int, help="supervised and vqseg: training iterations")
-    tr.add_argument("--seed", type=int, help="seed of initialisation and sampling (default: the preset's, 0)")
+    tr.add_argument("--seed", type=_seed, help="seed of initialisation and sampling (default: the preset's, 0)")
     tr.add_argument("--validation-cases", help="comma-separated annotated cases used only for validation")
     tr.add_argument("--perturbation", choices=["qpm", "dropout", "none"], default=None, help="vqseg: QPM (default) or the dropout baseline")
     tr.add_argument("--dropout-rate", type=float, default=None, help="vqseg with --perturbation dropout")
@@ -650,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--budget", type=int, help="total slices that may be annotated, at least 1 (stored in the workspace; slices annotated beyond it are kept)")
     preset_arg(qu, "VQ-BEGAL")
     qu.add_argument("--config", help="JSON VQ-BEGAL settings laid over the preset; the options given here win over both")
-    qu.add_argument("--seed", type=int, help="seed of the random first set and of random selection (default: the preset's, 0)")
+    qu.add_argument("--seed", type=_seed, help="seed of the random first set and of random selection (default: the preset's, 0)")
     qu.add_argument("--force", action="store_true", help="suggest even when validation Dice has plateaued")
     json_arg(qu, "the suggestions")
     device_arg(qu)
@@ -723,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--kind", default="phantom-liver", choices=["phantom-liver", "phantom-lung"],
                     help="paired CT and MR of the abdomen (default), or a chest CT with one lung tumour")
     ph.add_argument("--n", type=int, default=2, help="number of cases (default 2)")
-    ph.add_argument("--seed", type=int, default=0, help="dataset seed; case N depends only on it and N (default 0)")
+    ph.add_argument("--seed", type=_seed, default=0, help="dataset seed; case N depends only on it and N (default 0)")
     ph.set_defaults(func=cmd_phantom)
     return p
 

@@ -291,7 +291,8 @@ class Workspace:
         wanted = list(range(n)) if slices is None else sorted({int(s) for s in slices})
         bad = [s for s in wanted if not 0 <= s < n]
         if bad:
-            raise InputError(f"annotated slices {bad} of case {case_id!r}: expected indices in 0..{n - 1}")
+            shown = str(bad) if len(bad) <= 10 else f"{str(bad[:5])[:-1]}, ... {bad[-1]}] ({len(bad)} indices)"
+            raise InputError(f"annotated slices {shown} of case {case_id!r}: expected indices in 0..{n - 1}")
         present = np.unique(label.array)
         if label_value is None:
             extra = [int(v) for v in present if v not in (0, 1)]
