@@ -587,6 +587,27 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_and_never_executed(tmp_pa
     assert not (tmp_path / "pwned-by-checkpoint").exists()
 
 
+@pytest.mark.parametrize("content", [b"hello world\n", bytes(range(256)) * 4, b""])
+def test_a_file_that_is_no_checkpoint_is_a_clear_error_as_a_model_and_as_a_resume_point(ws_with_case, tmp_path, content):
+    """A text file, random bytes or an empty file given as --model once gave a traceback
+    (KeyError: 101), or passed on PyTorch's advice to load it with weights_only=False; a
+    damaged resume point (last.pt) blocked training without saying what to do."""
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(content)
+    write_volume(ct_volume(), tmp_path / "ct.nrrd")
+    r = run_main("predict", "--model", bad, "--ct", tmp_path / "ct.nrrd", "--out", tmp_path / "out", check=False)
+    refused(r, f"checkpoint {bad}:", "VQMedSeg", code=2)
+    assert "weights_only" not in r.stderr and not (tmp_path / "out").exists()
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[2:6, 8:16, 8:16] = 1
+    annotate(ws_with_case, tmp_path, label, check=True)
+    last = ws_with_case / "checkpoints" / "supervised" / "last.pt"
+    last.parent.mkdir(parents=True, exist_ok=True)
+    last.write_bytes(content)
+    r = run_main("train", "--workspace", ws_with_case, "--preset", "tiny", "--iterations", "2", "--device", "cpu", check=False)
+    refused(r, f"checkpoint {last}:", "delete it to train from the start (the models already made are kept)", code=2)
+
+
 @pytest.mark.parametrize("case_id", ["../evil", "a/b", "..", ".hidden", "x" * 200])
 def test_case_identifiers_cannot_escape_the_workspace(ws, tmp_path, case_id):
     write_volume(ct_volume(), tmp_path / "ct.nrrd")

@@ -27,7 +27,7 @@ import torch
 from ..config import BEGALConfig
 from ..errors import ConfigError, InputError
 from ..files import atomic_write_json
-from ..jobs.checkpoints import load_checkpoint, save_checkpoint
+from ..jobs.checkpoints import load_checkpoint, load_resume_checkpoint, save_checkpoint
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..tasks import get_task
@@ -230,7 +230,7 @@ def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: tor
     last = ws.checkpoint_dir(METHOD) / "last.pt"
     start = 0
     if last.exists():
-        ckpt = load_checkpoint(last, methods=(METHOD,), map_location=device)
+        ckpt = load_resume_checkpoint(last, methods=(METHOD,), map_location=device)
         if ckpt.get("round") == round_index and ckpt.get("labelled_signature") == signature and ckpt.get("config") == config.to_json():
             model.load_state_dict(ckpt["state_dict"])
             trainer.load_state(ckpt["optimizers"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +50,12 @@ def load_checkpoint(
         raise InputError(f"checkpoint {path}: not found, expected a .pt file written by VQMedSeg")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False, which this tool never does
         raise InputError(
-            f"checkpoint {path}: refused, it holds objects other than tensors and plain data ({first}); "
-            "only checkpoints written by VQMedSeg are accepted"
+            f"checkpoint {path}: refused, it is not tensors and plain data (objects of other kinds, or not a checkpoint "
+            "at all), and is never loaded in a way that could run code; only checkpoints written by VQMedSeg are accepted"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # a text or truncated file fails in the unpickler in many ways (KeyError, EOFError ...)
         raise InputError(f"checkpoint {path}: cannot be read ({type(exc).__name__}); expected a VQMedSeg .pt file") from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(payload, dict) or k not in payload]
@@ -72,3 +70,14 @@ def load_checkpoint(
             f"checkpoint {path}: made by method {payload['method']!r}, expected {' or '.join(map(repr, methods))}"
         )
     return payload
+
+
+def load_resume_checkpoint(path: Path, methods: tuple[str, ...], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """:func:`load_checkpoint` for a training's resume point (``checkpoints/<method>/last.pt``),
+    whose error says how to go on: it is written atomically, so an unreadable one was
+    damaged from outside, and training can only start again without it."""
+    try:
+        return load_checkpoint(path, methods=methods, map_location=map_location)
+    except InputError as exc:
+        raise InputError(f"{exc}. It is where an interrupted training resumes from: delete it to train from the start "
+                         "(the models already made are kept)") from None

@@ -21,7 +21,7 @@ from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScale
 
 from ..config import TrainConfig
 from ..errors import InputError
-from ..jobs.checkpoints import load_checkpoint, save_checkpoint
+from ..jobs.checkpoints import load_resume_checkpoint, save_checkpoint
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..models.unet import build_from_spec, model_spec
@@ -115,7 +115,7 @@ def train_supervised(ctx: JobContext, ws: Workspace, config: TrainConfig, device
     last_path = ckpt_dir / "last.pt"
     start_iter, best_dice, best_state, history = 0, -1.0, None, []
     if last_path.exists():
-        ckpt = load_checkpoint(last_path, methods=(METHOD,))
+        ckpt = load_resume_checkpoint(last_path, methods=(METHOD,))
         if ckpt.get("config") == config.to_json() and ckpt.get("labelled_signature") == signature:
             model.load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -20,7 +20,7 @@ import torch
 
 from ..config import VQSegConfig
 from ..errors import InputError
-from ..jobs.checkpoints import load_checkpoint, save_checkpoint
+from ..jobs.checkpoints import load_resume_checkpoint, save_checkpoint
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
 from ..models.qpm import qpm_kl
@@ -70,7 +70,7 @@ def train_vqseg(ctx: JobContext, ws: Workspace, config: VQSegConfig, device: tor
     signature = labelled_signature(ws.labelled_slices())
     last = ws.checkpoint_dir(METHOD) / "last.pt"
     if last.exists():
-        ckpt = load_checkpoint(last, methods=(METHOD,), map_location=device)
+        ckpt = load_resume_checkpoint(last, methods=(METHOD,), map_location=device)
         if ckpt.get("config") == config.to_json() and ckpt.get("labelled_signature") == signature:
             trainer.student.load_state_dict(ckpt["state_dict"])
             trainer.teacher.load_state_dict(ckpt["teacher_state_dict"])
