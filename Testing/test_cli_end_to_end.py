@@ -244,6 +244,29 @@ def test_every_command_line_option_says_what_it_is_for():
     assert not silent, f"options without help: {silent}"
 
 
+def test_evaluate_refuses_a_label_value_neither_file_holds_and_prints_per_slice_scores(tmp_path):
+    """A typo in --label once scored two empty masks as Dice 1.0; an empty prediction is
+    still scored as it is (Dice 0), and --per-slice prints its table without --json too."""
+    organs = np.zeros((3, 8, 8), np.uint8)
+    organs[1, 2:6, 2:6] = 1
+    organs[2, 2:6, 2:6] = 2
+    write_volume(Volume(organs, spacing=(1, 1, 2)), tmp_path / "organs.nrrd")
+    write_volume(Volume(np.zeros_like(organs), spacing=(1, 1, 2)), tmp_path / "empty.nrrd")
+    typo = vqmedseg("evaluate", "--pred", tmp_path / "organs.nrrd", "--ref", tmp_path / "organs.nrrd", "--label", "9", check=False)
+    assert typo.returncode == 2, typo.stdout
+    assert f"--label 9: occurs nowhere in {tmp_path / 'organs.nrrd'}, whose label values are [1, 2]" in typo.stderr
+    ref_typo = vqmedseg("evaluate", "--pred", tmp_path / "organs.nrrd", "--ref", tmp_path / "organs.nrrd", "--ref-label", "3",
+                        check=False)
+    assert ref_typo.returncode == 2 and "--ref-label 3: occurs nowhere in" in ref_typo.stderr
+    empty = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "empty.nrrd", "--ref", tmp_path / "organs.nrrd",
+                                "--label", "2", "--json").stdout)
+    assert empty["dice"] == 0.0
+    text = vqmedseg("evaluate", "--pred", tmp_path / "organs.nrrd", "--ref", tmp_path / "organs.nrrd", "--label", "2",
+                    "--per-slice").stdout.splitlines()
+    assert text[1] == "slice  Dice    empty" and len(text) == 2 + 3, text
+    assert text[4].split()[:2] == ["2", "1.0000"]
+
+
 def test_evaluate_rejects_mismatched_grids(tmp_path):
     a = Volume(np.ones((3, 8, 8), np.uint8), spacing=(1, 1, 2))
     b = Volume(np.ones((3, 8, 8), np.uint8), spacing=(1, 1, 3))

@@ -246,6 +246,22 @@ def test_slices_that_name_no_slice_are_refused_not_taken_as_none_or_all(ws_with_
     assert Workspace.open(ws_with_case).labelled_slices() == {}
 
 
+def test_a_label_value_the_label_map_does_not_hold_is_refused_not_stored_as_empty_slices(ws_with_case, tmp_path):
+    """`--label-value 9` (a typo) once stored the named slices as annotated without the
+    target; a map of zeros still records slices where the target is absent."""
+    label = np.zeros((8, 24, 24), np.uint8)
+    label[:, 5:9, 5:9] = 1
+    write_volume(Volume(label, spacing=(1.0, 1.0, 2.5)), tmp_path / "label.nrrd")
+    r = run_main("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "label.nrrd",
+                 "--label-value", "9", "--slices", "1,2", check=False)
+    refused(r, "label value 9 occurs nowhere in the label map, whose values are [1]; expected one of them", code=2)
+    assert Workspace.open(ws_with_case).labelled_slices() == {}
+    write_volume(Volume(np.zeros_like(label), spacing=(1.0, 1.0, 2.5)), tmp_path / "zeros.nrrd")
+    run_main("workspace", "annotate", ws_with_case, "--case", "c1", "--label", tmp_path / "zeros.nrrd",
+             "--label-value", "1", "--slices", "1,2")
+    assert Workspace.open(ws_with_case).labelled_slices() == {"c1": [1, 2]}
+
+
 def test_slices_far_out_of_range_are_refused_at_once_in_a_short_message(ws_with_case, tmp_path):
     """`--slices 0-1000000000` once spelled out a billion indices (the process was killed
     for memory), and `0-100000` printed each bad one: a 688 kB error line."""

@@ -194,6 +194,8 @@ def cmd_evaluate(args) -> int:
     value, segment = _scored_value(pred, args.pred, args.label, args.task, "--label")
     ref_value, ref_segment = _scored_value(ref, args.ref, args.ref_label if args.ref_label is not None else args.label,
                                            args.task, "--ref-label")
+    _require_value(pred, value, args.pred, "--label" if args.label is not None else None)
+    _require_value(ref, ref_value, args.ref, "--ref-label" if args.ref_label is not None else "--label" if args.label is not None else None)
     pred = pred.with_array((pred.array == value).astype(np.uint8))
     ref = ref.with_array((ref.array == ref_value).astype(np.uint8))
     scores = score_volumes(pred, ref).to_json()
@@ -213,6 +215,10 @@ def cmd_evaluate(args) -> int:
             + (f"  (empty: {scores['empty']})" if scores["empty"] else "")
             + "\n"
         )
+        if args.per_slice:
+            sys.stdout.write("slice  Dice    empty\n" + "".join(
+                f"{row['slice']:5d}  {'   -  ' if row['dice'] is None else format(row['dice'], '.4f')}  {row['empty'] or ''}\n"
+                for row in result["per_slice"]))
         if segment or ref_segment or value != ref_value:  # say what was scored where it is not simply label 1
             def what(name, v):
                 return f"segment {name!r} (value {v})" if name else f"value {v}"
@@ -220,6 +226,19 @@ def cmd_evaluate(args) -> int:
             sys.stdout.write(f"scored: {what(segment, value)} of the prediction against {what(ref_segment, ref_value)} "
                              "of the reference\n")
     return 0
+
+
+def _require_value(label, value: int, path, option: str | None) -> None:
+    """A label value given on the command line must occur in a file that holds labels: a
+    typo (--label 9) would otherwise score two empty masks, Dice 1. A file with no label at
+    all (an empty prediction) is scored as it is."""
+    import numpy as np
+
+    if option is None:
+        return
+    present = [int(v) for v in np.unique(label.array) if v != 0]
+    if present and value not in present:
+        raise InputError(f"{option} {value}: occurs nowhere in {path}, whose label values are {present[:10]}; expected one of them")
 
 
 def _task_segment(label, task: str, path, hint: str) -> dict | None:

@@ -301,6 +301,11 @@ class Workspace:
                     f"annotation for case {case_id!r}: found label values {extra[:10]}; expected 0 (background) and 1 "
                     f"({get_task(self.task).segment_name}) for task {self.task!r}. Pass --label-value to say which value is the target"
                 )
+        if label_value is not None and label_value not in present and np.any(present != 0):
+            raise InputError(
+                f"annotation for case {case_id!r}: label value {label_value} occurs nowhere in the label map, whose values "
+                f"are {[int(v) for v in present if v != 0][:10]}; expected one of them (--label-value). If the target is "
+                "absent from this scan, annotate with a label map of zeros and --slices")
         fg = (label.array == label_value) if label_value is not None else (label.array != 0)
         if slices is None and not fg.any():
             raise InputError(
