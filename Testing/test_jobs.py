@@ -238,8 +238,15 @@ def test_kill_9_then_resume_to_completion(workspace):
     proc.kill()
     proc.wait()
     json.loads(workspace.state_path.read_text())  # state.json still parses
+    # the killed job wrote no final status; the job list says it was interrupted, not running
+    status = json.loads(run_main("workspace", "status", workspace.root, "--json").stdout)
+    assert status["running_job"] is None
+    assert [(j["id"], j["status"]) for j in status["last_jobs"]][-1] == (job, "interrupted")
+    assert "ended without a final status" in status["last_jobs"][-1]["reason"]
     proc2, job2 = launch(args, workspace, "train")
     assert proc2.wait(timeout=300) == 0, (workspace.job_dir(job2) / "log.txt").read_text()
+    # and the next job, holding the lock, wrote it so
+    assert {j["id"]: j["status"] for j in workspace.load_state()["jobs"]} == {job: "interrupted", job2: "done"}
     ev = _events(workspace, job2)
     resumed = [e for e in ev if e["type"] == "resumed"]
     assert resumed and resumed[0]["iteration"] >= ckpt["iteration"]

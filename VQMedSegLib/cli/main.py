@@ -330,7 +330,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def cmd_workspace_status(args) -> int:
-    from ..jobs.runner import running_job
+    from ..jobs.runner import interrupted, running_job
     from ..jobs.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
@@ -344,8 +344,8 @@ def cmd_workspace_status(args) -> int:
         "total_slices": sum(c["n_slices"] for c in state["cases"].values()),
         "rounds": len(state["rounds"]),
         "models": [m["id"] for m in state["models"]],
-        "running_job": running_job(ws),
-        "last_jobs": state["jobs"][-5:],
+        "running_job": (running := running_job(ws)),
+        "last_jobs": interrupted(state["jobs"], (running or {}).get("job"))[-5:],
         "per_case": {case_id: {"labelled_slices": len(labelled.get(case_id, [])), "slices": entry["n_slices"],
                                "mr": bool(entry.get("mr"))} for case_id, entry in state["cases"].items()},
     }

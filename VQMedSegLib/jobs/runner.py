@@ -185,11 +185,25 @@ class JobContext:
         self.events.emit("warning", message=message)
 
 
+INTERRUPTED = "ended without a final status: killed, or its machine stopped"
+
+
+def interrupted(jobs: list[dict], running: str | None) -> list[dict]:
+    """``jobs`` (the job list) with every job recorded as running, other than ``running``
+    (the job holding the workspace lock, if any), shown as ``interrupted``: a job killed
+    with ``kill -9`` or by the out-of-memory killer writes no final status."""
+    return [{**j, "status": "interrupted", "reason": INTERRUPTED} if j.get("status") == "running" and j.get("id") != running
+            else j for j in jobs]
+
+
 def _record_job(workspace: Workspace, job_id: str, kind: str, status: str, reason: str = "") -> None:
     """The job's line in the workspace's job list (the last 50 jobs), with the first line of
-    the reason when it did not finish (the event log has all of it)."""
+    the reason when it did not finish (the event log has all of it). A job starting holds
+    the lock, so any other still recorded as running was interrupted, and is written so."""
     def update(state: dict) -> None:
         jobs = [j for j in state.get("jobs", []) if j.get("id") != job_id]
+        if status == "running":
+            jobs = interrupted(jobs, job_id)
         entry = {"id": job_id, "kind": kind, "status": status, "pid": os.getpid(), "updated": time.time()}
         first = next(iter(reason.strip().splitlines()), "")
         if first:

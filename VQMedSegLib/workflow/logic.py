@@ -39,7 +39,7 @@ from ..errors import InputError, WorkspaceError
 from ..files import read_json, sanitize_id
 from ..jobs.events import read_events
 from ..jobs.runner import cancel as cancel_job
-from ..jobs.runner import kill_tree, launch, running_job
+from ..jobs.runner import interrupted, kill_tree, launch, running_job
 from ..jobs.workspace import Workspace
 from ..tasks import get_task, target_segment
 
@@ -190,8 +190,8 @@ class WorkflowLogic:
             "rounds": len(state.get("rounds", [])),
             "last_model": models[-1] if models else None,
             "predictions": sorted(state.get("predictions", {})),
-            "running_job": running_job(ws),
-            "last_job": (state.get("jobs") or [None])[-1],
+            "running_job": (running := running_job(ws)),
+            "last_job": (interrupted(state.get("jobs", []), (running or {}).get("job")) or [None])[-1],
         }
 
     # ----------------------------------------------------------------- annotation
