@@ -296,6 +296,18 @@ def test_options_a_command_would_ignore_are_refused(ws_with_case, argv, needles)
     assert ws.load_state()["models"] == []
 
 
+@pytest.mark.parametrize("argv", [("simulate", "--dataset", "phantom-liver", "--strategies", ","),
+                                  ("ssl", "--dataset", "phantom-lung", "--methods", " , "),
+                                  ("ssl-merge", "a", "b", "--methods", ",")])
+def test_a_list_of_methods_or_strategies_naming_nothing_is_refused(tmp_path, argv):
+    """`--methods ,` once wrote an empty results.json (which then blocked the folder), and
+    `--strategies ,` ended in a traceback."""
+    r = run_main(*argv, "--preset", "tiny", "--out", tmp_path / "out", check=False) if argv[0] != "ssl-merge" else \
+        run_main(*argv, "--out", tmp_path / "out", check=False)
+    refused(r, "names nothing; expected comma-separated names", code=2)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({"iteratoins": 10}))
     refused(run_main("train", "--workspace", ws_with_case, "--config", tmp_path / "typo.json", check=False), "iteratoins", code=2)

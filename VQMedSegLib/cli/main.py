@@ -51,6 +51,15 @@ def _parse_indices(text: str, option: str = "--slices") -> list[int]:
     return out
 
 
+def _names(text: str, option: str) -> list[str]:
+    """A comma-separated list of names; one naming nothing (``,``) is an error, not an
+    experiment with no rows."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise InputError(f"{option} {text!r}: names nothing; expected comma-separated names such as begal,random")
+    return names
+
+
 def _seed(text: str) -> int:
     """An ``argparse`` type: a seed is a whole number from 0 (NumPy refuses negative ones)."""
     try:
@@ -496,7 +505,7 @@ def cmd_simulate(args) -> int:
     _refuse_to_replace_results(args)
     device = _device_for_preset(args)
     config = begal_config_from_preset(args.preset, args.config)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    strategies = _names(args.strategies, "--strategies")
     results = simulate(args.dataset, strategies, args.rounds, args.per_round, _seed_list(args), config, Path(args.out),
                        device, initial=args.initial, preset=_preset_label(args))
     return _report_experiment(args, results)
@@ -511,7 +520,7 @@ def cmd_ssl(args) -> int:
     config = vqseg_config_from_preset(
         args.preset, args.config, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _names(args.methods, "--methods")
     results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, Path(args.out), device,
                       preset=_preset_label(args), validation_patients=args.validation_patients,
                       validate_every=args.validate_every, test_list=Path(args.test_list) if args.test_list else None)
@@ -522,7 +531,7 @@ def cmd_ssl_merge(args) -> int:
     from ..training.ssl_experiment import merge_ssl
 
     _refuse_to_replace_results(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = _names(args.methods, "--methods") if args.methods else None
     results = merge_ssl([Path(f) for f in args.folders], Path(args.out), methods)
     return _report_experiment(args, results)
 
