@@ -403,6 +403,27 @@ def test_workspace_from_a_newer_format(ws_with_case):
     refused(run_cli("workspace", "status", ws_with_case, check=False), "99", code=3)
 
 
+@pytest.mark.parametrize("content, found", [
+    ('[1, 2]', "holds a JSON list"),
+    ('{"name": "my app", "version": 3}', "no format_version"),
+    ('{"format_version": "1"}', "format_version '1'"),
+    ('{"format_version": 0}', "format_version 0"),
+    ('{"format_version": 1}', "task, cases, annotations, rounds, models, jobs missing or of another type"),
+])
+def test_a_state_file_that_is_not_a_workspaces_is_named_as_such(tmp_path, content, found):
+    """Another program's state.json once read as 'format version None is newer than this
+    VQMedSeg understands; update VQMedSeg', and a list or a bare version gave tracebacks."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "state.json").write_text(content, encoding="utf-8")
+    for argv in (("workspace", "status", folder), ("workspace", "init", folder)):
+        r = run_main(*argv, check=False)
+        refused(r, f"workspace {folder / 'state.json'}: {found}; expected the state of a VQMedSeg workspace",
+                "is this folder another program's?", code=3)
+        assert "newer" not in r.stderr
+    assert (folder / "state.json").read_text(encoding="utf-8") == content
+
+
 # ------------------------------------------------------------ run-time conditions
 def test_checkpoints_from_another_model_or_method(tmp_path):
     from VQMedSegLib.errors import InputError

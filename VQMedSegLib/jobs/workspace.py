@@ -44,6 +44,8 @@ from .events import EventLog
 from .locks import file_lock
 
 FORMAT_VERSION = 1
+# what every state.json holds, and of which JSON type (optional keys, such as budget, are not listed)
+STATE_KEYS = {"task": str, "cases": dict, "annotations": dict, "rounds": list, "models": list, "jobs": list}
 
 
 class Workspace:
@@ -133,12 +135,22 @@ class Workspace:
     def load_state(self) -> dict:
         state = read_json(self.state_path, WorkspaceError,
                           expected="a VQMedSeg workspace; create one with 'vqmedseg workspace init'")
+        not_ours = (f"workspace {self.state_path}: {{found}}; expected the state of a VQMedSeg workspace (a JSON object "
+                    f"with format_version and {', '.join(STATE_KEYS)}); is this folder another program's?")
+        if not isinstance(state, dict):
+            raise WorkspaceError(not_ours.format(found=f"holds a JSON {type(state).__name__}"))
         version = state.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if "format_version" not in state or isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise WorkspaceError(not_ours.format(found=f"format_version {version!r}" if "format_version" in state
+                                                 else "no format_version"))
+        if version > FORMAT_VERSION:
             raise WorkspaceError(
                 f"workspace {self.state_path}: format version {version!r} is newer than this VQMedSeg "
                 f"understands (up to {FORMAT_VERSION}); update VQMedSeg"
             )
+        wrong = [key for key, kind in STATE_KEYS.items() if not isinstance(state.get(key), kind)]
+        if wrong:
+            raise WorkspaceError(not_ours.format(found=f"{', '.join(wrong)} missing or of another type"))
         return state
 
     @contextmanager
