@@ -344,6 +344,40 @@ def test_a_suggested_slice_is_marked_only_once_shown_in_the_segment_editor(scene
                 for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode"))]) == 1
 
 
+def test_following_a_job_never_waits_for_its_process_to_exit(scene, tmp_path):
+    """The module polls on the GUI thread: a job that has written its final event but takes
+    seconds to exit (the interpreter and torch shutting down, a stuck worker) must not
+    freeze Slicer while it does; the job ends at the first poll after its process has."""
+    import subprocess
+    import sys
+
+    from VQMedSegLib.jobs.workspace import Workspace
+    from VQMedSegLib.workflow.logic import JobState
+
+    ws = Workspace.create(tmp_path / "ws", task="liver")
+    logic = WorkflowLogic(scene)
+    logic.open_workspace(ws.root)
+    script = ("import sys, time\nfrom VQMedSegLib.jobs.runner import JobContext\nfrom VQMedSegLib.jobs.workspace import Workspace\n"
+              "with JobContext(Workspace.open(sys.argv[1]), 'slow', job_id='slow-exit'):\n    pass\ntime.sleep(3)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ws.root)])
+    logic.job = JobState("slow", "slow-exit", proc)
+    longest, finishing_seen = 0.0, False
+    try:
+        deadline = time.monotonic() + 60
+        while not logic.job.finished and time.monotonic() < deadline:
+            t = time.monotonic()
+            logic.poll()
+            longest = max(longest, time.monotonic() - t)
+            finishing_seen |= not logic.job.finished and proc.poll() is None and logic.job.message == "finishing"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert logic.job.status == "done" and proc.returncode == 0
+    assert finishing_seen  # its final event read while its process still ran
+    assert longest < 1.0, f"a poll took {longest:.2f} s"
+
+
 def test_a_killed_job_is_reported_as_crashed_with_its_reason(scene, tmp_path, phantom):
     logic = _endless_training(scene, tmp_path, phantom)
     _poll_until(logic, lambda job: job.fraction > 0)

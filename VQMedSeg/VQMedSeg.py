@@ -368,7 +368,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "{task}: {cases} case(s), {labelled} of {total} slices labelled, {rounds} round(s) done; last model: {model}"
         ).format(task=status["task"], cases=len(status["cases"]), labelled=status["labelled_slices"], total=status["total_slices"],
                  rounds=status["rounds"], model=f"{model['id']} ({model['method']})" if model else _("none"))
-        budget = status["budget"] if self._parameterNode.budget == 0 else self._parameterNode.budget
+        chosen = self._parameterNode.budget if self._parameterNode else 0  # none while the scene is being closed
+        budget = status["budget"] if chosen == 0 else chosen
         self.ui.budgetProgressBar.setMaximum(max(1, budget))
         self.ui.budgetProgressBar.setValue(min(status["labelled_slices"], budget))
         self._suggestions = self.logic.suggestions()

@@ -49,6 +49,7 @@ CASE_ATTRIBUTE = "VQMedSeg.CaseID"
 ANNOTATION_ROLE = "annotation"
 SEGMENT_EDITOR_TAG = "SegmentEditor"  # the singleton tag of the Segment Editor module's parameter node
 TERMINAL = ("finished", "cancelled", "error")
+EXIT_GRACE = 10.0  # seconds a job may take to exit after its final event before its process tree is killed
 
 # the line ``vqmedseg COMMAND: error: MESSAGE`` the command line ends with when it refuses its input
 REFUSAL = re.compile(r"^vqmedseg [\w-]+: error: (.+)$", re.MULTILINE)
@@ -76,6 +77,8 @@ class JobState:
     kill_at: float | None = None  # monotonic time after which a cancelled job's tree is killed
     checkpoints: int = 0
     resumed_from: int | None = None
+    final: dict | None = None  # the job's last event, read while its process may still be exiting
+    final_at: float | None = None  # monotonic time it was read
 
     @property
     def finished(self) -> bool:
@@ -416,7 +419,6 @@ class WorkflowLogic:
         job.offset = read.offset
         job.gaps += len(read.gaps)
         lines: list[str] = []
-        terminal: dict | None = None
         for event in read.events:
             job.last_seq = max(job.last_seq, int(event["seq"]))
             if event.get("job") != job.job_id:
@@ -443,7 +445,16 @@ class WorkflowLogic:
                 if event.get("message"):
                     lines.append(str(event["message"]))
             elif kind in TERMINAL:
-                terminal = event
+                job.final = event
+        terminal = job.final
+        if terminal is not None and job.proc is not None and not exited:
+            # its last word is said and the process is exiting (torch shutting down takes a second or
+            # more): ended at a later poll, never waited for here, on the GUI thread
+            job.final_at = job.final_at or time.monotonic()
+            job.message = "finishing"
+            if time.monotonic() - job.final_at > EXIT_GRACE:
+                kill_tree(job.proc.pid)
+            return PollUpdate(job, lines, False)
         if terminal is not None:
             job.status = {"finished": "done", "cancelled": "cancelled", "error": "failed"}[terminal["type"]]
             job.reason = terminal.get("message") or terminal.get("reason") or ""
@@ -463,11 +474,6 @@ class WorkflowLogic:
             job.reason = "the job no longer holds the workspace lock and wrote no final event"
         ended = job.finished
         if ended:
-            if job.proc is not None:
-                try:
-                    job.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    kill_tree(job.proc.pid)
             lines.append(f"{job.kind} job {job.status}" + (f": {job.reason}" if job.reason else ""))
             if job.status == "done" and job.kind == "predict":
                 for case_id in {r["case"] for r in job.results if r.get("kind") == "prediction"}:
