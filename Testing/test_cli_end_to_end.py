@@ -156,6 +156,27 @@ def test_predict_into_a_folder_is_one_at_a_time_and_clears_what_a_killed_one_lef
         kept + [".vqmedseg-predict.lock", "prediction.seg.nrrd", "uncertainty.nrrd"])
 
 
+def test_the_demo_without_slicer_core_writes_everything_but_the_scene_and_says_so(tmp_path):
+    """slicer-core is optional (and has no build for Python 3.9, which 3D Slicer 5.8 runs):
+    the demo once trained for minutes, then ended in an ImportError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    hidden = tmp_path / "no-slicer"
+    (hidden / "slicer").mkdir(parents=True)
+    (hidden / "slicer" / "__init__.py").write_text("raise ImportError(\"No module named 'slicer'\")\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), str(Path(__file__).resolve().parents[1])])}
+    r = subprocess.run([sys.executable, "-m", "VQMedSegLib", "demo", "--out", str(tmp_path / "out"), "--preset", "tiny",
+                        "--iterations", "3", "--device", "cpu"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "scene.mrb will not be written" in r.stderr and "slicer-core" in r.stderr
+    assert "no scene.mrb (it needs slicer-core)" in r.stdout
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["metrics.json", "overview.png", "prediction.seg.nrrd", "report.md", "uncertainty.nrrd", "workspace"]
+    assert "no `scene.mrb`: writing it needs slicer-core" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
 def _documented_commands(text: str) -> list[str]:
     """The `vqmedseg` command lines of a README: in its shell blocks (continued lines
     joined, comments dropped, `C="vqmedseg ..."` variables expanded; `torchrun ... -m

@@ -8,6 +8,7 @@ what a user opens: ``metrics.json``, ``prediction.seg.nrrd``, ``uncertainty.nrrd
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from ..metrics.segmentation import per_slice_scores, score_volumes
 from ..tasks import get_task
 from ..training.supervised import train_supervised
 
+log = logging.getLogger("vqmedseg")
+
 N_TRAIN, N_VAL = 3, 1
 LIVER = 1
 
@@ -34,6 +37,7 @@ LIVER = 1
 def run_demo(out: Path, preset: str = "quick", device_name: str = "auto", seed: int = 0, iterations: int | None = None) -> dict:
     t0 = time.monotonic()
     out = Path(out)
+    scene_writer = _scene_writer()  # known before training: minutes are not spent to fail at the end
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device_name)
     task = get_task("liver")
@@ -75,17 +79,17 @@ def run_demo(out: Path, preset: str = "quick", device_name: str = "auto", seed: 
     }
     atomic_write_json(out / "metrics.json", metrics)
 
-    from ..export.mrml import write_scene
     from ..export.overview import write_overview_png
 
-    write_scene(
-        out / "scene.mrb",
-        ct=test_case.ct,
-        mr=test_case.mr,
-        label=pred.label,
-        segments=segments_for("liver"),
-        uncertainty={"entropy": pred.uncertainty["entropy"]},
-    )
+    if scene_writer is not None:
+        scene_writer(
+            out / "scene.mrb",
+            ct=test_case.ct,
+            mr=test_case.mr,
+            label=pred.label,
+            segments=segments_for("liver"),
+            uncertainty={"entropy": pred.uncertainty["entropy"]},
+        )
     write_overview_png(
         out / "overview.png",
         test_case.ct,
@@ -106,10 +110,23 @@ def run_demo(out: Path, preset: str = "quick", device_name: str = "auto", seed: 
         "predict_seconds": predict_seconds,
         "device": str(device),
         "outputs": {k: str(v.relative_to(out)) for k, v in files.items()}
-        | {"scene": "scene.mrb", "overview": "overview.png", "report": "report.md", "metrics": "metrics.json"},
+        | ({"scene": "scene.mrb"} if scene_writer is not None else {})
+        | {"overview": "overview.png", "report": "report.md", "metrics": "metrics.json"},
     }
     atomic_write_text(out / "report.md", _report(result, config, train_cases, val_cases))
     return result
+
+
+def _scene_writer():
+    """:func:`~VQMedSegLib.export.mrml.write_scene`, or None when slicer-core (an optional
+    package, and one with no build for Python 3.9) is missing: the demo then writes
+    everything but the scene, and says so."""
+    try:
+        from ..export.mrml import write_scene
+    except ImportError as exc:
+        log.warning("scene.mrb will not be written: %s", exc)
+        return None
+    return write_scene
 
 
 def _mean(values: list[float]) -> float | None:
@@ -150,7 +167,8 @@ distance 0; exactly one empty scores Dice 0 with undefined (null) distances.
 
 - `prediction.seg.nrrd`: the liver segmentation (open in Slicer, or read with slicerio)
 - `uncertainty.nrrd`: predictive entropy of the softmax, in nats (0 = certain, 0.693 = coin toss)
-- `scene.mrb`: CT, MR, segmentation and uncertainty overlay; double-click to open in 3D Slicer
+{"- `scene.mrb`: CT, MR, segmentation and uncertainty overlay; double-click to open in 3D Slicer" if "scene" in result["outputs"]
+   else "- no `scene.mrb`: writing it needs slicer-core (`pip install 'vqmedseg[scene]'`); load the files above into 3D Slicer instead"}
 - `overview.png`: slices with the prediction (and reference) contours and the uncertainty overlay
 - `metrics.json`: the numbers above
 - `workspace/`: the workspace with inputs, annotations, model and event log

@@ -125,7 +125,9 @@ def cmd_demo(args) -> int:
         sys.stdout.write(
             f"demo finished in {result['seconds']:.0f} s: Dice {m['dice']:.3f}, HD95 {m['hd95_mm']:.1f} mm, "
             f"ASD {m['asd_mm']:.2f} mm on held-out case {result['test_case']}\n"
-            f"open {Path(args.out) / 'scene.mrb'} in 3D Slicer; summary in {Path(args.out) / 'report.md'}\n"
+            + (f"open {Path(args.out) / 'scene.mrb'} in 3D Slicer; " if "scene" in result["outputs"] else
+               f"no scene.mrb (it needs slicer-core); open {Path(args.out) / 'prediction.seg.nrrd'} in 3D Slicer; ")
+            + f"summary in {Path(args.out) / 'report.md'}\n"
         )
     return 0
 
