@@ -344,6 +344,29 @@ def test_a_suggested_slice_is_marked_only_once_shown_in_the_segment_editor(scene
                 for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode"))]) == 1
 
 
+def test_jobs_start_in_the_environment_the_module_gives_them(scene, tmp_path, phantom, monkeypatch):
+    """An outside Python (a conda or CUDA environment) gets Slicer's startup environment,
+    not the PYTHONHOME and library paths of Slicer's own Python, which would break it."""
+    import subprocess
+
+    from VQMedSegLib.workflow import logic as workflow_logic
+
+    seen = {}
+
+    def fake_launch(args, ws, kind, python=None, env=None):
+        seen.update(python=python, env=env)
+        return subprocess.Popen(["true"]), "job-env"
+
+    monkeypatch.setattr(workflow_logic, "launch", fake_launch)
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    logic = WorkflowLogic(scene, python="/opt/gpu/bin/python")
+    logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    logic.env = {"PATH": "/usr/bin", "HOME": "/home/user"}
+    logic.start_query("random", n=2)
+    assert seen == {"python": "/opt/gpu/bin/python", "env": {"PATH": "/usr/bin", "HOME": "/home/user"}}
+    logic.job.proc.wait()
+
+
 def test_following_a_job_never_waits_for_its_process_to_exit(scene, tmp_path):
     """The module polls on the GUI thread: a job that has written its final event but takes
     seconds to exit (the interpreter and torch shutting down, a stuck worker) must not

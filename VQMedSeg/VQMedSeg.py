@@ -604,6 +604,10 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
             self.workflow.python = self.jobPython(parameterNode)
             self.workflow.device = parameterNode.device
             self.workflow.preset = parameterNode.preset
+        if not self.jobRunning():
+            # another Python (a conda or CUDA environment) must not start with Slicer's PYTHONHOME and library paths
+            outside = self.isWorkspaceSet(parameterNode.pythonExecutable)
+            self.workflow.env = slicer.util.startupEnvironment() if outside else None
         workspace = pathlib.Path(parameterNode.workspace).expanduser()
         self.caseId = self.workflow.prepare(parameterNode.ctVolume, parameterNode.mrVolume, task=parameterNode.target, folder=workspace)
         return self.caseId

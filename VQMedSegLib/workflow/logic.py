@@ -108,6 +108,9 @@ class WorkflowLogic:
     def __init__(self, scene: Any, python: str | None = None, device: str = "auto", preset: str = "quick"):
         self.scene = scene
         self.python = python
+        # the environment of the job processes (None: this process's); the module gives an outside Python
+        # Slicer's startup environment, without the PYTHONHOME and library paths of Slicer's own Python
+        self.env: dict[str, str] | None = None
         self.device = device
         self.preset = preset
         self.workspace: Workspace | None = None
@@ -372,7 +375,7 @@ class WorkflowLogic:
             raise WorkspaceError(f"workspace {ws.root} is busy with job {other.get('job')} ({other.get('kind', 'unknown kind')}); "
                                  "wait for it or cancel it")
         offset = ws.events_path.stat().st_size if ws.events_path.exists() else 0
-        proc, job_id = launch(args, ws, kind, python=self.python)
+        proc, job_id = launch(args, ws, kind, python=self.python, env=self.env)
         self.job = JobState(kind, job_id, proc, offset=offset)
         return self.job
 
