@@ -199,6 +199,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
+        if self.logic.workflow is not None and self.logic.workflow.workspace is not None:
+            self._refreshState()  # jobs run by the command line meanwhile, slices marked elsewhere
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
@@ -353,7 +355,9 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setProgress(int(round(100 * job.fraction)), f"{job.kind}: {job.message or job.status}")
         if job is None or job.finished:
             self._timer.stop()
-            if job is not None and job.status != "done":
+            if job is not None and job.status == "cancelled":
+                self._appendLog(_("The {kind} job was cancelled: {reason}").format(kind=job.kind, reason=job.reason))
+            elif job is not None and job.status != "done":
                 slicer.util.warningDisplay(_("The {kind} job {status}: {reason}").format(kind=job.kind, status=job.status, reason=job.reason),
                                            windowTitle="VQMedSeg")
             self._refreshState()
