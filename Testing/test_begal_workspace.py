@@ -118,6 +118,9 @@ def test_query_train_rounds(setup):
     zero = vq("query", "--workspace", ws, "--n", "6", "--budget", "0", "--preset", "tiny", check=False)
     assert zero.returncode == 2 and "--budget 0: expected at least 1 slice" in zero.stderr, zero.stderr
     assert Workspace.open(ws).load_state()["budget"] == 14
+    # a query refused for another reason (here the default preset, not the model's) stores no budget either
+    wrong = vq("query", "--workspace", ws, "--n", "6", "--budget", "30", check=False)
+    assert wrong.returncode == 2 and Workspace.open(ws).load_state()["budget"] == 14, wrong.stderr
     below = vq("query", "--workspace", ws, "--n", "6", "--budget", "10", "--preset", "tiny")
     assert "budget: 14 labelled, 4 over the budget of 10 slices" in below.stdout, below.stdout
     vq("query", "--workspace", ws, "--n", "6", "--budget", "14", "--preset", "tiny")

@@ -128,11 +128,12 @@ def query(
     if budget_total is not None:
         if budget_total < 1:
             raise InputError(f"--budget {budget_total}: expected at least 1 slice (the total that may be annotated)")
-        ws.update(lambda s: s.__setitem__("budget", int(budget_total)))
     state = ws.load_state()
     total_slices = sum(c["n_slices"] for c in state["cases"].values())
     labelled_count = sum(len(v) for v in ws.labelled_slices().values())
-    budget = Budget(int(state.get("budget", total_slices)), min(labelled_count, int(state.get("budget", total_slices))))
+    # a budget given now is stored only once the query has succeeded: a refused one changes nothing
+    chosen = int(budget_total) if budget_total is not None else int(state.get("budget", total_slices))
+    budget = Budget(chosen, min(labelled_count, chosen))
     result: dict = {
         "strategy": strategy,
         "created": time.time(),
@@ -184,6 +185,8 @@ def query(
 
         atomic_write_json(ws.root / "suggestions.json", result)
         ws.update(remember)
+    if budget_total is not None:
+        ws.update(lambda st: st.__setitem__("budget", int(budget_total)))
     ctx.emit("result", kind="query", n=len(result["suggestions"]), exhausted=result["exhausted"], message=result["message"])
     return result
 
