@@ -307,6 +307,30 @@ def _job_record(ws: Workspace, job: str) -> list[str]:
     return [j["status"] for j in ws.load_state()["jobs"] if j["id"] == job]
 
 
+def test_a_job_starting_while_its_lock_is_probed_is_not_refused(workspace):
+    """`workspace status` and the Slicer module's poll see whether a job runs by taking the
+    lock for an instant (running_job); a job starting in that instant was refused as busy
+    (reproduced 1 in 8 starts against a tight loop of probes)."""
+    import threading
+
+    from VQMedSegLib.errors import WorkspaceError
+    from VQMedSegLib.jobs.locks import HeldLock
+
+    probe = HeldLock(workspace.lock_path)
+    assert probe.try_acquire()
+    threading.Timer(0.2, probe.release).start()
+    with JobContext(workspace, "probed") as ctx:
+        assert ctx.status == "running"
+    # a lock held for good (another job) is still refused, after the short retries
+    assert probe.try_acquire()
+    try:
+        with pytest.raises(WorkspaceError, match="is busy"):
+            with JobContext(workspace, "refused"):
+                pass
+    finally:
+        probe.release()
+
+
 def test_a_cancel_asked_for_while_the_job_starts_up_is_kept(workspace):
     """The Slicer module's Cancel can come before the job's process has taken the workspace
     lock (Python and torch still importing): the job must stop at its first step, not erase

@@ -66,8 +66,19 @@ class JobContext:
         self.status = "created"
 
     # ---------------------------------------------------------------- entering
+    def _acquire(self, attempts: int = 10, pause: float = 0.05) -> bool:
+        """The workspace lock, tried a few times over half a second: :func:`running_job`
+        (``workspace status``, the Slicer module's poll) holds it for an instant to see
+        whether a job runs, and a job starting in that instant must not be refused."""
+        for attempt in range(attempts):
+            if self._lock.try_acquire():
+                return True
+            if attempt < attempts - 1:
+                time.sleep(pause)
+        return False
+
     def __enter__(self) -> "JobContext":
-        if not self._lock.try_acquire():
+        if not self._acquire():
             info = read_lock_info(self.workspace.lock_path)
             raise WorkspaceError(
                 f"workspace {self.workspace.root} is busy: another job holds its lock ({info.strip() or 'unknown job'}); "
