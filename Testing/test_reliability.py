@@ -296,6 +296,11 @@ def test_options_a_command_would_ignore_are_refused(ws_with_case, argv, needles)
     assert ws.load_state()["models"] == []
 
 
+def test_predict_with_a_case_list_naming_nothing_is_refused_not_run_on_every_case(ws_with_case):
+    refused(run_main("predict", "--workspace", ws_with_case, "--case", ",", check=False),
+            "--case ',': names nothing; expected comma-separated names such as case1,case2", code=2)
+
+
 @pytest.mark.parametrize("argv", [("simulate", "--dataset", "phantom-liver", "--strategies", ","),
                                   ("ssl", "--dataset", "phantom-lung", "--methods", " , "),
                                   ("ssl-merge", "a", "b", "--methods", ",")])

@@ -51,12 +51,12 @@ def _parse_indices(text: str, option: str = "--slices") -> list[int]:
     return out
 
 
-def _names(text: str, option: str) -> list[str]:
+def _names(text: str, option: str, example: str = "begal,random") -> list[str]:
     """A comma-separated list of names; one naming nothing (``,``) is an error, not an
-    experiment with no rows."""
+    experiment with no rows or a prediction of every case."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise InputError(f"{option} {text!r}: names nothing; expected comma-separated names such as begal,random")
+        raise InputError(f"{option} {text!r}: names nothing; expected comma-separated names such as {example}")
     return names
 
 
@@ -176,7 +176,7 @@ def _predict_workspace(args, device) -> int:
     from ..jobs.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
-    cases = [c.strip() for c in args.case.split(",") if c.strip()] if args.case else None
+    cases = _names(args.case, "--case", "case1,case2") if args.case is not None else None
     params = {"cases": cases, "model": args.model_id, "keep_all_components": args.keep_all_components}
     with JobContext(ws, "predict", params=params) as ctx:
         result = predict_workspace(ctx, ws, device, cases, args.model_id, largest_component=_largest_component(args))
