@@ -75,3 +75,21 @@ def run_cli(*args, check: bool = True, cwd: Path = REPO) -> subprocess.Completed
     if check and r.returncode != 0:
         raise AssertionError(f"vqmedseg {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
     return r
+
+
+def one_case_workspace(folder: Path, dataset: str, task: str, case_id: str, ct_shape: tuple[int, int, int], seed: int,
+                       *annotate: str) -> Path:
+    """``folder/ws``, a workspace for ``task`` holding one phantom case of ``dataset``
+    (its CT written to ``folder/ct.nrrd``, its labels to ``folder/label.nrrd``), annotated
+    through the command line with the options ``annotate`` (``--slices 3-6`` ...)."""
+    from VQMedSegLib.data.io import write_volume
+    from VQMedSegLib.data.phantoms import make_dataset
+
+    case = make_dataset(dataset, 1, seed=seed, ct_shape=ct_shape)[0]
+    write_volume(case.ct, folder / "ct.nrrd")
+    write_volume(case.ct_label, folder / "label.nrrd")
+    ws = folder / "ws"
+    run_main("workspace", "init", ws, "--task", task)
+    run_main("workspace", "add", ws, "--case", case_id, "--ct", folder / "ct.nrrd")
+    run_main("workspace", "annotate", ws, "--case", case_id, "--label", folder / "label.nrrd", *annotate)
+    return ws

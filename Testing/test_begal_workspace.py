@@ -17,7 +17,7 @@ from VQMedSegLib.data.io import read_label, read_volume, write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.jobs.workspace import Workspace
 
-from conftest import run_main as vq
+from conftest import one_case_workspace, run_main as vq
 
 
 
@@ -53,13 +53,7 @@ def test_validation_cases_are_checked_before_training_and_refused_where_unused(t
     """A VQ-BEGAL round with a validation case that has no annotation is refused before it
     trains (it used to train the whole round, then fail and lose it); VQ-Seg in a workspace
     uses no validation cases, so it refuses them rather than train on them silently."""
-    case = make_dataset("phantom-liver", 1, seed=3, ct_shape=(8, 48, 48))[0]
-    write_volume(case.ct, tmp_path / "ct.nrrd")
-    write_volume(case.ct_label, tmp_path / "label.nrrd")
-    ws = tmp_path / "ws"
-    vq("workspace", "init", ws, "--task", "liver")
-    vq("workspace", "add", ws, "--case", "c0", "--ct", tmp_path / "ct.nrrd")
-    vq("workspace", "annotate", ws, "--case", "c0", "--label", tmp_path / "label.nrrd", "--label-value", "1", "--slices", "2-5")
+    ws = one_case_workspace(tmp_path, "phantom-liver", "liver", "c0", (8, 48, 48), 3, "--label-value", "1", "--slices", "2-5")
     begal = vq("train", "--workspace", ws, "--method", "begal", "--preset", "tiny", "--validation-cases", "nope", check=False)
     assert begal.returncode == 2 and "validation case(s) ['nope']: not annotated in workspace" in begal.stderr, begal.stderr
     assert "expected some of ['c0']" in begal.stderr

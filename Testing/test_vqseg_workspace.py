@@ -7,22 +7,15 @@ from __future__ import annotations
 import json
 
 
-from VQMedSegLib.data.io import read_label, read_volume, write_volume
-from VQMedSegLib.data.phantoms import make_dataset
+from VQMedSegLib.data.io import read_label, read_volume
 from VQMedSegLib.jobs.workspace import Workspace
 
-from conftest import run_main as vq
+from conftest import one_case_workspace, run_main as vq
 
 
 
 def test_vqseg_trains_on_a_workspace_and_predicts_two_uncertainty_maps(tmp_path):
-    case = make_dataset("phantom-lung", 1, seed=4, ct_shape=(12, 64, 64))[0]
-    write_volume(case.ct, tmp_path / "ct.nrrd")
-    write_volume(case.ct_label, tmp_path / "label.nrrd")
-    ws = tmp_path / "ws"
-    vq("workspace", "init", ws, "--task", "lung-tumour")
-    vq("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd")
-    vq("workspace", "annotate", ws, "--case", "c1", "--label", tmp_path / "label.nrrd", "--slices", "3-6")
+    ws = one_case_workspace(tmp_path, "phantom-lung", "lung-tumour", "c1", (12, 64, 64), 4, "--slices", "3-6")
     config = {"slice_size": 32, "features": [4, 8, 8, 16, 16], "code_dim": 8, "num_codes": 64, "iterations": 12,
               "labelled_batch": 2, "unlabelled_batch": 2, "warmup_supervised": 2, "foundation": "none"}
     (tmp_path / "vqseg.json").write_text(json.dumps(config))
