@@ -78,8 +78,7 @@ def write_prediction(out_dir: Path, prediction, task_name: str | None = None) ->
     with atomic_files() as stage:
         write_segmentation(prediction.label, stage(files["segmentation"]), segments_for(task_name))
         for i, (name, volume) in enumerate(prediction.uncertainty.items()):
-            role, path = ("uncertainty", out_dir / "uncertainty.nrrd") if i == 0 else \
-                (f"uncertainty_{name}", out_dir / f"uncertainty_{name}.nrrd")
-            files[role] = path
-            write_volume(volume, stage(path))
+            role = "uncertainty" if i == 0 else f"uncertainty_{name}"
+            files[role] = out_dir / f"{role}.nrrd"
+            write_volume(volume, stage(files[role]))
     return files
