@@ -282,6 +282,8 @@ def test_slices_far_out_of_range_are_refused_at_once_in_a_short_message(ws_with_
     (("train", "WS", "--preset", "tiny", "--method", "begal", "--iterations", "5"), ("--iterations", "not used by --method begal", "--config")),
     (("train", "WS", "--preset", "tiny", "--method", "supervised", "--perturbation", "dropout"), ("--perturbation", "only --method vqseg")),
     (("train", "WS", "--preset", "tiny", "--method", "begal", "--foundation", "none"), ("--foundation", "only --method vqseg")),
+    (("train", "WS", "--preset", "tiny", "--method", "vqseg", "--dropout-rate", "0.3"),
+     ("--dropout-rate 0.3: read only where the perturbation is dropout", "--method vqseg perturbs with qpm")),
     (("predict", "WS", "--out", "elsewhere"), ("--out", "not used with --workspace", "predictions/<case>/")),
     (("predict", "--model", "m.pt", "--ct", "ct.nrrd", "--out", "o", "--case", "c1"), ("--case only with --workspace",)),
 ])
@@ -294,6 +296,29 @@ def test_options_a_command_would_ignore_are_refused(ws_with_case, argv, needles)
     argv = [a for arg in argv for a in (("--workspace", ws_with_case) if arg == "WS" else (arg,))]
     refused(run_main(*argv, check=False), *needles, code=2)
     assert ws.load_state()["models"] == []
+
+
+@pytest.mark.parametrize("options, needles", [
+    (("--methods", "supervised", "--strong-augment"),
+     ("--strong-augment: read only by rows that train semi-supervised", "--methods supervised has none")),
+    (("--methods", "supervised,vqseg-nopfa", "--foundation", "litemedsam"),
+     ("--foundation litemedsam: read only by rows with PFA", "--methods supervised,vqseg-nopfa has none")),
+    (("--methods", "vqseg", "--dropout-rate", "0.3"),
+     ("--dropout-rate 0.3: read only where the perturbation is dropout", "--methods vqseg has none")),
+    (("--methods", "vqseg-dropout,vqseg-noqpm,vqseg-labelled", "--perturbation", "none"),
+     ("--perturbation none: read only by rows that train semi-supervised and set no perturbation of their own",
+      "--methods vqseg-dropout,vqseg-noqpm,vqseg-labelled has none")),
+    (("--methods", "supervised,vqseg", "--config", "CONFIG"),
+     ("config key 'dropout_rate' (0.2) of", "read only where the perturbation is dropout", "has none")),
+])
+def test_ssl_refuses_a_setting_no_row_of_the_experiment_reads(tmp_path, options, needles):
+    """`ssl --methods supervised --strong-augment` once trained without it and recorded it in
+    run.json as if it had taken effect; so did a dropout rate beside QPM."""
+    (tmp_path / "rate.json").write_text(json.dumps({"dropout_rate": 0.2}))
+    options = [tmp_path / "rate.json" if o == "CONFIG" else o for o in options]
+    r = run_main("ssl", "--dataset", "phantom-lung", "--preset", "tiny", *options, "--out", tmp_path / "out", check=False)
+    refused(r, *needles, code=2)
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_with_a_case_list_naming_nothing_is_refused_not_run_on_every_case(ws_with_case):
@@ -319,6 +344,10 @@ def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     (tmp_path / "type.json").write_text(json.dumps({"iterations": "ten"}))
     refused(run_main("train", "--workspace", ws_with_case, "--config", tmp_path / "type.json", check=False),
             "iterations", "expected an integer", code=2)
+    # the method is the command line's choice; a config file's "method" was once ignored without a word
+    (tmp_path / "method.json").write_text(json.dumps({"method": "vqseg"}))
+    refused(run_main("train", "--workspace", ws_with_case, "--config", tmp_path / "method.json", check=False),
+            "config key 'method': found 'vqseg', expected 'supervised' (choose the method with train --method)", code=2)
     # a negative seed, which NumPy refuses with a traceback half way into a job
     (tmp_path / "seed.json").write_text(json.dumps({"seed": -3}))
     for method in ("supervised", "begal", "vqseg"):

@@ -15,7 +15,7 @@ from VQMedSegLib.data.io import write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.errors import ConfigError, InputError
 from VQMedSegLib.training.ssl_experiment import (BestOnValidation, Case, hold_out_patients, merge_ssl, method_config,
-                                                   split_by_patient)
+                                                   rows_reading, split_by_patient)
 from VQMedSegLib.training.vqseg import VQSegTrainer, build_vqseg
 
 from conftest import run_cli, run_main
@@ -114,6 +114,23 @@ def test_vqseg_labelled_row_never_uses_an_unlabelled_slice():
         trainer.run(on_step=lambda it, total, losses: keys.update(losses))
         assert ("seg_qpm" in keys) is semi, method
         assert trainer.student.pfa is None
+
+
+def test_each_setting_is_read_by_the_rows_that_use_it_and_no_other():
+    """What `ssl` refuses as a setting no row reads (see test_reliability)."""
+    qpm = vqseg_config_from_preset("tiny")
+    rows = ["supervised", "supervised-full", "vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-nopfa", "vqseg-dropout",
+            "vqseg-labelled"]
+    assert rows_reading(rows, qpm) == {
+        "perturbation": ["vqseg", "vqseg-nodb", "vqseg-nopfa"],  # vqseg-noqpm has none, vqseg-dropout its own
+        "dropout_rate": ["vqseg-dropout"],
+        "strong_augment": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-nopfa", "vqseg-dropout"],
+        "foundation": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-dropout"],
+    }
+    dropout = qpm.replace(perturbation="dropout", use_pfa=False)
+    assert rows_reading(["vqseg", "vqseg-noqpm"], dropout) == {
+        "perturbation": ["vqseg"], "dropout_rate": ["vqseg"], "strong_augment": ["vqseg", "vqseg-noqpm"], "foundation": []}
+    assert rows_reading(["supervised"], qpm) == {"perturbation": [], "dropout_rate": [], "strong_augment": [], "foundation": []}
 
 
 def test_every_prediction_is_also_scored_with_its_largest_component_only():

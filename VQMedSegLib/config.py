@@ -133,6 +133,8 @@ class TrainConfig(JsonConfig):
 
     def validate(self) -> None:
         checks = [
+            # recorded with every supervised model; the method itself is train --method's choice
+            (self.method == "supervised", "method", self.method, "'supervised' (choose the method with train --method)"),
             (self.seed >= 0, "seed", self.seed, "a whole number from 0"),
             (self.iterations >= 1, "iterations", self.iterations, "at least 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),

@@ -430,6 +430,11 @@ def cmd_train(args) -> int:
             args.preset, args.config, iterations=args.iterations, seed=args.seed, perturbation=args.perturbation,
             dropout_rate=args.dropout_rate, foundation=args.foundation)
         run = train_vqseg
+        effective = config.perturbation if config.use_qpm else "none (use_qpm false)"
+        _refuse_settings_no_row_reads(args, config, ["vqseg"], lambda key: {
+            "dropout_rate": f"--method vqseg perturbs with {effective}",
+            "perturbation": "--method vqseg perturbs nothing (use_qpm false)",
+            "foundation": "--method vqseg has PFA off (use_pfa false)"}[key])
     else:
         raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
     if args.validation_cases:
@@ -458,6 +463,41 @@ def _refuse_options_the_method_ignores(args) -> None:
         if given := _given(args, "--perturbation", "--dropout-rate", "--foundation"):
             them = "it" if len(given) == 1 else "them"
             raise InputError(f"{', '.join(given)}: only --method vqseg uses {them}; --method {args.method} would ignore {them}")
+
+
+# the settings a VQ-Seg command line gives every row, and what reads them
+_READ_ONLY_BY = {
+    "perturbation": ("--perturbation", "read only by rows that train semi-supervised and set no perturbation of their own "
+                                       "(vqseg, vqseg-nodb, vqseg-nopfa)"),
+    "dropout_rate": ("--dropout-rate", "read only where the perturbation is dropout (--perturbation dropout, or the row "
+                                       "vqseg-dropout)"),
+    "strong_augment": ("--strong-augment", "read only by rows that train semi-supervised (the vqseg rows but vqseg-labelled)"),
+    "foundation": ("--foundation", "read only by rows with PFA (vqseg, vqseg-noqpm, vqseg-nodb, vqseg-dropout)"),
+}
+
+
+def _refuse_settings_no_row_reads(args, config, methods: list[str], why_none) -> None:
+    """A VQ-Seg setting given on the command line or in ``--config`` that none of
+    ``methods`` reads is an error, as for :func:`_refuse_options_the_method_ignores`;
+    ``why_none(key)`` ends the message. ``--foundation none`` is never refused: it is how
+    one says not to load a foundation model, and none is loaded."""
+    from ..errors import ConfigError
+    from ..files import read_json
+    from ..training.ssl_experiment import rows_reading
+
+    given = {}
+    if args.config:  # already read and checked; here, which keys it sets
+        for key, value in read_json(Path(args.config), ConfigError).items():
+            if key in _READ_ONLY_BY:
+                given[key] = f"config key {key!r} ({json.dumps(value)}) of {args.config}"
+    for key, (flag, _) in _READ_ONLY_BY.items():
+        value = getattr(args, key, None)
+        if value is not None and value is not False:  # options win over the file
+            given[key] = flag if value is True else f"{flag} {value}"
+    readers = rows_reading(methods, config)
+    for key, label in given.items():
+        if not readers[key] and not (key == "foundation" and config.foundation == "none"):
+            raise InputError(f"{label}: {_READ_ONLY_BY[key][1]}; {why_none(key)}")
 
 
 def cmd_query(args) -> int:
@@ -523,6 +563,7 @@ def cmd_ssl(args) -> int:
         args.preset, args.config, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
     methods = _names(args.methods, "--methods")
+    _refuse_settings_no_row_reads(args, config, methods, lambda key: f"--methods {','.join(methods)} has none")
     results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, Path(args.out), device,
                       preset=_preset_label(args), validation_patients=args.validation_patients,
                       validate_every=args.validate_every, test_list=Path(args.test_list) if args.test_list else None)

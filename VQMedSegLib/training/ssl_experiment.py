@@ -73,6 +73,27 @@ def method_config(method: str, config: VQSegConfig, seed: int) -> VQSegConfig:
         cfg = cfg.replace(warmup_supervised=cfg.iterations)
     return cfg
 
+def rows_reading(methods: list[str], config: VQSegConfig) -> dict[str, list[str]]:
+    """For each setting the command line may give every row (``perturbation``,
+    ``dropout_rate``, ``strong_augment``, ``foundation``), the rows of ``methods`` that
+    read it under ``config``: a setting no row reads would change nothing."""
+    readers: dict[str, list[str]] = {"perturbation": [], "dropout_rate": [], "strong_augment": [], "foundation": []}
+    for method in methods:
+        if not method.startswith("vqseg"):
+            continue  # the U-Net rows
+        cfg = method_config(method, config, config.seed)
+        if cfg.use_pfa:
+            readers["foundation"].append(method)
+        if method == "vqseg-labelled":
+            continue  # no unlabelled slice: no perturbation, no strong view
+        readers["strong_augment"].append(method)
+        if cfg.use_qpm and "perturbation" not in METHODS[method]:
+            readers["perturbation"].append(method)
+        if cfg.use_qpm and cfg.perturbation == "dropout":  # use_qpm off means no perturbation at all
+            readers["dropout_rate"].append(method)
+    return readers
+
+
 # the structures scored on the named real datasets: label value -> name
 ACDC_STRUCTURES = {1: "RV", 2: "Myo", 3: "LV"}
 CHAOS_MR_STRUCTURES = {1: "liver"}
