@@ -474,6 +474,28 @@ def test_an_experiment_never_writes_over_the_results_of_an_earlier_one_unless_as
     assert json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))["labeled_fraction"] == 0.5
 
 
+def test_a_refused_experiment_leaves_no_out_folder_behind_and_keeps_one_it_found(tmp_path):
+    """The --out folder is made before the work (a folder that cannot be made is found in
+    seconds, not hours); an experiment refused after that once left it behind, empty."""
+    two = _liver_folder(tmp_path / "data", 2, seed=4, shape=(8, 40, 40))
+    ssl = run_main("ssl", "--dataset", two, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
+                   "--out", tmp_path / "new" / "ssl", check=False)
+    simulate = run_main("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--rounds", "100", "--per-round", "50",
+                        "--seeds", "1", "--out", tmp_path / "new" / "simulate", check=False)
+    assert ssl.returncode == 2 and "found 2 labelled cases, expected at least 3" in ssl.stderr, ssl.stderr
+    assert simulate.returncode == 2 and "exceed the pool" in simulate.stderr, simulate.stderr
+    assert not (tmp_path / "new").exists()  # nor the parent made for it
+    (tmp_path / "mine").mkdir()
+    run_main("ssl", "--dataset", two, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
+             "--out", tmp_path / "mine", check=False)
+    assert (tmp_path / "mine").is_dir()
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    blocked = run_main("ssl", "--dataset", two, "--methods", "supervised", "--preset", "tiny",
+                       "--out", tmp_path / "a-file" / "run", check=False)
+    assert blocked.returncode != 0 and "Traceback" not in blocked.stderr
+    assert f"--out {tmp_path / 'a-file' / 'run'}: cannot make the folder (" in blocked.stderr, blocked.stderr
+
+
 @pytest.mark.parametrize("command", ["ssl", "simulate"])
 def test_results_that_fail_part_way_leave_the_earlier_run_whole(tmp_path, monkeypatch, command):
     """An experiment's results.json, results.md, figures and run.json replace the earlier

@@ -91,6 +91,30 @@ def atomic_files() -> Iterator[Callable[[str | os.PathLike], Path]]:
 _TEMPORARY = re.compile(r"^\.[^.]*-[0-9a-f]{8}\..+$")
 
 
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+    """Make the output folder ``path`` (and any missing parent) before a long run, so a
+    folder that cannot be made is an error in seconds, not after hours; if the run fails
+    or is refused, the folders made here are removed again while they are still empty.
+    A folder that was there before is never removed."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{option} {path}: cannot make the folder ({exc.strerror or exc}); "
+                           "expected a folder this user may write to") from exc
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()  # only an empty folder
+            except OSError:
+                break
+        raise
+
+
 def remove_temporaries(folder: str | os.PathLike, recursive: bool = False, suffix: str = "") -> list[Path]:
     """Delete the temporary files :func:`atomic_path` left in ``folder`` (and below it,
     with ``recursive``) when their writer was killed before renaming them; return them.

@@ -543,18 +543,21 @@ def _refuse_to_replace_results(args) -> None:
 def cmd_simulate(args) -> int:
     from ..active_learning.simulation import simulate
     from ..config import begal_config_from_preset
+    from ..files import output_folder
 
     _refuse_to_replace_results(args)
     device = _device_for_preset(args)
     config = begal_config_from_preset(args.preset, args.config)
     strategies = _names(args.strategies, "--strategies")
-    results = simulate(args.dataset, strategies, args.rounds, args.per_round, _seed_list(args), config, Path(args.out),
-                       device, initial=args.initial, preset=_preset_label(args))
+    with output_folder(args.out) as out:
+        results = simulate(args.dataset, strategies, args.rounds, args.per_round, _seed_list(args), config, out,
+                           device, initial=args.initial, preset=_preset_label(args))
     return _report_experiment(args, results)
 
 
 def cmd_ssl(args) -> int:
     from ..config import vqseg_config_from_preset
+    from ..files import output_folder
     from ..training.ssl_experiment import run_ssl
 
     _refuse_to_replace_results(args)
@@ -564,9 +567,10 @@ def cmd_ssl(args) -> int:
         dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
     methods = _names(args.methods, "--methods")
     _refuse_settings_no_row_reads(args, config, methods, lambda key: f"--methods {','.join(methods)} has none")
-    results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, Path(args.out), device,
-                      preset=_preset_label(args), validation_patients=args.validation_patients,
-                      validate_every=args.validate_every, test_list=Path(args.test_list) if args.test_list else None)
+    with output_folder(args.out) as out:
+        results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, out, device,
+                          preset=_preset_label(args), validation_patients=args.validation_patients,
+                          validate_every=args.validate_every, test_list=Path(args.test_list) if args.test_list else None)
     return _report_experiment(args, results)
 
 
