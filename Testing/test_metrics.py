@@ -101,3 +101,30 @@ def test_mean_and_spread_are_shown_only_where_there_is_a_spread():
     assert mean_std_text(0.61264, 0.0, 1) == "61.26"
     assert mean_std_text(2.49, 2.0, 3, scale=1, sign=True) == "+2.49 ± 2.00"
     assert mean_std_text(-0.19, 0.0, 1, scale=1, sign=True) == "-0.19"
+
+
+@pytest.mark.parametrize("shape, spacing", [((20, 40, 36), (2.5, 0.8, 0.7)), ((20, 40, 36), None), ((48, 40), (1.2, 0.9))])
+def test_scores_equal_monais_on_the_whole_image(shape, spacing):
+    """score_masks cuts both masks to the box around them and finds their surfaces once
+    for HD95 and ASD; every figure must still be MONAI's on the whole image, for blobs
+    inside the image and for ones cut by its border."""
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
+    from scipy import ndimage
+
+    rng = np.random.default_rng(sum(shape))
+    for trial in range(6):
+        blobs = [ndimage.gaussian_filter(rng.random(shape), 3) for _ in range(2)]
+        pred, ref = (b > np.quantile(b, 0.8 if trial % 2 else 0.95) for b in blobs)
+        if trial >= 4:  # a mask that reaches the image's edge
+            pred[0], ref[..., -1] = True, True
+        p, r = (torch.as_tensor(m, dtype=torch.float32)[None, None] for m in (pred, ref))
+        expected = {
+            "dice": float(compute_dice(p, r, include_background=True)[0, 0]),
+            "jaccard": float(compute_iou(p, r, include_background=True)[0, 0]),
+            "hd95": float(compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)[0, 0]),
+            "asd": float(compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)[0, 0]),
+        }
+        got = score_masks(pred, ref, spacing)
+        for key, value in expected.items():
+            assert getattr(got, key) == pytest.approx(value, rel=1e-6, abs=1e-6), (trial, key)

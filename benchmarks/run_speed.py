@@ -27,7 +27,10 @@ Sections (see ``benchmarks/README.md`` for the targets):
 5. one VQ-Seg training step against the same U-Net without VQ and QPM;
 6. presets: a training step of each method's CPU preset and `paper` preset at full batch
    size on this machine, and what the preset's schedule would take on it at that pace
-   (why the `gpu` accuracy preset is not run on a CPU).
+   (why the `gpu` accuracy preset is not run on a CPU);
+7. scoring: Dice, Jaccard, HD95 and ASD of a liver-sized prediction on a 512 x 512 x 150
+   CT grid (what the Slicer module computes on its GUI thread against a reference), ours
+   against MONAI's four metric functions on the whole image.
 """
 
 from __future__ import annotations
@@ -320,6 +323,42 @@ def bench_inference(shape=(100, 512, 512)) -> dict:
     }
 
 
+# ------------------------------------------------------------------- scoring
+def bench_scoring(shape=(150, 512, 512), spacing=(2.5, 0.7, 0.7)) -> dict:
+    """Dice, Jaccard, HD95 and ASD of a liver-sized prediction on a CT grid, as the Slicer
+    module computes them on its GUI thread against a reference: ours (cut to the masks'
+    box, the surfaces found once) against MONAI's four functions on the whole image."""
+    import warnings
+
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
+
+    from VQMedSegLib.metrics.segmentation import score_masks
+
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+
+    def ellipsoid(ck, cj, ci, rk, rj, ri):
+        return ((k - ck) / rk) ** 2 + ((j - cj) / rj) ** 2 + ((i - ci) / ri) ** 2 < 1
+
+    ref = ellipsoid(75, 250, 220, 50, 120, 140)
+    pred = ellipsoid(77, 255, 222, 50, 118, 141)
+
+    def monai_whole():
+        p, r = (torch.as_tensor(m, dtype=torch.float32)[None, None] for m in (pred, ref))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return (float(compute_dice(p, r)[0, 0]), float(compute_iou(p, r)[0, 0]),
+                    float(compute_hausdorff_distance(p, r, percentile=95, spacing=list(spacing))[0, 0]),
+                    float(compute_average_surface_distance(p, r, symmetric=True, spacing=list(spacing))[0, 0]))
+
+    ours = score_masks(pred, ref, spacing)
+    theirs = monai_whole()
+    ours_s = median_time(lambda: score_masks(pred, ref, spacing), repeat=3)
+    monai_s = median_time(monai_whole, repeat=3)
+    return {"shape_kji": list(shape), "foreground_fraction": float(ref.mean()),
+            "seconds": {"ours": ours_s, "monai_whole_image": monai_s}, "speedup": monai_s / ours_s,
+            "same_scores": bool(np.allclose([ours.dice, ours.jaccard, ours.hd95, ours.asd], theirs, rtol=1e-6, atol=1e-6))}
+
+
 # ----------------------------------------------------------------- 5. training step
 def bench_training_step() -> dict:
     from VQMedSegLib.config import vqseg_config_from_preset
@@ -448,12 +487,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the targets are for 2 CPU threads)")
     p.add_argument("--full", action="store_true", help="also MC-dropout on the 100k-slice pool (slow)")
-    p.add_argument("--only", help="comma-separated sections: assignment,qpm,pool,inference,training,presets")
+    p.add_argument("--only", help="comma-separated sections: assignment,qpm,pool,inference,training,presets,scoring")
     p.add_argument("--in-process", action="store_true",
                    help=f"run every section in this process ({', '.join(FRESH_PROCESS_SECTIONS)} otherwise gets a fresh one)")
     args = p.parse_args(argv)
     sections = {"assignment": bench_assignment, "qpm": bench_qpm, "pool": lambda: bench_pool_scoring(args.full),
-                "inference": bench_inference, "training": bench_training_step, "presets": bench_preset_steps}
+                "inference": bench_inference, "training": bench_training_step, "presets": bench_preset_steps,
+                "scoring": bench_scoring}
     chosen = args.only.split(",") if args.only else list(sections)
     for name in chosen:
         if name not in sections:
@@ -568,6 +608,12 @@ def report(result: dict) -> str:
                   f"({100 * inf['foreground_fraction']:.0f}% of the voxels predicted as liver; "
                   f"{inf['seconds_largest_component_speckle']:.3f} s on a slice grid 85% foreground), "
                   f"peak extra {inf['peak_extra_mb']:.0f} MB."]
+    sc = result["sections"].get("scoring")
+    if sc:
+        lines += ["", f"Scoring a prediction against a reference (Dice, Jaccard, HD95, ASD; {' x '.join(map(str, sc['shape_kji']))} "
+                  f"voxels, {100 * sc['foreground_fraction']:.0f}% liver): {sc['seconds']['ours']:.2f} s, against "
+                  f"{sc['seconds']['monai_whole_image']:.2f} s for MONAI's four functions on the whole image "
+                  f"({sc['speedup']:.1f}x; the same scores: {'yes' if sc['same_scores'] else '**no**'})."]
     tr = result["sections"].get("training")
     if tr:
         lines += ["", f"Training step: VQ-Seg {tr['vqseg_step_s']:.3f} s, VQ-Seg without QPM and reconstruction "

@@ -1,8 +1,9 @@
 """Overlap and surface-distance metrics in 3-D and per slice, in millimetres.
 
-The numbers come from MONAI (``compute_dice``, ``compute_iou``,
-``compute_hausdorff_distance``, ``compute_average_surface_distance``); this module fixes
-the conventions around them, the ones papers rarely state:
+The numbers come from MONAI (``compute_dice``, ``compute_iou``, and the surface
+distances of ``get_edge_surface_distance`` reduced as ``compute_hausdorff_distance`` and
+``compute_average_surface_distance`` reduce them); this module fixes the conventions
+around them, the ones papers rarely state:
 
 * **Spacing.** Distances use the voxel spacing of the reference, so HD95 and ASD are in
   millimetres. When the spacing is unknown (ACDC HDF5 files), the result says
@@ -30,7 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from .. import _monai  # noqa: F401  (before MONAI; see _monai.py)
-from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
+from monai.metrics import compute_dice, compute_iou
+from monai.metrics.utils import get_edge_surface_distance
 
 from ..errors import InputError
 
@@ -101,15 +103,40 @@ def score_masks(
         return SegmentationScores(1.0, 1.0, 0.0, 0.0, "both", units, 0, 0)
     if n_pred == 0 or n_ref == 0:
         return SegmentationScores(0.0, 0.0, None, None, "prediction" if n_pred == 0 else "reference", units, n_pred, n_ref)
+    pred, ref = _crop_to_union(pred, ref)
     p, r = _as_batch(pred), _as_batch(ref)
     dice = float(compute_dice(p, r, include_background=True, ignore_empty=False)[0, 0])
     jaccard = float(compute_iou(p, r, include_background=True, ignore_empty=False)[0, 0])
+    hd95, asd = surface_scores(p[0, 0], r[0, 0], spacing)
+    return SegmentationScores(dice, jaccard, hd95, asd, None, units, n_pred, n_ref)
+
+
+def surface_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float] | None) -> tuple[float, float]:
+    """HD95 and symmetric ASD of two non-empty masks from one finding of their surfaces
+    and distances (MONAI's ``get_edge_surface_distance``), reduced as MONAI's
+    ``compute_hausdorff_distance(percentile=95)`` and ``compute_average_surface_distance
+    (symmetric=True)`` reduce them (the tests hold the two equal); each of those finds the
+    surfaces again, which doubled the time."""
     sp = None if spacing is None else [float(s) for s in spacing]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=sp)[0, 0])
-        asd = float(compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=sp)[0, 0])
-    return SegmentationScores(dice, jaccard, hd95, asd, None, units, n_pred, n_ref)
+        _, distances, _ = get_edge_surface_distance(pred, ref, spacing=sp, symmetric=True)
+    hd95 = max(float(torch.quantile(d.float(), 0.95)) for d in distances)  # each direction's 95th percentile, the larger
+    asd = float(torch.cat(distances).float().mean())
+    return hd95, asd
+
+
+def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the box around either's voxels, one voxel wider where the image
+    allows. Every score is the same as on the whole image, for MONAI crops the same way
+    before it finds the surfaces; but a liver in a 512 x 512 x 150 CT fills a tenth of it,
+    and the scores take a tenth of the time (the Slicer module scores on its GUI thread)."""
+    union = pred | ref
+    box = []
+    for axis in range(union.ndim):
+        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    return pred[tuple(box)], ref[tuple(box)]
 
 
 def _array_spacing(spacing_ijk: Sequence[float], spacing_known: bool) -> list[float] | None:
