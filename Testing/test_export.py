@@ -175,6 +175,21 @@ def test_segments_missing_from_the_label_are_kept_empty(mrml, case):
     assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # temporaries removed
 
 
+def test_a_segmentation_is_exported_on_the_cts_grid_without_copying_the_cts_voxels(mrml, case, monkeypatch):
+    """The Slicer module exports a segmentation on its GUI thread (marking slices, scoring
+    against a reference); the CT's voxels, 150 MB for 512 x 512 x 300, were once copied
+    only to learn its grid."""
+    scene, _logics = mrml.new_scene()
+    ct_node = mrml.add_volume(scene, case["ct"], "CT")
+    node = mrml.add_segmentation(scene, case["label"], _liver_segments(), reference_node=ct_node)
+    read, original = [], mrml.volume_from_node
+    monkeypatch.setattr(mrml, "volume_from_node", lambda n: read.append(n.GetName()) or original(n))
+    label = mrml.labelmap_from_segmentation(node, ct_node)
+    assert "CT" not in read and read  # the exported labelmap itself is read
+    assert np.array_equal(label.array, case["label"].array)
+    assert label.geometry_mismatch(case["ct"], tol=1e-5) == []
+
+
 def test_label_values_without_a_segment_are_refused(mrml, case):
     scene, _logics = mrml.new_scene()
     label = case["label"].with_array(case["label"].array * 3)

@@ -363,8 +363,10 @@ def labelmap_from_segmentation(
     """
     scene = segmentation_node.GetScene()
     segmentation = segmentation_node.GetSegmentation()
-    reference = volume_from_node(reference_node)
-    out = np.zeros(reference.shape, dtype=np.int16)
+    image = reference_node.GetImageData()
+    if image is None:
+        raise InputError(f"volume node {reference_node.GetName()!r}: found no image data, expected voxels")
+    out = np.zeros(image.GetDimensions()[::-1], dtype=np.int16)  # its grid; its voxels are not needed
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segment_id)
@@ -394,7 +396,7 @@ def labelmap_from_segmentation(
                 f"segment {segment.GetName()!r}: exported shape {mask.shape}, expected the reference shape {out.shape}"
             )
         out[mask != 0] = value
-    return reference.with_array(out, source=f"segmentation {segmentation_node.GetName()}")
+    return Volume(out, *node_geometry(reference_node), {"source": f"segmentation {segmentation_node.GetName()}"})
 
 
 def _segment_value(segment: Any, index: int, values: Mapping[str, int] | None) -> int:
