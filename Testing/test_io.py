@@ -181,6 +181,21 @@ def test_dicom_empty_and_non_dicom_folder(tmp_path: Path) -> None:
         read_volume(empty)
 
 
+def test_a_folder_without_dicom_is_said_once_not_in_itks_warning_too(tmp_path: Path, capfd) -> None:
+    """Looking for DICOM in a folder that has none (every dataset folder of another
+    layout is tried) once printed ITK's own two-line "No Series were found" warning, with
+    a build path, to the terminal, beside our message; ITK's warnings stay on afterwards."""
+    from VQMedSegLib.data.io import list_dicom_series
+
+    (tmp_path / "notes.txt").write_text("hello")
+    capfd.readouterr()
+    assert list_dicom_series(tmp_path) == {}
+    with pytest.raises(InputError, match="found no DICOM series"):
+        read_volume(tmp_path)
+    assert capfd.readouterr().err == ""
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()
+
+
 def test_single_dicom_slice_rejected(tmp_path: Path) -> None:
     write_dicom_series(tmp_path / "one", np.zeros((1, 4, 4), np.int16))
     with pytest.raises(InputError, match="single 2-D slice"):

@@ -196,10 +196,14 @@ def _volume_from_sitk(image: sitk.Image, path: Path, **metadata: Any) -> Volume:
 def list_dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     """DICOM series of a folder (not recursive): series UID -> file names in slice order."""
     folder = Path(folder)
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "No Series were found": an empty answer says it
     try:
         uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError as exc:  # pragma: no cover - GDCM rarely fails on a listing
         raise InputError(f"{folder}: could not scan for DICOM series ({_itk_reason(exc)})") from exc
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return {
         uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids
     }
