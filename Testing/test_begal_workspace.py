@@ -216,6 +216,25 @@ def test_simulate_writes_results_table_and_plot(tmp_path):
     assert run["cpu_capability"] and run["cpu_model"]  # what bit-for-bit reproduction needs besides the threads
 
 
+def test_a_dataset_folder_with_ct_and_mr_folders_simulates_each_ct_with_its_own_mr(tmp_path):
+    """`vqmedseg phantom --out DIR` writes DIR/CT and DIR/MR; `simulate --dataset DIR`
+    pairs each CT with the MR of the same case, as `--dataset phantom-liver` does, and
+    `--dataset DIR/CT` runs CT-only."""
+    from VQMedSegLib.active_learning.simulation import load_simulation_data
+    from VQMedSegLib.data.phantoms import write_datasets
+
+    write_datasets(tmp_path / "data", "phantom-liver", 4, seed=3)
+    both = load_simulation_data(str(tmp_path / "data"), 32)
+    ids = sorted(set(both.pool.case_ids))
+    assert ids == [f"phantom-liver-{i:03d}" for i in range(4)]
+    for case_id in ids:
+        rows = np.flatnonzero(both.pool.case_ids == case_id)
+        assert set(both.pool.mr_case_ids[both.pool.pair[rows]]) == {case_id}
+    assert "with 4 MR cases (paired by case)" in both.description
+    ct_only = load_simulation_data(str(tmp_path / "data" / "CT"), 32)
+    assert (ct_only.pool.pair == -1).all() and len(ct_only.pool.mr) == 0
+
+
 def test_simulate_rejects_a_budget_larger_than_the_pool(tmp_path):
     r = vq("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--rounds", "100", "--per-round", "50",
            "--seeds", "1", "--out", tmp_path, check=False)

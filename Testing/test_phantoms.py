@@ -263,22 +263,37 @@ def test_generation_is_fast() -> None:
 
 
 @pytest.mark.parametrize("kind", ["phantom-liver", "phantom-lung"])
-def test_the_phantom_command_writes_the_cases_make_dataset_makes(tmp_path, kind) -> None:
+def test_the_phantom_command_writes_datasets_the_tools_read(tmp_path, kind) -> None:
+    """`vqmedseg phantom` once wrote CASE/ct.nrrd folders that no command could take as a
+    dataset; it now writes one dataset folder per modality, in the image_N/label_N layout
+    with a dataset.json naming the modality and the labels."""
+    import json
+
     from conftest import run_main
 
-    from VQMedSegLib.data.io import read_label, read_volume
+    from VQMedSegLib.data.datasets import discover_cases, load_case
 
-    out = run_main("phantom", "--out", tmp_path, "--kind", kind, "--n", "2", "--seed", "5").stdout.split()
+    printed = run_main("phantom", "--out", tmp_path, "--kind", kind, "--n", "2", "--seed", "5").stdout
     cases = make_dataset(kind, 2, seed=5)
-    assert out == [str(tmp_path / c.case_id) for c in cases]
-    for case in cases:
-        folder = tmp_path / case.case_id
-        expected = {"ct.nrrd", "ct_label.nrrd"} | ({"mr.nrrd", "mr_label.nrrd"} if case.mr is not None else set())
-        assert {p.name for p in folder.iterdir()} == expected
-        ct, label = read_volume(folder / "ct.nrrd"), read_label(folder / "ct_label.nrrd")
-        assert ct.same_geometry(case.ct) and np.allclose(ct.array, case.ct.array)
-        assert np.array_equal(label.array, case.ct_label.array)
-        assert set(np.unique(label.array)) == {0, *(LIVER_LABELS if kind == "phantom-liver" else LUNG_LABELS).values()}
+    labels = LIVER_LABELS if kind == "phantom-liver" else LUNG_LABELS
+    modalities = ["CT", "MR"] if kind == "phantom-liver" else ["CT"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == modalities
+    for modality in modalities:
+        folder = tmp_path / modality
+        info = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+        assert info["channel_names"] == {"0": modality} and info["labels"] == {"background": 0, **labels}
+        assert info["numTraining"] == 2 and info["file_ending"] == ".nrrd"
+        refs = discover_cases(folder)
+        assert [r.case_id for r in refs] == [c.case_id for c in cases]
+        assert {(r.modality, r.layout, r.options["modality_source"]) for r in refs} == {(modality, "pairs", "dataset.json")}
+        for ref, case in zip(refs, cases):
+            image, label = load_case(ref)
+            expected_image, expected_label = (case.ct, case.ct_label) if modality == "CT" else (case.mr, case.mr_label)
+            assert image.same_geometry(expected_image) and np.allclose(image.array, expected_image.array)
+            assert np.array_equal(label.array, expected_label.array)
+        assert f"{folder}: 2 {modality} cases" in printed
+        report = json.loads(run_main("dataset", "check", folder, "--json").stdout)
+        assert report["n_cases"] == 2 and all(not c["problems"] for c in report["cases"]), report
 
 
 def test_the_phantom_command_refuses_no_cases(tmp_path) -> None:

@@ -107,9 +107,12 @@ def _folder_data(path: Path, size: int, seed: int) -> SimulationData:
     from ..data.datasets import discover_cases, load_case
 
     task = get_task("liver")
-    refs = discover_cases(path)
+    # a dataset folder per modality (what `vqmedseg phantom` writes): MR/ beside CT/
+    parts = [path / m for m in ("CT", "MR") if (path / m / "dataset.json").is_file()]
+    refs = [r for part in parts for r in discover_cases(part)] if parts else discover_cases(path)
     ct_refs = [r for r in refs if r.modality == "CT" and r.label is not None]
     mr_refs = [r for r in refs if r.modality == "MR"]
+    paired = {r.case_id for r in mr_refs} & {r.case_id for r in ct_refs}
     if len(ct_refs) < 3:
         raise InputError(f"--dataset {path}: found {len(ct_refs)} labelled CT cases, expected at least 3 (pool, validation, test)")
     inputs = []
@@ -118,8 +121,10 @@ def _folder_data(path: Path, size: int, seed: int) -> SimulationData:
         inputs.append(target_case(ref.case_id, image, label))
     extra = [(r.case_id, load_case(r)[0]) for r in mr_refs]
     pool = build_pool(inputs, size, task.ct_window, seed=seed, extra_mr=extra)
+    # build_pool pairs a CT with the MR of its own case id when there is one
+    how = " (paired by case)" if paired == {r.case_id for r in ct_refs} else f" ({len(paired)} paired by case)" if paired else ""
     return _case_split(pool, [c.case_id for c in inputs], test_share=0.2,
-                       what=f"CT cases of {path.name} with {len(extra)} MR cases")
+                       what=f"CT cases of {path.name} with {len(extra)} MR cases{how}")
 
 
 def _case_split(pool: SlicePool, ids: list[str], test_share: float, what: str) -> SimulationData:

@@ -600,19 +600,14 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_phantom(args) -> int:
-    from ..data.io import write_volume
-    from ..data.phantoms import make_dataset
+    from ..data.phantoms import LIVER_LABELS, LUNG_LABELS, write_datasets
 
     if args.n < 1:
         raise InputError(f"--n {args.n}: expected at least 1 case")
-    out = Path(args.out)
-    for case in make_dataset(args.kind, args.n, seed=args.seed):
-        write_volume(case.ct, out / case.case_id / "ct.nrrd")
-        write_volume(case.ct_label, out / case.case_id / "ct_label.nrrd")
-        if case.mr is not None:
-            write_volume(case.mr, out / case.case_id / "mr.nrrd")
-            write_volume(case.mr_label, out / case.case_id / "mr_label.nrrd")
-        sys.stdout.write(f"{out / case.case_id}\n")
+    labels = LIVER_LABELS if args.kind == "phantom-liver" else LUNG_LABELS
+    named = ", ".join(f"{name} {value}" for name, value in labels.items())
+    for modality, folder in write_datasets(Path(args.out), args.kind, args.n, seed=args.seed).items():
+        sys.stdout.write(f"{folder}: {args.n} {modality} cases with labels ({named})\n")
     return 0
 
 
@@ -749,7 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     qu.set_defaults(func=cmd_query)
 
     si = sub.add_parser("simulate", help="compare active-learning strategies with the ground truth as oracle")
-    si.add_argument("--dataset", required=True, help="phantom-liver, chaos, or a dataset folder")
+    si.add_argument("--dataset", required=True,
+                    help="phantom-liver, chaos, or a dataset folder of CT cases with liver labels (value 1) and any MR cases, "
+                         "or with CT/ and MR/ dataset folders in it (as `vqmedseg phantom` writes), each CT paired with its own case's MR")
     si.add_argument("--strategies", default="begal,random,entropy,mcdropout,coreset,egal",
                     help="comma-separated, from: begal, egal, random, entropy, mcdropout, coreset (default: all six)")
     si.add_argument("--rounds", type=int, default=4, help="query rounds after the initial set (default 4)")
@@ -808,10 +805,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--job", help="job id (default: whichever job holds the workspace)")
     ca.set_defaults(func=cmd_cancel)
 
-    ph = sub.add_parser("phantom", help="write synthetic phantom cases (CT, MR, labels) as NRRD")
+    ph = sub.add_parser("phantom", help="write synthetic phantom cases (CT, MR, labels) as datasets the other commands read")
     ph.add_argument("--out", required=True,
-                    help="output folder: CASE/ct.nrrd and ct_label.nrrd (liver 1, right kidney 2, left kidney 3, spleen 4; "
-                         "lung: tumour 1), with mr.nrrd and mr_label.nrrd for the liver")
+                    help="output folder: a dataset folder per modality, CT/ (and MR/ for the liver), each holding "
+                         "image_CASE.nrrd, label_CASE.nrrd (liver 1, right kidney 2, left kidney 3, spleen 4; lung: "
+                         "tumour 1) and dataset.json")
     ph.add_argument("--kind", default="phantom-liver", choices=["phantom-liver", "phantom-lung"],
                     help="paired CT and MR of the abdomen (default), or a chest CT with one lung tumour")
     ph.add_argument("--n", type=int, default=2, help="number of cases (default 2)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -1044,3 +1045,36 @@ def make_dataset(kind: str, n_cases: int, seed: int = 0, **kwargs: object) -> li
         case_seed = int(np.random.SeedSequence([int(seed), index]).generate_state(1)[0])
         cases.append(make(case_seed, f"{kind}-{index:03d}", **kwargs))
     return cases
+
+
+def write_datasets(out: str | Path, kind: str, n_cases: int, seed: int = 0) -> dict[str, Path]:
+    """Write ``make_dataset(kind, n_cases, seed)`` as one dataset folder per modality,
+    ``out/CT`` (and ``out/MR`` for the abdomen): ``image_<case>.nrrd`` with
+    ``label_<case>.nrrd`` and a ``dataset.json`` (nnU-Net's keys) naming the modality and
+    the labels, the layout :func:`~VQMedSegLib.data.datasets.discover_cases` reads as
+    ``pairs``. Returns the folders by modality; each file is written whole or not at all."""
+    from .. import __version__
+    from ..files import atomic_write_json
+    from .io import write_volume
+
+    cases = make_dataset(kind, n_cases, seed=seed)
+    labels = LIVER_LABELS if kind == "phantom-liver" else LUNG_LABELS
+    folders: dict[str, Path] = {}
+    for modality in ("CT", "MR"):
+        pairs = [(c.case_id, c.ct, c.ct_label) if modality == "CT" else (c.case_id, c.mr, c.mr_label) for c in cases]
+        if any(image is None for _, image, _ in pairs):
+            continue  # the chest phantom has no MR
+        folder = Path(out) / modality
+        for case_id, image, label in pairs:
+            write_volume(image, folder / f"image_{case_id}.nrrd")
+            write_volume(label, folder / f"label_{case_id}.nrrd")
+        atomic_write_json(folder / "dataset.json", {
+            "name": f"{kind} ({modality})",
+            "description": f"synthetic {kind} phantoms: vqmedseg {__version__} phantom --kind {kind} --n {n_cases} --seed {seed}",
+            "channel_names": {"0": modality},
+            "labels": {"background": 0, **labels},
+            "numTraining": len(pairs),
+            "file_ending": ".nrrd",
+        })
+        folders[modality] = folder
+    return folders
