@@ -289,6 +289,33 @@ def test_a_cancelled_training_is_reported_loads_nothing_and_resumes(scene, tmp_p
     assert again.wait(timeout=60).status == "cancelled"
 
 
+def test_a_cancel_confirmed_after_its_job_ended_does_not_stop_the_next_one(scene, tmp_path):
+    """The module asks "Stop the running job?" in a modal dialog, during which its timer
+    still polls: a training that ends there starts its queued prediction, and the "Yes"
+    once cancelled that prediction instead. A cancel names the job it was asked about."""
+    import subprocess
+    import sys
+
+    from VQMedSegLib.jobs.workspace import Workspace
+    from VQMedSegLib.workflow.logic import JobState
+
+    ws = Workspace.create(tmp_path / "ws", task="liver")
+    logic = WorkflowLogic(scene)
+    logic.open_workspace(ws.root)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        logic.job = JobState("predict", "predict-next", proc)
+        logic._queue = [("predict", ["--case", "later"])]
+        assert not logic.cancel(block=False, job_id="train-asked-about")  # ended while the dialog was open
+        assert logic.job.kill_at is None and logic._queue and not ws.job_dir("predict-next").exists()
+        assert logic.cancel(block=False, job_id="predict-next")
+        assert logic.job.kill_at is not None and logic._queue == []
+        assert (ws.job_dir("predict-next") / "cancel").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_no_workspace_is_opened_or_prepared_under_a_running_job(scene, tmp_path, phantom):
     """Preparing while a job runs would swap the workspace whose events the job is read
     from (a finished training then reads as crashed, its queued prediction is dropped) or,

@@ -303,9 +303,12 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStartCancelButton(self) -> None:
         if self.logic.jobRunning():
+            asked = self.logic.workflow.job.job_id  # the timer polls on while the dialog is open
             if slicer.util.confirmYesNoDisplay(_("Stop the running job? Training can resume from its last checkpoint.")):
-                self.logic.cancelJob()
-                self._appendLog(_("Cancel requested."))
+                if self.logic.cancelJob(jobId=asked):
+                    self._appendLog(_("Cancel requested."))
+                else:
+                    self._appendLog(_("The job had ended before the answer; nothing was cancelled."))
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
             p = self._parameterNode
@@ -682,9 +685,10 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
             time.sleep(0.1)
         return self.workflow.job
 
-    def cancelJob(self, grace: float = 10.0) -> bool:
-        """Ask the job to stop; its whole process tree is killed after ``grace`` seconds."""
-        return self.workflow is not None and self.workflow.cancel(grace=grace, block=False)
+    def cancelJob(self, grace: float = 10.0, jobId: str | None = None) -> bool:
+        """Ask the job (only ``jobId``, when given) to stop; its whole process tree is
+        killed after ``grace`` seconds. False when no job, or not that one, runs."""
+        return self.workflow is not None and self.workflow.cancel(grace=grace, block=False, job_id=jobId)
 
     def loadResults(self, caseId: str | None = None, opacity: float = 0.4) -> dict:
         return self._flow().load_results(caseId or self.caseId, opacity=opacity)

@@ -390,16 +390,19 @@ class WorkflowLogic:
         self.job = JobState(info.get("kind", "job"), info["job"])
         return self.job
 
-    def cancel(self, grace: float = 10.0, block: bool = True) -> bool:
-        """Ask the job to stop; kill its whole process tree if it has not within ``grace`` s.
+    def cancel(self, grace: float = 10.0, block: bool = True, job_id: str | None = None) -> bool:
+        """Ask the job to stop, with the jobs queued after it; kill its whole process tree
+        if it has not stopped within ``grace`` s.
 
         ``block=False`` (the module's GUI) returns at once: :meth:`poll` kills the tree
-        when the grace period is over and reports the end. Returns False if no job runs.
+        when the grace period is over and reports the end. ``job_id``: only that job (the
+        one the user was asked about; it may have ended and the next begun since). Returns
+        False if no job, or not that one, runs.
         """
         job = self.job
-        self._queue.clear()
-        if job is None or job.finished:
+        if job is None or job.finished or (job_id is not None and job.job_id != job_id):
             return False
+        self._queue.clear()
         if block and job.proc is not None:
             cancel_job(self._ws(), job.job_id, proc=job.proc, grace=grace)
         else:
