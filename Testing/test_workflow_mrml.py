@@ -475,3 +475,32 @@ def test_partial_prediction_files_are_never_loaded(scene, tmp_path, phantom):
     (folder / "prediction.seg.nrrd").write_bytes(b"NRRD0004\n")
     with pytest.raises(Exception, match="no finished prediction"):
         logic.load_results(case_id)
+
+
+def test_unloading_results_keeps_the_tree_entry_of_a_users_node_moved_into_their_folder(scene, tmp_path, phantom):
+    """Results are unloaded when loaded again (a new prediction) or their segmentation is
+    deleted. Their subject-hierarchy folder went with every item in it, so a node of the
+    user's that they had filed there vanished from the Data module's tree."""
+    from VQMedSegLib.data.io import write_volume
+
+    ct_node = mrml.add_volume(scene, phantom.ct, "CT")
+    logic = WorkflowLogic(scene)
+    case_id = logic.prepare(ct_node, None, folder=tmp_path / "ws")
+    ws = logic.workspace
+    liver = phantom.ct_label.with_array((phantom.ct_label.array == 1).astype(np.uint8))
+    write_volume(liver, ws.prediction_dir(case_id) / "prediction.nrrd")
+    write_volume(liver.with_array(liver.array * 0.5), ws.prediction_dir(case_id) / "uncertainty.nrrd")
+    ws.update(lambda st: st.setdefault("predictions", {}).update({case_id: {
+        "method": "supervised", "files": {"segmentation": f"predictions/{case_id}/prediction.nrrd",
+                                          "uncertainty": f"predictions/{case_id}/uncertainty.nrrd"}}}))
+    loaded = logic.load_results(case_id)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    folder, parent = loaded["folder"], sh.GetItemParent(loaded["folder"])
+    mine = mrml.add_volume(scene, phantom.ct, "my notes")
+    sh.SetItemParent(sh.GetItemByDataNode(mine) or sh.CreateItem(sh.GetSceneItemID(), mine), folder)
+    again = logic.load_results(case_id)  # unloads the first
+    assert loaded["segmentation"].GetScene() is None and not sh.GetItemName(folder)
+    item = sh.GetItemByDataNode(mine)
+    assert mine.GetScene() is scene and item and sh.GetItemParent(item) == parent
+    logic.unload_results(case_id)
+    assert again["segmentation"].GetScene() is None and not sh.GetItemName(again["folder"])

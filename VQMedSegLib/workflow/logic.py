@@ -593,18 +593,26 @@ class WorkflowLogic:
     def unload_results(self, case_id: str) -> None:
         """Remove the loaded results of ``case_id``: their nodes and their subject-hierarchy folder."""
         import slicer
+        from vtkmodules.vtkCommonCore import vtkIdList
 
         old = self.loaded.pop(case_id, None)
         if not old:
             return
-        for node in [old["segmentation"], *old["overlays"].values()]:
-            if node.GetScene() is not None:
-                self.scene.RemoveNode(node)
+        ours = [node for node in [old["segmentation"], *old["overlays"].values()] if node.GetScene() is not None]
         sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
-        if sh is not None and old.get("folder") and sh.GetItemName(old["folder"]):
-            # the folder and the items in it; no data node goes with them (ours are removed above, and
-            # a node the user moved into the folder is theirs)
-            sh.RemoveItem(old["folder"], False, True)
+        folder = old.get("folder")
+        if sh is not None and folder and sh.GetItemName(folder):
+            # what the user filed in the folder is theirs: moved up a level, not removed with it;
+            # then the folder and our items in it, their nodes removed below
+            own = {sh.GetItemByDataNode(node) for node in ours}
+            children = vtkIdList()
+            sh.GetItemChildren(folder, children)
+            for child in [children.GetId(n) for n in range(children.GetNumberOfIds())]:
+                if child not in own:
+                    sh.SetItemParent(child, sh.GetItemParent(folder))
+            sh.RemoveItem(folder, False, True)
+        for node in ours:
+            self.scene.RemoveNode(node)
 
     def show_uncertainty(self, case_id: str, name: str, opacity: float = 0.4) -> Any:
         """Show another loaded uncertainty map (``entropy``, ``qpm`` ...) as the overlay."""
