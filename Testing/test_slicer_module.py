@@ -55,6 +55,7 @@ EXPECTED_CLASSES = {
     "logTextEdit": "QPlainTextEdit",
     "resultsCollapsibleButton": "ctkCollapsibleButton",
     "loadResultsButton": "QPushButton",
+    "predictButton": "QPushButton",
     "uncertaintyComboBox": "QComboBox",
     "opacitySlider": "ctkSliderWidget",
     "referenceSelector": "qMRMLNodeComboBox",
@@ -68,7 +69,7 @@ SECTIONS = {
     "activeLearningCollapsibleButton": ("Active learning", ["strategyComboBox", "budgetSpinBox", "perRoundSpinBox", "suggestButton",
                                                             "suggestionsTable", "markAnnotatedButton", "budgetProgressBar"]),
     "trainingCollapsibleButton": ("Training", ["methodComboBox", "iterationsSpinBox", "keepAllComponentsCheckBox", "startCancelButton", "progressBar", "logTextEdit"]),
-    "resultsCollapsibleButton": ("Results", ["loadResultsButton", "uncertaintyComboBox", "opacitySlider", "referenceSelector", "scoresLabel"]),
+    "resultsCollapsibleButton": ("Results", ["predictButton", "loadResultsButton", "uncertaintyComboBox", "opacitySlider", "referenceSelector", "scoresLabel"]),
 }
 
 # Widget class -> which parameter annotation Slicer's parameterNodeWrapper GUI connectors

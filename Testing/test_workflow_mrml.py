@@ -246,7 +246,12 @@ def test_query_train_predict_loop_through_the_logic_ends_with_the_segmentation_i
     scene.RemoveNode(logic.loaded[case_id]["segmentation"])
     assert logic.forget_removed_results() == [case_id] and case_id not in logic.loaded
     assert all(node.GetScene() is None for node in overlays)
-    logic.load_results(case_id)
+    # the module's Segment button: the last model predicts this case alone, and it is loaded
+    first = logic.available_predictions()[case_id]["job"]
+    logic.start_prediction(case_id)
+    assert logic.wait(timeout=300).status == "done", logic.job.reason
+    assert logic.job.kind == "predict" and logic.available_predictions()[case_id]["job"] == logic.job.job_id != first
+    assert logic.loaded[case_id]["segmentation"].GetScene() is scene
     scene.Clear(0)
     assert logic.forget_removed_results() == [case_id] and logic.loaded == {}
 

@@ -65,6 +65,7 @@ It runs in a separate process, then segments the CT; the progress bar, losses an
 same button cancels.</li>
 <li><b>Results</b>: the segmentation appears with its name and colour, and the uncertainty map as an overlay; pick the map
 (entropy, or VQ-Seg's QPM disagreement) and its opacity. Choose a reference segmentation to see Dice and HD95.
+<b>Segment with the last model</b> segments the CT again without training (as after a module reload).
 Annotate more where the model is unsure and repeat.</li>
 </ol>
 Slice selection follows VQ-BEGAL (X. Du, H. Wang, M. Wang, Z. Song: <i>Vector-Quantization-Driven Active
@@ -175,6 +176,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          lambda row, column, previousRow, previousColumn: self.onSuggestionClicked(row, column))
         self.ui.markAnnotatedButton.connect("clicked(bool)", self.onMarkAnnotatedButton)
         self.ui.startCancelButton.connect("clicked(bool)", self.onStartCancelButton)
+        self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
         self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResultsButton)
         self.ui.uncertaintyComboBox.connect("currentTextChanged(QString)", self.onUncertaintyChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
@@ -259,6 +261,11 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startCancelButton.enabled = ready
         self.ui.startCancelButton.text = _("Cancel") if running else _("Start training")
         self.ui.loadResultsButton.enabled = ready and not running
+        hasModel = ready and not running and self.logic.hasModel()
+        self.ui.predictButton.enabled = hasModel
+        self.ui.predictButton.toolTip = (
+            _("Segment the selected CT with the workspace's last trained model, in the background, and load the result.")
+            if hasModel else _("No trained model yet: train one first.") if ready and not running else "")
 
     # ------------------------------------------------------------------ actions
     def onApplyButton(self) -> None:
@@ -314,6 +321,13 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             self.logic.startTraining(p.method, p.iterations or None, keepAllComponents=p.keepAllComponents)
             self._jobStarted(_("Training ({method}), then segmenting").format(method=METHOD_TITLES[p.method]))
+
+    def onPredictButton(self) -> None:
+        """Segment the case with the last model: after a training whose queued prediction was
+        lost (a module reload, Slicer closed), or with another choice of clean-up."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to start segmenting."), waitCursor=True):
+            self.logic.startPrediction(keepAllComponents=self._parameterNode.keepAllComponents)
+            self._jobStarted(_("Segmenting {case} with the last model").format(case=self.logic.caseId))
 
     def onLoadResultsButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to load the prediction."), waitCursor=True):
@@ -665,6 +679,22 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         (a liver keeps only its largest connected piece unless ``keepAllComponents``)."""
         return self._flow().start_training(method, iterations, then_predict=thenPredict,
                                            keep_all_components=keepAllComponents)
+
+    def startPrediction(self, caseId: str | None = None, keepAllComponents: bool = False):
+        """Segment the case (default: the selected one) with the workspace's last model in a
+        background process, and load the result when it is done."""
+        return self._flow().start_prediction(caseId or self.caseId, keep_all_components=keepAllComponents)
+
+    def hasModel(self) -> bool:
+        """Whether the workspace holds a trained model to segment with."""
+        from VQMedSegLib.errors import VQMedSegError
+
+        if self.workflow is None or self.workflow.workspace is None:
+            return False
+        try:
+            return self.workflow.workspace.latest_model() is not None
+        except VQMedSegError:  # an unreadable state.json: said when the workspace is used, not on every GUI update
+            return False
 
     def poll(self):
         """Read the running job's new events (the widget's timer calls this)."""
