@@ -509,3 +509,25 @@ def test_unloading_results_keeps_the_tree_entry_of_a_users_node_moved_into_their
     assert mine.GetScene() is scene and item and sh.GetItemParent(item) == parent
     logic.unload_results(case_id)
     assert again["segmentation"].GetScene() is None and not sh.GetItemName(again["folder"])
+
+
+def test_after_a_prediction_only_the_cases_on_show_are_loaded_into_the_scene(scene, tmp_path, phantom):
+    """The prediction after a training segments every case of the workspace. Loading each
+    into the scene, on the GUI thread, brought back the CT of every case prepared in an
+    earlier session with its segmentation and overlays: seconds of frozen GUI per case,
+    and a scene full of what nobody asked to see. Cases whose CT is not in the scene stay
+    on disk, recorded, for *Load last prediction*."""
+    ct_a = mrml.add_volume(scene, phantom.ct, "CT a")
+    truth = _truth_node(scene, phantom, ct_a)
+    logic = WorkflowLogic(scene, device="cpu", preset="tiny")
+    case_a = logic.prepare(ct_a, None, folder=tmp_path / "ws")
+    ct_b = mrml.add_volume(scene, phantom.ct, "CT b")
+    case_b = logic.prepare(ct_b, None, folder=tmp_path / "ws")
+    scene.RemoveNode(ct_b)  # closed since, or from an earlier session
+    logic.mark_annotated(case_a, [4, 8, 12], truth)
+    logic.start_training("supervised", iterations=20)
+    job = logic.wait(timeout=600)
+    assert job.kind == "predict" and job.status == "done", job.reason
+    assert sorted(logic.available_predictions()) == sorted([case_a, case_b])
+    assert list(logic.loaded) == [case_a] and logic.case_nodes(case_b) == []
+    assert logic.load_results(case_b)["segmentation"].GetScene() is scene  # on request

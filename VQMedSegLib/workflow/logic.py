@@ -209,11 +209,16 @@ class WorkflowLogic:
                 out.append(node)
         return out
 
+    def _scene_ct(self, case_id: str) -> Any:
+        """The case's CT node if the scene holds it, else None."""
+        return next((node for node in self.case_nodes(case_id)
+                     if node.IsA("vtkMRMLScalarVolumeNode") and node.GetAttribute("VQMedSeg.Modality") != "MR"), None)
+
     def ct_node(self, case_id: str) -> Any:
         """The case's CT node in the scene; loaded from the workspace if it is not there."""
-        for node in self.case_nodes(case_id):
-            if node.IsA("vtkMRMLScalarVolumeNode") and node.GetAttribute("VQMedSeg.Modality") != "MR":
-                return node
+        node = self._scene_ct(case_id)
+        if node is not None:
+            return node
         from ..export.mrml import add_volume
 
         node = add_volume(self.scene, self._ws().load_ct(case_id), f"{case_id} CT", window=get_task(self._ws().task).ct_window)
@@ -482,9 +487,16 @@ class WorkflowLogic:
         if ended:
             lines.append(f"{job.kind} job {job.status}" + (f": {job.reason}" if job.reason else ""))
             if job.status == "done" and job.kind == "predict":
-                for case_id in {r["case"] for r in job.results if r.get("kind") == "prediction"}:
+                predicted = sorted({r["case"] for r in job.results if r.get("kind") == "prediction"})
+                # only the cases on show: loading another would bring its CT back into the scene, on the GUI thread
+                shown = [c for c in predicted if c in self.loaded or self._scene_ct(c) is not None]
+                for case_id in shown:
                     self.load_results(case_id)
                     lines.append(f"loaded the prediction of {case_id}")
+                if len(shown) < len(predicted):
+                    rest = [c for c in predicted if c not in shown]
+                    lines.append(f"predicted {', '.join(rest)} too, whose CT is not in the scene; "
+                                 "load {} from the Results panel".format("it" if len(rest) == 1 else "them"))
             if job.status == "done" and self._queue:
                 kind, args = self._queue.pop(0)
                 self._start(kind, args)
