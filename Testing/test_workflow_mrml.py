@@ -526,8 +526,13 @@ def test_after_a_prediction_only_the_cases_on_show_are_loaded_into_the_scene(sce
     scene.RemoveNode(ct_b)  # closed since, or from an earlier session
     logic.mark_annotated(case_a, [4, 8, 12], truth)
     logic.start_training("supervised", iterations=20)
-    job = logic.wait(timeout=600)
+    said, deadline = [], time.monotonic() + 600
+    while not (logic.job.kind == "predict" and logic.job.finished) and time.monotonic() < deadline:
+        said += logic.poll().lines
+        time.sleep(0.2)
+    job = logic.job
     assert job.kind == "predict" and job.status == "done", job.reason
+    assert f"predicted {case_b} too, whose CT is not in the scene; load it from the Results panel" in said
     assert sorted(logic.available_predictions()) == sorted([case_a, case_b])
     assert list(logic.loaded) == [case_a] and logic.case_nodes(case_b) == []
     assert logic.load_results(case_b)["segmentation"].GetScene() is scene  # on request

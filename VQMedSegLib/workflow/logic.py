@@ -495,8 +495,8 @@ class WorkflowLogic:
                     lines.append(f"loaded the prediction of {case_id}")
                 if len(shown) < len(predicted):
                     rest = [c for c in predicted if c not in shown]
-                    lines.append(f"predicted {', '.join(rest)} too, whose CT is not in the scene; "
-                                 "load {} from the Results panel".format("it" if len(rest) == 1 else "them"))
+                    them = "it" if len(rest) == 1 else "them"
+                    lines.append(f"predicted {', '.join(rest)} too, whose CT is not in the scene; load {them} from the Results panel")
             if job.status == "done" and self._queue:
                 kind, args = self._queue.pop(0)
                 self._start(kind, args)
