@@ -181,6 +181,31 @@ def test_the_demo_without_slicer_core_writes_everything_but_the_scene_and_says_s
     assert "no `scene.mrb`: writing it needs slicer-core" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 
+def test_the_demo_writes_over_an_earlier_demo_but_never_over_files_of_the_users(tmp_path):
+    """`demo --out ~/Documents` once replaced whatever report.md or metrics.json the user
+    kept there. It now refuses before any work; running it again over an earlier demo
+    (the README's command, twice) still works, and other files are left alone."""
+    from VQMedSegLib.jobs.workspace import Workspace
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes", encoding="utf-8")
+    (mine / "workspace").mkdir()
+    r = vqmedseg("demo", "--out", mine, "--preset", "tiny", "--device", "cpu", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"--out {mine}: holds report.md and workspace, which an earlier demo did not write; expected a new or "
+            "empty folder, one without those names, or an earlier demo's folder") in r.stderr, r.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md", "workspace"] and not any((mine / "workspace").iterdir())
+    assert (mine / "report.md").read_text(encoding="utf-8") == "my notes"
+    earlier = tmp_path / "earlier"  # a demo killed early: its workspace made, one old file of its own
+    Workspace.create(earlier / "workspace", task="liver")
+    (earlier / "report.md").write_text("# VQMedSeg demo report\n\nan old one", encoding="utf-8")
+    (earlier / "notes.txt").write_text("kept", encoding="utf-8")
+    vqmedseg("demo", "--out", earlier, "--preset", "tiny", "--iterations", "3", "--device", "cpu")
+    assert "an old one" not in (earlier / "report.md").read_text(encoding="utf-8")
+    assert (earlier / "notes.txt").read_text(encoding="utf-8") == "kept"
+
+
 def _documented_commands(text: str) -> list[str]:
     """The `vqmedseg` command lines of a README: in its shell blocks (continued lines
     joined, comments dropped, `C="vqmedseg ..."` variables expanded; `torchrun ... -m

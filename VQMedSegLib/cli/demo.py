@@ -19,6 +19,7 @@ from .. import __version__
 from ..config import train_config_from_preset
 from ..data.phantoms import make_dataset
 from ..device import resolve_device
+from ..errors import InputError, VQMedSegError
 from ..export.prediction import segments_for, write_prediction
 from ..files import atomic_write_json, atomic_write_text
 from ..inference.predict import load_model, predict_volume
@@ -32,11 +33,14 @@ log = logging.getLogger("vqmedseg")
 
 N_TRAIN, N_VAL = 3, 1
 LIVER = 1
+# what the demo writes into its --out folder
+OUTPUTS = ("metrics.json", "overview.png", "prediction.seg.nrrd", "report.md", "scene.mrb", "uncertainty.nrrd", "workspace")
 
 
 def run_demo(out: Path, preset: str = "quick", device_name: str = "auto", seed: int = 0, iterations: int | None = None) -> dict:
     t0 = time.monotonic()
     out = Path(out)
+    _refuse_to_write_over_other_files(out)
     scene_writer = _scene_writer()  # known before training: minutes are not spent to fail at the end
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device_name)
@@ -115,6 +119,27 @@ def run_demo(out: Path, preset: str = "quick", device_name: str = "auto", seed: 
     }
     atomic_write_text(out / "report.md", _report(result, config, train_cases, val_cases))
     return result
+
+
+def _refuse_to_write_over_other_files(out: Path) -> None:
+    """The demo replaces its own outputs (running the README's command again works), but
+    not files of the same names that an earlier demo did not write: a report.md kept in
+    the folder given as --out."""
+    taken = [name for name in OUTPUTS if (out / name).exists()] if out.is_dir() else []
+    if not taken or _earlier_demo(out):
+        return
+    listed = taken[0] if len(taken) == 1 else f"{', '.join(taken[:-1])} and {taken[-1]}"
+    raise InputError(f"--out {out}: holds {listed}, which an earlier demo did not write; expected a new or empty "
+                     "folder, one without those names, or an earlier demo's folder")
+
+
+def _earlier_demo(out: Path) -> bool:
+    """Whether ``out/workspace`` is the workspace a demo makes: the liver, its phantoms only."""
+    try:
+        state = Workspace.open(out / "workspace").load_state()
+    except VQMedSegError:
+        return False
+    return state["task"] == "liver" and all(case_id.startswith("phantom-liver-") for case_id in state["cases"])
 
 
 def _scene_writer():
