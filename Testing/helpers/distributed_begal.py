@@ -18,7 +18,7 @@ from VQMedSegLib.active_learning.strategies import BOTH, DECODER, ENCODER
 from VQMedSegLib.config import begal_config_from_preset
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.training.begal import Phase, PhaseTrainer, build_model
-from VQMedSegLib.training.distributed import current, process_group
+from VQMedSegLib.training.distributed import current, exit_without_finalization, process_group
 
 
 def train_phases(seed: int = 0, iterations: int = 3, revive: float = 0.0) -> dict:
@@ -56,3 +56,4 @@ if __name__ == "__main__":
     if info.is_main:
         same = all(torch.equal(c, codebooks[0]) for c in codebooks)
         torch.save({"state_dict": state, "world": info.world, "codebooks_equal": same}, sys.argv[1])
+    exit_without_finalization(0)  # as `python -m VQMedSegLib` does under torchrun

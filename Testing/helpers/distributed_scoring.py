@@ -15,7 +15,7 @@ from VQMedSegLib.config import begal_config_from_preset
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.tasks import get_task
 from VQMedSegLib.training.begal import build_model
-from VQMedSegLib.training.distributed import current, gather_scores, process_group, shard
+from VQMedSegLib.training.distributed import current, exit_without_finalization, gather_scores, process_group, shard
 
 
 def scores_and_shares():
@@ -35,3 +35,4 @@ if __name__ == "__main__":
         idx, scores, shares = scores_and_shares()
     if info.is_main:
         np.savez(sys.argv[1], idx=idx, scores=scores, shares=shares, world=info.world)
+    exit_without_finalization(0)  # as `python -m VQMedSegLib` does under torchrun
