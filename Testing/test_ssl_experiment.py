@@ -489,6 +489,11 @@ def test_a_refused_experiment_leaves_no_out_folder_behind_and_keeps_one_it_found
     run_main("ssl", "--dataset", two, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
              "--out", tmp_path / "mine", check=False)
     assert (tmp_path / "mine").is_dir()
+    # a path through a folder that is not there yet: the folder the path names is the user's
+    (tmp_path / "existing").mkdir()
+    run_main("ssl", "--dataset", two, "--methods", "supervised", "--preset", "tiny",
+             "--out", tmp_path / "new" / ".." / "existing", check=False)
+    assert (tmp_path / "existing").is_dir() and not (tmp_path / "new").exists()
     (tmp_path / "a-file").write_text("", encoding="utf-8")
     blocked = run_main("ssl", "--dataset", two, "--methods", "supervised", "--preset", "tiny",
                        "--out", tmp_path / "a-file" / "run", check=False)

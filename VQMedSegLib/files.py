@@ -96,16 +96,17 @@ def output_folder(path: str | os.PathLike, option: str = "--out") -> Iterator[Pa
     """Make the output folder ``path`` (and any missing parent) before a long run, so a
     folder that cannot be made is an error in seconds, not after hours; if the run fails
     or is refused, the folders made here are removed again while they are still empty.
-    A folder that was there before is never removed."""
-    path = Path(path)
+    A folder that was there before is never removed. Yields the folder's resolved path."""
+    given = path = Path(path)
+    path = path.resolve()  # `new/../existing` names `existing`, which must never count as made here
     made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"{option} {path}: cannot make the folder ({exc.strerror or exc}); "
+        raise StorageError(f"{option} {given}: cannot make the folder ({exc.strerror or exc}); "
                            "expected a folder this user may write to") from exc
     try:
-        yield path
+        yield path  # resolved: writing through `new/../existing` would make `new`
     except BaseException:
         for folder in made:
             try:
