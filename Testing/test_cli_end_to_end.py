@@ -177,7 +177,8 @@ def test_the_demo_without_slicer_core_writes_everything_but_the_scene_and_says_s
     assert "scene.mrb will not be written" in r.stderr and "slicer-core" in r.stderr
     assert "no scene.mrb (it needs slicer-core)" in r.stdout
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["metrics.json", "overview.png", "prediction.seg.nrrd", "report.md", "uncertainty.nrrd", "workspace"]
+    assert written == ["demo.json", "metrics.json", "overview.png", "prediction.seg.nrrd", "report.md", "uncertainty.nrrd",
+                       "workspace"]
     assert "no `scene.mrb`: writing it needs slicer-core" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 
@@ -187,23 +188,34 @@ def test_the_demo_writes_over_an_earlier_demo_but_never_over_files_of_the_users(
     (the README's command, twice) still works, and other files are left alone."""
     from VQMedSegLib.jobs.workspace import Workspace
 
+    tiny = ("--preset", "tiny", "--iterations", "3", "--device", "cpu")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.md").write_text("my notes", encoding="utf-8")
-    (mine / "workspace").mkdir()
-    r = vqmedseg("demo", "--out", mine, "--preset", "tiny", "--device", "cpu", check=False)
+    Workspace.create(mine / "workspace", task="liver")  # a workspace of theirs, even an empty one, is no demo
+    r = vqmedseg("demo", "--out", mine, *tiny, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (f"--out {mine}: holds report.md and workspace, which an earlier demo did not write; expected a new or "
             "empty folder, one without those names, or an earlier demo's folder") in r.stderr, r.stderr
-    assert sorted(p.name for p in mine.iterdir()) == ["report.md", "workspace"] and not any((mine / "workspace").iterdir())
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md", "workspace"]
     assert (mine / "report.md").read_text(encoding="utf-8") == "my notes"
-    earlier = tmp_path / "earlier"  # a demo killed early: its workspace made, one old file of its own
-    Workspace.create(earlier / "workspace", task="liver")
-    (earlier / "report.md").write_text("# VQMedSeg demo report\n\nan old one", encoding="utf-8")
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    r = vqmedseg("demo", "--out", tmp_path / "a-file", *tiny, check=False)
+    assert r.returncode == 3 and "Traceback" not in r.stderr and "cannot make the folder" in r.stderr, r.stderr
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
     (earlier / "notes.txt").write_text("kept", encoding="utf-8")
-    vqmedseg("demo", "--out", earlier, "--preset", "tiny", "--iterations", "3", "--device", "cpu")
-    assert "an old one" not in (earlier / "report.md").read_text(encoding="utf-8")
+    vqmedseg("demo", "--out", earlier, *tiny)
+    report = (earlier / "report.md").read_text(encoding="utf-8")
+    other_seed = vqmedseg("demo", "--out", earlier, *tiny, "--seed", "1", check=False)  # other phantoms
+    assert other_seed.returncode == 2, other_seed.stderr
+    assert (f"--out {earlier}: holds a demo made with --seed 0; run it with --seed 0 to make it again, "
+            "or give another --out") in other_seed.stderr, other_seed.stderr
+    assert (earlier / "report.md").read_text(encoding="utf-8") == report
+    vqmedseg("demo", "--out", earlier, *tiny)  # again, in place
     assert (earlier / "notes.txt").read_text(encoding="utf-8") == "kept"
+    assert json.loads((earlier / "metrics.json").read_text(encoding="utf-8"))["seed"] == 0
 
 
 def _documented_commands(text: str) -> list[str]:

@@ -21,7 +21,7 @@ from ..data.phantoms import make_dataset
 from ..device import resolve_device
 from ..errors import InputError, VQMedSegError
 from ..export.prediction import segments_for, write_prediction
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, read_json
 from ..inference.predict import load_model, predict_volume
 from ..jobs.runner import JobContext
 from ..jobs.workspace import Workspace
@@ -33,16 +33,19 @@ log = logging.getLogger("vqmedseg")
 
 N_TRAIN, N_VAL = 3, 1
 LIVER = 1
-# what the demo writes into its --out folder
-OUTPUTS = ("metrics.json", "overview.png", "prediction.seg.nrrd", "report.md", "scene.mrb", "uncertainty.nrrd", "workspace")
+# what the demo writes into its --out folder; MARKER first, so a demo killed early is known as one
+MARKER = "demo.json"
+OUTPUTS = (MARKER, "metrics.json", "overview.png", "prediction.seg.nrrd", "report.md", "scene.mrb", "uncertainty.nrrd",
+           "workspace")
 
 
 def run_demo(out: Path, preset: str = "quick", device_name: str = "auto", seed: int = 0, iterations: int | None = None) -> dict:
     t0 = time.monotonic()
     out = Path(out)
-    _refuse_to_write_over_other_files(out)
+    _refuse_to_write_over_other_files(out, seed)
     scene_writer = _scene_writer()  # known before training: minutes are not spent to fail at the end
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / MARKER, {"vqmedseg_demo": __version__, "seed": seed})
     device = resolve_device(device_name)
     task = get_task("liver")
     cases = make_dataset("phantom-liver", N_TRAIN + N_VAL + 1, seed=seed)
@@ -121,25 +124,43 @@ def run_demo(out: Path, preset: str = "quick", device_name: str = "auto", seed: 
     return result
 
 
-def _refuse_to_write_over_other_files(out: Path) -> None:
+def _refuse_to_write_over_other_files(out: Path, seed: int) -> None:
     """The demo replaces its own outputs (running the README's command again works), but
-    not files of the same names that an earlier demo did not write: a report.md kept in
-    the folder given as --out."""
+    not files of the same names that no demo wrote (a report.md kept in the folder given
+    as --out), nor a demo of other phantoms (another --seed), whose workspace holds them."""
     taken = [name for name in OUTPUTS if (out / name).exists()] if out.is_dir() else []
-    if not taken or _earlier_demo(out):
+    if not taken:
         return
-    listed = taken[0] if len(taken) == 1 else f"{', '.join(taken[:-1])} and {taken[-1]}"
-    raise InputError(f"--out {out}: holds {listed}, which an earlier demo did not write; expected a new or empty "
-                     "folder, one without those names, or an earlier demo's folder")
+    earlier = _earlier_demo_seed(out)
+    if earlier is None:
+        listed = taken[0] if len(taken) == 1 else f"{', '.join(taken[:-1])} and {taken[-1]}"
+        raise InputError(f"--out {out}: holds {listed}, which an earlier demo did not write; expected a new or empty "
+                         "folder, one without those names, or an earlier demo's folder")
+    if earlier != seed:
+        raise InputError(f"--out {out}: holds a demo made with --seed {earlier}; run it with --seed {earlier} to make it "
+                         "again, or give another --out")
 
 
-def _earlier_demo(out: Path) -> bool:
-    """Whether ``out/workspace`` is the workspace a demo makes: the liver, its phantoms only."""
+def _earlier_demo_seed(out: Path) -> int | None:
+    """The seed of the demo in ``out`` (its demo.json; before that file existed, the seed
+    in its metrics.json beside a demo report), or None when ``out`` holds no demo."""
+    for name, is_demo in ((MARKER, lambda d: "vqmedseg_demo" in d),
+                          ("metrics.json", lambda d: _read_start(out / "report.md").startswith("# VQMedSeg demo report"))):
+        try:
+            data = read_json(out / name)
+        except VQMedSegError:
+            continue
+        if isinstance(data, dict) and is_demo(data) and isinstance(data.get("seed"), int):
+            return data["seed"]
+    return None
+
+
+def _read_start(path: Path) -> str:
     try:
-        state = Workspace.open(out / "workspace").load_state()
-    except VQMedSegError:
-        return False
-    return state["task"] == "liver" and all(case_id.startswith("phantom-liver-") for case_id in state["cases"])
+        with open(path, encoding="utf-8") as f:
+            return f.read(64)
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _scene_writer():

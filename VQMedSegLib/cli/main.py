@@ -115,9 +115,11 @@ def _report_experiment(args, results: dict) -> int:
 
 # ------------------------------------------------------------------ commands
 def cmd_demo(args) -> int:
+    from ..files import output_folder
     from .demo import run_demo
 
-    result = run_demo(Path(args.out), preset=args.preset, device_name=args.device, seed=args.seed, iterations=args.iterations)
+    with output_folder(args.out) as out:
+        result = run_demo(out, preset=args.preset, device_name=args.device, seed=args.seed, iterations=args.iterations)
     if args.json:
         _print_json(result)
     else:
