@@ -296,6 +296,37 @@ def test_the_phantom_command_writes_datasets_the_tools_read(tmp_path, kind) -> N
         assert report["n_cases"] == 2 and all(not c["problems"] for c in report["cases"]), report
 
 
+def test_the_phantom_command_replaces_its_own_dataset_and_never_touches_anyone_elses(tmp_path) -> None:
+    """Written again with fewer cases, a phantom dataset once kept the earlier cases beside a
+    dataset.json counting fewer; another --kind mixed liver and lung cases under the lung's
+    labels; and a dataset folder of the user's got phantom cases and a new dataset.json."""
+    import json
+
+    from conftest import run_main
+
+    from VQMedSegLib.data.datasets import discover_cases
+
+    run_main("phantom", "--out", tmp_path / "ph", "--n", "3")
+    run_main("phantom", "--out", tmp_path / "ph", "--n", "2", "--seed", "1")
+    for modality in ("CT", "MR"):
+        assert [r.case_id for r in discover_cases(tmp_path / "ph" / modality)] == ["phantom-liver-000", "phantom-liver-001"]
+        assert json.loads((tmp_path / "ph" / modality / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 2
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "ph").rglob("*"))
+    lung = run_main("phantom", "--out", tmp_path / "ph", "--kind", "phantom-lung", "--n", "1", check=False)
+    assert lung.returncode == 2 and (f"{tmp_path / 'ph' / 'CT'}: holds a phantom-liver dataset; expected a new or empty "
+                                     "folder, or one of phantom-lung to write again; give another --out") in lung.stderr
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ph").rglob("*")) == before
+    mine = tmp_path / "mine" / "CT"
+    mine.mkdir(parents=True)
+    (mine / "dataset.json").write_text('{"name": "my hospital CT"}', encoding="utf-8")
+    (mine / "image_1.nii.gz").write_bytes(b"not read")
+    theirs = run_main("phantom", "--out", tmp_path / "mine", "--n", "1", check=False)
+    assert theirs.returncode == 2 and (f"{mine}: holds dataset.json and image_1.nii.gz, which vqmedseg phantom did not "
+                                       "write; expected a new or empty folder") in theirs.stderr, theirs.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["dataset.json", "image_1.nii.gz"] and not (tmp_path / "mine" / "MR").exists()
+    assert (mine / "dataset.json").read_text(encoding="utf-8") == '{"name": "my hospital CT"}'
+
+
 def test_the_phantom_command_refuses_no_cases(tmp_path) -> None:
     from conftest import run_main
 

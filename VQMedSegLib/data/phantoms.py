@@ -20,6 +20,7 @@ phantom labels one central lung tumour (:data:`LUNG_LABELS`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -1052,29 +1053,68 @@ def write_datasets(out: str | Path, kind: str, n_cases: int, seed: int = 0) -> d
     ``out/CT`` (and ``out/MR`` for the abdomen): ``image_<case>.nrrd`` with
     ``label_<case>.nrrd`` and a ``dataset.json`` (nnU-Net's keys) naming the modality and
     the labels, the layout :func:`~VQMedSegLib.data.datasets.discover_cases` reads as
-    ``pairs``. Returns the folders by modality; each file is written whole or not at all."""
+    ``pairs``. Returns the folders by modality; each file is written whole or not at all.
+
+    A folder this function wrote before (for the same ``kind``) is written again, its
+    earlier cases removed; any other folder that is not empty is refused before anything
+    is written."""
     from .. import __version__
     from ..files import atomic_write_json
     from .io import write_volume
 
     cases = make_dataset(kind, n_cases, seed=seed)
     labels = LIVER_LABELS if kind == "phantom-liver" else LUNG_LABELS
-    folders: dict[str, Path] = {}
-    for modality in ("CT", "MR"):
-        pairs = [(c.case_id, c.ct, c.ct_label) if modality == "CT" else (c.case_id, c.mr, c.mr_label) for c in cases]
-        if any(image is None for _, image, _ in pairs):
-            continue  # the chest phantom has no MR
-        folder = Path(out) / modality
+    sets = {"CT": [(c.case_id, c.ct, c.ct_label) for c in cases]}
+    if all(c.mr is not None for c in cases):  # the chest phantom has no MR
+        sets["MR"] = [(c.case_id, c.mr, c.mr_label) for c in cases]
+    folders = {modality: Path(out) / modality for modality in sets}
+    earlier = {modality: _earlier_phantom_files(folder, kind) for modality, folder in folders.items()}  # refuses first
+    for modality, pairs in sets.items():
+        folder = folders[modality]
+        for stale in earlier[modality]:
+            stale.unlink()
         for case_id, image, label in pairs:
             write_volume(image, folder / f"image_{case_id}.nrrd")
             write_volume(label, folder / f"label_{case_id}.nrrd")
         atomic_write_json(folder / "dataset.json", {
             "name": f"{kind} ({modality})",
-            "description": f"synthetic {kind} phantoms: vqmedseg {__version__} phantom --kind {kind} --n {n_cases} --seed {seed}",
+            "description": f"synthetic {kind} phantoms, made by vqmedseg {__version__}",
             "channel_names": {"0": modality},
             "labels": {"background": 0, **labels},
             "numTraining": len(pairs),
             "file_ending": ".nrrd",
+            PHANTOM_MARKER: {"kind": kind, "n": n_cases, "seed": seed},
         })
-        folders[modality] = folder
     return folders
+
+
+# the key of a dataset.json that write_datasets wrote
+PHANTOM_MARKER = "vqmedseg_phantom"
+
+
+def _earlier_phantom_files(folder: Path, kind: str) -> list[Path]:
+    """The case files of an earlier ``write_datasets`` of ``kind`` in ``folder``, to be
+    replaced; an error for a folder that holds anything else."""
+    from ..errors import InputError
+    from ..files import read_json
+
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file; expected a folder for the {folder.name} dataset, or nothing there")
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    if not entries:
+        return []
+    try:
+        marker = read_json(folder / "dataset.json").get(PHANTOM_MARKER)
+    except (InputError, AttributeError):
+        marker = None
+    ours = re.compile(rf"(image|label)_{re.escape(marker['kind'])}-\d{{3}}\.nrrd") if isinstance(marker, dict) and \
+        isinstance(marker.get("kind"), str) else None
+    others = [p.name for p in entries if ours is None or not (p.name == "dataset.json" or ours.fullmatch(p.name))]
+    if others:
+        listed = (others[0] if len(others) == 1 else f"{', '.join(others[:-1])} and {others[-1]}" if len(others) <= 4
+                  else f"{', '.join(others[:3])} and {len(others) - 3} more")
+        raise InputError(f"{folder}: holds {listed}, which vqmedseg phantom did not write; expected a new or empty folder")
+    if marker["kind"] != kind:
+        raise InputError(f"{folder}: holds a {marker['kind']} dataset; expected a new or empty folder, or one of {kind} "
+                         "to write again; give another --out")
+    return [p for p in entries if p.name != "dataset.json"]
