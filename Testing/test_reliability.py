@@ -283,7 +283,7 @@ def test_slices_far_out_of_range_are_refused_at_once_in_a_short_message(ws_with_
     (("train", "WS", "--preset", "tiny", "--method", "supervised", "--perturbation", "dropout"), ("--perturbation", "only --method vqseg")),
     (("train", "WS", "--preset", "tiny", "--method", "begal", "--foundation", "none"), ("--foundation", "only --method vqseg")),
     (("train", "WS", "--preset", "tiny", "--method", "vqseg", "--dropout-rate", "0.3"),
-     ("--dropout-rate 0.3: read only where the perturbation is dropout", "--method vqseg perturbs with qpm")),
+     ("--dropout-rate 0.3: read only with the dropout perturbation, and --method vqseg perturbs with qpm",)),
     (("predict", "WS", "--out", "elsewhere"), ("--out", "not used with --workspace", "predictions/<case>/")),
     (("predict", "--model", "m.pt", "--ct", "ct.nrrd", "--out", "o", "--case", "c1"), ("--case only with --workspace",)),
 ])
@@ -310,12 +310,15 @@ def test_options_a_command_would_ignore_are_refused(ws_with_case, argv, needles)
       "--methods vqseg-dropout,vqseg-noqpm,vqseg-labelled has none")),
     (("--methods", "supervised,vqseg", "--config", "CONFIG"),
      ("config key 'dropout_rate' (0.2) of", "read only where the perturbation is dropout", "has none")),
+    (("--methods", "vqseg-dropout", "--dropout-rate", "0.2", "--config", "NOQPM"),
+     ("--dropout-rate 0.2: ", "--methods vqseg-dropout has none (use_qpm false switches every perturbation off)")),
 ])
 def test_ssl_refuses_a_setting_no_row_of_the_experiment_reads(tmp_path, options, needles):
     """`ssl --methods supervised --strong-augment` once trained without it and recorded it in
     run.json as if it had taken effect; so did a dropout rate beside QPM."""
     (tmp_path / "rate.json").write_text(json.dumps({"dropout_rate": 0.2}))
-    options = [tmp_path / "rate.json" if o == "CONFIG" else o for o in options]
+    (tmp_path / "noqpm.json").write_text(json.dumps({"use_qpm": False}))
+    options = [{"CONFIG": tmp_path / "rate.json", "NOQPM": tmp_path / "noqpm.json"}.get(o, o) for o in options]
     r = run_main("ssl", "--dataset", "phantom-lung", "--preset", "tiny", *options, "--out", tmp_path / "out", check=False)
     refused(r, *needles, code=2)
     assert not (tmp_path / "out").exists()

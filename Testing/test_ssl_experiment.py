@@ -447,6 +447,12 @@ def test_a_config_file_is_laid_over_the_preset_and_command_line_options_over_bot
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     expected = vqseg_config_from_preset("tiny", num_codes=32, iterations=2, strong_augment=True, foundation="none")
     assert run["config"] == expected.to_json() and run["preset"] == "tiny + partial.json"
+    # a whole recorded configuration given again: its keys that keep the preset's values (a dropout
+    # rate beside QPM, strong_augment false) change nothing, and are not refused as unread
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({**run["config"], "strong_augment": False}), encoding="utf-8")
+    run_main("ssl", "--dataset", folder, "--seeds", "1", "--preset", "tiny", "--config", recorded, "--methods", "supervised",
+             "--out", tmp_path / "again")
 
 
 def test_an_experiment_never_writes_over_the_results_of_an_earlier_one_unless_asked(tmp_path):

@@ -432,11 +432,11 @@ def cmd_train(args) -> int:
             args.preset, args.config, iterations=args.iterations, seed=args.seed, perturbation=args.perturbation,
             dropout_rate=args.dropout_rate, foundation=args.foundation)
         run = train_vqseg
-        effective = config.perturbation if config.use_qpm else "none (use_qpm false)"
         _refuse_settings_no_row_reads(args, config, ["vqseg"], lambda key: {
-            "dropout_rate": f"--method vqseg perturbs with {effective}",
-            "perturbation": "--method vqseg perturbs nothing (use_qpm false)",
-            "foundation": "--method vqseg has PFA off (use_pfa false)"}[key])
+            "dropout_rate": "read only with the dropout perturbation, and --method vqseg perturbs with "
+                            + (config.perturbation if config.use_qpm else "nothing (use_qpm false)"),
+            "perturbation": "use_qpm false switches the perturbation off",
+            "foundation": "use_pfa false switches PFA off, and no foundation model is read"}[key])
     else:
         raise InputError(f"--method {args.method!r}: expected 'supervised', 'begal' or 'vqseg'")
     if args.validation_cases:
@@ -467,7 +467,7 @@ def _refuse_options_the_method_ignores(args) -> None:
             raise InputError(f"{', '.join(given)}: only --method vqseg uses {them}; --method {args.method} would ignore {them}")
 
 
-# the settings a VQ-Seg command line gives every row, and what reads them
+# the settings a VQ-Seg command line gives every row of an experiment, and what reads them
 _READ_ONLY_BY = {
     "perturbation": ("--perturbation", "read only by rows that train semi-supervised and set no perturbation of their own "
                                        "(vqseg, vqseg-nodb, vqseg-nopfa)"),
@@ -478,19 +478,32 @@ _READ_ONLY_BY = {
 }
 
 
-def _refuse_settings_no_row_reads(args, config, methods: list[str], why_none) -> None:
-    """A VQ-Seg setting given on the command line or in ``--config`` that none of
-    ``methods`` reads is an error, as for :func:`_refuse_options_the_method_ignores`;
-    ``why_none(key)`` ends the message. ``--foundation none`` is never refused: it is how
-    one says not to load a foundation model, and none is loaded."""
+def _rows_have_none(config, methods: list[str]):
+    """How an experiment's refusal ends: no row of ``methods`` reads the setting (and why)."""
+    def why(key: str) -> str:
+        off = (" (use_qpm false switches every perturbation off)" if key in ("perturbation", "dropout_rate") and not config.use_qpm
+               else " (use_pfa false switches PFA off)" if key == "foundation" and not config.use_pfa else "")
+        return f"{_READ_ONLY_BY[key][1]}; --methods {','.join(methods)} has none{off}"
+    return why
+
+
+def _refuse_settings_no_row_reads(args, config, methods: list[str], why_unread) -> None:
+    """A VQ-Seg setting given on the command line, or changed from the preset in
+    ``--config``, that none of ``methods`` reads is an error, as for
+    :func:`_refuse_options_the_method_ignores`; ``why_unread(key)`` says why. A config
+    file's key that keeps the preset's value changes nothing either way (a whole recorded
+    configuration can be given again), and ``--foundation none`` is how one says not to
+    load a foundation model: neither is refused."""
+    from ..config import vqseg_config_from_preset
     from ..errors import ConfigError
     from ..files import read_json
     from ..training.ssl_experiment import rows_reading
 
     given = {}
-    if args.config:  # already read and checked; here, which keys it sets
+    if args.config:  # already read and checked; here, which keys it changes
+        preset = vqseg_config_from_preset(args.preset).to_json()
         for key, value in read_json(Path(args.config), ConfigError).items():
-            if key in _READ_ONLY_BY:
+            if key in _READ_ONLY_BY and value != preset[key]:
                 given[key] = f"config key {key!r} ({json.dumps(value)}) of {args.config}"
     for key, (flag, _) in _READ_ONLY_BY.items():
         value = getattr(args, key, None)
@@ -499,7 +512,7 @@ def _refuse_settings_no_row_reads(args, config, methods: list[str], why_none) ->
     readers = rows_reading(methods, config)
     for key, label in given.items():
         if not readers[key] and not (key == "foundation" and config.foundation == "none"):
-            raise InputError(f"{label}: {_READ_ONLY_BY[key][1]}; {why_none(key)}")
+            raise InputError(f"{label}: {why_unread(key)}")
 
 
 def cmd_query(args) -> int:
@@ -568,7 +581,7 @@ def cmd_ssl(args) -> int:
         args.preset, args.config, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
     methods = _names(args.methods, "--methods")
-    _refuse_settings_no_row_reads(args, config, methods, lambda key: f"--methods {','.join(methods)} has none")
+    _refuse_settings_no_row_reads(args, config, methods, _rows_have_none(config, methods))
     with output_folder(args.out) as out:
         results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, out, device,
                           preset=_preset_label(args), validation_patients=args.validation_patients,
