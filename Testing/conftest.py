@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from VQMedSegLib.data.paths import shared_data_dir  # noqa: E402
 from VQMedSegLib.data.volume import Volume  # noqa: E402
+
+
+@contextlib.contextmanager
+def keeping_locale():
+    """GDCM's DICOM writer sets the process's LC_CTYPE to "C" and leaves it so: a test
+    later in the same process then read text files as ASCII and failed, depending on the
+    order the tests ran in. The tests' DICOM writers restore it (the library only reads
+    DICOM, which leaves the locale alone: test_io.py holds it so)."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
 
 
 def oblique_direction(angles=(0.3, -0.2, 0.15)) -> np.ndarray:

@@ -222,6 +222,7 @@ def test_a_dataset_folder_with_ct_and_mr_folders_simulates_each_ct_with_its_own_
     `--dataset DIR/CT` runs CT-only."""
     from VQMedSegLib.active_learning.simulation import load_simulation_data
     from VQMedSegLib.data.phantoms import write_datasets
+    from VQMedSegLib.errors import InputError
 
     write_datasets(tmp_path / "data", "phantom-liver", 4, seed=3)
     both = load_simulation_data(str(tmp_path / "data"), 32)
@@ -233,6 +234,10 @@ def test_a_dataset_folder_with_ct_and_mr_folders_simulates_each_ct_with_its_own_
     assert "with 4 MR cases (paired by case)" in both.description
     ct_only = load_simulation_data(str(tmp_path / "data" / "CT"), 32)
     assert (ct_only.pool.pair == -1).all() and len(ct_only.pool.mr) == 0
+    # simulate is about the liver: a dataset whose label 1 is something else is refused, not trained on
+    write_datasets(tmp_path / "lung", "phantom-lung", 3, seed=3)
+    with pytest.raises(InputError, match=r"dataset.json names label 1 'tumour'; simulate compares strategies on the liver"):
+        load_simulation_data(str(tmp_path / "lung"), 32)
 
 
 def test_simulate_rejects_a_budget_larger_than_the_pool(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import h5py
@@ -17,6 +18,8 @@ from VQMedSegLib.data.io import write_volume
 from VQMedSegLib.data.paths import shared_data_dir
 from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.errors import InputError
+
+from conftest import keeping_locale
 
 SKIP_REASON = "real scans not found: set VQMEDSEG_DATA or place them in ../shared/data"
 
@@ -47,6 +50,11 @@ def write_dicom_slices(folder: Path, slices: list[np.ndarray], positions_z: list
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     uid = "1.2.826.0.1.3680043.2.1125.7"
+    with keeping_locale():
+        _write_slices(writer, folder, uid, slices, positions_z, numbers)
+
+
+def _write_slices(writer, folder: Path, uid: str, slices, positions_z, numbers) -> None:
     for pixels, z, number in zip(slices, positions_z, numbers):
         image = sitk.GetImageFromArray(pixels.astype(np.int16)[np.newaxis])
         image.SetSpacing((0.7, 0.7, 2.0))
@@ -105,6 +113,28 @@ def test_a_pairs_folder_takes_its_modality_from_dataset_json(tmp_path: Path, cap
     with caplog.at_level("WARNING"):
         ref = discover_cases(tmp_path)[0]
     assert ref.modality == "CT" and ref.options["modality_source"] == "dataset.json" and "guessed" not in caplog.text
+
+
+@pytest.mark.parametrize("labels", [{"background": 0, "liver": 1, "spleen": 4},  # nnU-Net v2: name -> value
+                                    {"0": "background", "1": "liver", "4": "spleen"}])  # MSD: value -> name
+def test_a_dataset_json_names_its_label_values_in_either_convention(tmp_path: Path, labels) -> None:
+    from VQMedSegLib.data.datasets import dataset_json_labels
+
+    assert dataset_json_labels(tmp_path) is None
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    assert dataset_json_labels(tmp_path) == {1: "liver", 4: "spleen"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": ["liver"]}))  # no convention of either
+    assert dataset_json_labels(tmp_path) is None
+
+
+def test_a_folder_of_dataset_folders_is_refused_naming_them(tmp_path: Path) -> None:
+    """`vqmedseg phantom --out DIR` writes DIR/CT and DIR/MR; DIR itself is no dataset."""
+    (tmp_path / "CT").mkdir()
+    (tmp_path / "CT" / "dataset.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(InputError, match=rf"no cases found in a supported layout; its folder CT holds a dataset: give "
+                                         rf"{re.escape(str(tmp_path / 'CT'))}\. Supported layouts"):
+        discover_cases(tmp_path)
 
 
 def test_label_geometry_mismatch(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from VQMedSegLib.data.io import read_label, read_volume, write_segmentation, wri
 from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.errors import InputError
 
+from conftest import keeping_locale
+
 # An exactly representable oblique rotation (3-4-5 triangles): fine for DICOM DS strings.
 _RX = np.array([[1.0, 0.0, 0.0], [0.0, 0.8, -0.6], [0.0, 0.6, 0.8]])
 _RZ = np.array([[0.8, -0.6, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
@@ -67,23 +69,24 @@ def write_dicom_series(
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     d = np.asarray(direction, dtype=float)
-    for k in range(image.GetDepth()):
-        slice_ = image[:, :, k]
-        tags = {
-            "0008|0060": modality,
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0020|000d": f"{series_uid}.99",
-            "0020|000e": series_uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in list(d[:, 0]) + list(d[:, 1])),
-            "0018|0050": str(spacing[2]),
-        }
-        for key, value in tags.items():
-            slice_.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
-        writer.Execute(slice_)
+    with keeping_locale():  # GDCM's writer sets LC_CTYPE to C (see conftest)
+        for k in range(image.GetDepth()):
+            slice_ = image[:, :, k]
+            tags = {
+                "0008|0060": modality,
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0008|0018": f"{series_uid}.{k + 1}",
+                "0020|000d": f"{series_uid}.99",
+                "0020|000e": series_uid,
+                "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+                "0020|0037": "\\".join(f"{v:.6f}" for v in list(d[:, 0]) + list(d[:, 1])),
+                "0018|0050": str(spacing[2]),
+            }
+            for key, value in tags.items():
+                slice_.SetMetaData(key, value)
+            writer.SetFileName(str(folder / f"{prefix}{k:04d}.dcm"))
+            writer.Execute(slice_)
     return image
 
 
@@ -143,6 +146,20 @@ def test_dicom_series_geometry_and_hu(tmp_path: Path) -> None:
     # one file of the series stands for the whole series
     one = read_volume(tmp_path / "series" / "s0002.dcm")
     np.testing.assert_array_equal(one.array, hu)
+
+
+def test_reading_dicom_leaves_the_process_locale_alone(tmp_path: Path) -> None:
+    """GDCM's writer sets LC_CTYPE to "C" (and Python then reads text as ASCII); reading,
+    all the library does with DICOM, must not."""
+    import locale
+
+    write_dicom_series(tmp_path / "series", np.full((3, 4, 4), -1000), spacing=(1.0, 1.0, 2.0))
+    before = locale.setlocale(locale.LC_CTYPE)
+    read_volume(tmp_path / "series")
+    from VQMedSegLib.data.datasets import discover_cases, load_case
+
+    load_case(discover_cases(tmp_path / "series")[0])
+    assert locale.setlocale(locale.LC_CTYPE) == before
 
 
 def test_dicom_missing_slice_is_flagged(tmp_path: Path) -> None:

@@ -272,6 +272,7 @@ def test_the_phantom_command_writes_datasets_the_tools_read(tmp_path, kind) -> N
     from conftest import run_main
 
     from VQMedSegLib.data.datasets import discover_cases, load_case
+    from VQMedSegLib.training.ssl_experiment import load_cases
 
     printed = run_main("phantom", "--out", tmp_path, "--kind", kind, "--n", "2", "--seed", "5").stdout
     cases = make_dataset(kind, 2, seed=5)
@@ -294,6 +295,8 @@ def test_the_phantom_command_writes_datasets_the_tools_read(tmp_path, kind) -> N
         assert f"{folder}: 2 {modality} cases" in printed
         report = json.loads(run_main("dataset", "check", folder, "--json").stdout)
         assert report["n_cases"] == 2 and all(not c["problems"] for c in report["cases"]), report
+        # an experiment names the structures as the dataset.json does
+        assert load_cases(str(folder)).structures == {value: name for name, value in labels.items()}
 
 
 def test_the_phantom_command_replaces_its_own_dataset_and_never_touches_anyone_elses(tmp_path) -> None:

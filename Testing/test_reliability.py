@@ -29,7 +29,7 @@ from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.jobs.runner import own_process_group
 from VQMedSegLib.jobs.workspace import Workspace
 
-from conftest import REPO, run_cli, run_main
+from conftest import REPO, keeping_locale, run_cli, run_main
 
 
 # ------------------------------------------------------------------------- helpers
@@ -124,13 +124,14 @@ def test_corrupt_dicom_file_in_a_series(ws, tmp_path):
     image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 400, (4, 16, 16)).astype(np.int16))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(4):
-        s = image[:, :, k]
-        for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"), ("0020|0013", str(k + 1)),
-                           ("0020|0032", f"0\\0\\{2.5 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "1\\1")):
-            s.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
-        writer.Execute(s)
+    with keeping_locale():  # GDCM's writer sets LC_CTYPE to C (see conftest)
+        for k in range(4):
+            s = image[:, :, k]
+            for tag, value in (("0008|0060", "CT"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"), ("0020|0013", str(k + 1)),
+                               ("0020|0032", f"0\\0\\{2.5 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "1\\1")):
+                s.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+            writer.Execute(s)
     victim = folder / "002.dcm"
     victim.write_bytes(victim.read_bytes()[:300])
     refused(add_ct(ws, folder), "dicom", code=2)

@@ -104,12 +104,19 @@ def _chaos_data(root: Path, size: int, seed: int) -> SimulationData:
 
 
 def _folder_data(path: Path, size: int, seed: int) -> SimulationData:
-    from ..data.datasets import discover_cases, load_case
+    from ..data.datasets import dataset_json_labels, discover_cases, load_case
 
     task = get_task("liver")
-    # a dataset folder per modality (what `vqmedseg phantom` writes): MR/ beside CT/
-    parts = [path / m for m in ("CT", "MR") if (path / m / "dataset.json").is_file()]
-    refs = [r for part in parts for r in discover_cases(part)] if parts else discover_cases(path)
+    # a dataset folder per modality (what `vqmedseg phantom` writes): CT/, and MR/ beside it
+    split = (path / "CT" / "dataset.json").is_file()
+    ct_root = path / "CT" if split else path
+    named = (dataset_json_labels(ct_root) or {}).get(1)
+    if named is not None and named.lower() != "liver":
+        raise InputError(f"--dataset {path}: {ct_root / 'dataset.json'} names label 1 {named!r}; simulate compares "
+                         "strategies on the liver, label 1 of the CT cases")
+    refs = discover_cases(ct_root, "CT" if split else None)
+    if split and (path / "MR").is_dir():
+        refs += discover_cases(path / "MR", "MR")
     ct_refs = [r for r in refs if r.modality == "CT" and r.label is not None]
     mr_refs = [r for r in refs if r.modality == "MR"]
     paired = {r.case_id for r in mr_refs} & {r.case_id for r in ct_refs}

@@ -55,7 +55,7 @@ from .volume import Volume
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CaseRef", "LAYOUTS", "discover_cases", "load_case", "read_chaos_ground"]
+__all__ = ["CaseRef", "LAYOUTS", "dataset_json_labels", "discover_cases", "load_case", "read_chaos_ground"]
 
 LAYOUTS = {
     "chaos": "CHAOS challenge folders (CT/<n>/DICOM_anon + Ground, MR/<n>/T2SPIR/DICOM_anon + Ground)",
@@ -265,6 +265,26 @@ def _dataset_json_modality(root: Path) -> str | None:
     return None
 
 
+def dataset_json_labels(root: str | os.PathLike) -> dict[int, str] | None:
+    """The names a ``dataset.json`` in ``root`` gives its label values, background left
+    out: nnU-Net's ``{"liver": 1}`` or the Decathlon's ``{"1": "liver"}``; None without
+    one."""
+    path = Path(root) / "dataset.json"
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(labels, dict) or not labels:
+        return None
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        names = {int(v): str(k) for k, v in labels.items()}
+    elif all(str(k).isdigit() for k in labels):
+        names = {int(k): str(v) for k, v in labels.items()}
+    else:
+        return None
+    return {v: name for v, name in sorted(names.items()) if v != 0}
+
+
 def _images_tr_cases(root: Path, modality: str | None) -> list[CaseRef]:
     if root.name in ("imagesTr", "imagesTs", "labelsTr"):
         root = root.parent
@@ -438,7 +458,10 @@ def discover_cases(
     if list_dicom_series(root):
         return _unique_ids(_dicom_cases(root, modality))
     supported = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
-    raise InputError(f"{root}: no cases found in a supported layout. Supported layouts: {supported}")
+    inner = sorted(p for p in root.iterdir() if p.is_dir() and (p / "dataset.json").is_file())
+    hint = (f"; its folder{'s' if len(inner) > 1 else ''} {', '.join(p.name for p in inner)} "
+            f"hold{'' if len(inner) > 1 else 's'} a dataset: give {' or '.join(str(p) for p in inner)}" if inner else "")
+    raise InputError(f"{root}: no cases found in a supported layout{hint}. Supported layouts: {supported}")
 
 
 def load_case(ref: CaseRef, *, check_geometry: bool = True) -> tuple[Volume, Volume | None]:

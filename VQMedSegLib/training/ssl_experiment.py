@@ -123,7 +123,7 @@ def load_cases(dataset: str) -> SSLData:
         name = "liver" if dataset == "phantom-liver" else "lung tumour"
         return SSLData([Case(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), "CT")
                         for c in cases], {1: name}, None)
-    from ..data.datasets import discover_cases, load_case
+    from ..data.datasets import dataset_json_labels, discover_cases, load_case
     from ..data.paths import shared_data_dir
 
     if dataset in ("acdc", "chaos-mr"):
@@ -143,9 +143,10 @@ def load_cases(dataset: str) -> SSLData:
         image, label = load_case(ref)
         if label is not None:
             loaded.append((ref, image, label))
-    if structures is None:  # a folder: every label value found is a structure
+    if structures is None:  # a folder: every label value found is a structure, named as its dataset.json names it
         values = sorted({int(v) for _, _, label in loaded for v in np.unique(label.array)} - {0})
-        structures = {v: f"label {v}" for v in values}
+        names = dataset_json_labels(path) if path.is_dir() else None
+        structures = {v: (names or {}).get(v, f"label {v}") for v in values}
     out = []
     for ref, image, label in loaded:
         arr = np.asarray(label.array)
