@@ -96,13 +96,21 @@ class JsonConfig:
     @classmethod
     def from_json(cls: type[T], data: dict, *, source: str | None = None) -> T:
         obj = cls(**cls.checked(data, source=source))  # type: ignore[attr-defined, call-arg]
-        validate = getattr(obj, "validate", None)
-        if validate:
-            try:
+        try:
+            obj.check_common()  # type: ignore[attr-defined]
+            validate = getattr(obj, "validate", None)
+            if validate:
                 validate()
-            except ConfigError as exc:
-                raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
         return obj
+
+    def check_common(self) -> None:
+        """The checks every configuration shares: a seed from 0 (NumPy refuses a negative
+        one with a traceback, half way into a job)."""
+        seed = getattr(self, "seed", None)
+        if seed is not None:
+            check_values([(seed >= 0, "seed", seed, "a whole number from 0")])
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -135,7 +143,6 @@ class TrainConfig(JsonConfig):
         checks = [
             # recorded with every supervised model; the method itself is train --method's choice
             (self.method == "supervised", "method", self.method, "'supervised' (choose the method with train --method)"),
-            (self.seed >= 0, "seed", self.seed, "a whole number from 0"),
             (self.iterations >= 1, "iterations", self.iterations, "at least 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
             (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
@@ -238,7 +245,6 @@ class BEGALConfig(JsonConfig):
 
     def validate(self) -> None:
         checks = [
-            (self.seed >= 0, "seed", self.seed, "a whole number from 0"),
             (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
             (len(self.features) == 5, "features", self.features, "five channel counts"),
             (self.num_codes >= 2, "num_codes", self.num_codes, "at least 2"),
@@ -330,7 +336,6 @@ class VQSegConfig(JsonConfig):
 
     def validate(self) -> None:
         checks = [
-            (self.seed >= 0, "seed", self.seed, "a whole number from 0"),
             (self.slice_size >= 16 and self.slice_size % 16 == 0, "slice_size", self.slice_size, "a multiple of 16"),
             (len(self.features) == 5, "features", self.features, "five channel counts"),
             (self.num_classes >= 2, "num_classes", self.num_classes, "at least 2 (background and one structure)"),
