@@ -37,3 +37,13 @@ class JobCancelled(VQMedSegError):
     """Raised inside a job when a cancel was requested; the job stops cleanly."""
 
     exit_code = 130
+
+
+def listed(names: list[str], most: int = 4) -> str:
+    """Names as a message lists them: ``a``, ``a and b``, ``a, b and c``; beyond ``most``,
+    the first ones and how many more (``a, b, c and 5 more``)."""
+    if len(names) <= 1:
+        return "".join(names)
+    if len(names) <= most:
+        return f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{', '.join(names[:most - 1])} and {len(names) - most + 1} more"

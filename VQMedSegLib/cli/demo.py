@@ -19,7 +19,7 @@ from .. import __version__
 from ..config import train_config_from_preset
 from ..data.phantoms import make_dataset
 from ..device import resolve_device
-from ..errors import InputError, VQMedSegError
+from ..errors import InputError, VQMedSegError, listed
 from ..export.prediction import segments_for, write_prediction
 from ..files import atomic_write_json, atomic_write_text, read_json
 from ..inference.predict import load_model, predict_volume
@@ -133,9 +133,8 @@ def _refuse_to_write_over_other_files(out: Path, seed: int) -> None:
         return
     earlier = _earlier_demo_seed(out)
     if earlier is None:
-        listed = taken[0] if len(taken) == 1 else f"{', '.join(taken[:-1])} and {taken[-1]}"
-        raise InputError(f"--out {out}: holds {listed}, which an earlier demo did not write; expected a new or empty "
-                         "folder, one without those names, or an earlier demo's folder")
+        raise InputError(f"--out {out}: holds {listed(taken, most=len(OUTPUTS))}, which an earlier demo did not write; "
+                         "expected a new or empty folder, one without those names, or an earlier demo's folder")
     if earlier != seed:
         raise InputError(f"--out {out}: holds a demo made with --seed {earlier}; run it with --seed {earlier} to make it "
                          "again, or give another --out")

@@ -1095,7 +1095,7 @@ PHANTOM_MARKER = "vqmedseg_phantom"
 def _earlier_phantom_files(folder: Path, kind: str) -> list[Path]:
     """The case files of an earlier ``write_datasets`` of ``kind`` in ``folder``, to be
     replaced; an error for a folder that holds anything else."""
-    from ..errors import InputError
+    from ..errors import InputError, listed
     from ..files import read_json
 
     if folder.exists() and not folder.is_dir():
@@ -1111,9 +1111,8 @@ def _earlier_phantom_files(folder: Path, kind: str) -> list[Path]:
         isinstance(marker.get("kind"), str) else None
     others = [p.name for p in entries if ours is None or not (p.name == "dataset.json" or ours.fullmatch(p.name))]
     if others:
-        listed = (others[0] if len(others) == 1 else f"{', '.join(others[:-1])} and {others[-1]}" if len(others) <= 4
-                  else f"{', '.join(others[:3])} and {len(others) - 3} more")
-        raise InputError(f"{folder}: holds {listed}, which vqmedseg phantom did not write; expected a new or empty folder")
+        raise InputError(f"{folder}: holds {listed(others)}, which vqmedseg phantom did not write; expected a new or empty "
+                         "folder")
     if marker["kind"] != kind:
         raise InputError(f"{folder}: holds a {marker['kind']} dataset; expected a new or empty folder, or one of {kind} "
                          "to write again; give another --out")
