@@ -147,6 +147,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._timer = None
         self._suggestions = []
+        self._hasModel = False  # read with the workspace's state, not on every parameter change
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -261,7 +262,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startCancelButton.enabled = ready
         self.ui.startCancelButton.text = _("Cancel") if running else _("Start training")
         self.ui.loadResultsButton.enabled = ready and not running
-        hasModel = ready and not running and self.logic.hasModel()
+        hasModel = ready and not running and self._hasModel
         self.ui.predictButton.enabled = hasModel
         self.ui.predictButton.toolTip = (
             _("Segment the selected CT with the workspace's last trained model, in the background, and load the result.")
@@ -384,8 +385,10 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ display
     def _refreshState(self) -> None:
         status = self.logic.workspaceStatus()
+        self._hasModel = bool(status and status["last_model"])
         if status is None:
             self.ui.statusLabel.text = _("No workspace open.")
+            self._checkCanApply()
             return
         model = status["last_model"]
         self.ui.statusLabel.text = _(
@@ -407,6 +410,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, column, qt.QTableWidgetItem(value))
         table.setCurrentCell(-1, -1)  # no row selected: the rows have moved, and the next is shown by a click
         table.blockSignals(wasBlocked)
+        self._checkCanApply()  # the Segment button follows whether a model exists now
 
     def _refreshResults(self) -> None:
         names = self.logic.uncertaintyNames()
@@ -684,17 +688,6 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         """Segment the case (default: the selected one) with the workspace's last model in a
         background process, and load the result when it is done."""
         return self._flow().start_prediction(caseId or self.caseId, keep_all_components=keepAllComponents)
-
-    def hasModel(self) -> bool:
-        """Whether the workspace holds a trained model to segment with."""
-        from VQMedSegLib.errors import VQMedSegError
-
-        if self.workflow is None or self.workflow.workspace is None:
-            return False
-        try:
-            return self.workflow.workspace.latest_model() is not None
-        except VQMedSegError:  # an unreadable state.json: said when the workspace is used, not on every GUI update
-            return False
 
     def poll(self):
         """Read the running job's new events (the widget's timer calls this)."""
