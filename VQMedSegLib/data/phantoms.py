@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError, listed
 from .volume import Volume
 
 LIVER_LABELS: dict[str, int] = {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
@@ -1095,7 +1095,6 @@ PHANTOM_MARKER = "vqmedseg_phantom"
 def _earlier_phantom_files(folder: Path, kind: str) -> list[Path]:
     """The case files of an earlier ``write_datasets`` of ``kind`` in ``folder``, to be
     replaced; an error for a folder that holds anything else."""
-    from ..errors import InputError, listed
     from ..files import read_json
 
     if folder.exists() and not folder.is_dir():

@@ -170,9 +170,7 @@ def volume_from_node(node: Any) -> Volume:
         A :class:`Volume` owning a copy of the voxels. A parent transform of the node, if
         any, is not applied.
     """
-    image = node.GetImageData()
-    if image is None:
-        raise InputError(f"volume node {node.GetName()!r}: found no image data, expected voxels")
+    image = _image_data(node)
     if image.GetNumberOfScalarComponents() != 1:
         raise InputError(
             f"volume node {node.GetName()!r}: found {image.GetNumberOfScalarComponents()} "
@@ -184,6 +182,14 @@ def volume_from_node(node: Any) -> Volume:
     array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
     spacing, origin, direction = node_geometry(node)
     return Volume(array, spacing, origin, direction, {"source": f"MRML node {node.GetName()}"})
+
+
+def _image_data(node: Any) -> Any:
+    """The node's ``vtkImageData``; an error naming the node when it holds none."""
+    image = node.GetImageData()
+    if image is None:
+        raise InputError(f"volume node {node.GetName()!r}: found no image data, expected voxels")
+    return image
 
 
 def node_geometry(node: Any) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
@@ -363,10 +369,7 @@ def labelmap_from_segmentation(
     """
     scene = segmentation_node.GetScene()
     segmentation = segmentation_node.GetSegmentation()
-    image = reference_node.GetImageData()
-    if image is None:
-        raise InputError(f"volume node {reference_node.GetName()!r}: found no image data, expected voxels")
-    out = np.zeros(image.GetDimensions()[::-1], dtype=np.int16)  # its grid; its voxels are not needed
+    out = np.zeros(_image_data(reference_node).GetDimensions()[::-1], dtype=np.int16)  # its grid; its voxels are not needed
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segment_id)
