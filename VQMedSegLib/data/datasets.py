@@ -246,15 +246,23 @@ def _pairs_cases(root: Path, modality: str | None) -> list[CaseRef]:
     ]
 
 
-def _dataset_json_modality(root: Path) -> str | None:
+def _dataset_json(root: Path, unreadable: str = "") -> dict | None:
+    """The object in ``root/dataset.json``, or None (no file, or not a JSON object); an
+    unreadable file is logged with ``unreadable`` (what is not taken from it) when given."""
     path = root / "dataset.json"
     if not path.is_file():
         return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        log.warning("%s: unreadable (%s); modality not taken from it", path, exc)
+        if unreadable:
+            log.warning("%s: unreadable (%s); %s", path, exc, unreadable)
         return None
+    return info if isinstance(info, dict) else None
+
+
+def _dataset_json_modality(root: Path) -> str | None:
+    info = _dataset_json(root, unreadable="modality not taken from it") or {}
     channels = info.get("modality") or info.get("channel_names") or {}
     if isinstance(channels, dict) and channels:
         first = str(channels.get("0", next(iter(channels.values())))).upper()
@@ -269,11 +277,7 @@ def dataset_json_labels(root: str | os.PathLike) -> dict[int, str] | None:
     """The names a ``dataset.json`` in ``root`` gives its label values, background left
     out: nnU-Net's ``{"liver": 1}`` or the Decathlon's ``{"1": "liver"}``; None without
     one."""
-    path = Path(root) / "dataset.json"
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8")).get("labels") if path.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    labels = (_dataset_json(Path(root)) or {}).get("labels")
     if not isinstance(labels, dict) or not labels:
         return None
     if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
