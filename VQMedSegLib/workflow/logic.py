@@ -20,6 +20,8 @@ without a GUI:
    segmentation (named, coloured, with terminology) and the uncertainty maps, under the
    CT's subject-hierarchy folder. Only predictions the workspace state records as
    complete are loaded; a crashed or cancelled job's partial output never is.
+5. :meth:`~WorkflowLogic.start_scoring` scores the loaded prediction against a reference
+   segmentation on a worker thread, and the module's timer reads the answer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import re
 import subprocess
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,8 @@ class WorkflowLogic:
         self._queue: list[tuple[str, list[str]]] = []
         self.loaded: dict[str, dict[str, Any]] = {}
         self.shown: tuple[str, int] | None = None  # the suggested slice last shown for annotation
+        self._scorer: ThreadPoolExecutor | None = None  # one worker thread for the metrics, made on first use
+        self._scoring: Future | None = None
 
     # ------------------------------------------------------------------ workspace
     def open_workspace(self, folder: str | os.PathLike, task: str = "liver") -> Workspace:
@@ -641,15 +646,29 @@ class WorkflowLogic:
     def score_against(self, case_id: str, reference_node: Any) -> dict[str, Any]:
         """Dice and HD95 (mm) of the loaded prediction against a reference segmentation's
         target segment (the one named for the task, or its only segment: a reference with
-        more organs is scored on the target alone)."""
-        from ..metrics.segmentation import score_volumes
+        more organs is scored on the target alone). Waits for the answer; the module's
+        widget uses :meth:`start_scoring`."""
+        return self.start_scoring(case_id, reference_node).result()
+
+    def start_scoring(self, case_id: str, reference_node: Any) -> Future:
+        """:meth:`score_against` without waiting: the two segmentations are exported to
+        labelmaps here (MRML belongs to the calling thread), the metrics run on a worker
+        thread, and the returned future holds the scores. A reference that cannot be
+        scored is refused here. A request still waiting behind a running one is cancelled:
+        only the newest is wanted."""
+        from ..metrics import segmentation
 
         loaded = self.loaded.get(case_id)
         if not loaded:
             raise WorkspaceError(f"case {case_id!r}: load its prediction first")
         pred = self._target_label(loaded["segmentation"], case_id)
         ref = self._target_label(reference_node, case_id)
-        return score_volumes(pred, ref).to_json()
+        if self._scoring is not None:
+            self._scoring.cancel()  # no effect once it runs
+        if self._scorer is None:
+            self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="VQMedSeg-scoring")
+        self._scoring = self._scorer.submit(lambda: segmentation.score_volumes(pred, ref).to_json())
+        return self._scoring
 
 
 def _sh_item(sh: Any, node: Any) -> int:
