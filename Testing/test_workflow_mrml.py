@@ -585,3 +585,64 @@ def test_scoring_runs_off_the_calling_thread_on_the_segmentations_as_they_were_w
     other.GetSegmentation().AddEmptySegment("", "spleen")
     with pytest.raises(InputError, match="none is named 'Liver'"):
         logic.start_scoring(case_id, other)
+
+
+_GUI_THREAD_STEPS = r'''
+import sys, tempfile, threading, pathlib
+import numpy as np
+
+importers = {}
+
+
+class Watch:  # records which thread first imports torch or MONAI
+    def find_spec(self, name, path=None, target=None):
+        if name in ("torch", "monai") and name not in importers:
+            importers[name] = threading.current_thread().name
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+from VQMedSegLib.data.io import write_volume
+from VQMedSegLib.data.phantoms import make_dataset
+from VQMedSegLib.export import mrml
+from VQMedSegLib.workflow import WorkflowLogic
+
+scene, logics = mrml.new_scene()
+phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+ct_node, mr_node = mrml.add_volume(scene, phantom.ct, "CT"), mrml.add_volume(scene, phantom.mr, "MR")
+liver = phantom.ct_label.with_array((phantom.ct_label.array == 1).astype(np.uint8))
+truth = mrml.add_segmentation(scene, liver, [{"value": 1, "name": "Liver", "color": (1, 0, 0)}], reference_node=ct_node)
+logic = WorkflowLogic(scene)
+case = logic.prepare(ct_node, mr_node, folder=pathlib.Path(tempfile.mkdtemp()) / "ws")
+print("prepare", sorted(importers), flush=True)
+logic.status(), logic.suggestions(), logic.show_for_annotation(case, 4)
+print("show", sorted(importers), flush=True)
+logic.mark_annotated(case, [3, 5], truth)
+print("mark", sorted(importers), flush=True)
+ws = logic.workspace
+write_volume(liver, ws.prediction_dir(case) / "prediction.nrrd")
+write_volume(liver.with_array(liver.array * 0.5), ws.prediction_dir(case) / "uncertainty.nrrd")
+ws.update(lambda st: st.setdefault("predictions", {}).update({case: {"method": "supervised", "files": {
+    "segmentation": f"predictions/{case}/prediction.nrrd", "uncertainty": f"predictions/{case}/uncertainty.nrrd"}}}))
+logic.load_results(case)
+print("load", sorted(importers), flush=True)
+scores = logic.start_scoring(case, truth).result(timeout=300)
+print("score", scores["dice"], importers, flush=True)
+'''
+
+
+def test_the_steps_on_the_gui_thread_import_neither_torch_nor_monai(tmp_path):
+    """Importing torch and MONAI takes seconds (more inside Slicer, from a cold disk cache).
+    Preparing the workspace imported both, through the slice planner, freezing Slicer's
+    GUI on the first click. The module's own steps (prepare, show a slice, mark it, load
+    results) must not import them; scoring, which needs MONAI, imports it on its worker."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "steps.py"
+    script.write_text(_GUI_THREAD_STEPS, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout.splitlines()
+    assert said[:4] == ["prepare []", "show []", "mark []", "load []"], said
+    assert said[4].startswith("score 1.0 ") and "MainThread" not in said[4], said

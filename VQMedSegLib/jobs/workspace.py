@@ -197,7 +197,7 @@ class Workspace:
         annotations were drawn on the stored one.
         """
         from ..data.io import write_volume  # local: keeps `import workspace` light (no torch)
-        from ..data.preprocessing import plan_slices
+        from ..data.slice_plan import plan_slices  # NumPy only: no torch on the GUI thread
 
         safe_id(case_id)
         known = self.cases().get(case_id)

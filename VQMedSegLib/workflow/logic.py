@@ -656,8 +656,6 @@ class WorkflowLogic:
         thread, and the returned future holds the scores. A reference that cannot be
         scored is refused here. A request still waiting behind a running one is cancelled:
         only the newest is wanted."""
-        from ..metrics import segmentation
-
         loaded = self.loaded.get(case_id)
         if not loaded:
             raise WorkspaceError(f"case {case_id!r}: load its prediction first")
@@ -667,8 +665,16 @@ class WorkflowLogic:
             self._scoring.cancel()  # no effect once it runs
         if self._scorer is None:
             self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="VQMedSeg-scoring")
-        self._scoring = self._scorer.submit(lambda: segmentation.score_volumes(pred, ref).to_json())
+        self._scoring = self._scorer.submit(_score, pred, ref)
         return self._scoring
+
+
+def _score(pred: Volume, ref: Volume) -> dict[str, Any]:
+    """The scores, on the scoring worker: the metrics import MONAI and torch (seconds the
+    first time), and that import happens here, off the GUI thread, too."""
+    from ..metrics import segmentation
+
+    return segmentation.score_volumes(pred, ref).to_json()
 
 
 def _sh_item(sh: Any, node: Any) -> int:
