@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from VQMedSegLib.data.io import read_label, read_volume, write_segmentation, write_volume
+from VQMedSegLib.data.io import read_geometry, read_label, read_volume, write_segmentation, write_volume
 from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.errors import InputError
 
@@ -103,6 +104,19 @@ def test_oblique_geometry_round_trip(tmp_path: Path, ext: str) -> None:
     assert back.metadata["spacing_known"] is True
     # atomic write: nothing but the final file is left in the folder
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"vol{ext}"]
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".nii.gz", ".mha"])
+def test_the_grid_read_from_a_header_is_the_grid_read_with_the_voxels(tmp_path: Path, ext: str) -> None:
+    path = write_volume(oblique_volume(), tmp_path / f"vol{ext}")
+    whole = read_volume(path)
+    shape, spacing, origin, direction = read_geometry(path)
+    assert shape == whole.shape and spacing == whole.spacing and origin == whole.origin
+    np.testing.assert_array_equal(direction, whole.direction)
+    cut = tmp_path / f"cut{ext}"
+    cut.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(InputError, match=rf"cut{re.escape(ext)}: could not read the image header"):
+        read_geometry(cut)
 
 
 def test_float_and_bool_round_trip(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "list_dicom_series",
     "read_volume",
     "read_label",
+    "read_geometry",
     "write_volume",
     "write_segmentation",
 ]
@@ -403,6 +404,24 @@ def _read_sitk_file(path: Path, modality: str | None) -> Volume:
     if modality:
         metadata["modality"] = modality
     return _volume_from_sitk(image, path, **metadata)
+
+
+def read_geometry(path: str | os.PathLike) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...], np.ndarray]:
+    """The grid of a single-file image (NRRD, NIfTI, MetaImage) from its header alone, as
+    :func:`read_volume` would give it: ``(shape, spacing, origin, direction)``, the shape
+    in array order ``(k, j, i)``. No voxel is read."""
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{path}: could not read the image header ({_itk_reason(exc)}); expected a complete, "
+                         f"uncorrupted file in one of: {', '.join(_SITK_SUFFIXES)}") from exc
+    if reader.GetDimension() != 3:
+        raise InputError(f"{path}: {reader.GetDimension()}-D image of size {reader.GetSize()}; expected a 3-D volume")
+    return (tuple(int(n) for n in reversed(reader.GetSize())), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()),
+            np.array(reader.GetDirection()).reshape(3, 3))
 
 
 def _read_h5(path: Path, dataset: str, modality: str | None) -> Volume:

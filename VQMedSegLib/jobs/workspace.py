@@ -291,10 +291,11 @@ class Workspace:
                 ``None`` means every slice of ``label`` (a fully annotated volume).
         Returns the sorted list of all labelled slices of the case.
         """
-        from ..data.io import read_label, write_volume
+        from ..data.io import read_geometry, read_label, write_volume
 
         entry = self.case(case_id)
-        ct_geometry = Volume(np.zeros(entry["shape"], np.uint8), *self._geometry(case_id))
+        shape, spacing, origin, direction = read_geometry(self.resolve(entry["ct"]))  # the header: no voxel
+        ct_geometry = Volume(np.zeros(shape, np.uint8), spacing, origin, direction)
         problems = ct_geometry.geometry_mismatch(label)
         if problems:
             raise InputError(f"annotation for case {case_id!r}: its grid differs from the CT: " + "; ".join(problems))
@@ -340,10 +341,6 @@ class Workspace:
                 labelled = record["slices"]
         self.events().emit("annotated", case=case_id, slices=wanted, labelled=len(labelled))
         return labelled
-
-    def _geometry(self, case_id: str) -> tuple:
-        ct = self.load_ct(case_id)
-        return ct.spacing, ct.origin, ct.direction
 
     def labelled_slices(self) -> dict[str, list[int]]:
         return {c: rec["slices"] for c, rec in self.load_state()["annotations"].items() if rec["slices"]}
