@@ -1,0 +1,333 @@
+"""The Slicer module's widget code, run on slicer-core's real MRML scene.
+
+Real Slicer is not available to the test suite. Its Qt widgets, and the Slicer pieces
+that slicer-core lacks (the scripted-module base classes, the parameter-node wrapper,
+``slicer.app``, translation), are replaced here by small stand-ins, so that
+``VQMedSeg.py``'s widget code itself runs against the library's real workflow: the
+methods a button, a selector or a timer calls, with their real effects on the scene and
+the workspace. What the stand-ins cannot show (the ``.ui`` file, the parameter node's
+GUI connections) is checked statically in ``test_slicer_module.py``; the module's
+self-test runs in Slicer itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without the Slicer app) is not installed: pip install slicer-core")
+
+from VQMedSegLib.data.io import write_volume  # noqa: E402
+from VQMedSegLib.data.phantoms import make_dataset  # noqa: E402
+from VQMedSegLib.export import mrml  # noqa: E402
+
+MODULE_FILE = Path(__file__).resolve().parents[1] / "VQMedSeg" / "VQMedSeg.py"
+
+
+# ------------------------------------------------------------------ stand-ins for Qt
+class Timer:
+    """``qt.QTimer``: the test fires it by calling the slot while it is active."""
+
+    def __init__(self):
+        self.active, self.slots = False, []
+
+    def setInterval(self, ms):
+        self.interval = ms
+
+    def connect(self, signal, slot):
+        self.slots.append(slot)
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+class Widget:
+    """A Qt widget with the properties and methods the module's code uses."""
+
+    def __init__(self):
+        self.text, self.toolTip, self.enabled = "", "", True
+        self.value, self.maximum, self.format, self.lines, self.items, self.cells = 0, 100, "", [], [], {}
+        self.current = -1
+
+    def connect(self, signal, slot):
+        pass
+
+    def setValue(self, value):
+        self.value = value
+
+    def setMaximum(self, value):
+        self.maximum = value
+
+    def setFormat(self, text):
+        self.format = text
+
+    def appendPlainText(self, text):
+        self.lines.append(text)
+
+    def blockSignals(self, block):
+        return False
+
+    def clear(self):
+        self.items = []
+
+    def addItem(self, text):
+        self.items.append(text)
+
+    def setCurrentIndex(self, index):
+        self.current = index
+
+    def setRowCount(self, rows):
+        self.cells = {k: v for k, v in self.cells.items() if k[0] < rows}
+
+    def setItem(self, row, column, item):
+        self.cells[row, column] = item
+
+    def setCurrentCell(self, row, column):
+        self.current = row
+
+
+class UI:
+    def __getattr__(self, name):  # every widget of the .ui (their names are checked statically)
+        widget = Widget()
+        setattr(self, name, widget)
+        return widget
+
+
+# --------------------------------------------------------- stand-ins for Slicer's app
+class ParameterNode:
+    """What ``@parameterNodeWrapper`` makes of the module's parameter class: attributes
+    with the class's defaults, kept by the Logic's one node (in Python here, not MRML)."""
+
+    def connectGui(self, ui):
+        return "tag"
+
+    def disconnectGui(self, tag):
+        pass
+
+
+def _parameter_node_wrapper(cls):
+    defaults = {name: getattr(cls, name, None) for name in cls.__annotations__}
+
+    def wrap(node):
+        for name, value in defaults.items():
+            node.__dict__.setdefault(name, value)
+        node.parameterNode = node
+        return node
+
+    return wrap
+
+
+class LogicBase:
+    """``ScriptedLoadableModuleLogic``: one parameter node per Logic."""
+
+    def __init__(self):
+        self._node = ParameterNode()
+
+    def getParameterNode(self):
+        return self._node
+
+
+@pytest.fixture
+def module(monkeypatch, tmp_path):
+    """``VQMedSeg.py`` imported with slicer-core's scene as ``slicer.mrmlScene``."""
+    scene, logics = mrml.new_scene()
+    said = {"errors": [], "warnings": []}
+    app = types.SimpleNamespace(temporaryPath=str(tmp_path), defaultScenePath=str(tmp_path), processEvents=lambda: None,
+                                testingEnabled=lambda: False, setOverrideCursor=lambda cursor: None,
+                                restoreOverrideCursor=lambda: None)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: said["errors"].append(text))
+    monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kw: said["warnings"].append(text))
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, **kw: said.setdefault("asked", []).append(text) or True)
+
+    base = type("ScriptedLoadableModuleWidget", (), {"__init__": lambda self, parent=None: setattr(self, "parent", parent)})
+    fakes = {
+        "qt": types.SimpleNamespace(QTimer=Timer, QTableWidgetItem=lambda text: text, Qt=types.SimpleNamespace(WaitCursor=0)),
+        "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
+        "slicer.ScriptedLoadableModule": types.SimpleNamespace(
+            ScriptedLoadableModule=object, ScriptedLoadableModuleWidget=base, ScriptedLoadableModuleLogic=LogicBase,
+            ScriptedLoadableModuleTest=object,
+            __all__=["ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                     "ScriptedLoadableModuleTest"]),
+        "slicer.parameterNodeWrapper": types.SimpleNamespace(
+            parameterNodeWrapper=_parameter_node_wrapper, Choice=lambda values: values, WithinRange=lambda low, high: (low, high)),
+    }
+    for name, fake in fakes.items():
+        monkeypatch.setitem(sys.modules, name, fake)
+    spec = importlib.util.spec_from_file_location("VQMedSegModuleUnderTest", MODULE_FILE)
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    yield types.SimpleNamespace(code=code, scene=scene, said=said)
+    del logics
+
+
+def _widget(module):
+    """The widget as ``setup()`` leaves it, with stand-in Qt widgets and timers."""
+    widget = module.code.VQMedSegWidget(parent=types.SimpleNamespace(isEntered=True))
+    widget.ui = UI()
+    widget.logic = module.code.VQMedSegLogic()
+    widget._timer, widget._scoreTimer = Timer(), Timer()
+    widget._parameterNode = widget.logic.getParameterNode()
+    return widget
+
+
+def _with_recorded_prediction(module, widget, tmp_path):
+    """A prepared workspace whose one case has a finished prediction (the phantom's liver),
+    loaded into the scene; returns the phantom and its CT node."""
+    phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+    p = widget._parameterNode
+    p.ctVolume, p.workspace, p.device = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu"
+    widget.logic.libraryAvailable = lambda: True  # the library is importable here; Slicer adds it to the path
+    case = widget.logic.prepareWorkspace(p)
+    ws = widget.logic.workflow.workspace
+    liver = phantom.ct_label.with_array((phantom.ct_label.array == 1).astype(np.uint8))
+    write_volume(liver, ws.prediction_dir(case) / "prediction.nrrd")
+    write_volume(liver.with_array(liver.array * 0.5), ws.prediction_dir(case) / "uncertainty.nrrd")
+    ws.update(lambda st: st.setdefault("predictions", {}).update({case: {"method": "supervised", "files": {
+        "segmentation": f"predictions/{case}/prediction.nrrd", "uncertainty": f"predictions/{case}/uncertainty.nrrd"}}}))
+    widget.onLoadResultsButton()
+    return phantom, p.ctVolume
+
+
+def _reference(module, phantom, ct_node, name="reference", shift=0):
+    liver = (phantom.ct_label.array == 1).astype(np.uint8)
+    return mrml.add_segmentation(module.scene, phantom.ct_label.with_array(np.roll(liver, shift, axis=2)),
+                                 [{"value": 1, "name": "Liver", "color": (1, 0, 0)}], reference_node=ct_node, name=name)
+
+
+def _fire_until_stopped(timer, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while timer.active and time.monotonic() < deadline:
+        for slot in timer.slots or [None]:
+            slot and slot()
+        time.sleep(0.01)
+    assert not timer.active, f"the timer still runs after {timeout} s"
+
+
+def test_choosing_a_reference_scores_it_in_the_background_and_shows_the_scores_when_ready(module, tmp_path):
+    widget = _widget(module)
+    widget._scoreTimer.connect("timeout()", widget.onScoreTimer)
+    phantom, ct_node = _with_recorded_prediction(module, widget, tmp_path)
+    assert widget.ui.uncertaintyComboBox.items == ["entropy"]  # the file of the workspace's "uncertainty" entry
+
+    widget.onReferenceChanged(_reference(module, phantom, ct_node, "truth"))
+    assert widget.ui.scoresLabel.text == "Scoring against truth..." and widget._scoreTimer.active
+    _fire_until_stopped(widget._scoreTimer)
+    assert widget.ui.scoresLabel.text.startswith("Dice 1.000, HD95 0.0 mm"), widget.ui.scoresLabel.text
+
+    # another reference, then none before the first answer is shown: no stale scores appear
+    widget.onReferenceChanged(_reference(module, phantom, ct_node, "shifted", shift=3))
+    assert widget.ui.scoresLabel.text == "Scoring against shifted..."
+    widget.onReferenceChanged(None)
+    assert widget.ui.scoresLabel.text == ""
+    _fire_until_stopped(widget._scoreTimer)
+    assert widget.ui.scoresLabel.text == "" and module.said["errors"] == []
+
+    # a shifted reference scores below 1, shown once ready
+    widget.onReferenceChanged(_reference(module, phantom, ct_node, "shifted again", shift=3))
+    _fire_until_stopped(widget._scoreTimer)
+    dice = float(widget.ui.scoresLabel.text.split()[1].rstrip(","))
+    assert 0.3 < dice < 1.0, widget.ui.scoresLabel.text
+
+
+def test_a_reference_that_cannot_be_scored_says_why_and_shows_no_scores(module, tmp_path):
+    widget = _widget(module)
+    widget._scoreTimer.connect("timeout()", widget.onScoreTimer)
+    phantom, ct_node = _with_recorded_prediction(module, widget, tmp_path)
+    organs = _reference(module, phantom, ct_node, "organs")
+    organs.GetSegmentation().GetNthSegment(0).SetName("kidney")
+    organs.GetSegmentation().AddEmptySegment("", "spleen")
+    with pytest.raises(Exception, match="none is named 'Liver'"):
+        widget.onReferenceChanged(organs)  # Slicer's tryWithErrorDisplay shows it, then re-raises
+    assert module.said["errors"] and "none is named 'Liver'" in module.said["errors"][0]
+    assert widget.ui.scoresLabel.text == "" and not widget._scoreTimer.active
+
+
+def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slices_training_and_results(module, tmp_path):
+    """The clinician's and the researcher's loop through the widget's own slots: each
+    button's slot, the timer that follows the jobs, and the state the panel shows."""
+    widget = _widget(module)
+    widget._timer.connect("timeout()", widget.onPollTimer)
+    phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+    p = widget._parameterNode
+    p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
+    p.strategy, p.perRound, p.method, p.iterations = "random", 4, "supervised", 20
+    widget._checkCanApply()
+    assert widget.ui.applyButton.enabled and not widget.ui.suggestButton.enabled and not widget.ui.predictButton.enabled
+
+    widget.onApplyButton()
+    assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 0 of 16 slices labelled"), widget.ui.statusLabel.text
+    assert widget.ui.suggestButton.enabled and not widget.ui.markAnnotatedButton.enabled
+    assert widget.ui.predictButton.toolTip == "No trained model yet: train one first."
+
+    widget.onSuggestButton()
+    assert widget._timer.active and not widget.ui.suggestButton.enabled and not widget.ui.applyButton.enabled
+    _fire_until_stopped(widget._timer, timeout=300)
+    assert len(widget._suggestions) == 4 and len({row for row, _ in widget.ui.suggestionsTable.cells}) == 4
+    assert widget.ui.suggestionsTable.current == -1  # no row selected: Mark needs a slice shown first
+    assert not widget.ui.markAnnotatedButton.enabled
+
+    # a click shows the slice in the Segment Editor on the annotation; the user draws; Mark stores that slice
+    first = widget._suggestions[0]
+    widget.onSuggestionClicked(0, 0)
+    assert widget.ui.markAnnotatedButton.enabled
+    editor = module.scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    annotation = editor.GetSegmentationNode()
+    assert annotation.GetAttribute("VQMedSeg.Role") == "annotation"
+    liver = (phantom.ct_label.array == 1).astype(np.uint8)
+    drawn = mrml.add_segmentation(module.scene, phantom.ct_label.with_array(liver), [{"value": 1, "name": "Liver", "color": (1, 0, 0)}],
+                                  reference_node=p.ctVolume, name="drawn")
+    annotation.GetSegmentation().DeepCopy(drawn.GetSegmentation())
+    widget.onMarkAnnotatedButton()
+    assert f"Slice {first['slice']} of {first['case']} stored as annotated (1 labelled in this case)." in widget.ui.logTextEdit.lines
+    assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 1 of 16 slices labelled")
+    assert first not in widget._suggestions and len(widget._suggestions) == 3 and not widget.ui.markAnnotatedButton.enabled
+    for row in range(3):
+        widget.onSuggestionClicked(0, 0)
+        widget.onMarkAnnotatedButton()
+    assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 4 of 16 slices labelled")
+
+    # training, then the queued prediction, followed by the timer; the result arrives in the panel
+    widget.onStartCancelButton()
+    assert widget.ui.startCancelButton.text == "Cancel" and not widget.ui.loadResultsButton.enabled
+    _fire_until_stopped(widget._timer, timeout=600)
+    assert module.said["warnings"] == [] and module.said["errors"] == []
+    assert widget.ui.startCancelButton.text == "Start training" and widget.ui.progressBar.value == 100
+    assert "last model: " in widget.ui.statusLabel.text and "(supervised)" in widget.ui.statusLabel.text
+    assert widget.ui.predictButton.enabled and widget.ui.uncertaintyComboBox.items == ["entropy"]
+    segmentation = widget.logic.loadedResults()["segmentation"]
+    assert segmentation.GetScene() is module.scene and segmentation.GetSegmentation().GetNthSegment(0).GetName() == "Liver"
+
+
+def test_cancel_on_the_panel_stops_the_training_after_asking_and_the_panel_says_so(module, tmp_path):
+    widget = _widget(module)
+    widget._timer.connect("timeout()", widget.onPollTimer)
+    phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+    p = widget._parameterNode
+    p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
+    p.method, p.iterations = "supervised", 100000
+    widget.onApplyButton()
+    truth = _reference(module, phantom, p.ctVolume, "truth")
+    widget.logic.markAnnotated(widget.logic.caseId, [4, 8, 12], truth)
+    widget.onStartCancelButton()
+    deadline = time.monotonic() + 120
+    while widget.logic.workflow.job.status != "running" and time.monotonic() < deadline:
+        widget.onPollTimer()
+        time.sleep(0.1)
+    widget.onStartCancelButton()  # the same button, now Cancel
+    assert module.said["asked"] == ["Stop the running job? Training can resume from its last checkpoint."]
+    assert "Cancel requested." in widget.ui.logTextEdit.lines
+    _fire_until_stopped(widget._timer, timeout=120)
+    assert any(line.startswith("The train job was cancelled") for line in widget.ui.logTextEdit.lines), widget.ui.logTextEdit.lines[-5:]
+    assert module.said["warnings"] == [] and widget.ui.startCancelButton.text == "Start training"
+    assert widget.logic.loadedResults() is None and not widget.ui.predictButton.enabled
