@@ -36,6 +36,28 @@ def keeping_locale():
         locale.setlocale(locale.LC_CTYPE, saved)
 
 
+@pytest.fixture(autouse=True)
+def no_module_job_outlives_its_test(monkeypatch):
+    """Kill every job the Slicer module's workflow launched in a test and left running:
+    a test that fails half-way must not leave an endless training beside the others."""
+    from VQMedSegLib.jobs.runner import kill_tree
+    from VQMedSegLib.workflow import logic as workflow_logic
+
+    launched, launch = [], workflow_logic.launch
+
+    def recorded(*args, **kwargs):
+        proc, job_id = launch(*args, **kwargs)
+        launched.append(proc)
+        return proc, job_id
+
+    monkeypatch.setattr(workflow_logic, "launch", recorded)
+    yield
+    for proc in launched:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=30)
+
+
 def oblique_direction(angles=(0.3, -0.2, 0.15)) -> np.ndarray:
     """A proper rotation that is far from any axis permutation."""
     ax, ay, az = angles

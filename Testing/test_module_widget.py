@@ -167,7 +167,7 @@ def module(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("VQMedSegModuleUnderTest", MODULE_FILE)
     code = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(code)
-    yield types.SimpleNamespace(code=code, scene=scene, said=said)
+    yield types.SimpleNamespace(code=code, scene=scene, said=said)  # conftest kills the jobs a failed test left running
     del logics
 
 
@@ -212,6 +212,17 @@ def _fire_until_stopped(timer, timeout=60.0):
             slot and slot()
         time.sleep(0.01)
     assert not timer.active, f"the timer still runs after {timeout} s"
+
+
+def _wait_until_the_job_holds_the_workspace(widget, timeout=120.0):
+    """Past the job's start-up: its process holds the workspace's job lock."""
+    from VQMedSegLib.jobs.runner import running_job
+
+    deadline = time.monotonic() + timeout
+    while running_job(widget.logic.workflow.workspace) is None and time.monotonic() < deadline:
+        widget.logic.poll()
+        time.sleep(0.1)
+    assert running_job(widget.logic.workflow.workspace) is not None, "the job never took the workspace"
 
 
 def test_choosing_a_reference_scores_it_in_the_background_and_shows_the_scores_when_ready(module, tmp_path):
@@ -320,10 +331,7 @@ def test_cancel_on_the_panel_stops_the_training_after_asking_and_the_panel_says_
     truth = _reference(module, phantom, p.ctVolume, "truth")
     widget.logic.markAnnotated(widget.logic.caseId, [4, 8, 12], truth)
     widget.onStartCancelButton()
-    deadline = time.monotonic() + 120
-    while widget.logic.workflow.job.status != "running" and time.monotonic() < deadline:
-        widget.onPollTimer()
-        time.sleep(0.1)
+    _wait_until_the_job_holds_the_workspace(widget)
     widget.onStartCancelButton()  # the same button, now Cancel
     assert module.said["asked"] == ["Stop the running job? Training can resume from its last checkpoint."]
     assert "Cancel requested." in widget.ui.logTextEdit.lines
@@ -331,3 +339,33 @@ def test_cancel_on_the_panel_stops_the_training_after_asking_and_the_panel_says_
     assert any(line.startswith("The train job was cancelled") for line in widget.ui.logTextEdit.lines), widget.ui.logTextEdit.lines[-5:]
     assert module.said["warnings"] == [] and widget.ui.startCancelButton.text == "Start training"
     assert widget.logic.loadedResults() is None and not widget.ui.predictButton.enabled
+
+
+def test_after_a_module_reload_prepare_follows_the_running_job_and_its_cancel_stops_it(module, tmp_path):
+    """Reload (or Slicer restarted) while training runs: the new widget has no process
+    handle. Prepare finds the job through the workspace and follows it; Cancel stops it."""
+    first = _widget(module)
+    phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+    p = first._parameterNode
+    p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
+    p.method, p.iterations = "supervised", 100000
+    first.onApplyButton()
+    first.logic.markAnnotated(first.logic.caseId, [4, 8, 12], _reference(module, phantom, p.ctVolume, "truth"))
+    first.onStartCancelButton()
+    _wait_until_the_job_holds_the_workspace(first)
+
+    again = _widget(module)  # the reloaded module: another widget and Logic, the same scene
+    again._timer.connect("timeout()", again.onPollTimer)
+    for name in ("ctVolume", "workspace", "device", "preset"):
+        setattr(again._parameterNode, name, getattr(p, name))
+    again.onApplyButton()
+    assert "A job is already running on this workspace; following it." in again.ui.logTextEdit.lines
+    assert again._timer.active and again.ui.startCancelButton.text == "Cancel" and not again.ui.applyButton.enabled
+    again.onPollTimer()
+    assert again.ui.progressBar.format.startswith("train:"), again.ui.progressBar.format
+    again.onStartCancelButton()
+    assert "Cancel requested." in again.ui.logTextEdit.lines
+    _fire_until_stopped(again._timer, timeout=120)
+    assert any(line.startswith("The train job was cancelled") for line in again.ui.logTextEdit.lines), again.ui.logTextEdit.lines[-5:]
+    assert again.ui.startCancelButton.text == "Start training" and again.ui.applyButton.enabled
+    first.logic.workflow.job.proc.wait(timeout=30)  # the first Logic's child has exited too
