@@ -105,7 +105,19 @@ class UI:
 # --------------------------------------------------------- stand-ins for Slicer's app
 class ParameterNode:
     """What ``@parameterNodeWrapper`` makes of the module's parameter class: attributes
-    with the class's defaults, kept by the Logic's one node (in Python here, not MRML)."""
+    with the class's defaults, kept by the Logic's one node (in Python here, not MRML),
+    observed as the wrapper's MRML node is."""
+
+    def __init__(self):
+        import vtk
+
+        self._observed = vtk.vtkObject()
+
+    def AddObserver(self, *args):
+        return self._observed.AddObserver(*args)
+
+    def RemoveObserver(self, tag):
+        self._observed.RemoveObserver(tag)
 
     def connectGui(self, ui):
         return "tag"
@@ -177,7 +189,7 @@ def _widget(module):
     widget.ui = UI()
     widget.logic = module.code.VQMedSegLogic()
     widget._timer, widget._scoreTimer = Timer(), Timer()
-    widget._parameterNode = widget.logic.getParameterNode()
+    widget.setParameterNode(widget.logic.getParameterNode())
     return widget
 
 
@@ -249,6 +261,14 @@ def test_choosing_a_reference_scores_it_in_the_background_and_shows_the_scores_w
     _fire_until_stopped(widget._scoreTimer)
     dice = float(widget.ui.scoresLabel.text.split()[1].rstrip(","))
     assert 0.3 < dice < 1.0, widget.ui.scoresLabel.text
+
+    # the scene closed while scores are on their way: they are not shown beside an empty scene
+    widget.onReferenceChanged(_reference(module, phantom, ct_node, "last"))
+    widget.onSceneStartClose(None, None)
+    module.scene.Clear(0)
+    widget.onSceneEndClose(None, None)
+    _fire_until_stopped(widget._scoreTimer)
+    assert widget.ui.scoresLabel.text == "" and widget.logic.loadedResults() is None and module.said["errors"] == []
 
 
 def test_a_reference_that_cannot_be_scored_says_why_and_shows_no_scores(module, tmp_path):
