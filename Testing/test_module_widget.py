@@ -188,9 +188,19 @@ def _widget(module):
     widget = module.code.VQMedSegWidget(parent=types.SimpleNamespace(isEntered=True))
     widget.ui = UI()
     widget.logic = module.code.VQMedSegLogic()
-    widget._timer, widget._scoreTimer = Timer(), Timer()
+    widget._timer, widget._scoreTimer, widget._prepareTimer = Timer(), Timer(), Timer()
+    for timer, slot in ((widget._timer, widget.onPollTimer), (widget._scoreTimer, widget.onScoreTimer),
+                        (widget._prepareTimer, widget.onPrepareTimer)):
+        timer.connect("timeout()", slot)
     widget.setParameterNode(widget.logic.getParameterNode())
     return widget
+
+
+def _prepare(widget):
+    """Press *Prepare workspace* and let the timer finish it; returns the case id."""
+    widget.onApplyButton()
+    _fire_until_stopped(widget._prepareTimer)
+    return widget.logic.caseId
 
 
 def _with_recorded_prediction(module, widget, tmp_path):
@@ -200,7 +210,7 @@ def _with_recorded_prediction(module, widget, tmp_path):
     p = widget._parameterNode
     p.ctVolume, p.workspace, p.device = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu"
     widget.logic.libraryAvailable = lambda: True  # the library is importable here; Slicer adds it to the path
-    case = widget.logic.prepareWorkspace(p)
+    case = _prepare(widget)
     ws = widget.logic.workflow.workspace
     liver = phantom.ct_label.with_array((phantom.ct_label.array == 1).astype(np.uint8))
     write_volume(liver, ws.prediction_dir(case) / "prediction.nrrd")
@@ -239,7 +249,6 @@ def _wait_until_the_job_holds_the_workspace(widget, timeout=120.0):
 
 def test_choosing_a_reference_scores_it_in_the_background_and_shows_the_scores_when_ready(module, tmp_path):
     widget = _widget(module)
-    widget._scoreTimer.connect("timeout()", widget.onScoreTimer)
     phantom, ct_node = _with_recorded_prediction(module, widget, tmp_path)
     assert widget.ui.uncertaintyComboBox.items == ["entropy"]  # the file of the workspace's "uncertainty" entry
 
@@ -273,7 +282,6 @@ def test_choosing_a_reference_scores_it_in_the_background_and_shows_the_scores_w
 
 def test_a_reference_that_cannot_be_scored_says_why_and_shows_no_scores(module, tmp_path):
     widget = _widget(module)
-    widget._scoreTimer.connect("timeout()", widget.onScoreTimer)
     phantom, ct_node = _with_recorded_prediction(module, widget, tmp_path)
     organs = _reference(module, phantom, ct_node, "organs")
     organs.GetSegmentation().GetNthSegment(0).SetName("kidney")
@@ -288,7 +296,6 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
     """The clinician's and the researcher's loop through the widget's own slots: each
     button's slot, the timer that follows the jobs, and the state the panel shows."""
     widget = _widget(module)
-    widget._timer.connect("timeout()", widget.onPollTimer)
     phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
     p = widget._parameterNode
     p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
@@ -296,7 +303,7 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
     widget._checkCanApply()
     assert widget.ui.applyButton.enabled and not widget.ui.suggestButton.enabled and not widget.ui.predictButton.enabled
 
-    widget.onApplyButton()
+    _prepare(widget)
     assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 0 of 16 slices labelled"), widget.ui.statusLabel.text
     assert widget.ui.suggestButton.enabled and not widget.ui.markAnnotatedButton.enabled
     assert widget.ui.predictButton.toolTip == "No trained model yet: train one first."
@@ -342,12 +349,11 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
 
 def test_cancel_on_the_panel_stops_the_training_after_asking_and_the_panel_says_so(module, tmp_path):
     widget = _widget(module)
-    widget._timer.connect("timeout()", widget.onPollTimer)
     phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
     p = widget._parameterNode
     p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
     p.method, p.iterations = "supervised", 100000
-    widget.onApplyButton()
+    _prepare(widget)
     truth = _reference(module, phantom, p.ctVolume, "truth")
     widget.logic.markAnnotated(widget.logic.caseId, [4, 8, 12], truth)
     widget.onStartCancelButton()
@@ -369,16 +375,15 @@ def test_after_a_module_reload_prepare_follows_the_running_job_and_its_cancel_st
     p = first._parameterNode
     p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
     p.method, p.iterations = "supervised", 100000
-    first.onApplyButton()
+    _prepare(first)
     first.logic.markAnnotated(first.logic.caseId, [4, 8, 12], _reference(module, phantom, p.ctVolume, "truth"))
     first.onStartCancelButton()
     _wait_until_the_job_holds_the_workspace(first)
 
     again = _widget(module)  # the reloaded module: another widget and Logic, the same scene
-    again._timer.connect("timeout()", again.onPollTimer)
     for name in ("ctVolume", "workspace", "device", "preset"):
         setattr(again._parameterNode, name, getattr(p, name))
-    again.onApplyButton()
+    _prepare(again)
     assert "A job is already running on this workspace; following it." in again.ui.logTextEdit.lines
     assert again._timer.active and again.ui.startCancelButton.text == "Cancel" and not again.ui.applyButton.enabled
     again.onPollTimer()
@@ -389,3 +394,40 @@ def test_after_a_module_reload_prepare_follows_the_running_job_and_its_cancel_st
     assert any(line.startswith("The train job was cancelled") for line in again.ui.logTextEdit.lines), again.ui.logTextEdit.lines[-5:]
     assert again.ui.startCancelButton.text == "Start training" and again.ui.applyButton.enabled
     first.logic.workflow.job.proc.wait(timeout=30)  # the first Logic's child has exited too
+
+
+def test_prepare_copies_the_volumes_in_the_background_and_a_failed_copy_keeps_the_panel_on_its_case(module, tmp_path,
+                                                                                                   monkeypatch):
+    import threading
+
+    from VQMedSegLib.jobs.workspace import Workspace
+
+    widget = _widget(module)
+    phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+    p = widget._parameterNode
+    p.ctVolume, p.mrVolume = mrml.add_volume(module.scene, phantom.ct, "CT"), mrml.add_volume(module.scene, phantom.mr, "MR")
+    p.workspace, p.device, p.preset = tmp_path / "ws", "cpu", "tiny"
+    release, real = threading.Event(), Workspace.add_case
+    monkeypatch.setattr(Workspace, "add_case", lambda self, *a, **kw: release.wait(60) and real(self, *a, **kw))
+    widget.onApplyButton()
+    assert widget.ui.statusLabel.text == "Copying the volumes into the workspace..." and widget._prepareTimer.active
+    assert not widget.ui.applyButton.enabled and widget.ui.applyButton.toolTip == "The volumes are being copied into the workspace."
+    assert not (widget.ui.suggestButton.enabled or widget.ui.startCancelButton.enabled or widget.ui.loadResultsButton.enabled)
+    widget.onPrepareTimer()
+    assert widget._prepareTimer.active  # still copying
+    release.set()
+    _fire_until_stopped(widget._prepareTimer)
+    assert widget.logic.caseId == "CT" and widget.ui.logTextEdit.lines[-1] == f"Workspace ready: {tmp_path / 'ws'} (case CT)"
+    assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 0 of 16 slices labelled")
+    assert widget.ui.applyButton.enabled and widget.ui.suggestButton.enabled
+
+    # another CT under the same name in a workspace that holds one: refused when the copy ends; the panel keeps its case
+    WorkflowLogicForOther = type(widget.logic.workflow)
+    WorkflowLogicForOther(module.scene).prepare(mrml.add_volume(module.scene, phantom.ct.with_array(phantom.ct.array + 1), "CT"),
+                                                None, folder=tmp_path / "other")
+    p.mrVolume, p.workspace = None, tmp_path / "other"
+    widget.onApplyButton()
+    _fire_until_stopped(widget._prepareTimer)
+    assert len(module.said["errors"]) == 1 and "voxel values differ" in module.said["errors"][0]
+    assert widget.logic.caseId == "CT" and widget.logic.workflow.workspace.root == tmp_path / "ws"
+    assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 0 of 16 slices labelled") and widget.ui.suggestButton.enabled

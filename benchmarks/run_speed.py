@@ -31,7 +31,9 @@ Sections (see ``benchmarks/README.md`` for the targets):
 7. scoring: Dice, Jaccard, HD95 and ASD of a liver-sized prediction on a 512 x 512 x 150
    CT grid (what the Slicer module computes against a reference), ours against MONAI's
    four metric functions on the whole image; and, run on a worker thread as the module
-   runs it, the longest the calling (GUI) thread waited meanwhile.
+   runs it, the longest the calling (GUI) thread waited meanwhile;
+8. gui: what the Slicer module's actions (prepare, mark, load, score) cost its GUI thread
+   on a 512 x 512 x 150 CT with an MR, on slicer-core's MRML scene.
 """
 
 from __future__ import annotations
@@ -381,6 +383,65 @@ def _longest_stall_beside(work, tick: float = 0.01) -> float:
     return longest
 
 
+# ------------------------------------------------------------- the module's GUI thread
+def bench_gui(shape=(150, 512, 512), spacing=(0.8, 0.8, 2.5)) -> dict:
+    """What the Slicer module's actions cost its GUI thread on a CT of ``shape`` with an
+    MR beside it, on slicer-core's MRML scene: the time each call holds the calling
+    thread, and for the two that hand work to the worker thread (preparing a case,
+    scoring against a reference), how long that work takes and the longest the calling
+    thread, ticking every 10 ms meanwhile, had to wait. Needs slicer-core."""
+    import tempfile
+
+    try:
+        from VQMedSegLib.export import mrml
+    except ImportError as exc:  # pragma: no cover - slicer-core is in the [all] extra
+        return {"skipped": f"slicer-core is not installed ({exc})"}
+    from VQMedSegLib.data.io import write_volume
+    from VQMedSegLib.data.volume import Volume
+    from VQMedSegLib.workflow import WorkflowLogic
+
+    scene, logics = mrml.new_scene()
+    rng = np.random.default_rng(0)
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    body = ((j - 256) / 200.0) ** 2 + ((i - 256) / 230.0) ** 2 < 1
+    liver = ((k - 75) / 50.0) ** 2 + ((j - 250) / 120.0) ** 2 + ((i - 220) / 140.0) ** 2 < 1
+    ct = Volume(np.where(body, 40 + rng.normal(0, 20, shape), -1000).astype(np.int16), spacing)
+    mr = Volume((body * rng.random(shape) * 300).astype(np.float32), spacing)
+    ct_node, mr_node = mrml.add_volume(scene, ct, "CT"), mrml.add_volume(scene, mr, "MR")
+    segment = [{"value": 1, "name": "Liver", "color": (1, 0, 0)}]
+    out: dict = {"shape_kji": list(shape)}
+
+    def handed_over(start, finish):
+        t = time.perf_counter()
+        pending = start()
+        held = time.perf_counter() - t
+        longest, last = 0.0, time.perf_counter()
+        while not pending.done():
+            time.sleep(0.01)
+            now = time.perf_counter()
+            longest, last = max(longest, now - last - 0.01), now
+        finish(pending)
+        return {"calling_thread_s": held, "until_done_s": time.perf_counter() - t, "longest_wait_s": longest}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        logic = WorkflowLogic(scene)
+        out["prepare_first"] = handed_over(lambda: logic.start_prepare(ct_node, mr_node, folder=Path(tmp) / "ws"),
+                                           lambda pending: logic.finish_prepare())
+        out["prepare_again"] = handed_over(lambda: logic.start_prepare(ct_node, mr_node), lambda pending: logic.finish_prepare())
+        case = "CT"
+        drawn = mrml.add_segmentation(scene, ct.with_array(liver.astype(np.uint8)), segment, reference_node=ct_node, name="drawn")
+        out["mark_one_slice_s"] = median_time(lambda: logic.mark_annotated(case, [75], drawn), repeat=3)
+        ws = logic.workspace
+        write_volume(ct.with_array(np.roll(liver, 2, axis=2).astype(np.uint8)), ws.prediction_dir(case) / "prediction.nrrd")
+        write_volume(ct.with_array(rng.random(shape).astype(np.float32)), ws.prediction_dir(case) / "entropy.nrrd")
+        ws.update(lambda st: st.setdefault("predictions", {}).update({case: {"method": "supervised", "files": {
+            "segmentation": f"predictions/{case}/prediction.nrrd", "entropy": f"predictions/{case}/entropy.nrrd"}}}))
+        out["load_results_s"] = median_time(lambda: logic.load_results(case), repeat=3)
+        out["score"] = handed_over(lambda: logic.start_scoring(case, drawn), lambda pending: pending.result())
+    del logics
+    return out
+
+
 # ----------------------------------------------------------------- 5. training step
 def bench_training_step() -> dict:
     from VQMedSegLib.config import vqseg_config_from_preset
@@ -509,13 +570,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the targets are for 2 CPU threads)")
     p.add_argument("--full", action="store_true", help="also MC-dropout on the 100k-slice pool (slow)")
-    p.add_argument("--only", help="comma-separated sections: assignment,qpm,pool,inference,training,presets,scoring")
+    p.add_argument("--only", help="comma-separated sections: assignment,qpm,pool,inference,training,presets,scoring,gui")
     p.add_argument("--in-process", action="store_true",
                    help=f"run every section in this process ({', '.join(FRESH_PROCESS_SECTIONS)} otherwise gets a fresh one)")
     args = p.parse_args(argv)
     sections = {"assignment": bench_assignment, "qpm": bench_qpm, "pool": lambda: bench_pool_scoring(args.full),
                 "inference": bench_inference, "training": bench_training_step, "presets": bench_preset_steps,
-                "scoring": bench_scoring}
+                "scoring": bench_scoring, "gui": bench_gui}
     chosen = args.only.split(",") if args.only else list(sections)
     for name in chosen:
         if name not in sections:
@@ -638,6 +699,20 @@ def report(result: dict) -> str:
                   f"({sc['speedup']:.1f}x; the same scores: {'yes' if sc['same_scores'] else '**no**'}). "
                   f"On a worker thread, as the Slicer module runs it, the calling thread waited at most "
                   f"{1000 * sc['gui_thread_longest_wait_s']:.0f} ms at a time."]
+    gui = result["sections"].get("gui")
+    if gui and "skipped" in gui:
+        lines += ["", f"The Slicer module's GUI thread: not measured ({gui['skipped']})."]
+    elif gui:
+        def handed(r):
+            return (f"{1000 * r['calling_thread_s']:.0f} ms on the GUI thread, the rest on the worker (done after "
+                    f"{r['until_done_s']:.2f} s; the GUI thread waited at most {1000 * r['longest_wait_s']:.0f} ms at a time)")
+        lines += ["", f"The Slicer module's GUI thread, CT and MR of {' x '.join(map(str, gui['shape_kji']))} voxels on "
+                  "slicer-core's scene:", "",
+                  f"- Prepare workspace, first time: {handed(gui['prepare_first'])}",
+                  f"- Prepare workspace again (the same CT and MR): {handed(gui['prepare_again'])}",
+                  f"- Mark one slice annotated: {gui['mark_one_slice_s']:.2f} s",
+                  f"- Load a prediction and its uncertainty map: {gui['load_results_s']:.2f} s",
+                  f"- Score against a reference: {handed(gui['score'])}"]
     tr = result["sections"].get("training")
     if tr:
         lines += ["", f"Training step: VQ-Seg {tr['vqseg_step_s']:.3f} s, VQ-Seg without QPM and reconstruction "

@@ -20,8 +20,10 @@ without a GUI:
    segmentation (named, coloured, with terminology) and the uncertainty maps, under the
    CT's subject-hierarchy folder. Only predictions the workspace state records as
    complete are loaded; a crashed or cancelled job's partial output never is.
-5. :meth:`~WorkflowLogic.start_scoring` scores the loaded prediction against a reference
-   segmentation on a worker thread, and the module's timer reads the answer.
+5. What would hold up Slicer's GUI runs on one worker thread, and the module's timers
+   read the answers: :meth:`~WorkflowLogic.start_prepare` writes a case's volumes into
+   the workspace, :meth:`~WorkflowLogic.start_scoring` scores the loaded prediction
+   against a reference segmentation.
 """
 
 from __future__ import annotations
@@ -89,6 +91,20 @@ class JobState:
 
 
 @dataclass
+class Preparing:
+    """A case being copied into the workspace by :meth:`WorkflowLogic.start_prepare`."""
+
+    case_id: str
+    future: Future
+    ct_node: Any
+    mr_node: Any
+    previous: Workspace | None  # the workspace the Logic had, kept if the copy fails
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
 class PollUpdate:
     """What changed since the last :meth:`WorkflowLogic.poll`."""
 
@@ -121,8 +137,10 @@ class WorkflowLogic:
         self._queue: list[tuple[str, list[str]]] = []
         self.loaded: dict[str, dict[str, Any]] = {}
         self.shown: tuple[str, int] | None = None  # the suggested slice last shown for annotation
-        self._scorer: ThreadPoolExecutor | None = None  # one worker thread for the metrics, made on first use
+        # one worker thread for what would hold up the GUI: copying a case, the metrics; made on first use
+        self._background: ThreadPoolExecutor | None = None
         self._scoring: Future | None = None
+        self.preparing: Preparing | None = None  # a case being copied into the workspace
 
     # ------------------------------------------------------------------ workspace
     def open_workspace(self, folder: str | os.PathLike, task: str = "liver") -> Workspace:
@@ -158,8 +176,18 @@ class WorkflowLogic:
 
         A case already in the workspace under that id is kept (its annotations too) when
         the CT is the same, and takes an MR picked now; another CT is an error, never an
-        overwrite (:meth:`Workspace.add_case`).
+        overwrite (:meth:`Workspace.add_case`). Waits for the copy; the module's widget
+        uses :meth:`start_prepare` and :meth:`finish_prepare`.
         """
+        self.start_prepare(ct_node, mr_node, task, folder, case_id)
+        return self.finish_prepare()
+
+    def start_prepare(self, ct_node: Any, mr_node: Any = None, task: str = "liver", folder: str | os.PathLike | None = None,
+                      case_id: str | None = None) -> Preparing:
+        """:meth:`prepare` without waiting: the inputs are checked, the workspace opened and
+        the volumes copied out of the scene here (MRML belongs to the calling thread); the
+        files are written on a worker thread. Call :meth:`finish_prepare` once
+        :attr:`preparing` is done. Until then no job starts and no other case is prepared."""
         from ..export.mrml import volume_from_node
 
         if ct_node is None:
@@ -167,23 +195,45 @@ class WorkflowLogic:
         if mr_node is not None and mr_node is ct_node:
             raise InputError(f"MR volume {mr_node.GetName()!r}: is the CT volume; expected a different node or none")
         self._refuse_while_running("preparing a case")
+        self._refuse_while_preparing()
+        previous = self.workspace
         ws = self.open_workspace(folder, task) if folder is not None else self._ws()
         case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or sanitize_id(ct_node.GetName())
         ct = volume_from_node(ct_node)
         mr = volume_from_node(mr_node) if mr_node is not None else None
-        known = case_id in ws.cases()
+        future = self._worker().submit(_add_case, ws, case_id, ct, mr, ct_node.GetName())
+        self.preparing = Preparing(case_id, future, ct_node, mr_node, previous)
+        return self.preparing
+
+    def finish_prepare(self) -> str:
+        """The case id once the copy :meth:`start_prepare` began has ended (waiting for it
+        if need be); the nodes are then marked as the case's. A copy that failed raises its
+        error here, and the Logic keeps the workspace it had before."""
+        preparing = self.preparing
+        if preparing is None:
+            raise WorkspaceError("no case is being prepared")
         try:
-            ws.add_case(case_id, ct, mr)
-        except WorkspaceError as exc:
-            if not known:
-                raise
-            # the case id comes from the CT node's name
-            raise WorkspaceError(f"{exc}: rename the CT volume {ct_node.GetName()!r} or use another workspace") from None
-        ct_node.SetAttribute(CASE_ATTRIBUTE, case_id)
-        if mr_node is not None:
-            mr_node.SetAttribute(CASE_ATTRIBUTE, case_id)
-            mr_node.SetAttribute("VQMedSeg.Modality", "MR")
+            case_id = preparing.future.result()
+        except BaseException:
+            self.workspace = preparing.previous
+            raise
+        finally:
+            self.preparing = None
+        preparing.ct_node.SetAttribute(CASE_ATTRIBUTE, case_id)
+        if preparing.mr_node is not None:
+            preparing.mr_node.SetAttribute(CASE_ATTRIBUTE, case_id)
+            preparing.mr_node.SetAttribute("VQMedSeg.Modality", "MR")
         return case_id
+
+    def _refuse_while_preparing(self) -> None:
+        if self.preparing is not None:
+            raise WorkspaceError(f"case {self.preparing.case_id!r} is still being copied into workspace {self._ws().root}; "
+                                 "wait for it")
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="VQMedSeg-worker")
+        return self._background
 
     def status(self) -> dict[str, Any]:
         """Rounds done, labelled slices, the last model, predictions, a running job."""
@@ -378,6 +428,7 @@ class WorkflowLogic:
 
     def _start(self, kind: str, args: list[str]) -> JobState:
         ws = self._ws()
+        self._refuse_while_preparing()
         if self.job is not None and not self.job.finished:
             raise WorkspaceError(f"a {self.job.kind} job ({self.job.job_id}) is still running; cancel it or wait")
         other = running_job(ws)
@@ -663,10 +714,22 @@ class WorkflowLogic:
         ref = self._target_label(reference_node, case_id)
         if self._scoring is not None:
             self._scoring.cancel()  # no effect once it runs
-        if self._scorer is None:
-            self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="VQMedSeg-scoring")
-        self._scoring = self._scorer.submit(_score, pred, ref)
+        self._scoring = self._worker().submit(_score, pred, ref)
         return self._scoring
+
+
+def _add_case(ws: Workspace, case_id: str, ct: Volume, mr: Volume | None, ct_name: str) -> str:
+    """Write the case's volumes into the workspace, on the worker thread (SimpleITK's
+    writer lets the GUI thread run meanwhile)."""
+    known = case_id in ws.cases()
+    try:
+        ws.add_case(case_id, ct, mr)
+    except WorkspaceError as exc:
+        if not known:
+            raise
+        # the case id comes from the CT node's name
+        raise WorkspaceError(f"{exc}: rename the CT volume {ct_name!r} or use another workspace") from None
+    return case_id
 
 
 def _score(pred: Volume, ref: Volume) -> dict[str, Any]:
