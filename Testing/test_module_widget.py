@@ -346,6 +346,15 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
     segmentation = widget.logic.loadedResults()["segmentation"]
     assert segmentation.GetScene() is module.scene and segmentation.GetSegmentation().GetNthSegment(0).GetName() == "Liver"
 
+    # *Segment with the last model*, keeping every piece this time: a new result replaces the one on show
+    p.keepAllComponents = True
+    widget.onPredictButton()
+    assert widget.ui.logTextEdit.lines[-1] == "Segmenting CT with the last model" and not widget.ui.predictButton.enabled
+    _fire_until_stopped(widget._timer, timeout=300)
+    again = widget.logic.loadedResults()["segmentation"]
+    assert again is not segmentation and again.GetScene() is module.scene and segmentation.GetScene() is None
+    assert module.said["warnings"] == [] and widget.ui.predictButton.enabled
+
 
 def test_cancel_on_the_panel_stops_the_training_after_asking_and_the_panel_says_so(module, tmp_path):
     widget = _widget(module)
