@@ -12,6 +12,7 @@ self-test runs in Slicer itself.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import sys
 import time
@@ -50,16 +51,40 @@ class Timer:
         self.active = False
 
 
+def _call(slot, args):
+    """Call ``slot`` with as many of the signal's arguments as it takes, as PythonQt does."""
+    import inspect
+
+    takes = [p for p in inspect.signature(slot).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return slot(*args[: len(takes)])
+
+
 class Widget:
-    """A Qt widget with the properties and methods the module's code uses."""
+    """A Qt widget with the properties and methods the module's code uses; its signals
+    reach the slots ``setup()`` connected when a test emits them."""
 
     def __init__(self):
         self.text, self.toolTip, self.enabled = "", "", True
         self.value, self.maximum, self.format, self.lines, self.items, self.cells = 0, 100, "", [], [], {}
-        self.current = -1
+        self.current, self.slots = -1, {}
 
     def connect(self, signal, slot):
-        pass
+        self.slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        assert signal in self.slots, f"nothing is connected to {signal}"
+        for slot in self.slots[signal]:
+            _call(slot, args)
+
+    def click(self):
+        assert self.enabled, "the button is disabled"
+        self.emit("clicked(bool)", False)
+
+    def horizontalHeader(self):
+        return types.SimpleNamespace(setStretchLastSection=lambda stretch: None)
+
+    def setMRMLScene(self, scene):
+        self.scene = scene
 
     def setValue(self, value):
         self.value = value
@@ -113,6 +138,11 @@ class ParameterNode:
 
         self._observed = vtk.vtkObject()
 
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if not name.startswith("_") and name != "parameterNode":
+            self._observed.Modified()  # as the MRML node does: the widget's observer updates the buttons
+
     def AddObserver(self, *args):
         return self._observed.AddObserver(*args)
 
@@ -132,7 +162,7 @@ def _parameter_node_wrapper(cls):
     def wrap(node):
         for name, value in defaults.items():
             node.__dict__.setdefault(name, value)
-        node.parameterNode = node
+        node.__dict__["parameterNode"] = node
         return node
 
     return wrap
@@ -162,12 +192,24 @@ def module(monkeypatch, tmp_path):
     monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kw: said["warnings"].append(text))
     monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, **kw: said.setdefault("asked", []).append(text) or True)
 
-    base = type("ScriptedLoadableModuleWidget", (), {"__init__": lambda self, parent=None: setattr(self, "parent", parent)})
+    class WidgetBase:  # ScriptedLoadableModuleWidget: a layout to add the .ui's widget to, and the resources' path
+        def __init__(self, parent=None):
+            self.parent, self.layout = parent, types.SimpleNamespace(addWidget=lambda widget: None)
+
+        def resourcePath(self, name):
+            return str(MODULE_FILE.parent / "Resources" / name)
+
+        def setup(self):
+            pass
+
+    loaded = []
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: loaded.append(Path(path)) or Widget())
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda ui: UI())
     fakes = {
         "qt": types.SimpleNamespace(QTimer=Timer, QTableWidgetItem=lambda text: text, Qt=types.SimpleNamespace(WaitCursor=0)),
         "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
         "slicer.ScriptedLoadableModule": types.SimpleNamespace(
-            ScriptedLoadableModule=object, ScriptedLoadableModuleWidget=base, ScriptedLoadableModuleLogic=LogicBase,
+            ScriptedLoadableModule=object, ScriptedLoadableModuleWidget=WidgetBase, ScriptedLoadableModuleLogic=LogicBase,
             ScriptedLoadableModuleTest=object,
             __all__=["ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
                      "ScriptedLoadableModuleTest"]),
@@ -179,26 +221,27 @@ def module(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("VQMedSegModuleUnderTest", MODULE_FILE)
     code = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(code)
-    yield types.SimpleNamespace(code=code, scene=scene, said=said)  # conftest kills the jobs a failed test left running
+    under_test = types.SimpleNamespace(code=code, scene=scene, said=said, loaded=loaded, widgets=[])
+    yield under_test  # conftest kills the jobs a failed test left running
+    for widget in under_test.widgets:  # as Slicer does when it closes: the widget stops observing the scene
+        widget.cleanup()
+    under_test.widgets.clear()
+    gc.collect()  # widgets (their timers hold their slots) go now, not in a later test's garbage collection
     del logics
 
 
 def _widget(module):
-    """The widget as ``setup()`` leaves it, with stand-in Qt widgets and timers."""
+    """The widget after its own ``setup()``, on stand-in Qt widgets and timers."""
     widget = module.code.VQMedSegWidget(parent=types.SimpleNamespace(isEntered=True))
-    widget.ui = UI()
-    widget.logic = module.code.VQMedSegLogic()
-    widget._timer, widget._scoreTimer, widget._prepareTimer = Timer(), Timer(), Timer()
-    for timer, slot in ((widget._timer, widget.onPollTimer), (widget._scoreTimer, widget.onScoreTimer),
-                        (widget._prepareTimer, widget.onPrepareTimer)):
-        timer.connect("timeout()", slot)
-    widget.setParameterNode(widget.logic.getParameterNode())
+    widget.setup()
+    assert module.loaded[-1].is_file(), module.loaded[-1]  # the .ui file it loads
+    module.widgets.append(widget)
     return widget
 
 
 def _prepare(widget):
     """Press *Prepare workspace* and let the timer finish it; returns the case id."""
-    widget.onApplyButton()
+    widget.ui.applyButton.click()
     _fire_until_stopped(widget._prepareTimer)
     return widget.logic.caseId
 
@@ -217,7 +260,7 @@ def _with_recorded_prediction(module, widget, tmp_path):
     write_volume(liver.with_array(liver.array * 0.5), ws.prediction_dir(case) / "uncertainty.nrrd")
     ws.update(lambda st: st.setdefault("predictions", {}).update({case: {"method": "supervised", "files": {
         "segmentation": f"predictions/{case}/prediction.nrrd", "uncertainty": f"predictions/{case}/uncertainty.nrrd"}}}))
-    widget.onLoadResultsButton()
+    widget.ui.loadResultsButton.click()
     return phantom, p.ctVolume
 
 
@@ -252,30 +295,41 @@ def test_choosing_a_reference_scores_it_in_the_background_and_shows_the_scores_w
     phantom, ct_node = _with_recorded_prediction(module, widget, tmp_path)
     assert widget.ui.uncertaintyComboBox.items == ["entropy"]  # the file of the workspace's "uncertainty" entry
 
-    widget.onReferenceChanged(_reference(module, phantom, ct_node, "truth"))
+    widget.ui.referenceSelector.emit("currentNodeChanged(vtkMRMLNode*)", _reference(module, phantom, ct_node, "truth"))
     assert widget.ui.scoresLabel.text == "Scoring against truth..." and widget._scoreTimer.active
     _fire_until_stopped(widget._scoreTimer)
     assert widget.ui.scoresLabel.text.startswith("Dice 1.000, HD95 0.0 mm"), widget.ui.scoresLabel.text
 
     # another reference, then none before the first answer is shown: no stale scores appear
-    widget.onReferenceChanged(_reference(module, phantom, ct_node, "shifted", shift=3))
+    widget.ui.referenceSelector.emit("currentNodeChanged(vtkMRMLNode*)", _reference(module, phantom, ct_node, "shifted", shift=3))
     assert widget.ui.scoresLabel.text == "Scoring against shifted..."
-    widget.onReferenceChanged(None)
+    widget.ui.referenceSelector.emit("currentNodeChanged(vtkMRMLNode*)", None)
     assert widget.ui.scoresLabel.text == ""
     _fire_until_stopped(widget._scoreTimer)
     assert widget.ui.scoresLabel.text == "" and module.said["errors"] == []
 
     # a shifted reference scores below 1, shown once ready
-    widget.onReferenceChanged(_reference(module, phantom, ct_node, "shifted again", shift=3))
+    widget.ui.referenceSelector.emit("currentNodeChanged(vtkMRMLNode*)", _reference(module, phantom, ct_node, "shifted again", shift=3))
     _fire_until_stopped(widget._scoreTimer)
     dice = float(widget.ui.scoresLabel.text.split()[1].rstrip(","))
     assert 0.3 < dice < 1.0, widget.ui.scoresLabel.text
 
+    # the panel's request replaced from elsewhere (the console calling the Logic's start_scoring) while it waits
+    # in line: no "Scoring against ..." is left on show
+    import threading
+
+    busy = threading.Event()
+    widget.logic.workflow._worker().submit(busy.wait, 60)
+    widget.ui.referenceSelector.emit("currentNodeChanged(vtkMRMLNode*)", _reference(module, phantom, ct_node, "waiting"))
+    console = widget.logic.workflow.start_scoring(widget.logic.caseId, _reference(module, phantom, ct_node, "console"))
+    busy.set()
+    console.result(timeout=60)
+    _fire_until_stopped(widget._scoreTimer)
+    assert widget.ui.scoresLabel.text == "" and module.said["errors"] == []
+
     # the scene closed while scores are on their way: they are not shown beside an empty scene
-    widget.onReferenceChanged(_reference(module, phantom, ct_node, "last"))
-    widget.onSceneStartClose(None, None)
-    module.scene.Clear(0)
-    widget.onSceneEndClose(None, None)
+    widget.ui.referenceSelector.emit("currentNodeChanged(vtkMRMLNode*)", _reference(module, phantom, ct_node, "last"))
+    module.scene.Clear(0)  # its start and end events reach the widget's observers
     _fire_until_stopped(widget._scoreTimer)
     assert widget.ui.scoresLabel.text == "" and widget.logic.loadedResults() is None and module.said["errors"] == []
 
@@ -287,7 +341,7 @@ def test_a_reference_that_cannot_be_scored_says_why_and_shows_no_scores(module, 
     organs.GetSegmentation().GetNthSegment(0).SetName("kidney")
     organs.GetSegmentation().AddEmptySegment("", "spleen")
     with pytest.raises(Exception, match="none is named 'Liver'"):
-        widget.onReferenceChanged(organs)  # Slicer's tryWithErrorDisplay shows it, then re-raises
+        widget.ui.referenceSelector.emit("currentNodeChanged(vtkMRMLNode*)", organs)  # Slicer's tryWithErrorDisplay shows it, then re-raises
     assert module.said["errors"] and "none is named 'Liver'" in module.said["errors"][0]
     assert widget.ui.scoresLabel.text == "" and not widget._scoreTimer.active
 
@@ -308,7 +362,7 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
     assert widget.ui.suggestButton.enabled and not widget.ui.markAnnotatedButton.enabled
     assert widget.ui.predictButton.toolTip == "No trained model yet: train one first."
 
-    widget.onSuggestButton()
+    widget.ui.suggestButton.click()
     assert widget._timer.active and not widget.ui.suggestButton.enabled and not widget.ui.applyButton.enabled
     _fire_until_stopped(widget._timer, timeout=300)
     assert len(widget._suggestions) == 4 and len({row for row, _ in widget.ui.suggestionsTable.cells}) == 4
@@ -317,7 +371,7 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
 
     # a click shows the slice in the Segment Editor on the annotation; the user draws; Mark stores that slice
     first = widget._suggestions[0]
-    widget.onSuggestionClicked(0, 0)
+    widget.ui.suggestionsTable.emit("cellClicked(int,int)", 0, 0)
     assert widget.ui.markAnnotatedButton.enabled
     editor = module.scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
     annotation = editor.GetSegmentationNode()
@@ -326,17 +380,17 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
     drawn = mrml.add_segmentation(module.scene, phantom.ct_label.with_array(liver), [{"value": 1, "name": "Liver", "color": (1, 0, 0)}],
                                   reference_node=p.ctVolume, name="drawn")
     annotation.GetSegmentation().DeepCopy(drawn.GetSegmentation())
-    widget.onMarkAnnotatedButton()
+    widget.ui.markAnnotatedButton.click()
     assert f"Slice {first['slice']} of {first['case']} stored as annotated (1 labelled in this case)." in widget.ui.logTextEdit.lines
     assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 1 of 16 slices labelled")
     assert first not in widget._suggestions and len(widget._suggestions) == 3 and not widget.ui.markAnnotatedButton.enabled
     for row in range(3):
-        widget.onSuggestionClicked(0, 0)
-        widget.onMarkAnnotatedButton()
+        widget.ui.suggestionsTable.emit("cellClicked(int,int)", 0, 0)
+        widget.ui.markAnnotatedButton.click()
     assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 4 of 16 slices labelled")
 
     # training, then the queued prediction, followed by the timer; the result arrives in the panel
-    widget.onStartCancelButton()
+    widget.ui.startCancelButton.click()
     assert widget.ui.startCancelButton.text == "Cancel" and not widget.ui.loadResultsButton.enabled
     _fire_until_stopped(widget._timer, timeout=600)
     assert module.said["warnings"] == [] and module.said["errors"] == []
@@ -348,7 +402,7 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
 
     # *Segment with the last model*, keeping every piece this time: a new result replaces the one on show
     p.keepAllComponents = True
-    widget.onPredictButton()
+    widget.ui.predictButton.click()
     assert widget.ui.logTextEdit.lines[-1] == "Segmenting CT with the last model" and not widget.ui.predictButton.enabled
     _fire_until_stopped(widget._timer, timeout=300)
     again = widget.logic.loadedResults()["segmentation"]
@@ -365,9 +419,9 @@ def test_cancel_on_the_panel_stops_the_training_after_asking_and_the_panel_says_
     _prepare(widget)
     truth = _reference(module, phantom, p.ctVolume, "truth")
     widget.logic.markAnnotated(widget.logic.caseId, [4, 8, 12], truth)
-    widget.onStartCancelButton()
+    widget.ui.startCancelButton.click()
     _wait_until_the_job_holds_the_workspace(widget)
-    widget.onStartCancelButton()  # the same button, now Cancel
+    widget.ui.startCancelButton.click()  # the same button, now Cancel
     assert module.said["asked"] == ["Stop the running job? Training can resume from its last checkpoint."]
     assert "Cancel requested." in widget.ui.logTextEdit.lines
     _fire_until_stopped(widget._timer, timeout=120)
@@ -386,7 +440,7 @@ def test_after_a_module_reload_prepare_follows_the_running_job_and_its_cancel_st
     p.method, p.iterations = "supervised", 100000
     _prepare(first)
     first.logic.markAnnotated(first.logic.caseId, [4, 8, 12], _reference(module, phantom, p.ctVolume, "truth"))
-    first.onStartCancelButton()
+    first.ui.startCancelButton.click()
     _wait_until_the_job_holds_the_workspace(first)
 
     again = _widget(module)  # the reloaded module: another widget and Logic, the same scene
@@ -397,7 +451,7 @@ def test_after_a_module_reload_prepare_follows_the_running_job_and_its_cancel_st
     assert again._timer.active and again.ui.startCancelButton.text == "Cancel" and not again.ui.applyButton.enabled
     again.onPollTimer()
     assert again.ui.progressBar.format.startswith("train:"), again.ui.progressBar.format
-    again.onStartCancelButton()
+    again.ui.startCancelButton.click()
     assert "Cancel requested." in again.ui.logTextEdit.lines
     _fire_until_stopped(again._timer, timeout=120)
     assert any(line.startswith("The train job was cancelled") for line in again.ui.logTextEdit.lines), again.ui.logTextEdit.lines[-5:]
@@ -418,15 +472,17 @@ def test_prepare_copies_the_volumes_in_the_background_and_a_failed_copy_keeps_th
     p.workspace, p.device, p.preset = tmp_path / "ws", "cpu", "tiny"
     release, real = threading.Event(), Workspace.add_case
     monkeypatch.setattr(Workspace, "add_case", lambda self, *a, **kw: release.wait(60) and real(self, *a, **kw))
-    widget.onApplyButton()
+    widget.ui.applyButton.click()
     assert widget.ui.statusLabel.text == "Copying the volumes into the workspace..." and widget._prepareTimer.active
     assert not widget.ui.applyButton.enabled and widget.ui.applyButton.toolTip == "The volumes are being copied into the workspace."
     assert not (widget.ui.suggestButton.enabled or widget.ui.startCancelButton.enabled or widget.ui.loadResultsButton.enabled)
     widget.onPrepareTimer()
     assert widget._prepareTimer.active  # still copying
+    p.workspace = tmp_path / "typed meanwhile"  # the log names the folder the case went into
     release.set()
     _fire_until_stopped(widget._prepareTimer)
     assert widget.logic.caseId == "CT" and widget.ui.logTextEdit.lines[-1] == f"Workspace ready: {tmp_path / 'ws'} (case CT)"
+    p.workspace = tmp_path / "ws"
     assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 0 of 16 slices labelled")
     assert widget.ui.applyButton.enabled and widget.ui.suggestButton.enabled
 
@@ -435,8 +491,20 @@ def test_prepare_copies_the_volumes_in_the_background_and_a_failed_copy_keeps_th
     WorkflowLogicForOther(module.scene).prepare(mrml.add_volume(module.scene, phantom.ct.with_array(phantom.ct.array + 1), "CT"),
                                                 None, folder=tmp_path / "other")
     p.mrVolume, p.workspace = None, tmp_path / "other"
-    widget.onApplyButton()
+    widget.ui.applyButton.click()
     _fire_until_stopped(widget._prepareTimer)
     assert len(module.said["errors"]) == 1 and "voxel values differ" in module.said["errors"][0]
     assert widget.logic.caseId == "CT" and widget.logic.workflow.workspace.root == tmp_path / "ws"
     assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 0 of 16 slices labelled") and widget.ui.suggestButton.enabled
+
+    # the scene closed during a copy, the user in another module (the parameter node is gone until they come back)
+    widget.parent.isEntered = False
+    p.ctVolume, p.workspace = mrml.add_volume(module.scene, phantom.ct, "CT second"), tmp_path / "ws"
+    release.clear()
+    widget.ui.applyButton.click()
+    module.scene.Clear(0)
+    assert widget._parameterNode is None
+    release.set()
+    _fire_until_stopped(widget._prepareTimer)
+    assert widget.logic.caseId == "CT_second" and widget.ui.logTextEdit.lines[-1] == f"Workspace ready: {tmp_path / 'ws'} (case CT_second)"
+    assert widget.ui.statusLabel.text.startswith("liver: 2 case(s)") and len(module.said["errors"]) == 1

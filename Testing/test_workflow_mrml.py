@@ -579,6 +579,16 @@ def test_scoring_runs_off_the_calling_thread_on_the_segmentations_as_they_were_w
     assert queued.cancelled() and not newest.done()
     release.set()
     assert first.result(timeout=60) == expected and newest.result(timeout=60) == expected
+    # the waiting kind (the Python console, the self-test) never cancels a request of the panel's
+    release.clear()
+    logic._worker().submit(release.wait, 60)  # the worker busy: the panel's request waits in line
+    panel = logic.start_scoring(case_id, other)
+    waiting = threading.Thread(target=lambda: logic.score_against(case_id, other))
+    waiting.start()
+    time.sleep(0.2)
+    release.set()
+    waiting.join(60)
+    assert panel.result(timeout=60) == expected and not panel.cancelled()
     assert threads and threading.get_ident() not in threads
     # a reference that cannot be scored is refused on the call, not later in the worker
     other.GetSegmentation().GetNthSegment(0).SetName("kidney")
@@ -673,6 +683,7 @@ def test_a_case_is_copied_into_the_workspace_off_the_calling_thread(scene, tmp_p
     preparing = logic.start_prepare(ct_node, mr_node, folder=tmp_path / "ws")
     assert not preparing.done() and preparing.case_id == "CT" and logic.preparing is preparing
     assert ct_node.GetAttribute(CASE_ATTRIBUTE) is None  # not the case's until it is in the workspace
+    assert logic.workspace is None  # nor is the workspace the Logic's
     with pytest.raises(WorkspaceError, match="case 'CT' is still being copied into workspace .*; wait for it"):
         logic.start_query("random", n=2)
     with pytest.raises(WorkspaceError, match="case 'CT' is still being copied"):
@@ -690,8 +701,13 @@ def test_a_case_is_copied_into_the_workspace_off_the_calling_thread(scene, tmp_p
                                          folder=tmp_path / "other")
     assert first == "CT"
     preparing = logic.start_prepare(ct_node, None, folder=tmp_path / "other")
+    assert logic.workspace.root == tmp_path / "ws"  # the Logic's own until the copy has ended well
     with pytest.raises(WorkspaceError, match="voxel values differ"):
         logic.finish_prepare()
     assert logic.workspace.root == tmp_path / "ws" and logic.preparing is None
+    # a node that cannot be read is refused before any folder is made
+    with pytest.raises(InputError, match="found no image data"):
+        logic.start_prepare(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty"), None, folder=tmp_path / "third")
+    assert not (tmp_path / "third").exists() and logic.workspace.root == tmp_path / "ws" and logic.preparing is None
     assert logic.start_query("random", n=2) is logic.job  # jobs start again
     assert logic.wait(timeout=300).status == "done"

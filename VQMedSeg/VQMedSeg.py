@@ -309,17 +309,16 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             caseId = self.logic.finishPreparingWorkspace()
-        except Exception as exc:
+            # the folder the case went into (the path field may have been edited since)
+            self._appendLog(_("Workspace ready: {path} (case {case})").format(path=self.logic.workflow.workspace.root, case=caseId))
+            if self.logic.attachToRunningJob():
+                self._appendLog(_("A job is already running on this workspace; following it."))
+                self._timer.start()
+        except Exception as exc:  # a slot's exception would reach no one
             logging.exception("VQMedSeg: preparing the workspace failed")
             slicer.util.errorDisplay(_("Failed to prepare the workspace: {error}").format(error=exc), windowTitle="VQMedSeg")
-            self._refreshState()  # the workspace the Logic kept
-            return
-        self._appendLog(_("Workspace ready: {path} (case {case})").format(path=self._parameterNode.workspace, case=caseId))
-        self._refreshState()
-        if self.logic.attachToRunningJob():
-            self._appendLog(_("A job is already running on this workspace; following it."))
-            self._timer.start()
-        self._checkCanApply()
+        finally:
+            self._refreshState()  # the workspace the Logic has now: the new one, or the one it kept
 
     def onSuggestButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start the query."), waitCursor=True):
@@ -484,7 +483,10 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._scoreTimer.stop()
         self._scoring = None
-        if scoring is None or scoring.cancelled():
+        if scoring is None:
+            return
+        if scoring.cancelled():  # replaced by a newer request that did not come from this panel
+            self.ui.scoresLabel.text = ""
             return
         try:
             scores = scoring.result()

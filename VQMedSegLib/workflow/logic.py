@@ -98,7 +98,7 @@ class Preparing:
     future: Future
     ct_node: Any
     mr_node: Any
-    previous: Workspace | None  # the workspace the Logic had, kept if the copy fails
+    workspace: Workspace  # the Logic's workspace once the copy has ended well; until then it keeps its own
 
     def done(self) -> bool:
         return self.future.done()
@@ -145,8 +145,14 @@ class WorkflowLogic:
     # ------------------------------------------------------------------ workspace
     def open_workspace(self, folder: str | os.PathLike, task: str = "liver") -> Workspace:
         """Open the workspace at ``folder``, creating it for ``task`` if it is new."""
-        folder = Path(folder).expanduser()
         self._refuse_while_running("opening a workspace")
+        self._refuse_while_preparing()
+        self.workspace = self._workspace_at(folder, task)
+        return self.workspace
+
+    @staticmethod
+    def _workspace_at(folder: str | os.PathLike, task: str) -> Workspace:
+        folder = Path(folder).expanduser()
         if folder.exists() and not folder.is_dir():
             raise InputError(f"workspace {folder}: exists but is not a folder")
         if (folder / "state.json").exists():
@@ -155,7 +161,6 @@ class WorkflowLogic:
                 raise WorkspaceError(f"workspace {folder}: made for target {ws.task!r}, not {task!r}; choose another folder")
         else:
             ws = Workspace.create(folder, task=task)
-        self.workspace = ws
         return ws
 
     def _refuse_while_running(self, action: str) -> None:
@@ -187,7 +192,9 @@ class WorkflowLogic:
         """:meth:`prepare` without waiting: the inputs are checked, the workspace opened and
         the volumes copied out of the scene here (MRML belongs to the calling thread); the
         files are written on a worker thread. Call :meth:`finish_prepare` once
-        :attr:`preparing` is done. Until then no job starts and no other case is prepared."""
+        :attr:`preparing` is done. Until then no job starts, no other case is prepared, and
+        the Logic stays on the workspace it had: it moves to ``folder`` only once the case
+        is there."""
         from ..export.mrml import volume_from_node
 
         if ct_node is None:
@@ -196,29 +203,27 @@ class WorkflowLogic:
             raise InputError(f"MR volume {mr_node.GetName()!r}: is the CT volume; expected a different node or none")
         self._refuse_while_running("preparing a case")
         self._refuse_while_preparing()
-        previous = self.workspace
-        ws = self.open_workspace(folder, task) if folder is not None else self._ws()
-        case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or sanitize_id(ct_node.GetName())
-        ct = volume_from_node(ct_node)
+        ct = volume_from_node(ct_node)  # before any folder is made: a node that cannot be read changes nothing
         mr = volume_from_node(mr_node) if mr_node is not None else None
+        ws = self._workspace_at(folder, task) if folder is not None else self._ws()
+        case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or sanitize_id(ct_node.GetName())
         future = self._worker().submit(_add_case, ws, case_id, ct, mr, ct_node.GetName())
-        self.preparing = Preparing(case_id, future, ct_node, mr_node, previous)
+        self.preparing = Preparing(case_id, future, ct_node, mr_node, ws)
         return self.preparing
 
     def finish_prepare(self) -> str:
         """The case id once the copy :meth:`start_prepare` began has ended (waiting for it
-        if need be); the nodes are then marked as the case's. A copy that failed raises its
-        error here, and the Logic keeps the workspace it had before."""
+        if need be); the Logic then moves to the case's workspace and the nodes are marked
+        as the case's. A copy that failed raises its error here, and the Logic keeps the
+        workspace it had."""
         preparing = self.preparing
         if preparing is None:
             raise WorkspaceError("no case is being prepared")
         try:
             case_id = preparing.future.result()
-        except BaseException:
-            self.workspace = preparing.previous
-            raise
         finally:
             self.preparing = None
+        self.workspace = preparing.workspace
         preparing.ct_node.SetAttribute(CASE_ATTRIBUTE, case_id)
         if preparing.mr_node is not None:
             preparing.mr_node.SetAttribute(CASE_ATTRIBUTE, case_id)
@@ -227,8 +232,8 @@ class WorkflowLogic:
 
     def _refuse_while_preparing(self) -> None:
         if self.preparing is not None:
-            raise WorkspaceError(f"case {self.preparing.case_id!r} is still being copied into workspace {self._ws().root}; "
-                                 "wait for it")
+            raise WorkspaceError(f"case {self.preparing.case_id!r} is still being copied into workspace "
+                                 f"{self.preparing.workspace.root}; wait for it")
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._background is None:
@@ -391,6 +396,8 @@ class WorkflowLogic:
 
     # ----------------------------------------------------------------------- jobs
     def _common(self) -> list[str]:
+        """The options every job takes; no job is made while a case is being copied in."""
+        self._refuse_while_preparing()
         return ["--workspace", str(self._ws().root), "--device", self.device]
 
     def start_query(self, strategy: str = "begal", n: int = 10, budget: int | None = None) -> JobState:
@@ -427,8 +434,8 @@ class WorkflowLogic:
         return self._start("predict", self.prediction_args(case_id, keep_all_components))
 
     def _start(self, kind: str, args: list[str]) -> JobState:
-        ws = self._ws()
         self._refuse_while_preparing()
+        ws = self._ws()
         if self.job is not None and not self.job.finished:
             raise WorkspaceError(f"a {self.job.kind} job ({self.job.job_id}) is still running; cancel it or wait")
         other = running_job(ws)
@@ -699,23 +706,26 @@ class WorkflowLogic:
         target segment (the one named for the task, or its only segment: a reference with
         more organs is scored on the target alone). Waits for the answer; the module's
         widget uses :meth:`start_scoring`."""
-        return self.start_scoring(case_id, reference_node).result()
+        return self._worker().submit(_score, *self._scoring_inputs(case_id, reference_node)).result()
 
     def start_scoring(self, case_id: str, reference_node: Any) -> Future:
         """:meth:`score_against` without waiting: the two segmentations are exported to
         labelmaps here (MRML belongs to the calling thread), the metrics run on a worker
         thread, and the returned future holds the scores. A reference that cannot be
-        scored is refused here. A request still waiting behind a running one is cancelled:
-        only the newest is wanted."""
+        scored is refused here. A request of this method's still waiting behind a running
+        one is cancelled: only the newest is wanted."""
+        inputs = self._scoring_inputs(case_id, reference_node)
+        if self._scoring is not None:
+            self._scoring.cancel()  # no effect once it runs
+        self._scoring = self._worker().submit(_score, *inputs)
+        return self._scoring
+
+    def _scoring_inputs(self, case_id: str, reference_node: Any) -> tuple[Volume, Volume]:
+        """The prediction and the reference as 0/1 labelmaps on the case's CT grid."""
         loaded = self.loaded.get(case_id)
         if not loaded:
             raise WorkspaceError(f"case {case_id!r}: load its prediction first")
-        pred = self._target_label(loaded["segmentation"], case_id)
-        ref = self._target_label(reference_node, case_id)
-        if self._scoring is not None:
-            self._scoring.cancel()  # no effect once it runs
-        self._scoring = self._worker().submit(_score, pred, ref)
-        return self._scoring
+        return self._target_label(loaded["segmentation"], case_id), self._target_label(reference_node, case_id)
 
 
 def _add_case(ws: Workspace, case_id: str, ct: Volume, mr: Volume | None, ct_name: str) -> str:
