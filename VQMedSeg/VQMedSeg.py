@@ -691,13 +691,13 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         from VQMedSegLib.workflow import WorkflowLogic
 
         if self.workflow is None:
-            self.workflow = WorkflowLogic(slicer.mrmlScene, python=self.jobPython(parameterNode), device=parameterNode.device,
-                                          preset=parameterNode.preset)
-        elif not self.jobRunning():  # the same workflow, which keeps track of the results it loaded, with the new settings
+            self.workflow = WorkflowLogic(slicer.mrmlScene)
+        # one workflow, which keeps track of the results it loaded, takes the new settings; while a job runs or
+        # a case is copied in, it keeps those of the work under way (and start_prepare refuses below)
+        if not (self.jobRunning() or self.preparing()):
             self.workflow.python = self.jobPython(parameterNode)
             self.workflow.device = parameterNode.device
             self.workflow.preset = parameterNode.preset
-        if not self.jobRunning():
             # another Python (a conda or CUDA environment) must not start with Slicer's PYTHONHOME and library paths
             outside = self.isWorkspaceSet(parameterNode.pythonExecutable)
             self.workflow.env = slicer.util.startupEnvironment() if outside else None
