@@ -410,17 +410,22 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
     assert module.said["warnings"] == [] and widget.ui.predictButton.enabled
 
 
-def test_cancel_on_the_panel_stops_the_training_after_asking_and_the_panel_says_so(module, tmp_path):
-    widget = _widget(module)
+def _endless_training(module, widget, tmp_path):
+    """Prepared, three slices marked, and a training that would run for hours started
+    with the panel's button and past its start-up."""
     phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
     p = widget._parameterNode
     p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
     p.method, p.iterations = "supervised", 100000
     _prepare(widget)
-    truth = _reference(module, phantom, p.ctVolume, "truth")
-    widget.logic.markAnnotated(widget.logic.caseId, [4, 8, 12], truth)
+    widget.logic.markAnnotated(widget.logic.caseId, [4, 8, 12], _reference(module, phantom, p.ctVolume, "truth"))
     widget.ui.startCancelButton.click()
     _wait_until_the_job_holds_the_workspace(widget)
+
+
+def test_cancel_on_the_panel_stops_the_training_after_asking_and_the_panel_says_so(module, tmp_path):
+    widget = _widget(module)
+    _endless_training(module, widget, tmp_path)
     widget.ui.startCancelButton.click()  # the same button, now Cancel
     assert module.said["asked"] == ["Stop the running job? Training can resume from its last checkpoint."]
     assert "Cancel requested." in widget.ui.logTextEdit.lines
@@ -434,14 +439,8 @@ def test_after_a_module_reload_prepare_follows_the_running_job_and_its_cancel_st
     """Reload (or Slicer restarted) while training runs: the new widget has no process
     handle. Prepare finds the job through the workspace and follows it; Cancel stops it."""
     first = _widget(module)
-    phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+    _endless_training(module, first, tmp_path)
     p = first._parameterNode
-    p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
-    p.method, p.iterations = "supervised", 100000
-    _prepare(first)
-    first.logic.markAnnotated(first.logic.caseId, [4, 8, 12], _reference(module, phantom, p.ctVolume, "truth"))
-    first.ui.startCancelButton.click()
-    _wait_until_the_job_holds_the_workspace(first)
 
     again = _widget(module)  # the reloaded module: another widget and Logic, the same scene
     for name in ("ctVolume", "workspace", "device", "preset"):
