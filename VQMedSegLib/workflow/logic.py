@@ -396,7 +396,8 @@ class WorkflowLogic:
 
     # ----------------------------------------------------------------------- jobs
     def _common(self) -> list[str]:
-        """The options every job takes; no job is made while a case is being copied in."""
+        """The options every job takes; no job is made while a case is being copied in (a
+        queued job cannot be waiting then: no case is prepared while a job runs)."""
         self._refuse_while_preparing()
         return ["--workspace", str(self._ws().root), "--device", self.device]
 
@@ -434,7 +435,6 @@ class WorkflowLogic:
         return self._start("predict", self.prediction_args(case_id, keep_all_components))
 
     def _start(self, kind: str, args: list[str]) -> JobState:
-        self._refuse_while_preparing()
         ws = self._ws()
         if self.job is not None and not self.job.finished:
             raise WorkspaceError(f"a {self.job.kind} job ({self.job.job_id}) is still running; cancel it or wait")
@@ -743,7 +743,7 @@ def _add_case(ws: Workspace, case_id: str, ct: Volume, mr: Volume | None, ct_nam
 
 
 def _score(pred: Volume, ref: Volume) -> dict[str, Any]:
-    """The scores, on the scoring worker: the metrics import MONAI and torch (seconds the
+    """The scores, on the worker thread: the metrics import MONAI and torch (seconds the
     first time), and that import happens here, off the GUI thread, too."""
     from ..metrics import segmentation
 
