@@ -366,20 +366,27 @@ def bench_scoring(shape=(150, 512, 512), spacing=(2.5, 0.7, 0.7)) -> dict:
             "same_scores": bool(np.allclose([ours.dice, ours.jaccard, ours.hd95, ours.asd], theirs, rtol=1e-6, atol=1e-6))}
 
 
-def _longest_stall_beside(work, tick: float = 0.01) -> float:
-    """Run ``work`` on a worker thread (as the Slicer module scores) while this thread
-    sleeps ``tick`` seconds at a time, as an idle event loop does; the longest time one
-    tick took beyond ``tick`` is how long this thread could not run."""
+def _longest_stall_beside(work) -> float:
+    """Run ``work`` on a worker thread (as the Slicer module scores); how long this
+    thread could not run meanwhile (:func:`_longest_stall_until`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future, longest = pool.submit(work), 0.0
-        last = time.perf_counter()
-        while not future.done():
-            time.sleep(tick)
-            now = time.perf_counter()
-            longest, last = max(longest, now - last - tick), now
+        future = pool.submit(work)
+        longest = _longest_stall_until(future)
         future.result()
+    return longest
+
+
+def _longest_stall_until(pending, tick: float = 0.01) -> float:
+    """Sleep ``tick`` seconds at a time, as an idle event loop does, until
+    ``pending.done()``; the longest time one tick took beyond ``tick`` is how long this
+    thread could not run while the worker held Python's lock."""
+    longest, last = 0.0, time.perf_counter()
+    while not pending.done():
+        time.sleep(tick)
+        now = time.perf_counter()
+        longest, last = max(longest, now - last - tick), now
     return longest
 
 
@@ -415,11 +422,7 @@ def bench_gui(shape=(150, 512, 512), spacing=(0.8, 0.8, 2.5)) -> dict:
         t = time.perf_counter()
         pending = start()
         held = time.perf_counter() - t
-        longest, last = 0.0, time.perf_counter()
-        while not pending.done():
-            time.sleep(0.01)
-            now = time.perf_counter()
-            longest, last = max(longest, now - last - 0.01), now
+        longest = _longest_stall_until(pending)
         finish(pending)
         return {"calling_thread_s": held, "until_done_s": time.perf_counter() - t, "longest_wait_s": longest}
 
