@@ -33,10 +33,19 @@ MODULE_FILE = Path(__file__).resolve().parents[1] / "VQMedSeg" / "VQMedSeg.py"
 
 # ------------------------------------------------------------------ stand-ins for Qt
 class Timer:
-    """``qt.QTimer``: the test fires it by calling the slot while it is active."""
+    """``qt.QTimer``: the test fires it by calling the slot while it is active.
+    ``singleShot(0, slot)`` runs the slot when the event being handled is done:
+    :func:`_events_done` does that."""
+
+    posted: list = []  # slots of zero-delay single shots, waiting for the event loop
 
     def __init__(self):
         self.active, self.slots = False, []
+
+    @staticmethod
+    def singleShot(ms, slot):
+        assert ms == 0, "only zero-delay single shots are emulated"
+        Timer.posted.append(slot)
 
     def setInterval(self, ms):
         self.interval = ms
@@ -49,6 +58,12 @@ class Timer:
 
     def stop(self):
         self.active = False
+
+
+def _events_done():
+    """The event loop's turn after an event: zero-delay single shots run."""
+    while Timer.posted:
+        Timer.posted.pop(0)()
 
 
 def _call(slot, args):
@@ -66,15 +81,20 @@ class Widget:
     def __init__(self):
         self.text, self.toolTip, self.enabled = "", "", True
         self.value, self.maximum, self.format, self.lines, self.items, self.cells = 0, 100, "", [], [], {}
-        self.current, self.slots = -1, {}
+        self.current, self.slots, self.blocked = -1, {}, False
 
     def connect(self, signal, slot):
         self.slots.setdefault(signal, []).append(slot)
 
     def emit(self, signal, *args):
         assert signal in self.slots, f"nothing is connected to {signal}"
-        for slot in self.slots[signal]:
-            _call(slot, args)
+        self._emit(signal, *args)
+
+    def _emit(self, signal, *args):
+        """As Qt emits: to the connected slots, if any, unless signals are blocked."""
+        if not self.blocked:
+            for slot in self.slots.get(signal, []):
+                _call(slot, args)
 
     def click(self):
         assert self.enabled, "the button is disabled"
@@ -99,7 +119,8 @@ class Widget:
         self.lines.append(text)
 
     def blockSignals(self, block):
-        return False
+        was, self.blocked = self.blocked, block
+        return was
 
     def clear(self):
         self.items = []
@@ -110,14 +131,36 @@ class Widget:
     def setCurrentIndex(self, index):
         self.current = index
 
+    # QTableWidget, as Qt's own behaves (measured with PySide6's): a current row that is
+    # removed hands over to the row above it, and each change of the current row is signalled
     def setRowCount(self, rows):
         self.cells = {k: v for k, v in self.cells.items() if k[0] < rows}
+        if self.current >= rows:
+            self.setCurrentCell(rows - 1, 0 if rows else -1)
 
     def setItem(self, row, column, item):
         self.cells[row, column] = item
 
     def setCurrentCell(self, row, column):
-        self.current = row
+        if row != self.current:
+            previous, self.current = self.current, row
+            self._emit("currentCellChanged(int,int,int,int)", row, column, previous, 0 if previous >= 0 else -1)
+
+    def pressRow(self, row):
+        """A mouse click on a row, as Qt signals it: the row becomes current (if it was
+        not), the press, the event loop's turn, then the click."""
+        if row != self.current:
+            previous, self.current = self.current, row
+            self._emit("currentCellChanged(int,int,int,int)", row, 0, previous, 0 if previous >= 0 else -1)
+        self._emit("cellPressed(int,int)", row, 0)
+        _events_done()
+        self._emit("cellClicked(int,int)", row, 0)
+
+    def arrowToRow(self, row):
+        """The arrow keys moving the current row."""
+        previous, self.current = self.current, row
+        self._emit("currentCellChanged(int,int,int,int)", row, 0, previous, 0)
+        _events_done()
 
 
 class UI:
@@ -221,11 +264,13 @@ def module(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("VQMedSegModuleUnderTest", MODULE_FILE)
     code = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(code)
+    Timer.posted.clear()
     under_test = types.SimpleNamespace(code=code, scene=scene, said=said, loaded=loaded, widgets=[])
     yield under_test  # conftest kills the jobs a failed test left running
     for widget in under_test.widgets:  # as Slicer does when it closes: the widget stops observing the scene
         widget.cleanup()
     under_test.widgets.clear()
+    Timer.posted.clear()
     gc.collect()  # widgets (their timers hold their slots) go now, not in a later test's garbage collection
     del logics
 
@@ -371,7 +416,7 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
 
     # a click shows the slice in the Segment Editor on the annotation; the user draws; Mark stores that slice
     first = widget._suggestions[0]
-    widget.ui.suggestionsTable.emit("cellClicked(int,int)", 0, 0)
+    widget.ui.suggestionsTable.pressRow(0)
     assert widget.ui.markAnnotatedButton.enabled
     editor = module.scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
     annotation = editor.GetSegmentationNode()
@@ -385,7 +430,7 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
     assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 1 of 16 slices labelled")
     assert first not in widget._suggestions and len(widget._suggestions) == 3 and not widget.ui.markAnnotatedButton.enabled
     for row in range(3):
-        widget.ui.suggestionsTable.emit("cellClicked(int,int)", 0, 0)
+        widget.ui.suggestionsTable.pressRow(0)
         widget.ui.markAnnotatedButton.click()
     assert widget.ui.statusLabel.text.startswith("liver: 1 case(s), 4 of 16 slices labelled")
 
@@ -408,6 +453,46 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
     again = widget.logic.loadedResults()["segmentation"]
     assert again is not segmentation and again.GetScene() is module.scene and segmentation.GetScene() is None
     assert module.said["warnings"] == [] and widget.ui.predictButton.enabled
+
+
+def test_a_suggestion_is_shown_once_per_click_or_arrow_key_and_a_refreshed_table_shows_none(module, tmp_path):
+    """Qt signals a click on a new row twice (the row becomes current, then the click); a
+    slice is shown once per action. After *Mark*, the refreshed table shows no slice by
+    itself: a second press of *Mark* then has nothing to store."""
+    from conftest import run_main
+
+    widget = _widget(module)
+    phantom = make_dataset("phantom-liver", 1, seed=11, ct_shape=(16, 64, 64))[0]
+    p = widget._parameterNode
+    p.ctVolume, p.workspace, p.device, p.preset = mrml.add_volume(module.scene, phantom.ct, "CT"), tmp_path / "ws", "cpu", "tiny"
+    _prepare(widget)
+    run_main("query", "--workspace", p.workspace, "--strategy", "random", "--n", "4", "--preset", "tiny", "--device", "cpu")
+    widget._refreshState()  # as when the query's job ends
+    rows = [(s["case"], s["slice"]) for s in widget._suggestions]
+    assert len(rows) == 4
+    shown = []
+    jump = widget.logic.jumpToSuggestion
+    widget.logic.jumpToSuggestion = lambda case, index: shown.append((case, index)) or jump(case, index)
+    table = widget.ui.suggestionsTable
+
+    table.pressRow(0)
+    assert shown == [rows[0]]  # once, not once for the new current row and again for the click
+    table.pressRow(0)  # the same row again: the user may have moved the views since
+    assert shown == [rows[0]] * 2
+    table.arrowToRow(1)
+    assert shown[2:] == [rows[1]]
+    table.pressRow(1)  # a press on the row the arrow keys made current shows it again
+    assert shown[2:] == [rows[1]] * 2
+    table.pressRow(3)
+    assert shown[4:] == [rows[3]] and widget.logic.shownSlice() == rows[3]
+
+    # marking the last row: the table shrinks, and Qt would hand the current row to the one above
+    widget.ui.markAnnotatedButton.click()
+    assert shown[4:] == [rows[3]], "the refreshed table showed a slice nobody chose"
+    assert widget.logic.shownSlice() is None and not widget.ui.markAnnotatedButton.enabled
+    assert [(s["case"], s["slice"]) for s in widget._suggestions] == rows[:3]
+    labelled = widget.logic.workflow.workspace.labelled_slices()
+    assert {c: list(v) for c, v in labelled.items()} == {rows[3][0]: [rows[3][1]]}
 
 
 def _endless_training(module, widget, tmp_path):

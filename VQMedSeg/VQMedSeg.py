@@ -151,6 +151,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._prepareTimer = None
         self._scoring = None  # the scores on their way from the worker thread (a Future)
         self._suggestions = []
+        self._rowMadeCurrent = None  # the suggestion row made current by the event being handled
         self._hasModel = False  # read with the workspace's state, not on every parameter change
 
     def setup(self) -> None:
@@ -175,10 +176,11 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
-        self.ui.suggestionsTable.connect("cellClicked(int,int)", self.onSuggestionClicked)
-        # the arrow keys move between suggestions too; each row reached is shown
-        self.ui.suggestionsTable.connect("currentCellChanged(int,int,int,int)",
-                                         lambda row, column, previousRow, previousColumn: self.onSuggestionClicked(row, column))
+        # A row is shown when it becomes current (a press on it, or the arrow keys), and when
+        # the row already current is pressed again. Qt signals a press on a new row twice
+        # (the row becomes current, then the press): it is shown once.
+        self.ui.suggestionsTable.connect("currentCellChanged(int,int,int,int)", self.onSuggestionCurrentChanged)
+        self.ui.suggestionsTable.connect("cellPressed(int,int)", self.onSuggestionPressed)
         self.ui.markAnnotatedButton.connect("clicked(bool)", self.onMarkAnnotatedButton)
         self.ui.startCancelButton.connect("clicked(bool)", self.onStartCancelButton)
         self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
@@ -326,7 +328,21 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.suggest(p.strategy, p.perRound, p.budget or None)
             self._jobStarted(_("Ranking unlabelled slices ({strategy})").format(strategy=p.strategy))
 
-    def onSuggestionClicked(self, row: int, column: int) -> None:
+    def onSuggestionCurrentChanged(self, row: int, column: int, previousRow: int, previousColumn: int) -> None:
+        import qt
+
+        self._rowMadeCurrent = row  # within this event: a press that follows has been shown already
+        qt.QTimer.singleShot(0, self._forgetRowMadeCurrent)
+        self._showSuggestion(row)
+
+    def _forgetRowMadeCurrent(self) -> None:
+        self._rowMadeCurrent = None
+
+    def onSuggestionPressed(self, row: int, column: int) -> None:
+        if row != self._rowMadeCurrent:
+            self._showSuggestion(row)
+
+    def _showSuggestion(self, row: int) -> None:
         if 0 <= row < len(self._suggestions):
             s = self._suggestions[row]
             with slicer.util.tryWithErrorDisplay(_("Failed to show the slice."), waitCursor=False):
@@ -438,10 +454,12 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.budgetProgressBar.setValue(min(status["labelled_slices"], budget))
         self._suggestions = self.logic.suggestions()
         table = self.ui.suggestionsTable
-        table.setRowCount(len(self._suggestions))
         import qt
 
+        # signals blocked before the rows change: a current row that goes hands over to another,
+        # which would be shown although nobody chose it, and *Mark* would then store it
         wasBlocked = table.blockSignals(True)
+        table.setRowCount(len(self._suggestions))
         for row, s in enumerate(self._suggestions):
             for column, value in enumerate((s["case"], str(s["slice"]), f"{s['score']:.3f}", s["purpose"])):
                 table.setItem(row, column, qt.QTableWidgetItem(value))
