@@ -440,3 +440,21 @@ def test_a_patient_folder_whose_series_sit_in_subfolders_names_them(tmp_path: Pa
     assert "found no DICOM series (0 file(s) in the folder)" in message
     assert f"a DICOM series is in {patient / 'DICOM_anon'}" in message and "Ground" not in message
 
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((4, 5, 6), np.uint8),                                        # background only
+    (np.arange(120).reshape(4, 5, 6) % 7 == 0),                           # bool
+    (np.arange(120).reshape(4, 5, 6) % 2).astype(np.uint8),               # 0 and 1
+    np.array([[[0, 3, 3, 7]]], np.uint8),                                 # gaps between the values
+    np.array([[[-2, 0, 5, 5]]], np.int16),                                # negative
+    np.array([[[0, 40000, 2]]], np.int32),                                # a wide range
+    np.array([[[0.0, 2.0, 2.0]]], np.float32),                            # labels stored as floats
+    np.zeros((0, 3, 3), np.uint8),                                        # empty
+])
+def test_the_values_of_a_label_map_are_those_numpy_finds(array):
+    from VQMedSegLib.data.volume import label_values
+
+    found = label_values(array)
+    expected = np.unique(array)
+    assert found.dtype == expected.dtype and np.array_equal(found, expected), (found, expected)

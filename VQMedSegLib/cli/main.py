@@ -245,11 +245,11 @@ def _require_value(label, value: int, path, option: str | None) -> None:
     """A label value given on the command line must occur in a file that holds labels: a
     typo (--label 9) would otherwise score two empty masks, Dice 1. A file with no label at
     all (an empty prediction) is scored as it is."""
-    import numpy as np
+    from ..data.volume import label_values
 
     if option is None:
         return
-    present = [int(v) for v in np.unique(label.array) if v != 0]
+    present = [int(v) for v in label_values(label.array) if v != 0]
     if present and value not in present:
         raise InputError(f"{option} {value}: occurs nowhere in {path}, whose label values are {present[:10]}; expected one of them")
 

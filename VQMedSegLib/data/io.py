@@ -41,7 +41,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..files import atomic_path, storage_error
-from .volume import Volume
+from .volume import Volume, label_values
 
 log = logging.getLogger(__name__)
 
@@ -709,7 +709,7 @@ def write_segmentation(
     if not _is_seg_nrrd(path):
         raise InputError(f"{path}: expected a file name ending with .seg.nrrd")
     array = _as_label_array(label.array, "label volume")
-    present = {int(v) for v in np.unique(array)} - {0}
+    present = {int(v) for v in label_values(array)} - {0}
 
     by_value: dict[int, dict[str, Any]] = {}
     for n, raw in enumerate(segments):

@@ -136,3 +136,18 @@ class Volume:
 
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def label_values(array: np.ndarray) -> np.ndarray:
+    """The distinct values of a label map, sorted: what ``np.unique`` returns, found in a
+    few passes over the voxels when they span a short range of integers, as label maps
+    do (0 and 1: two, against 0.12 s for ``np.unique`` at 512 x 512 x 150)."""
+    array = np.asarray(array)
+    if array.size == 0 or array.dtype.kind not in "biu":
+        return np.unique(array)
+    lo, hi = array.min(), array.max()
+    if int(hi) - int(lo) > 16:
+        return np.unique(array)
+    between = [v for v in range(int(lo) + 1, int(hi)) if (array == v).any()]
+    values = [lo] + [array.dtype.type(v) for v in between] + ([hi] if hi != lo else [])
+    return np.array(values, dtype=array.dtype)

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
         f"({exc}); expected it installed, e.g. pip install 'vqmedseg[scene]'"
     ) from exc
 
-from ..data.volume import Volume
+from ..data.volume import Volume, label_values
 from ..errors import InputError
 from ..files import atomic_path
 
@@ -273,7 +273,7 @@ def add_segmentation(
     """
     specs = _segment_specs(segments)
     by_value = {spec["value"]: spec for spec in specs}
-    present = {int(v) for v in np.unique(label.array) if v != 0}
+    present = {int(v) for v in label_values(label.array) if v != 0}
     unknown = sorted(present - set(by_value))
     if unknown:
         raise InputError(

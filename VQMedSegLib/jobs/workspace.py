@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..data.volume import Volume
+from ..data.volume import Volume, label_values
 from ..errors import InputError, WorkspaceError
 from ..files import atomic_write_json, read_json, remove_temporaries, safe_id
 from ..tasks import get_task
@@ -306,7 +306,7 @@ class Workspace:
         if bad:
             shown = str(bad) if len(bad) <= 10 else f"{str(bad[:5])[:-1]}, ... {bad[-1]}] ({len(bad)} indices)"
             raise InputError(f"annotated slices {shown} of case {case_id!r}: expected indices in 0..{n - 1}")
-        present = np.unique(label.array)
+        present = label_values(label.array)
         if label_value is None:
             extra = [int(v) for v in present if v not in (0, 1)]
             if extra:

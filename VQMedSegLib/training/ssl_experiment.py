@@ -40,7 +40,7 @@ from monai.losses import DiceLoss
 
 from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
-from ..data.volume import Volume
+from ..data.volume import Volume, label_values
 from ..errors import InputError
 from ..files import atomic_files, atomic_write_json, atomic_write_text, read_json, read_text
 from ..inference.postprocess import keep_largest_component
@@ -144,7 +144,7 @@ def load_cases(dataset: str) -> SSLData:
         if label is not None:
             loaded.append((ref, image, label))
     if structures is None:  # a folder: every label value found is a structure, named as its dataset.json names it
-        values = sorted({int(v) for _, _, label in loaded for v in np.unique(label.array)} - {0})
+        values = sorted({int(v) for _, _, label in loaded for v in label_values(label.array)} - {0})
         names = dataset_json_labels(path) if path.is_dir() else None
         structures = {v: (names or {}).get(v, f"label {v}") for v in values}
     out = []
