@@ -161,6 +161,29 @@ def test_write_scene_round_trips_through_mrb(mrml, case, tmp_path, monkeypatch):
     assert red.GetForegroundVolumeID() == uncertainty_node.GetID()
 
 
+@pytest.mark.parametrize("fill, window", [
+    ("nan-and-inf", None),        # the window spans the finite values only
+    ("all-nan", (0.0, 1.0)),      # nothing finite: any window
+    ("constant", (0.25, 1.25)),   # one value: a window one wide from it
+])
+def test_an_uncertainty_overlays_window_spans_its_finite_values(mrml, case, fill, window):
+    scene, _logics = mrml.new_scene()
+    values = case["uncertainty"].array.copy()
+    if fill == "nan-and-inf":
+        values[0, 0, :3] = (np.nan, np.inf, -np.inf)
+        finite = values[np.isfinite(values)]
+        window = (float(finite.min()), float(finite.max()))
+    elif fill == "all-nan":
+        values[:] = np.nan
+    else:
+        values[:] = 0.25
+    node = mrml.add_uncertainty_overlay(scene, case["uncertainty"].with_array(values), "map")
+    display = node.GetDisplayNode()
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == pytest.approx(window, abs=1e-6)
+    np.testing.assert_array_equal(mrml.volume_from_node(node).array, values)  # the voxels, untouched
+
+
 def test_segments_missing_from_the_label_are_kept_empty(mrml, case):
     scene, _logics = mrml.new_scene()
     ct_node = mrml.add_volume(scene, case["ct"], "CT")
