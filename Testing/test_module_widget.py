@@ -193,10 +193,36 @@ class ParameterNode:
         self._observed.RemoveObserver(tag)
 
     def connectGui(self, ui):
-        return "tag"
+        """As the wrapper's GUI connector of each node selector the ``.ui`` binds to a
+        parameter: its slot stores the new node, connected when the widget connects the
+        parameter node, after ``setup()``'s own slots; Qt calls slots in the order they were
+        connected. (The other widgets' connectors are not emulated: tests set those
+        parameters directly.)"""
+        connected = []
+        for name, parameter in _node_selectors_of_the_ui():
+            def store(node, parameter=parameter):
+                setattr(self, parameter, node)
+
+            getattr(ui, name).connect("currentNodeChanged(vtkMRMLNode*)", store)
+            connected.append((getattr(ui, name), store))
+        return connected
 
     def disconnectGui(self, tag):
-        pass
+        for widget, slot in tag or []:
+            widget.slots["currentNodeChanged(vtkMRMLNode*)"].remove(slot)
+
+
+def _node_selectors_of_the_ui() -> list[tuple[str, str]]:
+    """(widget name, parameter) of each qMRMLNodeComboBox with a SlicerParameterName in the .ui."""
+    import xml.etree.ElementTree as ET
+
+    found = []
+    for widget in ET.parse(MODULE_FILE.parent / "Resources" / "UI" / "VQMedSeg.ui").iter("widget"):
+        parameter = [prop.findtext("string") for prop in widget.findall("property") if prop.get("name") == "SlicerParameterName"]
+        if widget.get("class") == "qMRMLNodeComboBox" and parameter:
+            found.append((widget.get("name"), parameter[0]))
+    assert found, "no node selector of the .ui is bound to a parameter"
+    return found
 
 
 def _parameter_node_wrapper(cls):

@@ -132,6 +132,9 @@ class VQMedSegParameterNode:
 #
 
 
+_CHOSEN = object()  # "the reference the parameter node holds", as opposed to a node given, or None
+
+
 class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panels. UI only: every action is one call into VQMedSegLogic.
 
@@ -397,8 +400,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setOverlayOpacity(value)
 
     def onReferenceChanged(self, node) -> None:
-        # the node given, not the parameter node's: this slot may run before the parameter
-        # node's own connection has stored the new choice
+        # the node given, even none, not the parameter node's: this slot runs before the
+        # parameter node's own connection has stored the new choice (connected later)
         self._refreshScores(node)
 
     # --------------------------------------------------------------- job follow-up
@@ -480,8 +483,9 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.blockSignals(wasBlocked)
         self._refreshScores()
 
-    def _refreshScores(self, reference=None) -> None:
-        if reference is None:
+    def _refreshScores(self, reference=_CHOSEN) -> None:
+        """Score against ``reference`` (None: no reference) or, by default, the one chosen."""
+        if reference is _CHOSEN:
             reference = self._parameterNode.referenceSegmentation if self._parameterNode else None
         self._scoring = None  # an answer still on its way is for an earlier choice
         if reference is None or not self.logic.loadedResults():
