@@ -184,6 +184,41 @@ def test_an_uncertainty_overlays_window_spans_its_finite_values(mrml, case, fill
     np.testing.assert_array_equal(mrml.volume_from_node(node).array, values)  # the voxels, untouched
 
 
+def test_a_label_map_of_several_values_becomes_one_segment_a_value_in_its_place(mrml, case, tmp_path):
+    """Three structures, one absent, the label on an oblique grid finer than the CT's: each
+    segment holds exactly its value's voxels in the label's own place, and the scene
+    saved and read back says the same. Nothing temporary is left in the scene."""
+    scene, _logics = mrml.new_scene()
+    ct_node = mrml.add_volume(scene, case["ct"], "CT")
+    rng = np.random.default_rng(3)
+    fine = Volume(rng.choice(np.array([0, 1, 3], np.uint8), size=(6, 20, 22), p=[0.6, 0.3, 0.1]),
+                  spacing=(0.5, 0.7, 1.25), origin=(-120.0, 50.0, -305.0), direction=_oblique_direction())
+    segments = [{"value": 1, "name": "RV", "color": (0.9, 0.1, 0.1)}, {"value": 2, "name": "Myo", "color": (0.1, 0.9, 0.1)},
+                {"value": 3, "name": "LV", "color": (0.1, 0.1, 0.9)}]
+    nodes_before = scene.GetNumberOfNodes()
+
+    node = mrml.add_segmentation(scene, fine, segments, reference_node=ct_node, name="heart")
+
+    assert scene.GetNumberOfNodes() == nodes_before + 2  # the segmentation and its display node
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(3)] == ["RV", "Myo", "LV"]
+    empty = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Myo"))
+    assert empty.GetName() == "Myo" and np.allclose(empty.GetColor(), (0.1, 0.9, 0.1))
+    ras = mrml.add_volume(scene, fine.with_array(np.zeros(fine.shape, np.int16)), "grid of the label")
+    back = mrml.labelmap_from_segmentation(node, ras)
+    np.testing.assert_array_equal(back.array, fine.array)
+    for index, (name, value) in enumerate((("RV", 1), ("Myo", 2), ("LV", 3))):
+        alone = mrml.labelmap_from_segmentation(node, ras, only=name).array
+        np.testing.assert_array_equal(alone != 0, fine.array == value, err_msg=name)
+
+    path = tmp_path / "heart.mrb"
+    mrml.write_scene(path, ct=case["ct"], label=fine, segments=segments, uncertainty=case["uncertainty"])
+    read, _read_logics = mrml.read_mrb(path)
+    saved = read.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    grid = mrml.add_volume(read, fine.with_array(np.zeros(fine.shape, np.int16)), "grid")
+    np.testing.assert_array_equal(mrml.labelmap_from_segmentation(saved, grid).array, fine.array)
+
+
 def test_segments_missing_from_the_label_are_kept_empty(mrml, case):
     scene, _logics = mrml.new_scene()
     ct_node = mrml.add_volume(scene, case["ct"], "CT")

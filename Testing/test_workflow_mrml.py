@@ -364,7 +364,8 @@ def test_a_suggested_slice_is_marked_only_once_shown_in_the_segment_editor(scene
     drawn = np.zeros_like(truth)
     drawn[9] = truth[9]
     annotation.GetSegmentation().RemoveAllSegments()
-    mrml._import_label_array(scene, phantom.ct.with_array(drawn), [{"value": 1, "name": "Liver", "color": (1, 0, 0)}], annotation)
+    mrml._add_label_segments(phantom.ct.with_array(drawn), [{"value": 1, "name": "Liver", "color": (1, 0, 0)}],
+                             annotation.GetSegmentation())
     assert logic.mark_shown_annotated() == (case_id, [9])
     np.testing.assert_array_equal(logic.workspace.load_annotation(case_id).array[9], truth[9])
     assert logic.shown is None  # marked once; the next needs another click

