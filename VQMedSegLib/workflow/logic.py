@@ -19,7 +19,9 @@ without a GUI:
 4. When a prediction job has finished, :meth:`~WorkflowLogic.load_results` imports the
    segmentation (named, coloured, with terminology) and the uncertainty maps, under the
    CT's subject-hierarchy folder. Only predictions the workspace state records as
-   complete are loaded; a crashed or cancelled job's partial output never is.
+   complete are loaded; a crashed or cancelled job's partial output never is. After a
+   prediction job, its files are read on the worker thread and a later poll makes the
+   nodes; the job counts as ended once they are made.
 5. What would hold up Slicer's GUI runs on one worker thread, and the module's timers
    read the answers: :meth:`~WorkflowLogic.start_prepare` writes a case's volumes into
    the workspace, :meth:`~WorkflowLogic.start_scoring` scores the loaded prediction
@@ -84,10 +86,11 @@ class JobState:
     resumed_from: int | None = None
     final: dict | None = None  # the job's last event, read while its process may still be exiting
     final_at: float | None = None  # monotonic time it was read
+    loading: Future | None = None  # a prediction's files being read on the worker; the job ends once loaded
 
     @property
     def finished(self) -> bool:
-        return self.status != "running"
+        return self.status != "running" and self.loading is None
 
 
 @dataclass
@@ -468,8 +471,8 @@ class WorkflowLogic:
         False if no job, or not that one, runs.
         """
         job = self.job
-        if job is None or job.finished or (job_id is not None and job.job_id != job_id):
-            return False
+        if job is None or job.status != "running" or (job_id is not None and job.job_id != job_id):
+            return False  # none, another, or one that has ended (its results may still be loading)
         self._queue.clear()
         if block and job.proc is not None:
             cancel_job(self._ws(), job.job_id, proc=job.proc, grace=grace)
@@ -483,6 +486,8 @@ class WorkflowLogic:
         job = self.job
         if job is None or job.finished:
             return PollUpdate(job, [], False)
+        if job.loading is not None:
+            return self._poll_loading(job)
         ws = self._ws()
         if job.kill_at is not None and time.monotonic() > job.kill_at and job.proc is not None and job.proc.poll() is None:
             kill_tree(job.proc.pid)
@@ -546,27 +551,52 @@ class WorkflowLogic:
         elif released:
             job.status = "crashed"
             job.reason = "the job no longer holds the workspace lock and wrote no final event"
-        ended = job.finished
-        if ended:
-            lines.append(f"{job.kind} job {job.status}" + (f": {job.reason}" if job.reason else ""))
-            if job.status == "done" and job.kind == "predict":
-                predicted = sorted({r["case"] for r in job.results if r.get("kind") == "prediction"})
-                # only the cases on show: loading another would bring its CT back into the scene, on the GUI thread
-                shown = [c for c in predicted if c in self.loaded or self._scene_ct(c) is not None]
-                for case_id in shown:
-                    self.load_results(case_id)
-                    lines.append(f"loaded the prediction of {case_id}")
-                if len(shown) < len(predicted):
-                    rest = [c for c in predicted if c not in shown]
-                    them = "it" if len(rest) == 1 else "them"
-                    lines.append(f"predicted {', '.join(rest)} too, whose CT is not in the scene; load {them} from the Results panel")
-            if job.status == "done" and self._queue:
-                kind, args = self._queue.pop(0)
-                self._start(kind, args)
-                lines.append(f"started the {kind} job")
-                return PollUpdate(self.job, lines, True)
-            self._queue.clear()
-        return PollUpdate(job, lines, ended)
+        if not job.finished:
+            return PollUpdate(job, lines, False)
+        lines.append(f"{job.kind} job {job.status}" + (f": {job.reason}" if job.reason else ""))
+        if job.status == "done" and job.kind == "predict":
+            predicted = sorted({r["case"] for r in job.results if r.get("kind") == "prediction"})
+            # only the cases on show: loading another would bring its CT back into the scene, on the GUI thread
+            shown = [c for c in predicted if self._on_show(c)]
+            if len(shown) < len(predicted):
+                rest = [c for c in predicted if c not in shown]
+                them = "it" if len(rest) == 1 else "them"
+                lines.append(f"predicted {', '.join(rest)} too, whose CT is not in the scene; load {them} from the Results panel")
+            if shown:
+                # the files are read on the worker; a later poll makes their nodes, here, and ends the job
+                job.loading = self._worker().submit(lambda: {c: self._read_results(c) for c in shown})
+                job.message = "loading the result"
+                return PollUpdate(job, lines, False)
+        return self._ended(job, lines)
+
+    def _poll_loading(self, job: JobState) -> PollUpdate:
+        """Make the nodes of the prediction files read on the worker, once read, then end the job."""
+        if not job.loading.done():
+            return PollUpdate(job, [], False)
+        loading, job.loading = job.loading, None
+        lines: list[str] = []
+        for case_id, read in loading.result().items():  # a file that could not be read raises, as loading on request does
+            if self._on_show(case_id):
+                self.load_results(case_id, read=read)
+                lines.append(f"loaded the prediction of {case_id}")
+            else:
+                lines.append(f"the CT of {case_id} left the scene while its prediction was read; load it from the Results panel")
+        return self._ended(job, lines)
+
+    def _ended(self, job: JobState, lines: list[str]) -> PollUpdate:
+        """The job has ended: start the next queued one after a success, else drop the queue."""
+        if job.status == "done" and self._queue:
+            kind, args = self._queue.pop(0)
+            self._start(kind, args)
+            lines.append(f"started the {kind} job")
+            return PollUpdate(self.job, lines, True)
+        self._queue.clear()
+        return PollUpdate(job, lines, True)
+
+    def _on_show(self, case_id: str) -> bool:
+        """Whether the case's CT or its loaded results are in the scene (not gone with a closed scene)."""
+        loaded = self.loaded.get(case_id)
+        return (loaded is not None and loaded["segmentation"].GetScene() is not None) or self._scene_ct(case_id) is not None
 
     def wait(self, timeout: float = 600.0, interval: float = 0.2) -> JobState:
         """Poll until no job is running (used from the Python console and in tests)."""
@@ -607,34 +637,42 @@ class WorkflowLogic:
         """Predictions the workspace records as complete, by case."""
         return dict(self._ws().load_state().get("predictions", {}))
 
-    def load_results(self, case_id: str, uncertainty: str | None = None, opacity: float = 0.4) -> dict[str, Any]:
-        """Import the recorded prediction of ``case_id``: a segmentation node and one
-        overlay volume per uncertainty map, under the CT's subject-hierarchy folder; the
-        chosen map (default: the first) is shown as the foreground of the slice views."""
-        import slicer
-
+    def _read_results(self, case_id: str) -> tuple[dict, Volume, dict[str, Volume]]:
+        """The recorded prediction of ``case_id`` read from its files: the record, the
+        label, and the uncertainty maps by name. Touches no node: the worker may run it."""
         from ..data.io import read_label, read_volume
-        from ..export.mrml import add_segmentation, add_uncertainty_overlay, show_in_slice_views
-        from ..export.prediction import segments_for
 
         ws = self._ws()
         record = self.available_predictions().get(case_id)
         if record is None:
             raise WorkspaceError(f"case {case_id!r}: no finished prediction in workspace {ws.root}; run a prediction first")
-        self.unload_results(case_id)
-        ct_node = self.ct_node(case_id)
         files = record["files"]
         label = read_label(ws.resolve(files["segmentation"]))
+        maps = {("entropy" if role == "uncertainty" else role.split("_", 1)[1]): read_volume(ws.resolve(rel))
+                for role, rel in files.items() if role.startswith("uncertainty")}
+        return record, label, maps
+
+    def load_results(self, case_id: str, uncertainty: str | None = None, opacity: float = 0.4,
+                     read: tuple[dict, Volume, dict[str, Volume]] | None = None) -> dict[str, Any]:
+        """Import the recorded prediction of ``case_id``: a segmentation node and one
+        overlay volume per uncertainty map, under the CT's subject-hierarchy folder; the
+        chosen map (default: the first) is shown as the foreground of the slice views.
+        ``read``: its files as :meth:`_read_results` read them (on the worker), else read here."""
+        import slicer
+
+        from ..export.mrml import add_segmentation, add_uncertainty_overlay, show_in_slice_views
+        from ..export.prediction import segments_for
+
+        ws = self._ws()
+        record, label, maps = read if read is not None else self._read_results(case_id)
+        self.unload_results(case_id)
+        ct_node = self.ct_node(case_id)
         seg = add_segmentation(self.scene, label, segments_for(ws.task), reference_node=ct_node,
                                name=f"{case_id} {get_task(ws.task).segment_name} ({record['method']})")
         seg.SetAttribute(CASE_ATTRIBUTE, case_id)
         seg.SetAttribute("VQMedSeg.Role", "prediction")
         overlays = {}
-        for role, rel in files.items():
-            if not role.startswith("uncertainty"):
-                continue
-            volume = read_volume(ws.resolve(rel))
-            name = "entropy" if role == "uncertainty" else role.split("_", 1)[1]
+        for name, volume in maps.items():
             node = add_uncertainty_overlay(self.scene, volume, f"{case_id} uncertainty ({name})")
             node.SetAttribute(CASE_ATTRIBUTE, case_id)
             overlays[name] = node
