@@ -68,6 +68,25 @@ def test_validation_cases_are_checked_before_training_and_refused_where_unused(t
     assert from_file.returncode == 2 and "config key 'validation_cases' ['c0']: not used by VQ-Seg" in from_file.stderr
 
 
+def test_a_query_stores_its_suggestions_and_the_budget_given_with_them_in_one_write(tmp_path, monkeypatch):
+    """No state.json is ever written that records the query but not the budget it was given
+    (a query killed between two writes would have kept its suggestions and lost its budget)."""
+    from VQMedSegLib.jobs import workspace as workspace_module
+
+    ws = one_case_workspace(tmp_path, "phantom-liver", "liver", "c0", (8, 48, 48), 3, "--label-value", "1", "--slices", "2-3")
+    written, real = [], workspace_module.atomic_write_json
+
+    def recording(path, data, *args, **kwargs):
+        if Path(path).name == "state.json":
+            written.append(json.loads(json.dumps(data)))
+        return real(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(workspace_module, "atomic_write_json", recording)
+    vq("query", "--workspace", ws, "--n", "2", "--budget", "5", "--preset", "tiny")
+    with_query = [state for state in written if state.get("queries")]
+    assert with_query and all(state.get("budget") == 5 for state in with_query), [s.get("budget") for s in with_query]
+
+
 def test_query_train_rounds(setup):
     root, ws, cases = setup
     first = json.loads(vq("query", "--workspace", ws, "--n", "6", "--budget", "14", "--preset", "tiny", "--json").stdout)

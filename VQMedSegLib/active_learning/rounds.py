@@ -176,17 +176,20 @@ def query(
             for r, s in enumerate(picks)
         ]
         result["round"] = len(state.get("rounds", []))
+        atomic_write_json(ws.root / "suggestions.json", result)
 
-        def remember(st: dict) -> None:
+    def remember(st: dict) -> None:  # in one write of state.json: the suggestions and the budget given with them
+        if result["exhausted"] is None:
             book = st.setdefault("suggested", {})
             for s in result["suggestions"]:
                 book.setdefault(s["case"], {})[str(s["slice"])] = s["purpose"]
-            st.setdefault("queries", []).append({"time": result["created"], "strategy": strategy, "n": len(picks), "model": result["model"]})
+            st.setdefault("queries", []).append({"time": result["created"], "strategy": strategy,
+                                                 "n": len(result["suggestions"]), "model": result["model"]})
+        if budget_total is not None:
+            st["budget"] = int(budget_total)
 
-        atomic_write_json(ws.root / "suggestions.json", result)
+    if result["exhausted"] is None or budget_total is not None:
         ws.update(remember)
-    if budget_total is not None:
-        ws.update(lambda st: st.__setitem__("budget", int(budget_total)))
     ctx.emit("result", kind="query", n=len(result["suggestions"]), exhausted=result["exhausted"], message=result["message"])
     return result
 
