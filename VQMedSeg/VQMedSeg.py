@@ -153,6 +153,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._scoreTimer = None
         self._prepareTimer = None
         self._scoring = None  # the scores on their way from the worker thread (a Future)
+        self._loadTimer = None
+        self._loadingResults = None  # (case, the prediction's files being read on the worker thread: a Future)
         self._suggestions = []
         self._rowMadeCurrent = None  # the suggestion row made current by the event being handled
         self._hasModel = False  # read with the workspace's state, not on every parameter change
@@ -206,6 +208,10 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._prepareTimer = qt.QTimer()
         self._prepareTimer.setInterval(WORKER_POLL_INTERVAL_MS)
         self._prepareTimer.connect("timeout()", self.onPrepareTimer)
+        # A prediction's files are read on the worker too; this timer makes their nodes.
+        self._loadTimer = qt.QTimer()
+        self._loadTimer.setInterval(WORKER_POLL_INTERVAL_MS)
+        self._loadTimer.connect("timeout()", self.onLoadTimer)
 
         # Needed for module reload.
         self.initializeParameterNode()
@@ -214,7 +220,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         if self._timer is not None:
             self._timer.stop()
-        for timer in (self._scoreTimer, self._prepareTimer):
+        for timer in (self._scoreTimer, self._prepareTimer, self._loadTimer):
             if timer is not None:
                 timer.stop()
         self.removeObservers()
@@ -238,6 +244,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called just before the scene is closed."""
         # The parameter node is about to be reset; stop using it.
         self.setParameterNode(None)
+        self._loadingResults = None  # results being read are not for the scene that comes next
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
@@ -285,7 +292,7 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.markAnnotatedButton.enabled = ready and self.logic.shownSlice() is not None
         self.ui.startCancelButton.enabled = ready
         self.ui.startCancelButton.text = _("Cancel") if running else _("Start training")
-        self.ui.loadResultsButton.enabled = ready and not running
+        self.ui.loadResultsButton.enabled = ready and not running and self._loadingResults is None
         hasModel = ready and not running and self._hasModel
         self.ui.predictButton.enabled = hasModel
         self.ui.predictButton.toolTip = (
@@ -387,9 +394,32 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._jobStarted(_("Segmenting {case} with the last model").format(case=self.logic.caseId))
 
     def onLoadResultsButton(self) -> None:
+        """Read the case's last prediction on the worker thread; a timer makes its nodes."""
         with slicer.util.tryWithErrorDisplay(_("Failed to load the prediction."), waitCursor=True):
-            self.logic.loadResults(opacity=self._parameterNode.overlayOpacity)
+            self._loadingResults = (self.logic.caseId, self.logic.startLoadingResults())
+            self._loadTimer.start()
+        self._checkCanApply()
+
+    def onLoadTimer(self) -> None:
+        """Make the prediction's nodes once its files are read."""
+        loading = self._loadingResults
+        if loading is not None and not loading[1].done():
+            return
+        self._loadTimer.stop()
+        self._loadingResults = None
+        if loading is None:  # dropped: the scene was closed meanwhile
+            self._checkCanApply()
+            return
+        caseId, read = loading
+        try:
+            opacity = self._parameterNode.overlayOpacity if self._parameterNode else 0.4
+            self.logic.loadResults(caseId, opacity=opacity, read=read.result())
             self._refreshResults()
+        except Exception as exc:  # a slot's exception would reach no one
+            logging.exception("VQMedSeg: loading the prediction failed")
+            slicer.util.errorDisplay(_("Failed to load the prediction: {error}").format(error=exc), windowTitle="VQMedSeg")
+        finally:
+            self._checkCanApply()
 
     def onUncertaintyChanged(self, name: str) -> None:
         if name and self.logic.loadedResults():
@@ -814,8 +844,13 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
         killed after ``grace`` seconds. False when no job, or not that one, runs."""
         return self.workflow is not None and self.workflow.cancel(grace=grace, block=False, job_id=jobId)
 
-    def loadResults(self, caseId: str | None = None, opacity: float = 0.4) -> dict:
-        return self._flow().load_results(caseId or self.caseId, opacity=opacity)
+    def loadResults(self, caseId: str | None = None, opacity: float = 0.4, read=None) -> dict:
+        """Load the case's last prediction; ``read``: its files as :meth:`startLoadingResults` read them."""
+        return self._flow().load_results(caseId or self.caseId, opacity=opacity, read=read)
+
+    def startLoadingResults(self, caseId: str | None = None):
+        """Read the case's last prediction on the worker thread (a Future for :meth:`loadResults`)."""
+        return self._flow().start_loading(caseId or self.caseId)
 
     def forgetRemovedResults(self) -> list[str]:
         """Forget loaded results whose nodes were deleted or went with a closed scene."""

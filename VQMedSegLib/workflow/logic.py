@@ -24,8 +24,9 @@ without a GUI:
    nodes; the job counts as ended once they are made.
 5. What would hold up Slicer's GUI runs on one worker thread, and the module's timers
    read the answers: :meth:`~WorkflowLogic.start_prepare` writes a case's volumes into
-   the workspace, :meth:`~WorkflowLogic.start_scoring` scores the loaded prediction
-   against a reference segmentation.
+   the workspace, :meth:`~WorkflowLogic.start_loading` reads a recorded prediction,
+   :meth:`~WorkflowLogic.start_scoring` scores the loaded prediction against a reference
+   segmentation.
 """
 
 from __future__ import annotations
@@ -636,6 +637,15 @@ class WorkflowLogic:
     def available_predictions(self) -> dict[str, dict]:
         """Predictions the workspace records as complete, by case."""
         return dict(self._ws().load_state().get("predictions", {}))
+
+    def start_loading(self, case_id: str) -> Future:
+        """Read the recorded prediction of ``case_id`` on the worker thread; the answer is
+        what :meth:`load_results` takes as ``read`` to make the nodes (on this thread). A
+        case with no recorded prediction is refused here, at once."""
+        ws = self._ws()
+        if case_id not in self.available_predictions():
+            raise WorkspaceError(f"case {case_id!r}: no finished prediction in workspace {ws.root}; run a prediction first")
+        return self._worker().submit(self._read_results, case_id)
 
     def _read_results(self, case_id: str) -> tuple[dict, Volume, dict[str, Volume]]:
         """The recorded prediction of ``case_id`` read from its files: the record, the
