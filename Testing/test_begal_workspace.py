@@ -68,23 +68,35 @@ def test_validation_cases_are_checked_before_training_and_refused_where_unused(t
     assert from_file.returncode == 2 and "config key 'validation_cases' ['c0']: not used by VQ-Seg" in from_file.stderr
 
 
-def test_a_query_stores_its_suggestions_and_the_budget_given_with_them_in_one_write(tmp_path, monkeypatch):
-    """No state.json is ever written that records the query but not the budget it was given
-    (a query killed between two writes would have kept its suggestions and lost its budget)."""
+def test_a_query_records_its_suggestions_and_budget_in_one_write_before_it_shows_them(tmp_path, monkeypatch):
+    """The query's record, its slices' purposes (which training reads) and a ``--budget``
+    given with it go to state.json in one write, and only then is the new list written to
+    suggestions.json: a query killed at any point shows either the last list, or a new one
+    whose purposes and budget are stored (once, two writes of state.json followed the list)."""
+    from VQMedSegLib.active_learning import rounds
     from VQMedSegLib.jobs import workspace as workspace_module
 
     ws = one_case_workspace(tmp_path, "phantom-liver", "liver", "c0", (8, 48, 48), 3, "--label-value", "1", "--slices", "2-3")
-    written, real = [], workspace_module.atomic_write_json
+    written = []
 
-    def recording(path, data, *args, **kwargs):
-        if Path(path).name == "state.json":
-            written.append(json.loads(json.dumps(data)))
-        return real(path, data, *args, **kwargs)
+    def recording(real):
+        def write(path, data, *args, **kwargs):
+            written.append((Path(path).name, json.loads(json.dumps(data))))
+            return real(path, data, *args, **kwargs)
+        return write
 
-    monkeypatch.setattr(workspace_module, "atomic_write_json", recording)
+    monkeypatch.setattr(workspace_module, "atomic_write_json", recording(workspace_module.atomic_write_json))
+    monkeypatch.setattr(rounds, "atomic_write_json", recording(rounds.atomic_write_json))
     vq("query", "--workspace", ws, "--n", "2", "--budget", "5", "--preset", "tiny")
-    with_query = [state for state in written if state.get("queries")]
+    names = [name for name, _ in written]
+    shown = names.index("suggestions.json")
+    suggested = {(s["case"], str(s["slice"])) for s in written[shown][1]["suggestions"]}
+    states = [data for name, data in written if name == "state.json"]
+    with_query = [state for state in states if state.get("queries")]
     assert with_query and all(state.get("budget") == 5 for state in with_query), [s.get("budget") for s in with_query]
+    before = [data for name, data in written[:shown] if name == "state.json"]
+    assert before and before[-1].get("budget") == 5
+    assert {(c, k) for c, book in before[-1]["suggested"].items() for k in book} == suggested
 
 
 def test_query_train_rounds(setup):

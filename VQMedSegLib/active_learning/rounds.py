@@ -176,7 +176,6 @@ def query(
             for r, s in enumerate(picks)
         ]
         result["round"] = len(state.get("rounds", []))
-        atomic_write_json(ws.root / "suggestions.json", result)
 
     def remember(st: dict) -> None:  # in one write of state.json: the suggestions and the budget given with them
         if result["exhausted"] is None:
@@ -190,6 +189,10 @@ def query(
 
     if result["exhausted"] is None or budget_total is not None:
         ws.update(remember)
+    if result["exhausted"] is None:
+        # after state.json: a query killed between the two leaves the last list on show, never a
+        # list whose slices' purposes (which training reads from state.json) were not recorded
+        atomic_write_json(ws.root / "suggestions.json", result)
     ctx.emit("result", kind="query", n=len(result["suggestions"]), exhausted=result["exhausted"], message=result["message"])
     return result
 
