@@ -148,13 +148,24 @@ class Widget:
 
     def pressRow(self, row):
         """A mouse click on a row, as Qt signals it: the row becomes current (if it was
-        not), the press, the event loop's turn, then the click."""
+        not), the press, the event loop's turn, then the click. A slot's exception does not
+        stop the signals that follow (PythonQt prints it); the first is raised at the end."""
+        raised = []
+
+        def signal(name, *args):
+            try:
+                self._emit(name, *args)
+            except Exception as exc:
+                raised.append(exc)
+
         if row != self.current:
             previous, self.current = self.current, row
-            self._emit("currentCellChanged(int,int,int,int)", row, 0, previous, 0 if previous >= 0 else -1)
-        self._emit("cellPressed(int,int)", row, 0)
+            signal("currentCellChanged(int,int,int,int)", row, 0, previous, 0 if previous >= 0 else -1)
+        signal("cellPressed(int,int)", row, 0)
         _events_done()
-        self._emit("cellClicked(int,int)", row, 0)
+        signal("cellClicked(int,int)", row, 0)
+        if raised:
+            raise raised[0]
 
     def arrowToRow(self, row):
         """The arrow keys moving the current row."""
@@ -547,6 +558,7 @@ def test_load_last_prediction_reads_its_files_in_the_background_and_a_closed_sce
     button = widget.ui.loadResultsButton
     button.click()
     assert widget._loadTimer.active and not button.enabled and widget.logic.loadedResults() is None
+    assert not widget.ui.applyButton.enabled  # no other workspace or case before this one's result is in
     deadline = time.monotonic() + 30
     while not readers and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -555,7 +567,7 @@ def test_load_last_prediction_reads_its_files_in_the_background_and_a_closed_sce
     _fire_until_stopped(widget._loadTimer)
     loaded = widget.logic.loadedResults()
     assert loaded["segmentation"].GetScene() is module.scene and widget.ui.uncertaintyComboBox.items == ["entropy"]
-    assert button.enabled and module.said["errors"] == []
+    assert button.enabled and widget.ui.applyButton.enabled and module.said["errors"] == []
 
     # again, with the scene closed while the files are read
     release.clear()
@@ -565,6 +577,55 @@ def test_load_last_prediction_reads_its_files_in_the_background_and_a_closed_sce
     _fire_until_stopped(widget._loadTimer)
     assert module.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
     assert module.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0 and module.said["errors"] == []
+
+
+def test_a_slice_that_cannot_be_shown_is_reported_once_per_click(module, monkeypatch):
+    """An error box runs the event loop while it is open: the press that follows the row's
+    change must still count as shown, not show (and fail) a second time."""
+    widget = _widget(module)
+    widget._suggestions = [{"case": "c", "slice": 3, "score": 0.5, "purpose": "both"},
+                           {"case": "c", "slice": 4, "score": 0.4, "purpose": "both"}]
+
+    def fail(case, index):
+        raise RuntimeError(f"cannot show slice {index}")
+
+    widget.logic.jumpToSuggestion = fail
+    shown_errors = module.said["errors"]
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: (shown_errors.append(text), _events_done()))  # modal
+    table = widget.ui.suggestionsTable
+    for row in (1, 0):
+        try:
+            table.pressRow(row)
+        except RuntimeError:
+            pass  # tryWithErrorDisplay re-raises; PythonQt prints it and delivers the next signal
+    assert len(shown_errors) == 2 and "slice 4" in shown_errors[0] and "slice 3" in shown_errors[1], shown_errors
+
+
+def test_a_prediction_job_whose_result_cannot_be_loaded_says_so_and_ends(module, tmp_path):
+    """After a prediction job, a result that cannot be read is shown as an error and the job
+    ends (the progress no longer says the result is loading); Cancel is not offered while
+    the result loads, since the job itself has ended."""
+    from concurrent.futures import Future
+
+    from VQMedSegLib.workflow.logic import JobState
+
+    widget = _widget(module)
+    _with_recorded_prediction(module, widget, tmp_path, load=False)
+    flow, case = widget.logic.workflow, widget.logic.caseId
+    (flow.workspace.prediction_dir(case) / "prediction.nrrd").write_bytes(b"NRRD0004\nnot an image\n")
+    pending = Future()
+    flow.job = JobState(kind="predict", job_id="finished-predict", status="done", message="loading the result",
+                        loading={case: pending})
+    widget._timer.start()
+    widget.onPollTimer()
+    assert widget._timer.active and "loading the result" in widget.ui.progressBar.format
+    assert widget.ui.startCancelButton.text == "Cancel" and not widget.ui.startCancelButton.enabled
+    pending.set_result(None)  # replaced by the real read of the broken file
+    flow.job.loading = {case: flow.start_loading(case)}
+    _fire_until_stopped(widget._timer)
+    assert len(module.said["errors"]) == 1 and module.said["errors"][0].startswith(f"The prediction of {case} could not be loaded")
+    assert widget.ui.progressBar.format.startswith("predict: done") and widget.ui.startCancelButton.enabled
+    assert widget.logic.loadedResults() is None and widget.ui.startCancelButton.text == "Start training"
 
 
 def _endless_training(module, widget, tmp_path):

@@ -501,6 +501,32 @@ def _recorded_prediction(scene, tmp_path, phantom):
     return logic, case_id, ct_node
 
 
+def test_after_a_prediction_job_a_result_that_cannot_be_loaded_is_reported_and_the_others_load(scene, tmp_path, phantom):
+    """The end of a prediction job loads each case's result; one that cannot be read is
+    reported as an error of the poll, and the job still ends with the others loaded."""
+    import shutil
+
+    from VQMedSegLib.workflow.logic import JobState
+
+    logic, case_a, _ct_a = _recorded_prediction(scene, tmp_path, phantom)
+    ws = logic.workspace
+    case_b = logic.prepare(mrml.add_volume(scene, phantom.ct, "CT b"), None)
+    shutil.copytree(ws.prediction_dir(case_a), ws.prediction_dir(case_b), dirs_exist_ok=True)
+    ws.update(lambda st: st["predictions"].update({case_b: {"method": "supervised", "files": {
+        "segmentation": f"predictions/{case_b}/prediction.nrrd", "uncertainty": f"predictions/{case_b}/uncertainty.nrrd"}}}))
+    (ws.prediction_dir(case_a) / "uncertainty.nrrd").write_bytes(b"NRRD0004\ntruncated")
+    logic.job = JobState(kind="predict", job_id="ended", status="done", message="loading the result",
+                         loading={case: logic.start_loading(case) for case in (case_a, case_b)})
+    deadline = time.monotonic() + 60
+    update = logic.poll()
+    while not update.ended and time.monotonic() < deadline:
+        time.sleep(0.02)
+        update = logic.poll()
+    assert update.ended and logic.job.finished and logic.job.message == ""
+    assert len(update.errors) == 1 and update.errors[0].startswith(f"the prediction of {case_a} could not be loaded: ")
+    assert f"loaded the prediction of {case_b}" in update.lines and list(logic.loaded) == [case_b]
+
+
 def test_unloading_results_keeps_the_tree_entry_of_a_users_node_moved_into_their_folder(scene, tmp_path, phantom):
     """Results are unloaded when loaded again (a new prediction) or their segmentation is
     deleted. Their subject-hierarchy folder went with every item in it, so a node of the

@@ -288,9 +288,13 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if preparing:  # no job, no other case, until the volumes are in the workspace
             self.ui.applyButton.enabled = False
             self.ui.applyButton.toolTip = _("The volumes are being copied into the workspace.")
+        if self._loadingResults is not None:  # the result being read is for this workspace and case
+            self.ui.applyButton.enabled = False
+            self.ui.applyButton.toolTip = _("The last prediction is being loaded.")
         self.ui.suggestButton.enabled = ready and not running
         self.ui.markAnnotatedButton.enabled = ready and self.logic.shownSlice() is not None
-        self.ui.startCancelButton.enabled = ready
+        # the job has ended once its results are being loaded: nothing is left to cancel
+        self.ui.startCancelButton.enabled = ready and not self.logic.jobLoadingResults()
         self.ui.startCancelButton.text = _("Cancel") if running else _("Start training")
         self.ui.loadResultsButton.enabled = ready and not running and self._loadingResults is None
         hasModel = ready and not running and self._hasModel
@@ -341,9 +345,13 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSuggestionCurrentChanged(self, row: int, column: int, previousRow: int, previousColumn: int) -> None:
         import qt
 
-        self._rowMadeCurrent = row  # within this event: a press that follows has been shown already
-        qt.QTimer.singleShot(0, self._forgetRowMadeCurrent)
-        self._showSuggestion(row)
+        try:
+            self._showSuggestion(row)
+        finally:
+            # for the rest of this event, a press that follows has been shown (or reported) already;
+            # marked after showing, since an error box runs the event loop while it is open
+            self._rowMadeCurrent = row
+            qt.QTimer.singleShot(0, self._forgetRowMadeCurrent)
 
     def _forgetRowMadeCurrent(self) -> None:
         self._rowMadeCurrent = None
@@ -396,21 +404,21 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLoadResultsButton(self) -> None:
         """Read the case's last prediction on the worker thread; a timer makes its nodes."""
         with slicer.util.tryWithErrorDisplay(_("Failed to load the prediction."), waitCursor=True):
-            self._loadingResults = (self.logic.caseId, self.logic.startLoadingResults())
+            self._loadingResults = (self.logic.caseId, self.logic.workspaceRoot(), self.logic.startLoadingResults())
             self._loadTimer.start()
         self._checkCanApply()
 
     def onLoadTimer(self) -> None:
         """Make the prediction's nodes once its files are read."""
         loading = self._loadingResults
-        if loading is not None and not loading[1].done():
+        if loading is not None and not loading[2].done():
             return
         self._loadTimer.stop()
         self._loadingResults = None
-        if loading is None:  # dropped: the scene was closed meanwhile
+        if loading is None or loading[1] != self.logic.workspaceRoot():  # dropped: the scene closed, or another workspace
             self._checkCanApply()
             return
-        caseId, read = loading
+        caseId, _root, read = loading
         try:
             opacity = self._parameterNode.overlayOpacity if self._parameterNode else 0.4
             self.logic.loadResults(caseId, opacity=opacity, read=read.result())
@@ -454,6 +462,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         update = self.logic.poll()
         for line in update.lines:
             self._appendLog(line)
+        for error in update.errors:  # the job's results that could not be loaded (the others were)
+            slicer.util.errorDisplay(error[:1].upper() + error[1:], windowTitle="VQMedSeg")
         job = update.job
         if job is not None:
             self._setProgress(int(round(100 * job.fraction)), f"{job.kind}: {job.message or job.status}")
@@ -847,6 +857,14 @@ class VQMedSegLogic(ScriptedLoadableModuleLogic):
     def loadResults(self, caseId: str | None = None, opacity: float = 0.4, read=None) -> dict:
         """Load the case's last prediction; ``read``: its files as :meth:`startLoadingResults` read them."""
         return self._flow().load_results(caseId or self.caseId, opacity=opacity, read=read)
+
+    def workspaceRoot(self) -> pathlib.Path | None:
+        """The open workspace's folder, or None."""
+        return self.workflow.workspace.root if self.workflow is not None and self.workflow.workspace is not None else None
+
+    def jobLoadingResults(self) -> bool:
+        """Whether the followed job has ended and its results are being read for the scene."""
+        return self.workflow is not None and self.workflow.job is not None and self.workflow.job.loading is not None
 
     def startLoadingResults(self, caseId: str | None = None):
         """Read the case's last prediction on the worker thread (a Future for :meth:`loadResults`)."""

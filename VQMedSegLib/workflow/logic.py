@@ -87,7 +87,7 @@ class JobState:
     resumed_from: int | None = None
     final: dict | None = None  # the job's last event, read while its process may still be exiting
     final_at: float | None = None  # monotonic time it was read
-    loading: Future | None = None  # a prediction's files being read on the worker; the job ends once loaded
+    loading: dict[str, Future] | None = None  # by case, a prediction's files being read on the worker; the job ends once loaded
 
     @property
     def finished(self) -> bool:
@@ -115,6 +115,7 @@ class PollUpdate:
     job: JobState | None
     lines: list[str]
     ended: bool  # the job ended during this poll
+    errors: list[str] = field(default_factory=list)  # what went wrong that the user must see (a result that could not be loaded)
 
 
 class WorkflowLogic:
@@ -565,34 +566,42 @@ class WorkflowLogic:
                 lines.append(f"predicted {', '.join(rest)} too, whose CT is not in the scene; load {them} from the Results panel")
             if shown:
                 # the files are read on the worker; a later poll makes their nodes, here, and ends the job
-                job.loading = self._worker().submit(lambda: {c: self._read_results(c) for c in shown})
+                job.loading = {c: self._worker().submit(self._read_results, c, ws) for c in shown}
                 job.message = "loading the result"
                 return PollUpdate(job, lines, False)
         return self._ended(job, lines)
 
     def _poll_loading(self, job: JobState) -> PollUpdate:
-        """Make the nodes of the prediction files read on the worker, once read, then end the job."""
-        if not job.loading.done():
+        """Make the nodes of the prediction files read on the worker, once read, then end the
+        job. A case that cannot be loaded is reported, and the others are loaded all the same."""
+        if not all(future.done() for future in job.loading.values()):
             return PollUpdate(job, [], False)
         loading, job.loading = job.loading, None
+        job.message = ""
         lines: list[str] = []
-        for case_id, read in loading.result().items():  # a file that could not be read raises, as loading on request does
-            if self._on_show(case_id):
-                self.load_results(case_id, read=read)
-                lines.append(f"loaded the prediction of {case_id}")
-            else:
+        errors: list[str] = []
+        for case_id, future in loading.items():
+            if not self._on_show(case_id):
                 lines.append(f"the CT of {case_id} left the scene while its prediction was read; load it from the Results panel")
-        return self._ended(job, lines)
+                continue
+            try:
+                self.load_results(case_id, read=future.result())
+            except Exception as exc:  # a file that cannot be read, a node that cannot be made
+                errors.append(f"the prediction of {case_id} could not be loaded: {exc}")
+                lines.append(errors[-1])
+            else:
+                lines.append(f"loaded the prediction of {case_id}")
+        return self._ended(job, lines, errors)
 
-    def _ended(self, job: JobState, lines: list[str]) -> PollUpdate:
+    def _ended(self, job: JobState, lines: list[str], errors: list[str] | None = None) -> PollUpdate:
         """The job has ended: start the next queued one after a success, else drop the queue."""
         if job.status == "done" and self._queue:
             kind, args = self._queue.pop(0)
             self._start(kind, args)
             lines.append(f"started the {kind} job")
-            return PollUpdate(self.job, lines, True)
+            return PollUpdate(self.job, lines, True, errors or [])
         self._queue.clear()
-        return PollUpdate(job, lines, True)
+        return PollUpdate(job, lines, True, errors or [])
 
     def _on_show(self, case_id: str) -> bool:
         """Whether the case's CT or its loaded results are in the scene (not gone with a closed scene)."""
@@ -645,15 +654,16 @@ class WorkflowLogic:
         ws = self._ws()
         if case_id not in self.available_predictions():
             raise WorkspaceError(f"case {case_id!r}: no finished prediction in workspace {ws.root}; run a prediction first")
-        return self._worker().submit(self._read_results, case_id)
+        return self._worker().submit(self._read_results, case_id, ws)
 
-    def _read_results(self, case_id: str) -> tuple[dict, Volume, dict[str, Volume]]:
-        """The recorded prediction of ``case_id`` read from its files: the record, the
-        label, and the uncertainty maps by name. Touches no node: the worker may run it."""
+    def _read_results(self, case_id: str, ws: Workspace | None = None) -> tuple[dict, Volume, dict[str, Volume]]:
+        """The recorded prediction of ``case_id`` in ``ws`` (default: the open workspace) read
+        from its files: the record, the label, and the uncertainty maps by name. Touches no
+        node: the worker may run it (given the workspace when it was asked)."""
         from ..data.io import read_label, read_volume
 
-        ws = self._ws()
-        record = self.available_predictions().get(case_id)
+        ws = ws if ws is not None else self._ws()
+        record = ws.load_state().get("predictions", {}).get(case_id)
         if record is None:
             raise WorkspaceError(f"case {case_id!r}: no finished prediction in workspace {ws.root}; run a prediction first")
         files = record["files"]
