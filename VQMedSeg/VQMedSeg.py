@@ -196,22 +196,18 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.suggestionsTable.horizontalHeader().setStretchLastSection(True)
         self._setProgress(0, _("Idle"))
 
+        def timer(interval: int, slot):
+            made = qt.QTimer()
+            made.setInterval(interval)
+            made.connect("timeout()", slot)
+            return made
+
         # The job runs in another process; this timer reads its events, so the GUI never waits.
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self.onPollTimer)
-        # Scores are computed on a worker thread; this timer shows them when they are ready.
-        self._scoreTimer = qt.QTimer()
-        self._scoreTimer.setInterval(WORKER_POLL_INTERVAL_MS)
-        self._scoreTimer.connect("timeout()", self.onScoreTimer)
-        # The volumes are copied into the workspace on the same worker; this timer finishes preparing.
-        self._prepareTimer = qt.QTimer()
-        self._prepareTimer.setInterval(WORKER_POLL_INTERVAL_MS)
-        self._prepareTimer.connect("timeout()", self.onPrepareTimer)
-        # A prediction's files are read on the worker too; this timer makes their nodes.
-        self._loadTimer = qt.QTimer()
-        self._loadTimer.setInterval(WORKER_POLL_INTERVAL_MS)
-        self._loadTimer.connect("timeout()", self.onLoadTimer)
+        self._timer = timer(POLL_INTERVAL_MS, self.onPollTimer)
+        # What would hold the GUI thread runs on one worker thread; these timers take its answers:
+        self._scoreTimer = timer(WORKER_POLL_INTERVAL_MS, self.onScoreTimer)  # shows the scores
+        self._prepareTimer = timer(WORKER_POLL_INTERVAL_MS, self.onPrepareTimer)  # finishes preparing once the volumes are copied
+        self._loadTimer = timer(WORKER_POLL_INTERVAL_MS, self.onLoadTimer)  # makes a prediction's nodes once its files are read
 
         # Needed for module reload.
         self.initializeParameterNode()
