@@ -652,9 +652,16 @@ class WorkflowLogic:
         what :meth:`load_results` takes as ``read`` to make the nodes (on this thread). A
         case with no recorded prediction is refused here, at once."""
         ws = self._ws()
-        if case_id not in self.available_predictions():
-            raise WorkspaceError(f"case {case_id!r}: no finished prediction in workspace {ws.root}; run a prediction first")
+        self._prediction_record(case_id, ws)
         return self._worker().submit(self._read_results, case_id, ws)
+
+    @staticmethod
+    def _prediction_record(case_id: str, ws: Workspace) -> dict:
+        """The workspace's record of the case's finished prediction; refused when it has none."""
+        record = ws.load_state().get("predictions", {}).get(case_id)
+        if record is None:
+            raise WorkspaceError(f"case {case_id!r}: no finished prediction in workspace {ws.root}; run a prediction first")
+        return record
 
     def _read_results(self, case_id: str, ws: Workspace | None = None) -> tuple[dict, Volume, dict[str, Volume]]:
         """The recorded prediction of ``case_id`` in ``ws`` (default: the open workspace) read
@@ -663,9 +670,7 @@ class WorkflowLogic:
         from ..data.io import read_label, read_volume
 
         ws = ws if ws is not None else self._ws()
-        record = ws.load_state().get("predictions", {}).get(case_id)
-        if record is None:
-            raise WorkspaceError(f"case {case_id!r}: no finished prediction in workspace {ws.root}; run a prediction first")
+        record = self._prediction_record(case_id, ws)
         files = record["files"]
         label = read_label(ws.resolve(files["segmentation"]))
         maps = {("entropy" if role == "uncertainty" else role.split("_", 1)[1]): read_volume(ws.resolve(rel))
