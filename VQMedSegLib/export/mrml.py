@@ -305,7 +305,7 @@ def add_segmentation(
 
     segmentation = segmentation_node.GetSegmentation()
     if present:
-        _add_label_segments(label, specs, segmentation)
+        _add_label_segments(label, [spec for spec in specs if spec["value"] in present], segmentation)
     for index, spec in enumerate(specs):
         segment_id = segmentation.GetSegmentIdBySegmentName(spec["name"])
         if not segment_id:
@@ -323,7 +323,7 @@ def add_segmentation(
 
 
 def _add_label_segments(label: Volume, specs: list[dict[str, Any]], segmentation: Any) -> None:
-    """One segment per label value in ``label``, named and coloured by its spec, all
+    """One segment per spec, its value's voxels of ``label`` (each value present), all
     sharing one binary labelmap, as Slicer's labelmap import makes them: the label's
     voxels cropped to the box around the non-zero ones, in the label's own place.
     (Through the import, with its temporary labelmap and colour-table nodes, this took
@@ -344,15 +344,13 @@ def _add_label_segments(label: Volume, specs: list[dict[str, Any]], segmentation
     scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(array[box], dtype=narrow).ravel(), deep=True)
     image.GetPointData().SetScalars(scalars)
     binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
-    present = set(int(v) for v in label_values(array[box]))
     for spec in specs:
-        if spec["value"] in present:
-            segment = slicer.vtkSegment()
-            segment.SetName(spec["name"])
-            segment.SetLabelValue(spec["value"])
-            segment.AddRepresentation(binary, image)
-            if not segmentation.AddSegment(segment):
-                raise InputError(f"label value {spec['value']} ({spec['name']}): MRML could not add it as a segment")
+        segment = slicer.vtkSegment()
+        segment.SetName(spec["name"])
+        segment.SetLabelValue(spec["value"])
+        segment.AddRepresentation(binary, image)
+        if not segmentation.AddSegment(segment):
+            raise InputError(f"label value {spec['value']} ({spec['name']}): MRML could not add it as a segment")
 
 
 def labelmap_from_segmentation(
