@@ -151,3 +151,17 @@ def label_values(array: np.ndarray) -> np.ndarray:
     between = [v for v in range(int(lo) + 1, int(hi)) if (array == v).any()]
     values = [lo] + [array.dtype.type(v) for v in between] + ([hi] if hi != lo else [])
     return np.array(values, dtype=array.dtype)
+
+
+def finite_range(array: np.ndarray) -> tuple[float, float]:
+    """A display window over the finite values of ``array``: their smallest and largest,
+    ``(v, v + 1)`` when they are all ``v``, ``(0, 1)`` when none is finite. Reads the
+    array in place (no copy of one that is all finite, as maps usually are)."""
+    array = np.asarray(array)
+    finite = np.isfinite(array)
+    if not finite.all():
+        array = array[finite]
+    if array.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(array.min()), float(array.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
         f"({exc}); expected it installed, e.g. pip install 'vqmedseg[scene]'"
     ) from exc
 
-from ..data.volume import Volume, label_values
+from ..data.volume import Volume, finite_range, label_values
 from ..errors import InputError
 from ..files import atomic_path
 
@@ -528,15 +528,6 @@ def _colormap_rgba(colormap: str, n_colors: int) -> np.ndarray:
     return np.asarray(cmap.resampled(n_colors)(np.linspace(0.0, 1.0, n_colors)), dtype=float)
 
 
-def _finite_range(array: np.ndarray) -> tuple[float, float]:
-    """The smallest and largest finite values of ``array``; ``(0, 1)`` when it has none.
-    Reads the array in place (no copy of a map that is all finite, as maps usually are)."""
-    finite = np.isfinite(array)
-    if not finite.all():
-        array = array[finite]
-    return (float(array.min()), float(array.max())) if array.size else (0.0, 1.0)
-
-
 def add_uncertainty_overlay(scene: Any, volume: Volume, name: str, colormap: str = "viridis") -> Any:
     """Add an uncertainty map as a scalar volume shown through a perceptual colour table.
 
@@ -551,9 +542,7 @@ def add_uncertainty_overlay(scene: Any, volume: Volume, name: str, colormap: str
         window spanning the finite data range.
     """
     array = volume.array if volume.array.dtype.kind == "f" else volume.array.astype(np.float32)
-    lower, upper = _finite_range(array)
-    if not upper > lower:
-        upper = lower + 1.0  # a constant map: any non-empty window shows it
+    lower, upper = finite_range(array)  # a constant map gets a window one wide: any non-empty window shows it
     node = add_volume(scene, volume.with_array(array), name, window=(lower, upper), role="uncertainty")
     node.GetDisplayNode().SetAndObserveColorNodeID(colour_table_node(scene, colormap).GetID())
     return node

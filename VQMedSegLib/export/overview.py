@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.volume import Volume
+from ..data.volume import Volume, finite_range
 from ..errors import InputError
 from .figures import agg_figure, save_png
 
@@ -69,7 +69,7 @@ def write_overview_png(
 
     foreground = (reference.array if reference is not None else label.array) != 0
     slices = choose_slices(foreground, int(n_slices))
-    u_range = _finite_range(uncertainty.array)
+    u_range = finite_range(uncertainty.array)
     aspect = ct.spacing[1] / ct.spacing[0]  # row (j) spacing over column (i) spacing
 
     n = len(slices)
@@ -146,12 +146,3 @@ def _oriented(volume: Volume, plane: np.ndarray) -> np.ndarray:
 def _contour(ax, mask: np.ndarray, colour: str, width: float) -> None:
     if mask.any() and not mask.all():  # matplotlib warns when a level is absent
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=width)
-
-
-def _finite_range(array: np.ndarray) -> tuple[float, float]:
-    values = np.asarray(array, dtype=float)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(finite.min()), float(finite.max())
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
