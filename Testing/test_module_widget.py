@@ -173,6 +173,12 @@ class Widget:
         self._emit("currentCellChanged(int,int,int,int)", row, 0, previous, 0)
         _events_done()
 
+    def arrowAlongRow(self, column):
+        """The left/right arrow (or Home/End) keys moving the current cell within its row:
+        Qt signals a new current cell whose row is the previous one."""
+        self._emit("currentCellChanged(int,int,int,int)", self.current, column, self.current, 0)
+        _events_done()
+
 
 class UI:
     def __getattr__(self, name):  # every widget of the .ui (their names are checked statically)
@@ -497,7 +503,8 @@ def test_the_panels_buttons_take_a_case_from_prepare_to_suggestions_marked_slice
 
 def test_a_suggestion_is_shown_once_per_click_or_arrow_key_and_a_refreshed_table_shows_none(module, tmp_path):
     """Qt signals a click on a new row twice (the row becomes current, then the click); a
-    slice is shown once per action. After *Mark*, the refreshed table shows no slice by
+    slice is shown once per action, and not again when the current cell moves along its row.
+    After *Mark*, the refreshed table shows no slice by
     itself: a second press of *Mark* then has nothing to store."""
     from conftest import run_main
 
@@ -522,6 +529,8 @@ def test_a_suggestion_is_shown_once_per_click_or_arrow_key_and_a_refreshed_table
     table.arrowToRow(1)
     assert shown[2:] == [rows[1]]
     table.pressRow(1)  # a press on the row the arrow keys made current shows it again
+    assert shown[2:] == [rows[1]] * 2
+    table.arrowAlongRow(2)  # left/right within the row: the same suggestion, not shown again
     assert shown[2:] == [rows[1]] * 2
     table.pressRow(3)
     assert shown[4:] == [rows[3]] and widget.logic.shownSlice() == rows[3]

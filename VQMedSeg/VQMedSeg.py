@@ -341,6 +341,8 @@ class VQMedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSuggestionCurrentChanged(self, row: int, column: int, previousRow: int, previousColumn: int) -> None:
         import qt
 
+        if row == previousRow:
+            return  # the current cell moved within its row (left/right keys): the same suggestion
         try:
             self._showSuggestion(row)
         finally:
