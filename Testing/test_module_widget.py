@@ -6,8 +6,8 @@ that slicer-core lacks (the scripted-module base classes, the parameter-node wra
 ``VQMedSeg.py``'s widget code itself runs against the library's real workflow: the
 methods a button, a selector or a timer calls, with their real effects on the scene and
 the workspace. What the stand-ins cannot show (the ``.ui`` file, the parameter node's
-GUI connections) is checked statically in ``test_slicer_module.py``; the module's
-self-test runs in Slicer itself.
+GUI connections) is checked statically in ``test_slicer_module.py``. The module's
+self-test runs here too, but for its parameter-node round trip, which only Slicer runs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import importlib.util
 import sys
 import time
 import types
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,23 @@ class ParameterNode:
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)
         if not name.startswith("_") and name != "parameterNode":
+            self._modified()
+
+    def _modified(self):
+        if self.__dict__.get("_modifying"):
+            self.__dict__["_pending"] = True
+        else:
             self._observed.Modified()  # as the MRML node does: the widget's observer updates the buttons
+
+    def StartModify(self):  # as vtkMRMLNode's: one Modified event at the end
+        was = self.__dict__.get("_modifying", False)
+        self.__dict__["_modifying"] = True
+        return was
+
+    def EndModify(self, was):
+        self.__dict__["_modifying"] = was
+        if not was and self.__dict__.pop("_pending", False):
+            self._observed.Modified()
 
     def AddObserver(self, *args):
         return self._observed.AddObserver(*args)
@@ -254,6 +271,13 @@ def _parameter_node_wrapper(cls):
     return wrap
 
 
+class SelfTestBase(unittest.TestCase):
+    """``ScriptedLoadableModuleTest``: a unittest case that shows messages as it goes."""
+
+    def delayDisplay(self, message, requestedDelay=None):
+        self.shown = getattr(self, "shown", []) + [message]
+
+
 class LogicBase:
     """``ScriptedLoadableModuleLogic``: one parameter node per Logic."""
 
@@ -296,7 +320,7 @@ def module(monkeypatch, tmp_path):
         "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
         "slicer.ScriptedLoadableModule": types.SimpleNamespace(
             ScriptedLoadableModule=object, ScriptedLoadableModuleWidget=WidgetBase, ScriptedLoadableModuleLogic=LogicBase,
-            ScriptedLoadableModuleTest=object,
+            ScriptedLoadableModuleTest=SelfTestBase,
             __all__=["ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
                      "ScriptedLoadableModuleTest"]),
         "slicer.parameterNodeWrapper": types.SimpleNamespace(
@@ -734,3 +758,16 @@ def test_prepare_copies_the_volumes_in_the_background_and_a_failed_copy_keeps_th
     _fire_until_stopped(widget._prepareTimer)
     assert widget.logic.caseId == "CT_second" and widget.ui.logTextEdit.lines[-1] == f"Workspace ready: {tmp_path / 'ws'} (case CT_second)"
     assert widget.ui.statusLabel.text.startswith("liver: 2 case(s)") and len(module.said["errors"]) == 1
+
+
+def test_the_modules_self_test_passes_on_slicer_cores_scene(module):
+    """The self-test Slicer runs (Developer Tools > Reload and Test), here on slicer-core's
+    scene: its query, training and prediction jobs through the Logic, the result loaded and
+    scored, the overlay shown. Its parameter-node round trip needs Slicer's own
+    ``parameterNodeWrapper`` (stored as MRML parameters, validated) and runs only in Slicer."""
+    test = module.code.VQMedSegTest()
+    for name in ("test_CannotApplyReason", "test_LibraryAvailable", "test_QueryTrainPredict"):
+        test.setUp()
+        getattr(test, name)()
+    assert test.shown[-1].startswith("Test passed: Dice"), test.shown
+    assert set(dir(test)) >= {"test_ParameterNodeRoundTrip", "runTest"}
