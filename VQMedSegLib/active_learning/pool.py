@@ -184,7 +184,7 @@ def build_pool(
         slices = extract_ct_slices(case.ct, plan, ct_window)
         ct_arr[start : start + len(slices), 0] = slices
         if labels is not None:
-            labels[start : start + len(slices)] = extract_label_slices(case.label, plan) > 0
+            labels[start : start + len(slices)] = extract_label_slices(case.label.array > 0, plan)
         start += len(slices)
         ids += [case.case_id] * plan.n_slices
         index.append(np.array([plan.canonical_to_index_slice(s) for s in range(plan.n_slices)]))

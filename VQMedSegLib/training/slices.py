@@ -63,7 +63,7 @@ def load_labelled_slices(
         annotation = ws.load_annotation(case_id)
         plan = plan_slices(ct, size)
         images = extract_ct_slices(ct, plan, task.ct_window)
-        labels = (extract_label_slices(annotation, plan) > 0).astype(np.int64)
+        labels = extract_label_slices(annotation.array > 0, plan)  # every annotated structure is the target
         canonical = [plan.index_to_canonical_slice(s) for s in slice_ids]
         part = SliceSet(images[canonical, None], labels[canonical], [case_id] * len(canonical), list(slice_ids))
         (val if case_id in validation_cases else train).append(part)
