@@ -219,6 +219,8 @@ def test_a_folder_without_dicom_is_said_once_not_in_itks_warning_too(tmp_path: P
     from VQMedSegLib.data.io import list_dicom_series
 
     (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()  # its subfolders are looked into too, for a series to name
+    (tmp_path / "sub" / "more.txt").write_text("hello")
     capfd.readouterr()
     assert list_dicom_series(tmp_path) == {}
     with pytest.raises(InputError, match="found no DICOM series"):
@@ -336,6 +338,50 @@ def test_corrupt_truncated_nrrd(tmp_path: Path) -> None:
     garbage.write_bytes(b"this is not an image")
     with pytest.raises(InputError, match=r"g\.nii\.gz: could not read"):
         read_volume(garbage)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_a_truncated_nifti_file_is_refused_not_read_with_zeros_for_the_missing_voxels(tmp_path: Path, ext: str) -> None:
+    """ITK reads a NIfTI file cut short without an error, the missing slices as zeros."""
+    volume = oblique_volume(shape=(40, 32, 32))
+    path = write_volume(volume, tmp_path / f"ct{ext}")
+    assert read_volume(path).shape == (40, 32, 32)  # the whole file reads
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=rf"ct{re.escape(ext)}: .*truncated.*expected a complete"):
+        read_volume(path)
+
+
+def test_hdf5_and_segmentation_files_given_as_images_get_the_image_checks(tmp_path: Path) -> None:
+    """NaN voxels, a 0..1 "CT", or a segmentation given as the CT or MR are refused before
+    anything is stored, whatever the file's format."""
+    image = np.random.default_rng(1).random((4, 8, 6)).astype(np.float32)
+    image[0, 0, 0] = np.nan
+    with h5py.File(tmp_path / "nan.h5", "w") as f:
+        f["image"] = image
+        f["label"] = (image > 0.5).astype(np.uint8)
+        f["unit"] = np.nan_to_num(image)
+    with pytest.raises(InputError, match=r"nan\.h5: found 1 NaN or infinite voxel"):
+        read_volume(tmp_path / "nan.h5", modality="MR")
+    with pytest.raises(InputError, match=r"nan\.h5: read as the CT, but its values run from 0 to"):
+        read_volume(tmp_path / "nan.h5", modality="CT", dataset="unit")
+    assert read_label(tmp_path / "nan.h5").array.sum() > 0  # the labels of the same file read
+    labels = Volume(np.zeros((4, 8, 6), np.uint8))
+    labels.array[1, 2:4, 2:4] = 1
+    seg = write_segmentation(labels, tmp_path / "liver.seg.nrrd", [{"value": 1, "name": "Liver"}])
+    for modality in ("CT", "MR"):
+        with pytest.raises(InputError, match=rf"liver\.seg\.nrrd: a Slicer segmentation given as the {modality}; "
+                                             r"expected an image"):
+            read_volume(seg, modality=modality)
+    assert read_label(seg).array.sum() == 4
+
+
+def test_complex_voxels_are_refused(tmp_path: Path) -> None:
+    real = sitk.GetImageFromArray(np.full((3, 4, 5), -100.0, np.float32))
+    sitk.WriteImage(sitk.RealAndImaginaryToComplex(real, real), str(tmp_path / "c.nrrd"))
+    for modality in ("CT", None):
+        with pytest.raises(InputError, match=r"c\.nrrd: found complex voxels .*; expected a real scalar volume"):
+            read_volume(tmp_path / "c.nrrd", modality=modality)
 
 
 def test_2d_and_4d_images_rejected(tmp_path: Path) -> None:

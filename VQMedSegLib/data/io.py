@@ -158,7 +158,8 @@ MAX_AXIS = 2048
 def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volume:
     """Refuse images no segmentation should run on, naming what was found.
 
-    Always: voxel spacing <= 0 and absurd sizes (an axis over :data:`MAX_AXIS`). For an
+    Always: voxel spacing <= 0, absurd sizes (an axis over :data:`MAX_AXIS`) and complex
+    voxels. For an
     image read as ``modality`` ``CT`` or ``MR``: NaN or infinite voxels. For a CT: no
     negative value at all, which means either raw unsigned values without the rescale to
     Hounsfield units (0..4095) or an MR passed as the CT.
@@ -168,6 +169,8 @@ def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volum
         raise InputError(f"{path}: voxel spacing {tuple(float(s) for s in spacing)}; expected three positive numbers (mm)")
     if max(volume.shape) > MAX_AXIS:
         raise InputError(f"{path}: image size {volume.shape[::-1]} (i, j, k); expected at most {MAX_AXIS} voxels along every axis")
+    if volume.array.dtype.kind == "c":
+        raise InputError(f"{path}: found complex voxels ({volume.array.dtype}); expected a real scalar volume")
     if modality is None or volume.array.size == 0:
         return volume
     array = volume.array
@@ -197,17 +200,22 @@ def _volume_from_sitk(image: sitk.Image, path: Path, **metadata: Any) -> Volume:
 def list_dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     """DICOM series of a folder (not recursive): series UID -> file names in slice order."""
     folder = Path(folder)
+    return {
+        uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in _series_ids(folder)
+    }
+
+
+def _series_ids(folder: Path) -> tuple[str, ...]:
+    """The DICOM series UIDs of a folder, without ITK's "No Series were found" warning on
+    the terminal (an empty answer says it)."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "No Series were found": an empty answer says it
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as exc:  # pragma: no cover - GDCM rarely fails on a listing
         raise InputError(f"{folder}: could not scan for DICOM series ({_itk_reason(exc)})") from exc
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-    return {
-        uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids
-    }
 
 
 def _select_series(folder: Path, series_uid: str | None) -> tuple[str, list[str]]:
@@ -242,7 +250,7 @@ def _series_below(folder: Path, most: int = 5) -> str:
     if not folder.is_dir():
         return ""
     found = [sub for sub in sorted(p for p in folder.iterdir() if p.is_dir())
-             if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sub))]
+             if _series_ids(sub)]
     if not found:
         return ""
     shown = ", ".join(str(p) for p in found[:most]) + (f" and {len(found) - most} more" if len(found) > most else "")
@@ -382,7 +390,62 @@ def _slice_spacing_warning(volume: Volume, slices: Sequence[Mapping[str, Any]]) 
 
 
 # --------------------------------------------------------------------------- readers
+def _nifti_truncation(path: Path) -> str | None:
+    """How a NIfTI-1 or -2 file (``.nii``, ``.nii.gz``) ends before its last voxel, else
+    None. ITK reads such a file without an error, the missing voxels as zeros. The header
+    gives the size: the voxels' offset plus their bytes. A gzip stream records its
+    uncompressed size (modulo 2**32) in its last 4 bytes, which a cut-off stream does not
+    hold; when they disagree, the stream is read through (a file of several gzip members
+    records only the last one's size)."""
+    import gzip
+    import struct
+
+    gz = _has_suffix(path, (".nii.gz",))
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = f.read(540)
+    except (OSError, EOFError):
+        return None  # ITK's reader says why
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1 : dims[0] + 1]):
+        return None
+    expected = offset + int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    if not gz:
+        size = path.stat().st_size
+        return f"its header describes {expected} bytes of header and voxels, the file holds {size}" if size < expected else None
+    with open(path, "rb") as raw:
+        raw.seek(-4, os.SEEK_END)
+        if struct.unpack("<I", raw.read(4))[0] == expected % 2**32:
+            return None
+    present = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                present += len(chunk)
+    except EOFError:
+        return f"its compressed data ends before the last of the {expected} bytes of header and voxels its header describes"
+    except OSError:
+        return None  # ITK's reader says why
+    return f"its header describes {expected} bytes of header and voxels, the file holds {present}" if present < expected else None
+
+
 def _read_sitk_file(path: Path, modality: str | None) -> Volume:
+    if _has_suffix(path, (".nii", ".nii.gz")):
+        truncated = _nifti_truncation(path)
+        if truncated is not None:
+            raise InputError(f"{path}: truncated: {truncated}; expected a complete file (copy or export it again)")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -558,9 +621,12 @@ def read_volume(
     if path.is_dir():
         return check_image(_read_dicom_series(path, series_uid, modality), path, modality)
     if _is_seg_nrrd(path):
-        return _read_seg_nrrd(path, modality)
+        if modality is not None:
+            raise InputError(f"{path}: a Slicer segmentation given as the {modality}; expected an image "
+                             f"(the {modality} volume itself, not labels)")
+        return check_image(_read_seg_nrrd(path, modality), path, modality)
     if _has_suffix(path, _H5_SUFFIXES):
-        return _read_h5(path, dataset, modality)
+        return check_image(_read_h5(path, dataset, modality), path, modality)
     if _has_suffix(path, (".dcm", ".ima")):
         uid = series_uid or _dicom_series_uid_of_file(path)
         return check_image(_read_dicom_series(path.parent, uid, modality), path, modality)
