@@ -157,7 +157,19 @@ def test_predict_into_a_folder_is_one_at_a_time_and_clears_what_a_killed_one_lef
 
     vqmedseg("predict", "--model", model, "--ct", tmp_path / "ct.nrrd", "--out", out, "--device", "cpu")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        kept + [".vqmedseg-predict.lock", "prediction.seg.nrrd", "uncertainty.nrrd"])
+        kept + [".vqmedseg-predict.lock", ".vqmedseg-predict.json", "prediction.seg.nrrd", "uncertainty.nrrd"])
+
+    # its own earlier prediction is replaced; a segmentation corrected and saved over it is not, unless asked
+    predict = ("predict", "--model", model, "--ct", tmp_path / "ct.nrrd", "--out", out, "--device", "cpu")
+    vqmedseg(*predict)
+    corrected = b"a segmentation corrected in Slicer"
+    (out / "prediction.seg.nrrd").write_bytes(corrected)
+    refused = vqmedseg(*predict, check=False)
+    assert refused.returncode == 2 and (f"--out {out}: prediction.seg.nrrd was not written by a prediction into this folder, "
+                                        "or changed since") in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "prediction.seg.nrrd").read_bytes() == corrected
+    vqmedseg(*predict, "--overwrite")
+    assert (out / "prediction.seg.nrrd").read_bytes() != corrected
 
 
 def test_the_demo_without_slicer_core_writes_everything_but_the_scene_and_says_so(tmp_path):
@@ -320,6 +332,15 @@ def test_evaluate_refuses_a_label_value_neither_file_holds_and_prints_per_slice_
     ref_typo = vqmedseg("evaluate", "--pred", tmp_path / "organs.nrrd", "--ref", tmp_path / "organs.nrrd", "--ref-label", "3",
                         check=False)
     assert ref_typo.returncode == 2 and "--ref-label 3: occurs nowhere in" in ref_typo.stderr
+    # a mask stored as 0/255 once scored as empty, Dice 0, when value 1 was scored by default
+    write_volume(Volume((organs == 1).astype(np.uint8) * 255, spacing=(1, 1, 2)), tmp_path / "mask255.nrrd")
+    for pred, ref, option in (("organs", "mask255", "--ref-label"), ("mask255", "organs", "--label")):
+        default = vqmedseg("evaluate", "--pred", tmp_path / f"{pred}.nrrd", "--ref", tmp_path / f"{ref}.nrrd", check=False)
+        assert default.returncode == 2 and (f"{tmp_path / 'mask255.nrrd'}: its label values are [255], and the value scored by "
+                                            f"default, 1, is not among them; expected {option} to say which") in default.stderr
+    scored = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "organs.nrrd", "--ref", tmp_path / "mask255.nrrd",
+                                 "--ref-label", "255", "--json").stdout)
+    assert scored["dice"] == 1.0
     empty = json.loads(vqmedseg("evaluate", "--pred", tmp_path / "empty.nrrd", "--ref", tmp_path / "organs.nrrd",
                                 "--label", "2", "--json").stdout)
     assert empty["dice"] == 0.0

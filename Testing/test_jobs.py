@@ -16,6 +16,7 @@ import pytest
 from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.errors import WorkspaceError
 from VQMedSegLib.jobs.events import read_events
+from VQMedSegLib.jobs.locks import HeldLock
 from VQMedSegLib.jobs.runner import JobContext, cancel, kill_tree, launch, running_job
 from VQMedSegLib.jobs.workspace import Workspace
 from conftest import run_cli, run_main
@@ -73,6 +74,69 @@ def test_annotated_empty_slice_is_labelled(workspace):
     assert workspace.annotate("extra", empty, slices=[0, 2]) == [0, 2]
     assert workspace.labelled_slices()["extra"] == [0, 2]
     assert workspace.load_annotation("extra").array.sum() == 0
+
+
+def test_a_label_map_given_without_slices_never_erases_stored_annotations_unasked(workspace):
+    """A label map drawn on a few slices, stored without naming them, once replaced every
+    other slice's stored target with background; and value 0 stored the background as the
+    target. Both are refused, and the stored annotation is unchanged."""
+    from VQMedSegLib.errors import InputError
+
+    before = workspace.load_annotation("case0").array.copy()
+    assert before[1:].any(axis=(1, 2)).all()  # the target on slices 1..5
+    few = np.zeros_like(before)
+    few[4] = before[4]
+    label = workspace.load_annotation("case0").with_array(few)
+    with pytest.raises(InputError, match=r"no target on 4 slice\(s\) whose stored annotation has it \(\[1, 2, 3, 5\]\).*"
+                                         r"--slices.*--replace"):
+        workspace.annotate("case0", label)
+    with pytest.raises(InputError, match=r"label value 0: 0 is the background.*expected the positive value"):
+        workspace.annotate("case0", label, slices=[4], label_value=0)
+    np.testing.assert_array_equal(workspace.load_annotation("case0").array, before)
+    assert workspace.annotate("case0", label, slices=[4]) == list(range(6))  # named: stored
+    np.testing.assert_array_equal(workspace.load_annotation("case0").array, before)
+    workspace.annotate("case0", label, replace=True)  # asked for
+    np.testing.assert_array_equal(workspace.load_annotation("case0").array, few)
+
+
+def _read_only(monkeypatch, folder):
+    """Writes below ``folder`` fail as on a read-only file system (root ignores permission bits)."""
+    import errno
+
+    real_open = os.open
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & writing and Path(folder).resolve() in Path(os.path.abspath(path)).resolve().parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+def test_a_read_only_workspace_can_be_looked_at_and_a_job_on_it_is_refused_without_a_traceback(workspace, monkeypatch):
+    """``workspace status`` on a workspace on a read-only disk once ended in an OSError
+    traceback from the job lock; so did every job. Status now reads it, and a job is refused
+    with the storage error, exit 3."""
+    from VQMedSegLib.errors import StorageError
+    from VQMedSegLib.jobs.runner import JobContext, running_job
+
+    held = HeldLock(workspace.lock_path)  # a lock file a job left, as in a copied workspace
+    assert held.try_acquire()
+    held.release()
+    _read_only(monkeypatch, workspace.root)
+    assert running_job(workspace) is None
+    status = run_main("workspace", "status", workspace.root, check=False)
+    assert status.returncode == 0 and "case0" in status.stdout, status.stderr
+    with pytest.raises(StorageError, match=r"job\.lock: could not write \(the file system is read-only\)"):
+        with JobContext(workspace, "train"):
+            pass
+    train = run_main("train", "--workspace", workspace.root, "--preset", "tiny", "--device", "cpu", check=False)
+    assert train.returncode == 3 and "the file system is read-only" in train.stderr and "Traceback" not in train.stderr
+    monkeypatch.undo()
+    (workspace.root / "job.lock").unlink()  # no lock file at all: nobody holds it, and nothing is written to find out
+    _read_only(monkeypatch, workspace.root)
+    assert running_job(workspace) is None
 
 
 def test_an_annotation_is_checked_against_the_cts_grid_without_reading_its_voxels(tmp_path, monkeypatch):

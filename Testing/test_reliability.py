@@ -357,10 +357,20 @@ def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     for method in ("supervised", "begal", "vqseg"):
         refused(run_main("train", "--workspace", ws_with_case, "--method", method, "--config", tmp_path / "seed.json",
                          check=False), "seed", "-3", "expected a whole number from 0", code=2)
+    # and one too large for torch and MONAI, which once failed the job with an OverflowError
+    (tmp_path / "seed.json").write_text(json.dumps({"seed": 2**32}))
+    for method in ("supervised", "begal", "vqseg"):
+        refused(run_main("train", "--workspace", ws_with_case, "--method", method, "--config", tmp_path / "seed.json",
+                         check=False), "seed", str(2**32), "expected a whole number from 0 to 4294967295", code=2)
     for argv in (("train", "--workspace", ws_with_case), ("query", "--workspace", ws_with_case),
                  ("phantom", "--out", tmp_path / "p"), ("demo", "--out", tmp_path / "d")):
-        refused(run_main(*argv, "--seed", "-1", check=False), "argument --seed: found -1, expected a whole number from 0", code=2)
+        for seed in ("-1", "99999999999999999999"):
+            refused(run_main(*argv, "--seed", seed, check=False),
+                    f"argument --seed: found {seed}, expected a whole number from 0 to 4294967295", code=2)
     assert Workspace.open(ws_with_case).load_state()["models"] == [] and not (tmp_path / "p").exists()
+    # a demo refused for its settings leaves no demo.json asking for them again
+    refused(run_main("demo", "--out", tmp_path / "d", "--device", "cuda", check=False), "cuda", code=2)
+    assert not (tmp_path / "d" / "demo.json").exists()
 
 
 def test_train_lays_its_config_file_over_the_preset_and_its_options_over_both(ws_with_case, tmp_path):

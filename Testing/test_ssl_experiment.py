@@ -342,8 +342,9 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
     with pytest.raises(InputError, match="results.json: vqseg has no 'per_seed' rows"):
         merge_ssl([tmp_path / "seed1", other], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
-    for argv, message in ((("--seed-ids", "1,1"), "--seed-ids '1,1': expected distinct non-negative seeds"),
-                          (("--seed-ids", "x"), "--seed-ids 'x': expected distinct non-negative seeds"),
+    for argv, message in ((("--seed-ids", "1,1"), "--seed-ids '1,1': expected distinct seeds from 0 to 4294967295"),
+                          (("--seed-ids", "x"), "--seed-ids 'x': expected distinct seeds from 0 to 4294967295"),
+                          (("--seed-ids", "4294967296"), "--seed-ids '4294967296': expected distinct seeds from 0"),
                           (("--seeds", "0"), "--seeds 0: expected at least 1")):
         r = run_main(*common, "--methods", "supervised", *argv, "--out", tmp_path / "bad", check=False)
         assert r.returncode != 0 and message in r.stderr

@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .files import read_json
 
 T = TypeVar("T")
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which MONAI's set_determinism uses, takes no larger one
 _UNIONS = (typing.Union, getattr(types, "UnionType", typing.Union))  # `X | Y` has its own type from Python 3.10
 
 
@@ -106,11 +107,12 @@ class JsonConfig:
         return obj
 
     def check_common(self) -> None:
-        """The checks every configuration shares: a seed from 0 (NumPy refuses a negative
-        one with a traceback, half way into a job)."""
+        """The checks every configuration shares: a seed from 0 to :data:`MAX_SEED` (NumPy
+        refuses a negative one, and torch and MONAI a larger one, with a traceback half
+        way into a job)."""
         seed = getattr(self, "seed", None)
         if seed is not None:
-            check_values([(seed >= 0, "seed", seed, "a whole number from 0")])
+            check_values([(0 <= seed <= MAX_SEED, "seed", seed, f"a whole number from 0 to {MAX_SEED}")])
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

@@ -44,15 +44,17 @@ def run_demo(out: Path, preset: str = "quick", device_name: str = "auto", seed: 
     out = Path(out)
     _refuse_to_write_over_other_files(out, seed)
     scene_writer = _scene_writer()  # known before training: minutes are not spent to fail at the end
+    # the settings are checked before anything is written: a refused run leaves no demo.json
+    # that would ask for the same refused settings again
+    device = resolve_device(device_name)
+    config = train_config_from_preset(preset, iterations=iterations, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MARKER, {"vqmedseg_demo": __version__, "seed": seed})
-    device = resolve_device(device_name)
     task = get_task("liver")
     cases = make_dataset("phantom-liver", N_TRAIN + N_VAL + 1, seed=seed)
     train_cases, val_cases, test_case = cases[:N_TRAIN], cases[N_TRAIN : N_TRAIN + N_VAL], cases[-1]
 
     ws = Workspace.create(out / "workspace", task="liver")
-    config = train_config_from_preset(preset, iterations=iterations, seed=seed)
     config = config.replace(validation_cases=[c.case_id for c in val_cases])
     for case in train_cases + val_cases:
         if case.case_id not in ws.cases():

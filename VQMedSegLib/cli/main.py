@@ -61,13 +61,17 @@ def _names(text: str, option: str, example: str = "begal,random") -> list[str]:
 
 
 def _seed(text: str) -> int:
-    """An ``argparse`` type: a seed is a whole number from 0 (NumPy refuses negative ones)."""
+    """An ``argparse`` type: a seed is a whole number from 0 to ``MAX_SEED`` (NumPy refuses
+    negative ones, torch and MONAI larger ones)."""
+    from ..config import MAX_SEED
+
+    expected = f"expected a whole number from 0 to {MAX_SEED}"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"found {text!r}, expected a whole number from 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"found {value}, expected a whole number from 0")
+        raise argparse.ArgumentTypeError(f"found {text!r}, {expected}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"found {value}, {expected}")
     return value
 
 
@@ -87,8 +91,10 @@ def _seed_list(args) -> list[int]:
             ids = _parse_indices(args.seed_ids, "--seed-ids")
         except InputError:
             ids = None
-        if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
-            raise InputError(f"--seed-ids {args.seed_ids!r}: expected distinct non-negative seeds such as 2 or 0,3-4")
+        from ..config import MAX_SEED
+
+        if not ids or min(ids) < 0 or max(ids) > MAX_SEED or len(set(ids)) != len(ids):
+            raise InputError(f"--seed-ids {args.seed_ids!r}: expected distinct seeds from 0 to {MAX_SEED}, such as 2 or 0,3-4")
         return ids
     n = args.default_seeds if args.seeds is None else args.seeds
     if n < 1:
@@ -138,7 +144,7 @@ def cmd_predict(args) -> int:
     from ..device import resolve_device
 
     if args.workspace:
-        if unused := _given(args, "--model", "--ct", "--mr", "--out"):
+        if unused := _given(args, "--model", "--ct", "--mr", "--out") + (["--overwrite"] if args.overwrite else []):
             raise InputError(f"predict: {', '.join(unused)} not used with --workspace, which predicts the workspace's "
                              "cases with its models into predictions/<case>/; choose a model with --model-id")
         return _predict_workspace(args, resolve_device(args.device))
@@ -148,7 +154,7 @@ def cmd_predict(args) -> int:
     if missing:
         raise InputError(f"predict: {', '.join(missing)} missing; give --model, --ct and --out, or --workspace")
     from ..data.io import read_volume
-    from ..export.prediction import prediction_folder, write_prediction
+    from ..export.prediction import prediction_folder, record_written, refuse_files_of_others, write_prediction
     from ..inference.predict import load_model, predict_volume
 
     device = resolve_device(args.device)
@@ -157,8 +163,11 @@ def cmd_predict(args) -> int:
     mr = read_volume(args.mr, modality="MR") if args.mr else None
     # the folder is held from before the prediction: a second one into it is refused at once, not after minutes
     with prediction_folder(args.out) as out:
+        if not args.overwrite:
+            refuse_files_of_others(out)
         pred = predict_volume(model, ckpt, ct, device, mr=mr, largest_component=_largest_component(args))
         files = write_prediction(out, pred)
+        record_written(out, files)
     if args.json:
         _print_json({"outputs": {k: str(v) for k, v in files.items()}, "voxels": int(pred.label.array.sum())})
     else:
@@ -207,8 +216,9 @@ def cmd_evaluate(args) -> int:
     value, segment = _scored_value(pred, args.pred, args.label, args.task, "--label")
     ref_value, ref_segment = _scored_value(ref, args.ref, args.ref_label if args.ref_label is not None else args.label,
                                            args.task, "--ref-label")
-    _require_value(pred, value, args.pred, "--label" if args.label is not None else None)
-    _require_value(ref, ref_value, args.ref, "--ref-label" if args.ref_label is not None else "--label" if args.label is not None else None)
+    _require_value(pred, value, args.pred, "--label", args.label is not None)
+    _require_value(ref, ref_value, args.ref, "--ref-label" if args.ref_label is not None or args.label is None else "--label",
+                   args.ref_label is not None or args.label is not None)
     pred = pred.with_array((pred.array == value).astype(np.uint8))
     ref = ref.with_array((ref.array == ref_value).astype(np.uint8))
     scores = score_volumes(pred, ref).to_json()
@@ -241,17 +251,20 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _require_value(label, value: int, path, option: str | None) -> None:
-    """A label value given on the command line must occur in a file that holds labels: a
-    typo (--label 9) would otherwise score two empty masks, Dice 1. A file with no label at
-    all (an empty prediction) is scored as it is."""
+def _require_value(label, value: int, path, option: str, given: bool) -> None:
+    """The label value scored must occur in a file that holds labels: a typo (--label 9)
+    would otherwise score two empty masks, Dice 1, and a mask stored as 255 would score as
+    empty when value 1 is scored by default. A file with no label at all (an empty
+    prediction) is scored as it is."""
     from ..data.volume import label_values
 
-    if option is None:
-        return
     present = [int(v) for v in label_values(label.array) if v != 0]
     if present and value not in present:
-        raise InputError(f"{option} {value}: occurs nowhere in {path}, whose label values are {present[:10]}; expected one of them")
+        if given:
+            raise InputError(f"{option} {value}: occurs nowhere in {path}, whose label values are {present[:10]}; "
+                             "expected one of them")
+        raise InputError(f"{path}: its label values are {present[:10]}, and the value scored by default, {value}, is not "
+                         f"among them; expected {option} to say which one to score")
 
 
 def _task_segment(label, task: str, path, hint: str) -> dict | None:
@@ -332,7 +345,7 @@ def cmd_workspace_annotate(args) -> int:
     if args.label_value is None:  # a Slicer .seg.nrrd: the segment named for the task
         segment = _task_segment(label, ws.task, args.label, "or give its value with --label-value")
     value = segment["label"] if segment else args.label_value
-    labelled = ws.annotate(args.case, label, slices=slices, label_value=value)
+    labelled = ws.annotate(args.case, label, slices=slices, label_value=value, replace=args.replace)
     source = f", from segment {segment['name']!r} (value {value})" if segment else ""
     sys.stdout.write(f"case {args.case}: {len(labelled)} labelled slices{source}\n")
     return 0
@@ -670,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ct", help="CT volume: NRRD, NIfTI, MHA or a DICOM folder")
     pr.add_argument("--mr", help="optional MR volume")
     pr.add_argument("--out", help="output folder")
+    pr.add_argument("--overwrite", action="store_true", help="with --out: replace prediction files this command did not "
+                    "write there, or that were changed since (refused otherwise)")
     pr.add_argument("--workspace", help="instead: predict the workspace's cases as a job (into predictions/<case>/)")
     pr.add_argument("--case", help="with --workspace: comma-separated cases (default: all)")
     pr.add_argument("--model-id", help="with --workspace: a model id from 'workspace status' (default: the newest)")
@@ -721,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a CHAOS case's Ground folder of PNG masks")
     wn.add_argument("--slices", help="indices along the slice axis that were annotated, e.g. 3,5,10-12 (default: all)")
     wn.add_argument("--label-value", type=int, default=None, help="foreground value (default: any non-zero; in a .seg.nrrd with several segments, the one named for the task, such as Liver)")
+    wn.add_argument("--replace", action="store_true", help="without --slices: store the label map over every slice, even "
+                    "slices whose stored annotation has the target where this map has none (refused otherwise)")
     wn.set_defaults(func=cmd_workspace_annotate)
     wst = ws_sub.add_parser(
         "status", help="cases, labelled slices, models, the running job, and the last five jobs with why any did not finish")

@@ -12,20 +12,60 @@ from pathlib import Path
 from typing import Iterator
 
 from ..data.io import write_segmentation, write_volume
-from ..errors import WorkspaceError
-from ..files import atomic_files, remove_temporaries, storage_error
+from ..errors import InputError, WorkspaceError
+from ..files import atomic_files, remove_temporaries
 from ..jobs.locks import HeldLock, read_lock_info
 from ..tasks import get_task
 
 log = logging.getLogger("vqmedseg")
 
 PREDICTION_LOCK = ".vqmedseg-predict.lock"  # in a `predict --out` folder while a prediction is written into it
+WRITTEN = ".vqmedseg-predict.json"  # in a `predict --out` folder: the files the last prediction wrote, as it left them
 
 
 def segments_for(task_name: str) -> list[dict]:
     """The segment description (name, colour, terminology) of a task's label 1."""
     task = get_task(task_name)
     return [{"value": 1, "name": task.segment_name, "color": task.color, "terminology": task.terminology}]
+
+
+def _ours(path: Path) -> bool:
+    return path.name == "prediction.seg.nrrd" or (path.name.startswith("uncertainty") and path.name.endswith(".nrrd"))
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def refuse_files_of_others(out_dir: Path) -> None:
+    """Refuse to write a prediction over files of its names (``prediction.seg.nrrd``,
+    ``uncertainty*.nrrd``) that an earlier prediction into ``out_dir`` did not leave as
+    they are: a segmentation corrected in Slicer and saved over the file, say.
+
+    Raises:
+        InputError: naming the files.
+    """
+    from ..files import read_json
+
+    written = out_dir / WRITTEN
+    try:
+        record = read_json(written, error=ValueError) if written.is_file() else {}
+    except ValueError:  # an unreadable record vouches for nothing
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    others = sorted(p.name for p in out_dir.glob("*.nrrd") if p.is_file() and _ours(p) and record.get(p.name) != _stamp(p))
+    if others:
+        raise InputError(f"--out {out_dir}: {', '.join(others)} {'was' if len(others) == 1 else 'were'} not written by a "
+                         "prediction into this folder, or changed since (edited and saved in Slicer?); expected a folder "
+                         "without them, or --overwrite to replace them")
+
+
+def record_written(out_dir: Path, files: dict[str, Path]) -> None:
+    """Note the files a prediction just wrote, as :func:`refuse_files_of_others` checks them."""
+    from ..files import atomic_write_json
+
+    atomic_write_json(out_dir / WRITTEN, {p.name: _stamp(p) for p in files.values()})
 
 
 @contextlib.contextmanager
@@ -44,11 +84,7 @@ def prediction_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     lock = HeldLock(out_dir / PREDICTION_LOCK)
-    try:
-        acquired = lock.try_acquire()
-    except OSError as exc:
-        raise storage_error(lock.path, exc) from exc
-    if not acquired:
+    if not lock.try_acquire():
         raise WorkspaceError(f"--out {out_dir}: another prediction is being written into this folder "
                              f"({read_lock_info(lock.path).strip() or 'unknown process'}); expected one prediction at a "
                              "time per folder; wait for it to finish or give another --out")

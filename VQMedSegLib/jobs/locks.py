@@ -53,13 +53,40 @@ class HeldLock:
         self.fd: int | None = None
 
     def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Whether the lock is now ours (False: another process holds it).
+
+        Raises:
+            StorageError: the lock file cannot be created or opened for writing (a
+                read-only file system, no permission): what it guards cannot be written either.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise storage_error(self.path, exc) from exc
         if _lock(fd, blocking=False):
             self.fd = fd
             return True
         os.close(fd)
         return False
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds the lock, found without writing anything: the
+        file is opened for reading, so a workspace on a read-only disk (an archive, a
+        snapshot) can still be looked at. No file: nobody holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise storage_error(self.path, exc) from exc
+        try:
+            if _lock(fd, blocking=False):
+                _unlock(fd)
+                return False
+            return True
+        finally:
+            os.close(fd)
 
     def write_info(self, text: str) -> None:
         """Record who holds the lock (read by :func:`read_lock_info`)."""

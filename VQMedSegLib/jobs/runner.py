@@ -290,9 +290,7 @@ def own_process_group() -> dict[str, Any]:
 
 def running_job(workspace: Workspace) -> dict | None:
     """Who holds the workspace's job lock right now, or ``None``."""
-    probe = HeldLock(workspace.lock_path)
-    if probe.try_acquire():
-        probe.release()
+    if not HeldLock(workspace.lock_path).held_elsewhere():
         return None
     try:
         return json.loads(read_lock_info(workspace.lock_path) or "{}") or {"job": "unknown"}

@@ -281,6 +281,7 @@ class Workspace:
         label: Volume,
         slices: list[int] | None = None,
         label_value: int | None = None,
+        replace: bool = False,
     ) -> list[int]:
         """Store annotated slices of ``case_id`` and mark them labelled.
 
@@ -289,6 +290,10 @@ class Workspace:
                 when given, else any non-zero voxel.
             slices: indices along the case's slice axis that the annotator looked at.
                 ``None`` means every slice of ``label`` (a fully annotated volume).
+            replace: with ``slices=None``, store the label map even over stored slices
+                that hold the target where it has none. Without it that is refused: a
+                label map drawn on a few slices, given without ``slices``, would
+                otherwise erase the annotations of every other slice.
         Returns the sorted list of all labelled slices of the case.
         """
         from ..data.io import read_geometry, read_label, write_volume
@@ -304,8 +309,10 @@ class Workspace:
         wanted = list(range(n)) if slices is None else sorted({int(s) for s in slices})
         bad = [s for s in wanted if not 0 <= s < n]
         if bad:
-            shown = str(bad) if len(bad) <= 10 else f"{str(bad[:5])[:-1]}, ... {bad[-1]}] ({len(bad)} indices)"
-            raise InputError(f"annotated slices {shown} of case {case_id!r}: expected indices in 0..{n - 1}")
+            raise InputError(f"annotated slices {_indices_text(bad)} of case {case_id!r}: expected indices in 0..{n - 1}")
+        if label_value is not None and label_value <= 0:
+            raise InputError(f"annotation for case {case_id!r}: label value {label_value}: 0 is the background and values "
+                             "are not negative; expected the positive value of the target (--label-value)")
         present = label_values(label.array)
         if label_value is None:
             extra = [int(v) for v in present if v not in (0, 1)]
@@ -331,6 +338,14 @@ class Workspace:
             stored = read_label(path).array.copy() if path.exists() else np.zeros(entry["shape"], np.uint8)
             index = [slice(None)] * 3
             np_axis = 2 - axis  # numpy axis of index axis `axis`
+            if slices is None and not replace:
+                others = tuple(a for a in range(3) if a != np_axis)
+                erased = np.flatnonzero(np.any(stored != 0, axis=others) & ~np.any(fg, axis=others)).tolist()
+                if erased:
+                    raise InputError(
+                        f"annotation for case {case_id!r}: the label map has no target on {len(erased)} slice(s) whose stored "
+                        f"annotation has it ({_indices_text(erased)}), and would erase them; expected the slices this label "
+                        "map annotates (--slices), or --replace to store it over the whole case")
             for s in wanted:
                 index[np_axis] = s
                 stored[tuple(index)] = fg[tuple(index)].astype(np.uint8)
@@ -377,3 +392,8 @@ class Workspace:
     def update(self, fn: Callable[[dict], None]) -> None:
         with self.edit_state() as state:
             fn(state)
+
+
+def _indices_text(indices: list[int]) -> str:
+    """A list of indices as a message shows it: whole up to 10, else its first five and last."""
+    return str(indices) if len(indices) <= 10 else f"{str(indices[:5])[:-1]}, ... {indices[-1]}] ({len(indices)} indices)"
