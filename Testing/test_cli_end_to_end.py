@@ -442,9 +442,13 @@ def test_the_workspace_commands_take_the_folder_as_the_job_commands_do_too(tmp_p
     assert r.returncode == 2 and "two workspace folders" in r.stderr and "other" in r.stderr
 
 
-def test_predict_refuses_a_missing_model(tmp_path):
+def test_predict_refuses_a_missing_model_and_an_out_that_is_a_file(tmp_path):
     r = vqmedseg("predict", "--model", tmp_path / "none.pt", "--ct", tmp_path / "ct.nrrd", "--out", tmp_path, check=False)
     assert r.returncode == 2 and "none.pt: not found" in r.stderr
+    (tmp_path / "notes.txt").write_text("mine")  # once: "notes.txt/.vqmedseg-predict.lock: could not write (File exists)"
+    r = vqmedseg("predict", "--model", tmp_path / "none.pt", "--ct", tmp_path / "ct.nrrd", "--out", tmp_path / "notes.txt",
+                 check=False)
+    assert r.returncode == 2 and f"--out {tmp_path / 'notes.txt'}: is a file; expected a folder" in r.stderr
 
 
 @pytest.mark.realdata

@@ -157,6 +157,8 @@ def cmd_predict(args) -> int:
     from ..export.prediction import prediction_folder, record_written, refuse_files_of_others, write_prediction
     from ..inference.predict import load_model, predict_volume
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out}: is a file; expected a folder for the prediction's files (made if missing)")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.model, device)
     ct = read_volume(args.ct, modality="CT")
