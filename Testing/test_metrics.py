@@ -83,6 +83,28 @@ def test_per_slice_scores():
     assert rows[1]["hd95_mm"] == pytest.approx(0.5)
 
 
+def test_per_slice_scores_number_slices_as_the_workspace_does_whatever_the_storage_order():
+    """Slices are counted along the axial axis, as suggestions and annotations number them:
+    the same scan stored with its axial axis first (index i) once gave one row per coronal
+    plane, numbered differently from every other slice number of the tool."""
+    from VQMedSegLib.data.preprocessing import plan_slices
+
+    rng = np.random.default_rng(5)
+    ref_arr = (rng.random((4, 10, 12)) > 0.6).astype(np.uint8)
+    pred_arr = (rng.random((4, 10, 12)) > 0.6).astype(np.uint8)
+    axial = Volume(ref_arr, spacing=(0.7, 0.8, 3.0))
+    rows = per_slice_scores(axial.with_array(pred_arr), axial)
+    # stored with index i running superior (array [j, k, i] -> the last array axis is axial)
+    direction = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # i -> S, j -> P, k -> L
+    stored = Volume(np.ascontiguousarray(np.transpose(ref_arr, (2, 1, 0))), spacing=(3.0, 0.8, 0.7), direction=direction)
+    assert plan_slices(stored, 16).slice_axis == 0
+    permuted = per_slice_scores(stored.with_array(np.ascontiguousarray(np.transpose(pred_arr, (2, 1, 0)))), stored)
+    assert len(permuted) == 4 == plan_slices(stored, 16).n_slices
+    assert [r["slice"] for r in permuted] == [0, 1, 2, 3]
+    for a, b in zip(rows, permuted):
+        assert a["dice"] == pytest.approx(b["dice"]) and a["hd95_mm"] == pytest.approx(b["hd95_mm"])
+
+
 def test_dice_alone_agrees_with_the_full_scores_and_their_empty_conventions():
     from VQMedSegLib.metrics.segmentation import dice_masks
 

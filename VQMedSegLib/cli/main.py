@@ -707,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: as --label)")
     ev.add_argument("--task", default="liver", choices=sorted(TASKS),
                     help="the structure scored: its segment's name in .seg.nrrd files (default liver: 'Liver')")
-    ev.add_argument("--per-slice", action="store_true", help="also score every slice")
+    ev.add_argument("--per-slice", action="store_true", help="also score every axial slice, numbered as the workspace "
+                    "numbers them")
     json_arg(ev, "the scores")
     ev.set_defaults(func=cmd_evaluate)
 

@@ -153,20 +153,25 @@ def score_volumes(pred, ref, label: int = 1) -> SegmentationScores:
 
 
 def per_slice_scores(pred, ref, label: int = 1) -> list[dict]:
-    """2-D scores on every slice along the volume's third index axis (``k``).
+    """2-D scores on every axial slice: along the index axis closest to the patient's
+    superior axis, numbered by that index, as the workspace numbers its slices (the
+    suggestions, the annotations). For a volume stored axially that is ``k``.
 
-    Returns one dict per slice with ``slice`` (the ``k`` index) and the scores; slices
-    where both masks are empty are included and marked ``"empty": "both"``.
+    Returns one dict per slice with ``slice`` (the index) and the scores; slices where
+    both masks are empty are included and marked ``"empty": "both"``.
     """
+    from ..data.slice_plan import orientation_to_lps
+
     problems = ref.geometry_mismatch(pred)
     if problems:
         raise InputError("prediction and reference are on different grids: " + "; ".join(problems))
     known = bool(ref.metadata.get("spacing_known", True))
+    np_axis = 2 - orientation_to_lps(ref.direction)[0][2]  # numpy axis of the axial index axis
     sp = _array_spacing(ref.spacing, known)
-    sp2 = None if sp is None else sp[1:]
+    sp2 = None if sp is None else [s for a, s in enumerate(sp) if a != np_axis]
     out = []
-    for k in range(ref.shape[0]):
-        s = score_masks(pred.array[k] == label, ref.array[k] == label, sp2)
+    for k in range(ref.shape[np_axis]):
+        s = score_masks(np.take(pred.array, k, axis=np_axis) == label, np.take(ref.array, k, axis=np_axis) == label, sp2)
         out.append({"slice": k, **s.to_json()})
     return out
 
