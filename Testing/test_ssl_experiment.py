@@ -46,6 +46,21 @@ def test_split_follows_a_published_test_list():
         split_by_patient(_cases(ids), test_list=set(ids))
 
 
+def test_ct_slices_are_windowed_as_the_datasets_task_windows_them():
+    """Every CT was once windowed at the liver's -160..240 HU, the lung phantom's too: its
+    lungs (about -850 HU) were all clipped to 0, while the lung-tumour task (and its
+    predictions) see -1000..400."""
+    from VQMedSegLib.training.ssl_experiment import _slices, load_cases
+    from VQMedSegLib.tasks import get_task
+
+    lung, liver = load_cases("phantom-lung"), load_cases("phantom-liver")
+    assert lung.ct_window == get_task("lung-tumour").ct_window and liver.ct_window == get_task("liver").ct_window
+    case = lung.cases[0]
+    x = _slices(case, 64, lung.ct_window)[1]
+    lungs = x[(x > 0) & (x < 0.2)]  # -1000 + 0.1 * 1400 = -860 HU: the parenchyma, inside the window
+    assert lungs.size > 0.3 * x.size  # 0.67 here; 0.07 in the liver's window
+
+
 def test_vqseg_network_has_one_output_per_class():
     config = vqseg_config_from_preset("tiny", num_classes=4)
     net = build_vqseg(config, fm_channels=0).eval()

@@ -42,6 +42,7 @@ from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
 from ..data.volume import Volume, label_values
 from ..errors import InputError
+from ..tasks import get_task
 from ..files import atomic_files, atomic_write_json, atomic_write_text, read_json, read_text
 from ..inference.postprocess import keep_largest_component
 from ..metrics.segmentation import dice_masks, mean_std_text, score_volumes, spread_words, summarize
@@ -112,6 +113,7 @@ class SSLData:
     cases: list[Case]
     structures: dict[int, str]  # label value in Case.label -> name
     test_list: set[str] | None  # case ids of the published test split, if any
+    ct_window: tuple[float, float] = get_task("liver").ct_window  # the HU window of CT cases (the task's)
 
 
 def load_cases(dataset: str) -> SSLData:
@@ -120,9 +122,9 @@ def load_cases(dataset: str) -> SSLData:
         from ..data.phantoms import make_dataset
 
         cases = make_dataset(dataset, 8, seed=2000)
-        name = "liver" if dataset == "phantom-liver" else "lung tumour"
+        task = get_task("liver" if dataset == "phantom-liver" else "lung-tumour")
         return SSLData([Case(c.case_id, c.ct, c.ct_label.with_array((c.ct_label.array == 1).astype(np.uint8)), "CT")
-                        for c in cases], {1: name}, None)
+                        for c in cases], {1: task.segment_name.lower()}, None, task.ct_window)
     from ..data.datasets import dataset_json_labels, discover_cases, load_case
     from ..data.paths import shared_data_dir
 
@@ -289,18 +291,18 @@ class SupervisedNet(nn.Module):
         return self.decoder(f[4], f[:4])
 
 
-def _slices(case: Case, size: int):
+def _slices(case: Case, size: int, ct_window: tuple[float, float]):
     plan = plan_slices(case.image, size)
     modality = "CT" if case.modality == "CT" else "MR"
-    x = extract_slices(case.image, plan, values=normalize(case.image, modality, (-160.0, 240.0)))[:, None]
+    x = extract_slices(case.image, plan, values=normalize(case.image, modality, ct_window))[:, None]
     y = extract_label_slices(case.label, plan)
     return plan, x, y
 
 
-def _prepare(cases: list[Case], size: int) -> list[tuple[Case, object, np.ndarray]]:
+def _prepare(cases: list[Case], size: int, ct_window: tuple[float, float]) -> list[tuple[Case, object, np.ndarray]]:
     """``(case, slice plan, network input slices)`` of each case, made once for every
     evaluation of a run."""
-    return [(c, *_slices(c, size)[:2]) for c in cases]
+    return [(c, *_slices(c, size, ct_window)[:2]) for c in cases]
 
 
 def _evaluate(predict_probs, prepared: list[tuple[Case, object, np.ndarray]],
@@ -415,11 +417,11 @@ def run_ssl(
     if validation_patients and not validate_every:
         validate_every = max(1, config.iterations // 20)
     size = config.slice_size
-    val_prepared, test_prepared = _prepare(val_cases, size), _prepare(test_cases, size)
+    val_prepared, test_prepared = _prepare(val_cases, size, data.ct_window), _prepare(test_cases, size, data.ct_window)
     test_ids = [c.case_id for c in test_cases]
     xs, ys = [], []
     for c in train_cases:
-        _, x, y = _slices(c, size)
+        _, x, y = _slices(c, size, data.ct_window)
         xs.append(x)
         ys.append(y)
     x_all, y_all = np.concatenate(xs), np.concatenate(ys)
@@ -509,6 +511,7 @@ def run_ssl(
         "validation_patients": validation_patients, "validate_every": validate_every if val_cases else 0,
         "test_list": test_list.name if test_list is not None else None,
         "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0,
+        **({"ct_window": list(data.ct_window)} if any(c.modality == "CT" for c in data.cases) else {}),
         **compute_environment(device), "versions": software_versions(),
     })
     return results
