@@ -163,7 +163,7 @@ def test_every_prediction_is_also_scored_with_its_largest_component_only():
         fg = (x > (x.min() + x.max()) / 2).astype(np.float32)
         return np.concatenate([1 - fg, fg], axis=1)
 
-    raw, largest = _evaluate(predict, _prepare([case], 32), {1: "liver"})
+    raw, largest = _evaluate(predict, _prepare([case], 32, (-160.0, 240.0)), {1: "liver"})
     assert raw[0]["liver"].dice < 0.95 and raw[0]["liver"].hd95 > 10
     assert largest[0]["liver"].dice == pytest.approx(1.0) and largest[0]["liver"].hd95 == pytest.approx(0.0)
 
