@@ -116,8 +116,7 @@ def extract_slices(
         raise InputError(f"extract_slices: chunk {chunk}: expected at least 1 slice")
     chunk = int(chunk)
     canonical = _to_canonical(arr, plan.axis_for_lps, plan.sign_for_lps)  # a view
-    _, rows, cols = plan.canonical_shape
-    r0, c0 = (plan.square - rows) // 2, (plan.square - cols) // 2  # MONAI's symmetric padding
+    rows, cols = plan.in_square
     square = np.full((min(chunk, plan.n_slices), plan.square, plan.square), 0.0 if clip is None else clip[0], np.float32)
     out = np.empty((plan.n_slices, plan.size, plan.size), np.float32)
     for start in range(0, plan.n_slices, chunk):
@@ -125,7 +124,7 @@ def extract_slices(
         if transform is not None:
             part = transform(part)
         n = len(part)
-        square[:n, r0 : r0 + rows, c0 : c0 + cols] = part  # cast in place; the padding stays
+        square[:n, rows, cols] = part  # cast in place; the padding stays
         x = torch.from_numpy(square[:n])
         if clip is not None:
             x.clamp_(clip[0], clip[1])  # the padding already holds the low value
@@ -168,10 +167,8 @@ def extract_label_slices(label: Volume | np.ndarray, plan: SlicePlan, chunk: int
     if arr.shape != plan.shape:
         raise InputError(f"label shape {arr.shape} does not match the image's {plan.shape}")
     if plan.size == plan.square:  # padding alone: the voxels are the model's pixels
-        _, rows, cols = plan.canonical_shape
-        r0, c0 = (plan.square - rows) // 2, (plan.square - cols) // 2
         out = np.zeros((plan.n_slices, plan.size, plan.size), np.int64)
-        out[:, r0 : r0 + rows, c0 : c0 + cols] = np.rint(_to_canonical(arr, plan.axis_for_lps, plan.sign_for_lps))
+        out[(slice(None), *plan.in_square)] = np.rint(_to_canonical(arr, plan.axis_for_lps, plan.sign_for_lps))
         return out
     values = [v for v in label_values(arr) if v != 0]
     volume = label if isinstance(label, Volume) else Volume(arr)
@@ -207,8 +204,7 @@ def slices_to_volume(
     if int(chunk) < 1:
         raise InputError(f"slices_to_volume: chunk {chunk}: expected at least 1 slice")
     _, rows, cols = plan.canonical_shape
-    r0 = (plan.square - rows) // 2
-    c0 = (plan.square - cols) // 2
+    in_square = plan.in_square
     # [C, S, P, L]: each channel's volume is contiguous once the reorientation is undone
     out = np.empty((x.shape[1], plan.n_slices, rows, cols), np.uint8 if threshold is not None else np.float32)
     as_bool = torch.from_numpy(out.view(bool)) if threshold is not None else None  # uint8 filled as bool
@@ -216,7 +212,7 @@ def slices_to_volume(
         part = x[start : start + int(chunk)].permute(1, 0, 2, 3)  # slices ride in the channel axis
         if plan.size != plan.square:
             part = F.interpolate(part, size=(plan.square, plan.square), mode="bilinear", align_corners=False)
-        part = part[:, :, r0 : r0 + rows, c0 : c0 + cols]
+        part = part[(slice(None), slice(None), *in_square)]
         stop = start + part.shape[1]
         if threshold is not None:
             torch.gt(part, threshold, out=as_bool[:, start:stop])

@@ -92,6 +92,14 @@ class SlicePlan:
         return self.canonical_shape[0]
 
     @property
+    def in_square(self) -> tuple[slice, slice]:
+        """Where a canonical slice's rows and columns sit in its padded square: centred, as
+        MONAI's symmetric padding puts them (the extra row or column, if any, after)."""
+        _, rows, cols = self.canonical_shape
+        r0, c0 = (self.square - rows) // 2, (self.square - cols) // 2
+        return slice(r0, r0 + rows), slice(c0, c0 + cols)
+
+    @property
     def slice_axis(self) -> int:
         """Index axis (0 = i, 1 = j, 2 = k) that the model slices run along."""
         return self.axis_for_lps[2]
