@@ -201,7 +201,7 @@ def test_acdc_h5_folder(tmp_path: Path) -> None:
     image, label = load_case(refs[0])
     assert image.metadata["spacing_known"] is False and label.array.sum() == 6
     (case, _) = check_dataset(tmp_path)["cases"]
-    assert any("spacing unknown" in p for p in case["problems"])
+    assert any("spacing unknown" in p for p in case["notes"]) and case["problems"] == []
     assert case["labels"]["1"]["voxels"] == 6
 
 
@@ -317,16 +317,46 @@ def test_check_dataset_shows_one_progress_bar_instead_of_a_log_line_per_case(
 
 def test_the_check_report_says_a_problem_shared_by_many_cases_once() -> None:
     spacing = "voxel spacing unknown (the file stores none; (1, 1, 1) used)"
-    cases = [{"id": f"p{i:02d}", "modality": "MR", "problems": [spacing]} for i in range(60)]
-    cases[7]["problems"].append("no labelled voxel (the label map is all background)")
+    empty = "no labelled voxel (the label map is all background)"
+    cases = [{"id": f"p{i:02d}", "modality": "MR", "problems": [empty], "notes": [spacing]} for i in range(60)]
+    cases[7]["problems"].append("label geometry differs from the image: origin (label != image)")
     report = format_report({"path": "acdc", "layout": "acdc-h5", "n_cases": 60, "n_checked": 60, "cases": cases})
-    problems = report.split("Problems:\n")[1].splitlines()
-    assert problems == [
-        f"  60 cases (p00, p01, p02 and 57 more): {spacing}",
-        "  p07: no labelled voxel (the label map is all background)",
+    problems, notes = report.split("Problems:\n")[1].split("Notes:\n")
+    assert problems.splitlines() == [
+        f"  60 cases (p00, p01, p02 and 57 more): {empty}",
+        "  p07: label geometry differs from the image: origin (label != image)",
+        "",
     ]
-    two = format_report({"cases": cases[:2]}).split("Problems:\n")[1].splitlines()
-    assert two == [f"  2 cases (p00, p01): {spacing}"]
+    assert notes.splitlines() == [f"  60 cases (p00, p01, p02 and 57 more): {spacing}"]
+    two = format_report({"cases": cases[:2]}).split("Problems:\n")[1].split("\n\n")[0].splitlines()
+    assert two == [f"  2 cases (p00, p01): {empty}"]
+
+
+def test_dataset_check_exits_1_on_a_problem_and_0_when_there_are_only_notes(tmp_path: Path) -> None:
+    """A script or CI job gating on ``vqmedseg dataset check`` once passed a data set whose
+    label map was all background, or lay elsewhere than its image: the command exited 0
+    whatever it found. Notes (spacing the file does not store, an unlabelled case) are
+    not problems: such data trains."""
+    from conftest import run_main
+
+    label = np.zeros((4, 6, 5), np.uint8)
+    label[1, :2] = 1
+    write_pair(tmp_path / "fine", "1", np.full((4, 6, 5), 100.0), label)
+    r = run_main("dataset", "check", tmp_path / "fine", "--modality", "MR")
+    assert r.returncode == 0 and "No problems found." in r.stdout
+
+    unlabelled = tmp_path / "unlabelled.nii.gz"
+    write_volume(Volume(np.full((4, 6, 5), 100.0, np.float32)), unlabelled)
+    r = run_main("dataset", "check", unlabelled, "--modality", "MR")
+    assert r.returncode == 0 and "No problems found." in r.stdout and "no label map (unlabelled case)" in r.stdout
+
+    write_pair(tmp_path / "empty", "1", np.full((4, 6, 5), 100.0), np.zeros((4, 6, 5)))
+    r = run_main("dataset", "check", tmp_path / "empty", "--modality", "MR", check=False)
+    assert r.returncode == 1 and "1: no labelled voxel" in r.stdout
+    assert "1 of 1 case(s) has a problem" in r.stderr
+    r = run_main("dataset", "check", tmp_path / "empty", "--modality", "MR", "--json", check=False)
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and report["n_with_problems"] == 1 and report["cases"][0]["notes"] == []
 
 
 # ------------------------------------------------------------------ real scans

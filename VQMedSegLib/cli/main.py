@@ -299,11 +299,15 @@ def _scored_value(label, path, given: int | None, task: str, option: str) -> tup
 def cmd_dataset_check(args) -> int:
     from ..data.check import check_dataset, format_report
 
-    result = check_dataset(args.path, progress=None)
+    result = check_dataset(args.path, modality=args.modality, progress=None)
     if args.json:
         _print_json(result)
     else:
         sys.stdout.write(format_report(result) + "\n")
+    if result["n_with_problems"]:
+        sys.stderr.write(f"vqmedseg dataset check: {result['n_with_problems']} of {result['n_checked']} case(s) "
+                         f"has a problem (listed above)\n")
+        return 1
     return 0
 
 
@@ -714,8 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("dataset", help="dataset tools")
     ds_sub = ds.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
-    dc = ds_sub.add_parser("check", help="list cases, label statistics and geometry problems")
+    dc = ds_sub.add_parser("check", help="list cases, label statistics and geometry problems; exit code 1 when "
+                           "a case has a problem")
     dc.add_argument("path", help="a dataset folder (layout recognised: CHAOS, ACDC, ...), a case folder, or an image file")
+    dc.add_argument("--modality", type=str.upper, choices=["CT", "MR"], default=None,
+                    help="the images' modality where the layout, dataset.json or DICOM tags do not give it "
+                    "(default: guessed from the intensities)")
     json_arg(dc, "the report")
     dc.set_defaults(func=cmd_dataset_check)
 

@@ -1,8 +1,9 @@
 """A quick health check of a data set: sizes, spacing, labels and their intensities.
 
-Used before training (``vqmedseg check-data``) to catch the problems that otherwise
-surface hours later: labels on a different grid than the image, empty label maps,
-unknown spacing, CT values that are not Hounsfield units.
+Used before training (``vqmedseg dataset check``, exit code 1 when a case has a problem)
+to catch the problems that otherwise surface hours later: labels on a different grid
+than the image, empty label maps, CT values that are not Hounsfield units; and to note
+what does not stop training (unknown spacing, unlabelled cases).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def check_case(ref: CaseRef) -> dict[str, Any]:
         "spacing": None,
         "labels": {},
         "problems": [],
+        "notes": [],
     }
     problems: list[str] = entry["problems"]
+    notes: list[str] = entry["notes"]
     try:
         image, label = load_case(ref, check_geometry=False)
     except InputError as exc:
@@ -62,7 +65,7 @@ def check_case(ref: CaseRef) -> dict[str, Any]:
     entry["dtype"] = str(image.array.dtype)
     entry["intensity_range"] = [float(np.min(image.array)), float(np.max(image.array))]
     if not image.metadata.get("spacing_known", True):
-        problems.append(
+        notes.append(
             "voxel spacing unknown (the file stores none; (1, 1, 1) used): millimetre metrics are not available"
         )
     for warning in image.metadata.get("warnings", []):
@@ -75,7 +78,7 @@ def check_case(ref: CaseRef) -> dict[str, Any]:
             )
 
     if label is None:
-        problems.append("no label map (unlabelled case)")
+        notes.append("no label map (unlabelled case)")
         return entry
     for warning in label.metadata.get("warnings", []):
         problems.append(f"label: {warning}")
@@ -117,7 +120,11 @@ def check_dataset(
         ``id``, ``modality``, ``image``, ``label``, ``shape``, ``spacing``, ``dtype``,
         ``intensity_range``, ``labels`` (``{"<value>": {"voxels", "mean_intensity"}}``,
         background ``"0"`` included; ``mean_intensity`` is ``None`` when the label grid
-        differs from the image) and ``problems`` (list of strings, empty when fine).
+        differs from the image), ``problems`` (what stops the case from training or being
+        scored as it is: unreadable, label off the image, no labelled voxel, a CT not in
+        Hounsfield units, uneven slices; empty when fine) and ``notes`` (what does not: a
+        spacing the file does not store, an unlabelled case); ``n_with_problems`` counts
+        the cases with a problem.
 
     Raises:
         InputError: when ``path`` holds no recognisable data set, or ``limit`` < 1.
@@ -137,6 +144,7 @@ def check_dataset(
         "layout": refs[0].layout if refs else None,
         "n_cases": len(refs),
         "n_checked": len(cases),
+        "n_with_problems": sum(1 for case in cases if case["problems"]),
         "cases": cases,
     }
 
@@ -147,12 +155,12 @@ def _fmt_floats(values: Any, digits: int = 3) -> str:
     return "x".join(f"{float(v):.{digits}g}" for v in values)
 
 
-def _problem_lines(cases: list[dict[str, Any]], named: int = 3) -> list[str]:
-    """One line a distinct problem, in the order first met: a problem of one case names
-    it; one shared by several names the first ``named`` and counts the rest."""
+def _problem_lines(cases: list[dict[str, Any]], key: str = "problems", named: int = 3) -> list[str]:
+    """One line a distinct problem (or note, ``key``), in the order first met: a problem
+    of one case names it; one shared by several names the first ``named`` and counts the rest."""
     where: dict[str, list[str]] = {}
     for case in cases:
-        for problem in case.get("problems", []):
+        for problem in case.get(key, []):
             where.setdefault(problem, []).append(str(case.get("id")))
     lines = []
     for problem, ids in where.items():
@@ -165,8 +173,9 @@ def _problem_lines(cases: list[dict[str, Any]], named: int = 3) -> list[str]:
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """A plain-text table of :func:`check_dataset`'s result, problems listed below it
-    (a problem shared by several cases once, with how many; the JSON lists every case's)."""
+    """A plain-text table of :func:`check_dataset`'s result, problems and then notes
+    listed below it (one shared by several cases once, with how many; the JSON lists
+    every case's)."""
     header = ["case", "mod", "size i x j x k", "spacing mm", "labels value:voxels(mean)"]
     rows = []
     for case in result.get("cases", []):
@@ -196,4 +205,7 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Problems:" if problem_lines else "No problems found.")
     lines += problem_lines
+    note_lines = _problem_lines(result.get("cases", []), "notes")
+    if note_lines:
+        lines += ["", "Notes:", *note_lines]
     return "\n".join(lines) + "\n"
