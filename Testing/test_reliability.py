@@ -154,6 +154,14 @@ def test_empty_dicom_folder(ws, tmp_path):
         ("mr-as-ct", Volume(np.random.default_rng(1).random((8, 24, 24)).astype(np.float32) * 900), ("MR", "Hounsfield")),
         ("zero-spacing", None, ("spacing", "positive")),
         ("huge", Volume(np.full((2, 2, 2049), -1000, np.int16)), ("2049", "at most 2048")),
+        # a spacing stored in metres (or micrometres) once went through: HD95 and every
+        # millimetre figure off by 1,000, and VQ-BEGAL's pool built from it
+        ("metres", ct_volume(spacing=(0.0007, 0.0007, 0.0025)), ("spacing (0.0007, 0.0007, 0.0025)", "0.01 to 100 mm",
+                                                               "metres")),
+        ("micrometres", ct_volume(spacing=(700.0, 700.0, 2500.0)), ("spacing (700, 700, 2500)", "0.01 to 100 mm")),
+        # a sheared grid: its axes are not at right angles, and slices taken along k are not planes of the body
+        ("sheared", Volume(ct_volume().array, spacing=(1.0, 1.0, 2.5), direction=[[1, 0, 0.5], [0, 1, 0], [0, 0, 1]]),
+         ("direction", "not at right angles", "expected orthonormal")),
     ],
 )
 def test_images_of_the_wrong_kind_are_refused(ws, tmp_path, name, volume, needles):

@@ -153,13 +153,17 @@ def _free_bytes(folder: Path) -> int | None:
 
 
 MAX_AXIS = 2048
+# the voxel sizes (mm) of CT and MR, from micro-CT to the thickest slab, with a margin;
+# a spacing outside was stored in another unit
+SPACING_RANGE_MM = (0.01, 100.0)
 
 
 def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volume:
     """Refuse images no segmentation should run on, naming what was found.
 
-    Always: voxel spacing <= 0, absurd sizes (an axis over :data:`MAX_AXIS`) and complex
-    voxels. For an
+    Always: a voxel spacing outside :data:`SPACING_RANGE_MM` (zero or negative, or a
+    spacing stored in metres or micrometres), a sheared grid (direction cosines not
+    orthonormal), absurd sizes (an axis over :data:`MAX_AXIS`) and complex voxels. For an
     image read as ``modality`` ``CT`` or ``MR``: NaN or infinite voxels. For a CT: no
     negative value at all, which means either raw unsigned values without the rescale to
     Hounsfield units (0..4095) or an MR passed as the CT.
@@ -167,6 +171,15 @@ def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volum
     spacing = np.asarray(volume.spacing, dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"{path}: voxel spacing {tuple(float(s) for s in spacing)}; expected three positive numbers (mm)")
+    low, high = SPACING_RANGE_MM
+    if np.any(spacing < low) or np.any(spacing > high):
+        unit = " (a spacing in metres?)" if np.all(spacing < low) else " (a spacing in micrometres?)" if np.all(spacing > high) else ""
+        raise InputError(f"{path}: voxel spacing ({', '.join(f'{s:g}' for s in spacing)}) mm{unit}; "
+                         f"expected {low:g} to {high:g} mm along each axis")
+    direction = np.asarray(volume.direction, dtype=float)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise InputError(f"{path}: direction cosines {np.round(direction, 4).tolist()} are not at right angles or not "
+                         "of unit length (a sheared grid); expected orthonormal directions (resample the image first)")
     if max(volume.shape) > MAX_AXIS:
         raise InputError(f"{path}: image size {volume.shape[::-1]} (i, j, k); expected at most {MAX_AXIS} voxels along every axis")
     if volume.array.dtype.kind == "c":
