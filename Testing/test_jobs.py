@@ -199,7 +199,7 @@ def test_workspace_add_says_a_case_is_kept_and_refuses_another_ct_under_its_id(w
 
     ct, _ = _disk_case(0)
     write_volume(ct, tmp_path / "same.nrrd")
-    write_volume(ct.with_array(ct.array[::-1].copy()), tmp_path / "mr.nrrd")
+    write_volume(ct.with_array((ct.array[::-1] - ct.array.min()).copy()), tmp_path / "mr.nrrd")  # MR: no air at -1000
     write_volume(_disk_case(1)[0], tmp_path / "other.nrrd")
     kept = run_main("workspace", "add", workspace.root, "--case", "case0", "--ct", tmp_path / "same.nrrd",
                     "--mr", tmp_path / "mr.nrrd")

@@ -186,6 +186,23 @@ def test_images_of_the_wrong_kind_are_refused(ws, tmp_path, name, volume, needle
     assert Workspace.open(ws).cases() == {}
 
 
+def test_a_ct_given_as_the_mr_is_refused(ws, tmp_path):
+    """The MR selector pointed at the CT (or the two files swapped) once went through: the
+    MR branch trained on Hounsfield units. Magnitude MR has no values near -1000, air on a
+    CT does; a z-scored MR (a few units below 0) is still accepted."""
+    write_volume(ct_volume(), tmp_path / "ct.nrrd")
+    write_volume(ct_volume(seed=1), tmp_path / "ct-again.nrrd")
+    r = run_cli("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd", "--mr", tmp_path / "ct-again.nrrd",
+                check=False)
+    message = refused(r, "ct-again.nrrd", "read as the MR", "Hounsfield", "expected an MR", code=2)
+    assert "% of its voxels" in message
+    assert Workspace.open(ws).cases() == {}
+    zscored = np.random.default_rng(2).normal(0.0, 1.0, (8, 24, 24)).astype(np.float32) * 1.5
+    write_volume(Volume(zscored, spacing=(1.0, 1.0, 2.5)), tmp_path / "mr.nrrd")
+    run_cli("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd", "--mr", tmp_path / "mr.nrrd")
+    assert Workspace.open(ws).cases()["c1"].get("mr")
+
+
 # ------------------------------------------------------------------------ labels
 @pytest.fixture
 def ws_with_case(ws, tmp_path):

@@ -156,6 +156,11 @@ MAX_AXIS = 2048
 # the voxel sizes (mm) of CT and MR, from micro-CT to the thickest slab, with a margin;
 # a spacing outside was stored in another unit
 SPACING_RANGE_MM = (0.01, 100.0)
+# an image read as the MR with this share of its voxels at or below MR_AIR_LIMIT is a CT:
+# magnitude MR is never negative and a normalised one stays within a few units of 0,
+# while air and the padding outside the scan field of a CT sit near -1000
+MR_AIR_LIMIT = -500.0
+MR_AIR_SHARE = 0.01
 
 
 def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volume:
@@ -166,7 +171,9 @@ def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volum
     orthonormal), absurd sizes (an axis over :data:`MAX_AXIS`) and complex voxels. For an
     image read as ``modality`` ``CT`` or ``MR``: NaN or infinite voxels. For a CT: no
     negative value at all, which means either raw unsigned values without the rescale to
-    Hounsfield units (0..4095) or an MR passed as the CT.
+    Hounsfield units (0..4095) or an MR passed as the CT. For an MR: the air of a CT (at
+    least :data:`MR_AIR_SHARE` of the voxels at or below :data:`MR_AIR_LIMIT`), a CT passed
+    as the MR.
     """
     spacing = np.asarray(volume.spacing, dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
@@ -200,6 +207,14 @@ def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volum
             raise InputError(
                 f"{path}: read as the CT, but its values run from {lo:g} to {hi:g} with nothing below 0; this looks like {kind}. "
                 "expected Hounsfield units (air about -1000, water 0)"
+            )
+    elif modality == "MR":
+        air = float(np.mean(array <= MR_AIR_LIMIT)) if array.dtype.kind in "iuf" else 0.0
+        if air >= MR_AIR_SHARE:
+            raise InputError(
+                f"{path}: read as the MR, but {100 * air:.3g}% of its voxels are at or below {MR_AIR_LIMIT:g} "
+                f"(down to {float(array.min()):g}); this looks like a CT in Hounsfield units (air about -1000). "
+                "expected an MR (magnitude values, 0 and above, or a normalised image)"
             )
     return volume
 
