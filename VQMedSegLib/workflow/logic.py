@@ -200,6 +200,7 @@ class WorkflowLogic:
         :attr:`preparing` is done. Until then no job starts, no other case is prepared, and
         the Logic stays on the workspace it had: it moves to ``folder`` only once the case
         is there."""
+        from ..data.io import check_image
         from ..export.mrml import volume_from_node
 
         if ct_node is None:
@@ -208,8 +209,10 @@ class WorkflowLogic:
             raise InputError(f"MR volume {mr_node.GetName()!r}: is the CT volume; expected a different node or none")
         self._refuse_while_running("preparing a case")
         self._refuse_while_preparing()
-        ct = volume_from_node(ct_node)  # before any folder is made: a node that cannot be read changes nothing
-        mr = volume_from_node(mr_node) if mr_node is not None else None
+        # before any folder is made: a node that cannot be read, or that no file would pass
+        # as the CT or the MR (read_volume's checks), changes nothing
+        ct = check_image(volume_from_node(ct_node), f"CT volume {ct_node.GetName()!r}", "CT")
+        mr = check_image(volume_from_node(mr_node), f"MR volume {mr_node.GetName()!r}", "MR") if mr_node is not None else None
         ws = self._workspace_at(folder, task) if folder is not None else self._ws()
         case_id = case_id or ct_node.GetAttribute(CASE_ATTRIBUTE) or sanitize_id(ct_node.GetName())
         future = self._worker().submit(_add_case, ws, case_id, ct, mr, ct_node.GetName())
