@@ -194,6 +194,19 @@ def test_another_ct_under_a_case_id_already_taken_is_refused_not_written_over(wo
     assert workspace.labelled_slices()["case0"] == [0, 1, 2, 3, 4, 5]
 
 
+def test_case_ids_that_differ_only_in_letter_case_are_refused(workspace):
+    """'Case0' beside 'case0' once became a second case whose files, on Windows and macOS
+    (case-insensitive file systems), were the first one's: its CT replaced, its
+    annotations overwritten, while state.json still listed them."""
+    ct, _ = _disk_case(5)
+    with pytest.raises(WorkspaceError, match=r"case 'Case0': the workspace holds case 'case0'.*letter case"):
+        workspace.add_case("Case0", ct)
+    assert sorted(workspace.cases()) == ["case0", "case1"] and not (workspace.root / "inputs" / "Case0").exists()
+    r = run_main("workspace", "add", workspace.root, "--case", "CASE1", "--ct", workspace.root / "inputs" / "case1" / "ct.nrrd",
+                 check=False)
+    assert r.returncode == WorkspaceError.exit_code and "the workspace holds case 'case1'" in r.stderr
+
+
 def test_workspace_add_says_a_case_is_kept_and_refuses_another_ct_under_its_id(workspace, tmp_path):
     from VQMedSegLib.data.io import write_volume
 

@@ -200,9 +200,11 @@ class Workspace:
         from ..data.slice_plan import plan_slices  # NumPy only: no torch on the GUI thread
 
         safe_id(case_id)
-        known = self.cases().get(case_id)
+        cases = self.cases()
+        known = cases.get(case_id)
         if known is not None:
             return self._add_case_again(case_id, known, ct, mr)
+        _refuse_same_folded(case_id, cases)
         case_dir = self.case_dir(case_id)
         with file_lock(self.root / ".inputs.lock"):  # see remove_stale_temporaries
             write_volume(ct, case_dir / "ct.nrrd")
@@ -219,6 +221,7 @@ class Workspace:
             "added": time.time(),
         }
         with self.edit_state() as state:
+            _refuse_same_folded(case_id, state["cases"])  # another process may have added it meanwhile
             state["cases"][case_id] = entry
         self.events().emit("case_added", case=case_id, has_mr=mr is not None)
         return entry
@@ -397,3 +400,16 @@ class Workspace:
 def _indices_text(indices: list[int]) -> str:
     """A list of indices as a message shows it: whole up to 10, else its first five and last."""
     return str(indices) if len(indices) <= 10 else f"{str(indices[:5])[:-1]}, ... {indices[-1]}] ({len(indices)} indices)"
+
+
+def _refuse_same_folded(case_id: str, cases: dict) -> None:
+    """A new case id may not differ from a known one by letter case alone: on Windows and
+    macOS (case-insensitive file systems) both would name the same ``inputs/`` and
+    ``annotations/`` files, and the second would overwrite the first's."""
+    for other in cases:
+        if other != case_id and other.casefold() == case_id.casefold():
+            raise WorkspaceError(
+                f"case {case_id!r}: the workspace holds case {other!r}, which differs only in letter case "
+                "(the two would share their files on Windows and macOS); expected that id, for the same "
+                "patient, or another one"
+            )
