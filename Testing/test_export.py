@@ -352,3 +352,29 @@ def test_a_prediction_that_fails_part_way_leaves_the_previous_one_whole(tmp_path
         write_prediction(out, prediction(1, (5, 8, 8)))
     assert str(failed.value).startswith(f"{out / 'uncertainty.nrrd'}: could not write"), failed.value
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier case's, whole; no temporaries
+
+
+def test_a_prediction_with_fewer_maps_leaves_none_of_the_earlier_ones_and_records_itself(tmp_path: Path) -> None:
+    """A VQ-Seg prediction (entropy and QPM maps) and then a supervised one (entropy only)
+    into one folder once left the first case's ``uncertainty_qpm.nrrd`` beside the second
+    case's segmentation, and the folder's record, which no longer listed it, made the next
+    prediction refuse it as a file of someone else's."""
+    from types import SimpleNamespace
+
+    from VQMedSegLib.export.prediction import WRITTEN, refuse_files_of_others, write_prediction
+    from VQMedSegLib.files import read_json
+
+    def prediction(seed: int, maps: tuple[str, ...]) -> SimpleNamespace:
+        rng = np.random.default_rng(seed)
+        label = Volume((rng.random((4, 8, 8)) > 0.5).astype(np.uint8), origin=(seed, 0, 0), metadata={"task": "liver"})
+        return SimpleNamespace(label=label, uncertainty={m: label.with_array(rng.random((4, 8, 8)).astype(np.float32))
+                                                         for m in maps})
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write_prediction(out, prediction(0, ("entropy", "qpm")), record=True)
+    assert sorted(read_json(out / WRITTEN)) == ["prediction.seg.nrrd", "uncertainty.nrrd", "uncertainty_qpm.nrrd"]
+    files = write_prediction(out, prediction(1, ("entropy",)), record=True)
+    assert sorted(p.name for p in out.iterdir()) == [WRITTEN, "prediction.seg.nrrd", "uncertainty.nrrd"]
+    assert sorted(read_json(out / WRITTEN)) == ["prediction.seg.nrrd", "uncertainty.nrrd"] == sorted(p.name for p in files.values())
+    refuse_files_of_others(out)  # the record vouches for what is there: the next prediction may replace it

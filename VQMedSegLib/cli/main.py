@@ -154,7 +154,7 @@ def cmd_predict(args) -> int:
     if missing:
         raise InputError(f"predict: {', '.join(missing)} missing; give --model, --ct and --out, or --workspace")
     from ..data.io import read_volume
-    from ..export.prediction import prediction_folder, record_written, refuse_files_of_others, write_prediction
+    from ..export.prediction import prediction_folder, refuse_files_of_others, write_prediction
     from ..inference.predict import load_model, predict_volume
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -168,8 +168,7 @@ def cmd_predict(args) -> int:
         if not args.overwrite:
             refuse_files_of_others(out)
         pred = predict_volume(model, ckpt, ct, device, mr=mr, largest_component=_largest_component(args))
-        files = write_prediction(out, pred)
-        record_written(out, files)
+        files = write_prediction(out, pred, record=True)
     if args.json:
         _print_json({"outputs": {k: str(v) for k, v in files.items()}, "voxels": int(pred.label.array.sum())})
     else:

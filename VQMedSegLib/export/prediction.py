@@ -61,13 +61,6 @@ def refuse_files_of_others(out_dir: Path) -> None:
                          "without them, or --overwrite to replace them")
 
 
-def record_written(out_dir: Path, files: dict[str, Path]) -> None:
-    """Note the files a prediction just wrote, as :func:`refuse_files_of_others` checks them."""
-    from ..files import atomic_write_json
-
-    atomic_write_json(out_dir / WRITTEN, {p.name: _stamp(p) for p in files.values()})
-
-
 @contextlib.contextmanager
 def prediction_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold ``out_dir`` for one prediction (``predict --out DIR``, outside a workspace,
@@ -99,22 +92,36 @@ def prediction_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
         lock.release()
 
 
-def write_prediction(out_dir: Path, prediction, task_name: str | None = None) -> dict[str, Path]:
+def write_prediction(out_dir: Path, prediction, task_name: str | None = None, record: bool = False) -> dict[str, Path]:
     """Write ``prediction.seg.nrrd`` and ``uncertainty.nrrd`` (plus ``uncertainty_<name>.nrrd``
     for every further map); returns the paths by role.
 
     Every file is written to a hidden temporary name first, and all are renamed into place
     only once each is complete: a failure part way (a full disk while the large
     uncertainty map is written) leaves the folder's previous prediction whole, never a new
-    segmentation beside an older case's uncertainty.
+    segmentation beside an older case's uncertainty. Maps of an earlier prediction that
+    this one does not make (a VQ-Seg model's QPM map, before a supervised model's
+    prediction) are deleted just before the renames. With ``record`` (a ``predict --out``
+    folder), the record of what was written (:data:`WRITTEN`, which
+    :func:`refuse_files_of_others` checks) is renamed into place with the files.
     """
     out_dir = Path(out_dir)
     task_name = task_name or prediction.label.metadata.get("task", "liver")
     files: dict[str, Path] = {"segmentation": out_dir / "prediction.seg.nrrd"}
     with atomic_files() as stage:
-        write_segmentation(prediction.label, stage(files["segmentation"]), segments_for(task_name))
+        # staged first, renamed last: the record never names files before they are in place
+        record_tmp = stage(out_dir / WRITTEN) if record else None
+        staged = {"segmentation": stage(files["segmentation"])}
+        write_segmentation(prediction.label, staged["segmentation"], segments_for(task_name))
         for i, (name, volume) in enumerate(prediction.uncertainty.items()):
             role = "uncertainty" if i == 0 else f"uncertainty_{name}"
             files[role] = out_dir / f"{role}.nrrd"
-            write_volume(volume, stage(files[role]))
+            staged[role] = stage(files[role])
+            write_volume(volume, staged[role])
+        if record_tmp is not None:  # a rename keeps a file's size and modification time
+            record_tmp.write_text(
+                json.dumps({files[role].name: _stamp(tmp) for role, tmp in staged.items()}), encoding="utf-8")
+        for old in out_dir.glob("uncertainty*.nrrd"):
+            if _ours(old) and old not in files.values():
+                old.unlink(missing_ok=True)
     return files
