@@ -137,7 +137,8 @@ def test_write_volume_rejects_unknown_extension(tmp_path: Path) -> None:
 
 
 def test_modality_parameter(tmp_path: Path) -> None:
-    path = write_volume(oblique_volume(), tmp_path / "v.nrrd")
+    volume = oblique_volume()
+    path = write_volume(volume.with_array(np.abs(volume.array)), tmp_path / "v.nrrd")  # an MR: no air at -1000
     assert read_volume(path, modality="mri").metadata["modality"] == "MR"
     assert "modality" not in read_volume(path).metadata
     with pytest.raises(InputError, match="modality 'PET'.*expected 'CT' or 'MR'"):
@@ -285,6 +286,48 @@ def test_seg_nrrd_overlapping_layers(tmp_path: Path) -> None:
     assert back.metadata["relabelled"] is True
     assert [(s["label"], s["name"]) for s in back.metadata["segments"]] == [(1, "first"), (2, "second")]
     assert back.array[0, 0, :].tolist() == [1, 1, 2, 2, 2]  # (k, j, i): later segment wins the overlap
+
+
+def test_a_segment_chosen_by_name_keeps_the_voxels_a_later_overlapping_segment_covers(tmp_path: Path) -> None:
+    """A Slicer segmentation with a tumour drawn inside the liver (two layers, as Slicer
+    saves overlapping segments): `evaluate` scored the liver from the merged label map,
+    where the tumour had overwritten it (a perfect liver got Dice 0.974), and
+    `workspace annotate` stored a liver with the tumour's hole in it."""
+    import json
+
+    import slicerio
+
+    from conftest import run_main
+
+    from VQMedSegLib.data.io import segment_mask, write_segmentation
+    from VQMedSegLib.jobs.workspace import Workspace
+
+    ct = Volume(np.random.default_rng(0).integers(-1000, 400, (10, 40, 40)).astype(np.int16), spacing=(0.8, 0.8, 2.5))
+    liver = np.zeros(ct.size_ijk, bool)
+    liver[5:30, 5:30, 2:8] = True  # (i, j, k)
+    tumour = np.zeros_like(liver)
+    tumour[10:18, 10:18, 3:6] = True  # inside the liver
+    seg = slicerio.create_segmentation(ct.size_ijk, ct.ijk_to_lps_matrix())
+    slicerio.add_segment(seg, liver, {"id": "Liver", "name": "Liver", "color": [0.8, 0.5, 0.4]})
+    slicerio.add_segment(seg, tumour, {"id": "Tumor", "name": "Tumor", "color": [0.2, 0.8, 0.2]})
+    slicerio.write_segmentation(str(tmp_path / "ref.seg.nrrd"), seg)
+    liver_kji = np.ascontiguousarray(liver.transpose(2, 1, 0))
+
+    ref = read_label(tmp_path / "ref.seg.nrrd")
+    assert np.array_equal(segment_mask(ref, 1), liver_kji) and np.array_equal(segment_mask(ref, 2), tumour.transpose(2, 1, 0))
+    assert np.array_equal(segment_mask(ref.with_array(ref.array), 1), liver_kji)  # the layers go with the volume
+    assert np.array_equal(segment_mask(ct.with_array((liver_kji * 3).astype(np.uint8)), 3), liver_kji)  # no layers: the value
+
+    write_segmentation(ct.with_array(liver_kji.astype(np.uint8)), tmp_path / "prediction.seg.nrrd",
+                       [{"value": 1, "name": "Liver", "color": (0.8, 0.5, 0.4)}])
+    scores = json.loads(run_main("evaluate", "--pred", tmp_path / "prediction.seg.nrrd", "--ref", tmp_path / "ref.seg.nrrd",
+                                 "--json").stdout)
+    assert scores["dice"] == 1.0 and scores["reference_segment"] == "Liver", scores
+
+    ws = Workspace.create(tmp_path / "ws", task="liver")
+    ws.add_case("c1", ct)
+    run_main("workspace", "annotate", ws.root, "--case", "c1", "--label", tmp_path / "ref.seg.nrrd", "--slices", "2-7")
+    assert np.array_equal(ws.load_annotation("c1").array != 0, liver_kji)
 
 
 def test_write_segmentation_validates_segments(tmp_path: Path) -> None:

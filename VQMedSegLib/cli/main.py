@@ -204,7 +204,7 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     from ..data.datasets import read_reference_label
-    from ..data.io import read_label
+    from ..data.io import read_label, segment_mask
     from ..metrics.segmentation import per_slice_scores, score_volumes
 
     ref = read_reference_label(args.ref)
@@ -220,8 +220,8 @@ def cmd_evaluate(args) -> int:
     _require_value(pred, value, args.pred, "--label", args.label is not None)
     _require_value(ref, ref_value, args.ref, "--ref-label" if args.ref_label is not None or args.label is None else "--label",
                    args.ref_label is not None or args.label is not None)
-    pred = pred.with_array((pred.array == value).astype(np.uint8))
-    ref = ref.with_array((ref.array == ref_value).astype(np.uint8))
+    pred = pred.with_array(segment_mask(pred, value).astype(np.uint8))
+    ref = ref.with_array(segment_mask(ref, ref_value).astype(np.uint8))
     scores = score_volumes(pred, ref).to_json()
     result = {"prediction": str(args.pred), "reference": str(args.ref), "label": value, "reference_label": ref_value,
               "segment": segment, "reference_segment": ref_segment, **scores}
@@ -350,6 +350,12 @@ def cmd_workspace_annotate(args) -> int:
     if args.label_value is None:  # a Slicer .seg.nrrd: the segment named for the task
         segment = _task_segment(label, ws.task, args.label, "or give its value with --label-value")
     value = segment["label"] if segment else args.label_value
+    if value is not None and label.metadata.get("segment_layers") is not None:  # overlapping segments: this one whole
+        import numpy as np
+
+        from ..data.io import segment_mask
+
+        label = label.with_array(np.where(segment_mask(label, value), value, 0).astype(label.array.dtype))
     labelled = ws.annotate(args.case, label, slices=slices, label_value=value, replace=args.replace)
     source = f", from segment {segment['name']!r} (value {value})" if segment else ""
     sys.stdout.write(f"case {args.case}: {len(labelled)} labelled slices{source}\n")

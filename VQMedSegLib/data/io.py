@@ -53,6 +53,7 @@ __all__ = [
     "read_volume",
     "read_label",
     "read_geometry",
+    "segment_mask",
     "write_volume",
     "write_segmentation",
 ]
@@ -577,6 +578,7 @@ def _read_seg_nrrd(path: Path, modality: str | None) -> Volume:
     labelmap = np.zeros(layers.shape[1:], dtype=np.uint16) if renumber else layers[0]
     segments_out: list[dict[str, Any]] = []
     overlap = False
+    layer_of: dict[int, tuple[int, int]] = {}  # label value in the merged map -> (layer, value in it)
     for n, segment in enumerate(segments_in):
         value = values[n]
         out_value = n + 1 if renumber else value
@@ -590,6 +592,7 @@ def _read_seg_nrrd(path: Path, modality: str | None) -> Volume:
             mask = layers[layer] == value
             overlap = overlap or bool(np.any(labelmap[mask]))
             labelmap[mask] = out_value
+            layer_of[out_value] = (layer, value)
         terminology = None
         if "terminology" in segment:
             terminology = slicerio.segmentation.terminology_entry_to_string(segment["terminology"])
@@ -603,7 +606,8 @@ def _read_seg_nrrd(path: Path, modality: str | None) -> Volume:
         })
     labelmap = _as_label_array(np.asarray(labelmap), path)
     if overlap:
-        log.warning("%s: segments overlap; in the label map later segments overwrite earlier ones", path)
+        log.warning("%s: segments overlap; in the merged label map later segments overwrite earlier ones (a segment "
+                    "chosen by name, to score or to annotate, is taken whole from its layer)", path)
     metadata: dict[str, Any] = {
         "source": str(path),
         "format": "seg.nrrd",
@@ -614,10 +618,24 @@ def _read_seg_nrrd(path: Path, modality: str | None) -> Volume:
         metadata["relabelled"] = True
     if overlap:
         metadata.setdefault("warnings", []).append("overlapping segments were merged (later wins)")
+        # each segment whole, for segment_mask: the merged map has lost what later segments cover
+        metadata["segment_layers"] = (np.transpose(layers, (0, 3, 2, 1)), layer_of)
     if modality:
         metadata["modality"] = modality
     array = np.ascontiguousarray(np.transpose(labelmap, (2, 1, 0)))  # (i,j,k) -> (k,j,i)
     return Volume(array, tuple(spacing), tuple(origin), direction, metadata)
+
+
+def segment_mask(label: Volume, value: int) -> np.ndarray:
+    """The voxels of the structure ``value`` of ``label``, as a bool array: ``label.array ==
+    value``, except for a Slicer segmentation whose segments overlap, where the segment is
+    taken whole from its own layer (in the merged label map a later segment, a tumour
+    drawn inside the liver, has overwritten part of it)."""
+    layers = label.metadata.get("segment_layers")
+    if layers is not None and layers[0].shape[1:] == label.array.shape and value in layers[1]:
+        layer, layer_value = layers[1][value]
+        return layers[0][layer] == layer_value
+    return label.array == value
 
 
 def read_volume(
