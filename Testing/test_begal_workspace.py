@@ -49,6 +49,33 @@ def _annotate(root: Path, ws: Path, suggestions: list[dict]) -> None:
            "--slices", ",".join(map(str, slices)))
 
 
+def test_every_state_a_round_writes_lists_its_model_and_its_round_together(tmp_path, monkeypatch):
+    """A VQ-BEGAL round recorded its model and then, in a second write of state.json, the
+    round: a job killed between the two left a model without its round, and the next
+    `train` trained the finished round again (from its last checkpoint) and recorded a
+    second model for it. Every state a round writes must hold both or neither."""
+    import copy
+
+    import VQMedSegLib.jobs.workspace as workspace_module
+
+    ws = one_case_workspace(tmp_path, "phantom-liver", "liver", "c0", (8, 48, 48), 3, "--label-value", "1", "--slices", "2-5")
+    written: list[dict] = []
+    real = workspace_module.atomic_write_json
+
+    def recording(path, data, *args, **kwargs):
+        if Path(path).name == "state.json":
+            written.append(copy.deepcopy(data))
+        return real(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(workspace_module, "atomic_write_json", recording)
+    vq("train", "--workspace", ws, "--method", "begal", "--preset", "tiny")
+    assert written and written[-1]["rounds"], written[-1]
+    for state in written:
+        models = [(m["round"], m["id"]) for m in state["models"] if m["method"] == "begal"]
+        rounds = [(r["round"], r["model"]) for r in state.get("rounds", [])]
+        assert models == rounds, (models, rounds)
+
+
 def test_validation_cases_are_checked_before_training_and_refused_where_unused(tmp_path):
     """A VQ-BEGAL round with a validation case that has no annotation is refused before it
     trains (it used to train the whole round, then fail and lose it); VQ-Seg in a workspace

@@ -303,10 +303,9 @@ def train_round(ctx: JobContext, ws: Workspace, config: BEGALConfig, device: tor
             "val_dice": val_dice,
         },
     )
-    entry = ws.record_model(model_id, path, METHOD, round=round_index, labelled=len(labelled), val_dice=val_dice, seconds=time.monotonic() - t0)
-    ws.update(lambda s: s.setdefault("rounds", []).append(
-        {"round": round_index, "model": model_id, "labelled": len(labelled), "val_dice": val_dice, "time": time.time()}
-    ))
+    finished = {"round": round_index, "model": model_id, "labelled": len(labelled), "val_dice": val_dice, "time": time.time()}
+    entry = ws.record_model(model_id, path, METHOD, round=round_index, labelled=len(labelled), val_dice=val_dice,
+                            seconds=time.monotonic() - t0, also=lambda s: s.setdefault("rounds", []).append(finished))
     last.unlink(missing_ok=True)
     ctx.emit("result", kind="train", method=METHOD, model=entry["path"], model_id=model_id, round=round_index, val_dice=val_dice)
     barrier(info)

@@ -370,9 +370,12 @@ class Workspace:
         return read_label(self.resolve(rec["file"])) if rec else None
 
     # ----------------------------------------------------------------- models
-    def record_model(self, model_id: str, path: Path, method: str, **info: Any) -> dict:
+    def record_model(self, model_id: str, path: Path, method: str, also: Callable[[dict], None] | None = None,
+                     **info: Any) -> dict:
         """Record a model file written inside the workspace; ``path`` is absolute or relative to
-        the working directory (as ``self.root`` is), and is stored relative to the workspace."""
+        the working directory (as ``self.root`` is), and is stored relative to the workspace.
+        ``also(state)`` edits the state in the same write (a VQ-BEGAL round records its round
+        with its model: a job killed between two writes would leave one without the other)."""
         root = self.root.resolve()
         target = Path(path).resolve()
         if root not in target.parents:
@@ -386,6 +389,8 @@ class Workspace:
         }
         with self.edit_state() as state:
             state["models"] = [m for m in state["models"] if m["id"] != model_id] + [entry]
+            if also is not None:
+                also(state)
         return entry
 
     def latest_model(self, method: str | None = None) -> dict | None:
