@@ -194,6 +194,69 @@ def test_another_ct_under_a_case_id_already_taken_is_refused_not_written_over(wo
     assert workspace.labelled_slices()["case0"] == [0, 1, 2, 3, 4, 5]
 
 
+def test_a_prediction_killed_at_any_point_leaves_the_recorded_one_whole(workspace, monkeypatch):
+    """A workspace prediction moved the case's previous folder aside, then moved the new one
+    in: a kill between the two renames left state.json naming files that were gone (the
+    Slicer module loads what it names) and the old prediction hidden for good. Each
+    prediction now goes into a folder of its own, which state.json points to in one
+    write; a kill at any point leaves the recorded prediction whole, and the next
+    prediction removes what the killed one left."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import VQMedSegLib.inference.workspace as job
+
+    class Context:
+        def __init__(self, job_id):
+            self.job_id = job_id
+
+        def progress(self, *args, **kwargs):
+            pass
+
+        def check_cancel(self):
+            pass
+
+        def emit(self, *args, **kwargs):
+            pass
+
+    def fake_prediction(model, ckpt, ct, device, **kwargs):
+        label = ct.with_array((ct.array > 60).astype(np.uint8), postprocessing="none", task="liver")
+        return SimpleNamespace(label=label, uncertainty={"entropy": ct.with_array(np.zeros(ct.shape, np.float32))})
+
+    monkeypatch.setattr(job, "load_model", lambda path, device: (None, {}))
+    monkeypatch.setattr(job, "predict_volume", fake_prediction)
+    workspace.record_model("m1", workspace.root / "models" / "m1.pt", "supervised")
+
+    def recorded_files() -> list[Path]:
+        records = workspace.load_state()["predictions"]
+        return [workspace.resolve(f) for r in records.values() for f in r["files"].values()]
+
+    job.predict_workspace(Context("job-1"), workspace, torch.device("cpu"), ["case0"])
+    first = recorded_files()
+    assert first and all(f.is_file() for f in first) and all("job-1" in f.as_posix() for f in first)
+
+    class Killed(BaseException):
+        pass
+
+    real_update = workspace.update
+
+    def killed(fn):
+        raise Killed  # the job dies after its files are in place, before state.json names them
+
+    monkeypatch.setattr(workspace, "update", killed)
+    with pytest.raises(Killed):
+        job.predict_workspace(Context("job-2"), workspace, torch.device("cpu"), ["case0"])
+    assert recorded_files() == first and all(f.is_file() for f in first)  # the recorded prediction, whole
+    monkeypatch.setattr(workspace, "update", real_update)
+    job.predict_workspace(Context("job-3"), workspace, torch.device("cpu"), ["case0"])
+    third = recorded_files()
+    assert all(f.is_file() and "job-3" in f.as_posix() for f in third)
+    left = sorted(p.relative_to(workspace.root).as_posix() for p in (workspace.root / "predictions").rglob("*"))
+    assert left == ["predictions/case0", "predictions/case0/job-3", "predictions/case0/job-3/prediction.seg.nrrd",
+                    "predictions/case0/job-3/uncertainty.nrrd"], left
+
+
 def test_case_ids_that_differ_only_in_letter_case_are_refused(workspace):
     """'Case0' beside 'case0' once became a second case whose files, on Windows and macOS
     (case-insensitive file systems), were the first one's: its CT replaced, its

@@ -1,10 +1,12 @@
 """Prediction as a workspace job (``vqmedseg predict --workspace WS``).
 
-Each case's outputs are written into a staging folder and moved into
-``predictions/<case>/`` only when complete; the workspace state then records them under
-``predictions`` with the job and model that made them. Readers (the Slicer module) load
-only what the state records, so a killed or failed job never leaves a prediction that
-looks final: at worst a ``.staging-*`` folder, which the next run removes.
+Each prediction of a case is written into a staging folder and renamed, complete, to a
+folder of its own, ``predictions/<case>/<job>/``; the workspace state then points to it
+(under ``predictions``, with the job and model that made it) in one write, and the case's
+earlier prediction folders are deleted. Readers (the Slicer module) load only what the
+state records, so a job killed at any point leaves the recorded prediction whole and never
+one that looks final: at worst a ``.staging-*`` folder or a folder the state does not
+name, which the next prediction job removes.
 """
 
 from __future__ import annotations
@@ -23,13 +25,23 @@ from ..jobs.workspace import Workspace
 from .predict import load_model, predict_volume
 
 
-def _swap_in(staging: Path, final: Path) -> None:
-    """Replace ``final`` by ``staging`` (two renames; ``final`` is never half-written)."""
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
+def _unrecorded(root: Path, recorded: set[str]) -> list[Path]:
+    """The folders under ``root`` (``predictions/``) that no recorded prediction's files are
+    in: what killed jobs left (``.staging-*``, a job folder not recorded yet or no longer,
+    a ``.old-*`` folder of an earlier layout). Never a file, nor a folder the state names."""
+    left = []
+    for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if case_dir.name.startswith("."):
+            left.append(case_dir)
+            continue
+        left += [sub for sub in sorted(case_dir.iterdir())
+                 if sub.is_dir() and not any(r == sub or sub in r.parents for r in map(Path, recorded))]
+    return left
+
+
+def _recorded_folders(ws: Workspace) -> set[str]:
+    records = ws.load_state().get("predictions", {})
+    return {str(ws.resolve(f).parent) for r in records.values() for f in r.get("files", {}).values()}
 
 
 def predict_workspace(
@@ -60,7 +72,7 @@ def predict_workspace(
     model, ckpt = load_model(ws.resolve(entry["path"]), device)
     root = ws.root / "predictions"
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".staging-*"):
+    for stale in _unrecorded(root, _recorded_folders(ws)):  # what killed predictions left; this job holds the lock
         shutil.rmtree(stale, ignore_errors=True)
     written: dict[str, dict] = {}
     for n, case_id in enumerate(cases):
@@ -76,14 +88,16 @@ def predict_workspace(
         ctx.check_cancel()
         staging = root / f".staging-{ctx.job_id}-{case_id}"
         files = write_prediction(staging, pred, task_name=state["task"])
-        final = ws.prediction_dir(case_id)
-        _swap_in(staging, final)
+        final = ws.prediction_dir(case_id) / ctx.job_id
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)  # this job's own, from a case given twice
+        os.replace(staging, final)  # complete, in one rename; the state points to it below
         record = {
             "job": ctx.job_id,
             "model": entry["id"],
             "method": entry["method"],
             "created": time.time(),
-            "files": {role: f"predictions/{final.name}/{Path(p).name}" for role, p in files.items()},
+            "files": {role: final.joinpath(Path(p).name).relative_to(ws.root).as_posix() for role, p in files.items()},
             "voxels": int(pred.label.array.sum()),
             "postprocessing": pred.label.metadata["postprocessing"],
         }
@@ -91,7 +105,15 @@ def predict_workspace(
         def remember(st: dict, case_id=case_id, record=record) -> None:
             st.setdefault("predictions", {})[case_id] = record
 
-        ws.update(remember)
+        ws.update(remember)  # one write: the new prediction, or (killed before it) the one recorded before
+        recorded = _recorded_folders(ws)
+        for earlier in _unrecorded(final.parent.parent, recorded):
+            if earlier.parent == final.parent:
+                shutil.rmtree(earlier, ignore_errors=True)
+        if str(final.parent) not in recorded:  # the files of the earlier layout, predictions/<case>/*.nrrd
+            for old in final.parent.glob("*.nrrd"):
+                if old.name == "prediction.seg.nrrd" or old.name.startswith("uncertainty"):
+                    old.unlink(missing_ok=True)
         written[case_id] = record
         ctx.emit("result", kind="prediction", case=case_id, model=entry["id"], files=record["files"], voxels=record["voxels"])
     ctx.progress(1000 * len(cases), 1000 * len(cases), "done", force=True)

@@ -10,7 +10,7 @@ Layout::
       annotations/<case>.nrrd annotated label volume on the CT grid
       checkpoints/<job-kind>/ resumable training state
       models/<model-id>.pt    finished models
-      predictions/<case>/     prediction.seg.nrrd, uncertainty.nrrd
+      predictions/<case>/<job-id>/  prediction.seg.nrrd, uncertainty.nrrd (the one state.json names)
       jobs/<job-id>/          log of one job, its cancel request
       job.lock                held by the running job (released by the OS if it dies)
       .inputs.lock, .annotations.lock, .state.lock   held while inputs, annotations, state.json are written
