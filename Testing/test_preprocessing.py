@@ -43,10 +43,16 @@ def test_canonical_slices_follow_patient_axes():
     assert s == 6 and r > 8 and c > 8
 
 
+def _square_pixels(volume: Volume) -> Volume:
+    """``volume`` with square in-plane pixels (0.8 mm): its slices are padded, not resampled."""
+    return Volume(volume.array, (0.8, 0.8, 2.5), volume.origin, volume.direction)
+
+
 def test_round_trip_is_exact_on_oblique_grid(oblique_volume):
     """Probabilities made from the slices map back onto the very same voxels."""
+    oblique_volume = _square_pixels(oblique_volume)
     plan = plan_slices(oblique_volume, 32)
-    assert plan.square == 32  # padding only: the round trip must be the identity
+    assert plan.padded == (32, 32)  # padding only: the round trip must be the identity
     label = (oblique_volume.array > 0).astype(np.uint8)
     onehot = np.stack([1 - label, label]).astype(np.float32)  # [C, K, J, I]
     fwd = np.stack([extract_slices(oblique_volume, plan, values=onehot[c]) for c in range(2)], axis=1)
@@ -78,7 +84,7 @@ def test_chunked_transform_matches_transforming_the_whole_volume(size):
     for chunk in (1, 4, 11, 64):
         chunked = extract_slices(vol, plan, transform=lambda a: ct_window(a, window), chunk=chunk)
         assert chunked.dtype == np.float32
-        if plan.size < plan.square:  # area averaging: bit for bit
+        if plan.size < max(plan.padded):  # area averaging: bit for bit
             np.testing.assert_array_equal(chunked, whole)
         else:  # torch's bilinear kernel rounds the last bit differently by batch size
             np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
@@ -97,7 +103,7 @@ def test_ct_slices_scaled_after_resizing_are_the_windowed_volumes_slices(size):
     arr = rng.normal(40, 300, size=(9, 32, 11)).astype(np.int16)
     vol = Volume(arr, direction=_permuted_flipped_direction())
     plan = plan_slices(vol, size)
-    assert plan.square == 32 and plan.canonical_shape[1:] == (9, 32)  # rows are padded: 11 above, 12 below
+    assert plan.padded == (32, 32) and plan.canonical_shape[1:] == (9, 32)  # rows are padded: 11 above, 12 below
     window = (-160.0, 240.0)
     expected = extract_slices(vol, plan, values=ct_window(arr, window))
     for chunk in (1, 4, 64):
@@ -122,16 +128,17 @@ def test_mapping_back_is_torchs_bilinear_resize_cropped(oblique_volume):
     import torch
     import torch.nn.functional as F
 
+    oblique_volume = _square_pixels(oblique_volume)
     plan = plan_slices(oblique_volume, 16)
     maps = np.random.default_rng(5).random((plan.n_slices, 2, 16, 16)).astype(np.float32)
-    square = F.interpolate(torch.from_numpy(maps).permute(1, 0, 2, 3).contiguous(), size=(plan.square,) * 2,
+    square = F.interpolate(torch.from_numpy(maps).permute(1, 0, 2, 3).contiguous(), size=plan.padded,
                            mode="bilinear", align_corners=False).numpy()
     _, rows, cols = plan.canonical_shape
-    r0, c0 = (plan.square - rows) // 2, (plan.square - cols) // 2
+    r0, c0 = (plan.padded[0] - rows) // 2, (plan.padded[1] - cols) // 2
     expected_canonical = square[:, :, r0 : r0 + rows, c0 : c0 + cols]
     # undo the reorientation with the grid's own round trip: a volume of voxel indices
     index = np.arange(oblique_volume.array.size, dtype=np.float32).reshape(oblique_volume.shape)
-    where = extract_slices(oblique_volume, plan_slices(oblique_volume, plan.square), values=index)
+    where = extract_slices(oblique_volume, plan_slices(oblique_volume, plan.padded[0]), values=index)
     where = where[:, r0 : r0 + rows, c0 : c0 + cols].astype(np.int64).ravel()
     expected = np.empty((2, index.size), np.float32)
     expected[:, where] = expected_canonical.reshape(2, -1)
@@ -233,3 +240,36 @@ def test_ct_window_and_mr_normalisation():
 def test_plan_rejects_bad_size(oblique_volume):
     with pytest.raises(InputError, match="multiple of 16"):
         plan_slices(oblique_volume, 30)
+
+
+def _ball(spacing, direction, shape_kji, radius_mm=30.0) -> Volume:
+    """A ball of ``radius_mm`` at the centre of a grid of ``shape_kji`` voxels."""
+    k, j, i = np.indices(shape_kji)
+    grid = Volume(np.zeros(shape_kji, np.int16), spacing, (0.0, 0.0, 0.0), direction)
+    xyz = grid.index_to_physical(np.stack([i, j, k], -1).astype(float))
+    centre = grid.index_to_physical((np.array(shape_kji[::-1]) - 1) / 2)
+    return grid.with_array(np.where(np.linalg.norm(xyz - centre, axis=-1) < radius_mm, 200, -100).astype(np.int16))
+
+
+def test_model_pixels_are_square_in_millimetres_whatever_the_storage():
+    """A volume acquired sagittally (0.75 mm in-plane, 3 mm between planes) has axial
+    slices of 0.75 mm rows and 3 mm columns. They were padded to a square of voxels and
+    resized as if the pixels were square, so a ball reached the network four times
+    narrower than it is tall. The padded slice is now a square in millimetres, and the
+    map back still lands on the input grid."""
+    sagittal = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)  # i = P, j = -S, k = L
+    shapes = {}
+    for name, volume in (("axial", _ball((0.75, 0.75, 3.0), np.eye(3), (30, 128, 128))),
+                         ("sagittal", _ball((0.75, 0.75, 3.0), sagittal, (30, 128, 128)))):
+        plan = plan_slices(volume, 128)
+        slices = extract_ct_slices(volume, plan, (-160.0, 240.0))
+        middle = slices[plan.n_slices // 2] > 0.5
+        rows, cols = np.flatnonzero(middle.any(1)), np.flatnonzero(middle.any(0))
+        shapes[name] = (np.ptp(rows) + 1, np.ptp(cols) + 1)
+        back = slices_to_volume(np.stack([1 - slices, slices], 1), plan)[1] > 0.5
+        truth = volume.array > 0
+        assert 2 * (back & truth).sum() / (back.sum() + truth.sum()) > 0.97, name
+    (ar, ac), (sr, sc) = shapes["axial"], shapes["sagittal"]
+    assert abs(ar - ac) <= 2 and abs(sr - sc) <= 2, shapes  # round, not squashed
+    # the sagittal volume spans 96 mm across its 3 mm planes and 96 mm along P: the same square, the same ball
+    assert abs(sr - ar) <= 3, shapes

@@ -2,7 +2,8 @@
 
 The 2-D models see axial slices of a volume reoriented to LPS (rows run anterior to
 posterior, columns patient-right to patient-left, the radiological view), each slice
-zero-padded to a square and resized to ``size x size``. :class:`SlicePlan` records every
+zero-padded to a square (in millimetres: non-square voxels give square model pixels) and resized
+to ``size x size``. :class:`SlicePlan` records every
 step so that :func:`slices_to_volume` puts per-slice outputs back onto the input's own
 voxel grid: same shape, spacing, origin and direction, whatever the input's orientation.
 Reorientation only permutes and flips axes (no resampling), so an oblique volume keeps
@@ -117,7 +118,7 @@ def extract_slices(
     chunk = int(chunk)
     canonical = _to_canonical(arr, plan.axis_for_lps, plan.sign_for_lps)  # a view
     rows, cols = plan.in_square
-    square = np.full((min(chunk, plan.n_slices), plan.square, plan.square), 0.0 if clip is None else clip[0], np.float32)
+    square = np.full((min(chunk, plan.n_slices), *plan.padded), 0.0 if clip is None else clip[0], np.float32)
     out = np.empty((plan.n_slices, plan.size, plan.size), np.float32)
     for start in range(0, plan.n_slices, chunk):
         part = canonical[start : start + chunk]
@@ -128,14 +129,24 @@ def extract_slices(
         x = torch.from_numpy(square[:n])
         if clip is not None:
             x.clamp_(clip[0], clip[1])  # the padding already holds the low value
-        if plan.size < plan.square:
-            # "area" (box-filter averaging) is itself the anti-aliasing for downsampling;
-            # an extra Gaussian (MONAI's anti_aliasing) would cost 20x the resize and blur more
-            x = F.interpolate(x[None], size=(plan.size, plan.size), mode="area")[0]
-        elif plan.size > plan.square:
-            x = F.interpolate(x[None], size=(plan.size, plan.size), mode="bilinear", align_corners=False)[0]
-        out[start : start + n] = x.numpy()
+        out[start : start + n] = _to_model_size(x, plan.size).numpy()
     return out
+
+
+def _to_model_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Padded slices ``[N, rows, cols]`` resized to ``[N, size, size]``: "area" averaging
+    along an axis that shrinks (the box filter is itself the anti-aliasing; MONAI's extra
+    Gaussian would cost 20x the resize and blur more), bilinear along one that grows."""
+    rows, cols = x.shape[1:]
+    if rows == cols == size:
+        return x
+    if rows >= size and cols >= size:
+        return F.interpolate(x[None], size=(size, size), mode="area")[0]
+    if rows <= size and cols <= size:
+        return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    # one axis shrinks, the other grows (non-square voxels): average the first, then stretch the second
+    x = F.interpolate(x[None], size=(min(rows, size), min(cols, size)), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[0]
 
 
 def extract_ct_slices(
@@ -166,7 +177,7 @@ def extract_label_slices(label: Volume | np.ndarray, plan: SlicePlan, chunk: int
     arr = label.array if isinstance(label, Volume) else np.asarray(label)
     if arr.shape != plan.shape:
         raise InputError(f"label shape {arr.shape} does not match the image's {plan.shape}")
-    if plan.size == plan.square:  # padding alone: the voxels are the model's pixels
+    if plan.padded == (plan.size, plan.size):  # padding alone: the voxels are the model's pixels
         out = np.zeros((plan.n_slices, plan.size, plan.size), np.int64)
         out[(slice(None), *plan.in_square)] = np.rint(_to_canonical(arr, plan.axis_for_lps, plan.sign_for_lps))
         return out
@@ -210,8 +221,8 @@ def slices_to_volume(
     as_bool = torch.from_numpy(out.view(bool)) if threshold is not None else None  # uint8 filled as bool
     for start in range(0, plan.n_slices, int(chunk)):
         part = x[start : start + int(chunk)].permute(1, 0, 2, 3)  # slices ride in the channel axis
-        if plan.size != plan.square:
-            part = F.interpolate(part, size=(plan.square, plan.square), mode="bilinear", align_corners=False)
+        if plan.padded != (plan.size, plan.size):
+            part = F.interpolate(part, size=plan.padded, mode="bilinear", align_corners=False)
         part = part[(slice(None), slice(None), *in_square)]
         stop = start + part.shape[1]
         if threshold is not None:

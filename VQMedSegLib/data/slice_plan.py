@@ -73,7 +73,10 @@ class SlicePlan:
             shape, spacing, origin and direction are).
         axis_for_lps, sign_for_lps: the reorientation (see :func:`orientation_to_lps`).
         canonical_shape: ``(S, P, L)`` shape after reorientation.
-        square: side of the zero-padded square slice (max of rows and columns).
+        padded: ``(rows, columns)`` of the zero-padded slice: a square in millimetres, so
+            that the model's pixels are square whatever the voxels (an axial slice of a
+            sagittal acquisition has 3 mm columns and 0.75 mm rows); with square voxels,
+            a square of max(rows, columns) voxels.
         size: side of the model slice.
     """
 
@@ -84,7 +87,7 @@ class SlicePlan:
     axis_for_lps: tuple[int, int, int]
     sign_for_lps: tuple[int, int, int]
     canonical_shape: tuple[int, int, int]
-    square: int
+    padded: tuple[int, int]
     size: int
 
     @property
@@ -93,10 +96,10 @@ class SlicePlan:
 
     @property
     def in_square(self) -> tuple[slice, slice]:
-        """Where a canonical slice's rows and columns sit in its padded square: centred, as
+        """Where a canonical slice's rows and columns sit in its padded slice: centred, as
         MONAI's symmetric padding puts them (the extra row or column, if any, after)."""
         _, rows, cols = self.canonical_shape
-        r0, c0 = (self.square - rows) // 2, (self.square - cols) // 2
+        r0, c0 = (self.padded[0] - rows) // 2, (self.padded[1] - cols) // 2
         return slice(r0, r0 + rows), slice(c0, c0 + cols)
 
     @property
@@ -120,7 +123,7 @@ class SlicePlan:
             "axis_for_lps": list(self.axis_for_lps),
             "sign_for_lps": list(self.sign_for_lps),
             "canonical_shape": list(self.canonical_shape),
-            "square": self.square,
+            "padded": list(self.padded),
             "size": self.size,
         }
 
@@ -131,6 +134,8 @@ def plan_slices(volume: Volume, size: int) -> SlicePlan:
         raise InputError(f"slice size {size}: expected a multiple of 16, at least 16")
     axis_for_lps, sign_for_lps = orientation_to_lps(volume.direction)
     canonical_shape = _to_canonical(np.empty(volume.shape, dtype=np.uint8), axis_for_lps, sign_for_lps).shape
+    # the rows of a canonical slice run along P, its columns along L
+    spacing_rows, spacing_cols = (float(volume.spacing[axis_for_lps[a]]) for a in (1, 0))
     return SlicePlan(
         shape=volume.shape,
         spacing=tuple(volume.spacing),
@@ -139,6 +144,21 @@ def plan_slices(volume: Volume, size: int) -> SlicePlan:
         axis_for_lps=axis_for_lps,
         sign_for_lps=sign_for_lps,
         canonical_shape=tuple(int(s) for s in canonical_shape),  # type: ignore[arg-type]
-        square=int(max(canonical_shape[1], canonical_shape[2])),
+        padded=_padded(canonical_shape[1:], spacing_rows, spacing_cols),
         size=int(size),
     )
+
+
+# in-plane spacings closer than this are taken as square pixels (no resampling for rounding)
+SQUARE_PIXEL_TOLERANCE = 0.01
+
+
+def _padded(shape: tuple[int, int], spacing_rows: float, spacing_cols: float) -> tuple[int, int]:
+    """``(rows, columns)`` of the padded slice: the smallest square in millimetres that
+    holds the slice (each side at least the slice's own)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if abs(spacing_rows / spacing_cols - 1.0) <= SQUARE_PIXEL_TOLERANCE:
+        side = max(rows, cols)
+        return side, side
+    side_mm = max(rows * spacing_rows, cols * spacing_cols)
+    return max(rows, int(round(side_mm / spacing_rows))), max(cols, int(round(side_mm / spacing_cols)))
