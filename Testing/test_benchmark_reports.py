@@ -311,9 +311,9 @@ def test_rows_with_per_case_scores_are_also_paired_case_by_case_with_a_wilcoxon_
     assert "cases_largest_component" not in paired[("chaos-mr-10-val-long/vqseg", "chaos-mr-10-val/vqseg")]
     md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert ("| chaos-mr-10-val-long/vqseg | chaos-mr-10-val-long/supervised | as predicted | 6 | +2.42 | +2.50 "
-            "| 5 of 6 | 0.062 |") in md
+            "| 5 of 6 | 5 of 6 | 0.062 |") in md
     assert ("| chaos-mr-10-val-long/vqseg | chaos-mr-10-val-long/supervised | largest piece | 6 | -1.33 | -2.00 "
-            "| 0 of 6 | 0.125 |") in md
+            "| 0 of 6 | 0 of 6 | 0.125 |") in md
 
 
 def test_a_parts_own_sections_sit_under_its_heading_in_the_report(tmp_path):

@@ -69,10 +69,37 @@ def test_per_case_table_tests_each_row_against_the_first_case_by_case():
     md = per_case_table(RESULTS)
     # p1: +10, p2: -5 points; two cases, so the exact two-sided signed-rank p is 1
     assert "`vqseg` − `supervised`, case by case: mean +2.50 points, median +2.50, higher in 1 of 2 cases; " \
-           "two-sided Wilcoxon signed-rank p = 1.000." in md
+           "two-sided Wilcoxon signed-rank test over the 2 cases p = 1.000." in md
 
 
 def test_small_p_values_are_shown_with_their_size_not_rounded_to_zero():
     # 40 ACDC test cases give p near 1e-7; "0.000" would read as impossible
     assert format_p(7.284e-08) == "7.3e-08" and format_p(0.00099) == "9.9e-04"
     assert format_p(0.0625) == "0.062" and format_p(0.001) == "0.001" and format_p(1.0) == "1.000"
+
+
+def test_the_wilcoxon_test_runs_over_patients_not_over_the_frames_of_one_patient():
+    """ACDC's test set holds two frames (end-diastole and end-systole) of each patient,
+    whose differences move together (Spearman 0.92 on acdc-10); the test once ran over the
+    40 volumes as if they were 40 independent patients, and reported p = 7.3e-08 with 20
+    patients, below the smallest p their exact test can give (2 / 2^20 = 1.9e-06). The
+    frames' differences are now averaged per patient, and the test runs over patients."""
+    from scipy.stats import wilcoxon
+
+    from VQMedSegLib.training.ssl_report import case_paired
+
+    gains = [0.01, 0.02, 0.03, 0.04, 0.05, -0.005]  # one per patient, the same in both of its frames
+    cases = {f"patient{p:03d}_frame{f:02d}": g for p, g in enumerate(gains, 1) for f in (1, 12)}
+    supervised = _row({c: {"LV": 0.8} for c in cases})
+    vqseg = _row({c: {"LV": 0.8 + g} for c, g in cases.items()})
+    d = case_paired(vqseg, supervised)
+    assert d["n"] == 12 and d["a_higher"] == 10 and d["n_patients"] == 6 and d["patients_higher"] == 5
+    assert d["per_patient"] == pytest.approx({f"patient{p:03d}": 100 * g for p, g in enumerate(gains, 1)})
+    assert d["wilcoxon_p"] == pytest.approx(4 / 64)  # 6 patients, the loss ranked lowest: as over 6 cases
+    assert d["wilcoxon_p"] > wilcoxon([100 * g for g in cases.values()]).pvalue  # what the 12 frames claimed
+    table = per_case_table({"supervised": supervised, "vqseg": vqseg})
+    assert "higher in 10 of 12 cases (5 of 6 patients); two-sided Wilcoxon signed-rank test over the 6 patients p = 0.062" in table
+    # one case a patient (CHAOS): the same test as before
+    single = case_paired(_row({f"c{i}": {"liver": 0.8 + g} for i, g in enumerate(gains)}),
+                         _row({f"c{i}": {"liver": 0.8} for i in range(6)}))
+    assert single["n"] == single["n_patients"] == 6 and single["wilcoxon_p"] == pytest.approx(4 / 64)

@@ -353,16 +353,20 @@ def report(summary: dict) -> str:
         if by_case:
             lines += ["", "The same pairs test case by test case, where both rows kept per-case scores: each case's Dice "
                       "(mean of its structures) averaged over the seeds, A minus B, with the two-sided Wilcoxon "
-                      "signed-rank test over the cases; as predicted and, where both rows kept them, with each "
+                      "signed-rank test over the patients (the frames of one ACDC patient averaged into one "
+                      "difference: they move together); as predicted and, where both rows kept them, with each "
                       "structure's largest piece kept (as `vqmedseg predict` does for the liver).", "",
-                      "| A | B | scores | cases | mean | median | cases where A > B | Wilcoxon p |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| A | B | scores | cases | mean | median | cases where A > B | patients where A > B | Wilcoxon p (patients) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for d in by_case:
                 for key, scores in (("cases", "as predicted"), ("cases_largest_component", "largest piece")):
                     c = d.get(key)
                     if c:
+                        patients = (f"{c['patients_higher']} of {c['n_patients']}" if "n_patients" in c
+                                    else "not recorded")
                         lines.append(f"| {d['a']} | {d['b']} | {scores} | {c['n']} | {c['mean']:+.2f} | "
-                                     f"{c['median']:+.2f} | {c['a_higher']} of {c['n']} | {format_p(c['wilcoxon_p'])} |")
+                                     f"{c['median']:+.2f} | {c['a_higher']} of {c['n']} | {patients} | "
+                                     f"{format_p(c['wilcoxon_p'])} |")
     for name, part in summary["parts"].items():
         threads = part.get("threads")
         threads = "threads not recorded" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"

@@ -48,7 +48,7 @@ from ..inference.postprocess import keep_largest_component
 from ..metrics.segmentation import dice_masks, mean_std_text, score_volumes, spread_words, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
 from ..provenance import compute_environment, software_versions
-from .ssl_report import FIGURES, per_case_table, write_figures
+from .ssl_report import FIGURES, patient_of, per_case_table, write_figures
 from .vqseg import VQSegTrainer, foundation_features, labelled_loss
 
 log = logging.getLogger("vqmedseg")
@@ -158,11 +158,6 @@ def load_cases(dataset: str) -> SSLData:
     if path.is_dir() and (path / "test.list").is_file():
         test_list = {line.strip() for line in (path / "test.list").read_text(encoding="utf-8").splitlines() if line.strip()}
     return SSLData(out, structures, test_list)
-
-
-def patient_of(case_id: str) -> str:
-    """ACDC frames of one patient share a patient: ``patient001_frame01`` -> ``patient001``."""
-    return case_id.split("_frame")[0]
 
 
 def split_by_patient(cases: list[Case], test_share: float = 0.25, test_list: set[str] | None = None,

@@ -1,6 +1,6 @@
 """What ``vqmedseg ssl`` shows beside its summary table: the methods compared test case by
 test case (a table in ``results.md``, with each row tested against the first by the
-two-sided Wilcoxon signed-rank test over the cases, and ``dice_by_case.png``), and, when
+two-sided Wilcoxon signed-rank test over the patients, and ``dice_by_case.png``), and, when
 the rows' weights were chosen on validation patients, the validation curves that chose
 them (``validation.png``).
 
@@ -39,10 +39,17 @@ def per_case_dice(results: dict) -> dict[str, dict[str, float]]:
     return {c: {m: d[c] for m, d in rows.items()} for c in next(iter(rows.values()))}
 
 
+def patient_of(case_id: str) -> str:
+    """ACDC frames of one patient share a patient: ``patient001_frame01`` -> ``patient001``."""
+    return case_id.split("_frame")[0]
+
+
 def case_paired(row_a: dict, row_b: dict, seeds: list[int] | None = None, view: str | None = None) -> dict | None:
     """Row A minus row B test case by test case (Dice points, each case over ``seeds``; for
     ``view``, see :func:`case_dice`), with the two-sided Wilcoxon signed-rank test over the
-    cases. ``None`` unless both rows kept per-case scores for the same cases."""
+    patients: the cases of one patient (ACDC's two frames, whose differences move together)
+    are one observation, the mean of their differences. ``None`` unless both rows kept
+    per-case scores for the same cases."""
     from scipy.stats import wilcoxon
 
     a, b = case_dice(row_a, seeds, view), case_dice(row_b, seeds, view)
@@ -50,13 +57,28 @@ def case_paired(row_a: dict, row_b: dict, seeds: list[int] | None = None, view: 
         return None
     diff = {c: 100 * (a[c] - b[c]) for c in a}
     values = np.array(list(diff.values()))
-    nonzero = values[values != 0]  # ties at zero dropped (Wilcoxon's own rule); the exact test up to 50
-    # cases, the normal approximation beyond, named rather than left to SciPy's "auto", which
+    frames: dict[str, list[float]] = {}
+    for case, d in diff.items():
+        frames.setdefault(patient_of(case), []).append(d)
+    per_patient = {patient: float(np.mean(d)) for patient, d in frames.items()}
+    by_patient = np.array(list(per_patient.values()))
+    nonzero = by_patient[by_patient != 0]  # ties at zero dropped (Wilcoxon's own rule); the exact test up to 50
+    # patients, the normal approximation beyond, named rather than left to SciPy's "auto", which
     # chose the approximation for tied differences before SciPy 1.15 (p = 0.046 against 0.125)
     p = 1.0 if not len(nonzero) else float(wilcoxon(nonzero, alternative="two-sided",
                                                     method="exact" if len(nonzero) <= 50 else "approx").pvalue)
     return {"n": len(diff), "per_case": diff, "mean": float(values.mean()), "median": float(np.median(values)),
-            "a_higher": int((values > 0).sum()), "wilcoxon_p": p}
+            "a_higher": int((values > 0).sum()), "n_patients": len(per_patient), "per_patient": per_patient,
+            "patients_higher": int((by_patient > 0).sum()), "wilcoxon_p": p}
+
+
+def paired_words(d: dict) -> str:
+    """How many cases (and patients, where a patient has several) row A is higher in, and
+    the test's p-value with what it ran over."""
+    patients = f" ({d['patients_higher']} of {d['n_patients']} patients)" if d["n_patients"] != d["n"] else ""
+    unit = "patients" if d["n_patients"] != d["n"] else "cases"
+    return (f"higher in {d['a_higher']} of {d['n']} cases{patients}; two-sided Wilcoxon signed-rank test over the "
+            f"{d['n_patients']} {unit} p = {format_p(d['wilcoxon_p'])}")
 
 
 def format_p(p: float) -> str:
@@ -84,7 +106,7 @@ def per_case_table(results: dict) -> str:
         if d is None:  # rows scored on other cases (folders merged by hand)
             continue
         lines.append(f"\n`{m}` − `{first}`, case by case: mean {d['mean']:+.2f} points, median {d['median']:+.2f}, "
-                     f"higher in {d['a_higher']} of {d['n']} cases; two-sided Wilcoxon signed-rank p = {format_p(d['wilcoxon_p'])}.")
+                     f"{paired_words(d)}.")
     return "\n".join(lines) + "\n"
 
 
