@@ -338,6 +338,18 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
     merge_ssl([changed, tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "m4")
     assert json.loads((tmp_path / "m4" / "run.json").read_text(encoding="utf-8"))["threads"] == f"99, {torch.get_num_threads()}"
     assert "| vqseg |" in (merged / "results.md").read_text(encoding="utf-8")
+    # each row records its labelled slices; rows of one seed trained on others (code that drew them
+    # differently in another process) are refused, not paired seed by seed
+    for method in ("supervised", "vqseg"):
+        assert [r["labelled_rows"] for r in got[method]["per_seed"]] == [r["labelled_rows"] for r in whole[method]["per_seed"]]
+    assert got["supervised"]["per_seed"][0]["labelled_rows"] == got["vqseg"]["per_seed"][0]["labelled_rows"]
+    drawn = tmp_path / "drawn-otherwise"
+    shutil.copytree(tmp_path / "vqseg0", drawn)
+    rows = json.loads((drawn / "results.json").read_text(encoding="utf-8"))
+    rows["vqseg"]["per_seed"][0]["labelled_rows"] = [r + 1 for r in rows["vqseg"]["per_seed"][0]["labelled_rows"]]
+    (drawn / "results.json").write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(InputError, match=r"seed 0: vqseg and supervised trained on different labelled slices"):
+        merge_ssl([drawn, tmp_path / "supervised0"], tmp_path / "bad")
 
     # the same (method, seed) twice, another experiment, a folder without results, seeds that disagree
     with pytest.raises(InputError, match="supervised seed 1 is also in an earlier folder"):

@@ -489,7 +489,8 @@ def run_ssl(
                                             **_seed_summary(with_choice(raw, largest, keep), structures, test_ids)}
             s = _seed_summary(raw, structures, test_ids)
             per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures, test_ids),
-                                       **extra, "seconds": time.monotonic() - t})
+                                       **extra, "seconds": time.monotonic() - t,
+                                       **({} if method == "supervised-full" else {"labelled_rows": [int(r) for r in lab]})})
             log.info("%s seed %d: Dice %.4f (%.0f s)%s", method, seed, s["dice_mean"], time.monotonic() - t,
                      f"; best validation Dice {selector.best_dice:.4f} at iteration {selector.best_iteration}, "
                      f"Dice at the last iteration {extra['last_iteration']['dice_mean']:.4f}" if selector else "")
@@ -605,6 +606,14 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
     if len({tuple(v) for v in seeds.values()}) > 1:
         raise InputError("ssl-merge: the methods have different seeds "
                          f"({'; '.join(f'{m}: {v}' for m, v in seeds.items())}); expected the same seeds for every method")
+    for seed in next(iter(seeds.values()), []):  # rows compared seed by seed must have trained on the same slices
+        drawn = {m: rows[m, seed]["labelled_rows"] for m in methods if "labelled_rows" in rows[m, seed]}
+        first_method = next(iter(drawn), None)
+        for m, labelled in drawn.items():
+            if labelled != drawn[first_method]:
+                raise InputError(f"ssl-merge: seed {seed}: {first_method} and {m} trained on different labelled slices "
+                                 "(their runs drew them differently); expected the slices one seed draws, the same in "
+                                 "every run, for rows compared seed by seed")
     first = runs[0]
     per_method = {m: [rows[m, s] for s in seeds[m]] for m in methods}
     structures = {int(k): v for k, v in first["structures"].items()}
