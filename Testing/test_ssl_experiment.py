@@ -576,3 +576,27 @@ def test_results_that_fail_part_way_leave_the_earlier_run_whole(tmp_path, monkey
     assert after == sorted(before) if command == "simulate" else after == sorted(set(before) - {"validation.png"})
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["labeled_fraction" if command == "ssl" else "per_round"] \
         == (0.5 if command == "ssl" else 4)
+
+
+def test_a_missed_structure_is_counted_beside_the_hd95_it_leaves_out():
+    """HD95 is undefined where a prediction is empty, and the mean leaves such cases out: a
+    row that missed half the structures showed the HD95 of a perfect one, with no word of
+    it. The seed's summary counts them, the row sums them over seeds, and the table says so."""
+    from VQMedSegLib.metrics.segmentation import score_masks
+    from VQMedSegLib.training.ssl_experiment import _seed_summary, _summary_over_seeds, _table
+
+    ref = np.zeros((4, 16, 16), bool)
+    ref[1:3, 4:12, 4:12] = True
+    structures = {1: "LV", 2: "RV"}
+    perfect = [{"LV": score_masks(ref, ref, None), "RV": score_masks(ref, ref, None)} for _ in range(2)]
+    missed = [{"LV": score_masks(ref, ref, None), "RV": score_masks(np.zeros_like(ref), ref, None)} for _ in range(2)]
+    seeds = {name: [_seed_summary(cases, structures, ["a", "b"]) for _ in range(2)]
+             for name, cases in (("perfect", perfect), ("missed", missed))}
+    assert seeds["missed"][0]["hd95_undefined"] == 2 and seeds["perfect"][0]["hd95_undefined"] == 0
+    assert seeds["missed"][0]["hd95_mean"] == seeds["perfect"][0]["hd95_mean"] == 0.0  # what the mean alone showed
+    rows = {name: {**_summary_over_seeds(runs, structures), "per_seed": runs, "labelled_slices": 3,
+                   "largest_component": _summary_over_seeds(runs, structures)} for name, runs in seeds.items()}
+    assert rows["missed"]["hd95_undefined"] == 4 and rows["perfect"]["hd95_undefined"] == 0
+    table = _table(rows, "acdc", structures, 0.1, [0, 1], "quick", 8, 2, "test.list", 60.0)
+    assert "| missed | 3 |" in table and "0.00 voxels (undefined in 4 of 8: an empty prediction or reference, left out) |" in table
+    assert "| perfect | 3 |" in table and "undefined in 0" not in table

@@ -353,6 +353,9 @@ def _seed_summary(per_case: list[dict], structures: dict[int, str], case_ids: li
     return {
         "dice_mean": float(np.mean(case_dice)),
         "hd95_mean": float(np.mean(hd)) if hd else None,
+        # (case, structure) pairs whose HD95 is undefined (an empty prediction or reference): left out of hd95_mean
+        "hd95_undefined": int(sum(s["n_distance_undefined"] for s in by_structure.values())),
+        "hd95_scored": len(per_case) * len(by_structure),
         "units": units,
         "n_cases": len(per_case),
         "structures": {name: {"dice_mean": s["dice_mean"], "dice_std_cases": s["dice_std"], "hd95_mean": s[key]}
@@ -643,7 +646,10 @@ def _shared_or_listed(values: list):
 def _summary_over_seeds(runs: list[dict], structures: dict[int, str]) -> dict:
     """Mean and std over seeds of per-seed summaries (:func:`_seed_summary`)."""
     hd = [r["hd95_mean"] for r in runs if r["hd95_mean"] is not None]
+    counted = all("hd95_undefined" in r for r in runs)  # not in rows written before it was counted
     return {**_mean_std([r["dice_mean"] for r in runs], "dice"), "hd95_mean": float(np.mean(hd)) if hd else None,
+            "hd95_undefined": sum(r["hd95_undefined"] for r in runs) if counted else None,
+            "hd95_scored": sum(r["hd95_scored"] for r in runs) if counted else None,
             "hd95_units": runs[0]["units"],
             "structures": {name: _mean_std([r["structures"][name]["dice_mean"] for r in runs], "dice")
                            for name in structures.values()}}
@@ -720,7 +726,11 @@ def _table(results, dataset, structures, fraction, seeds, preset, n_train, n_tes
         "|---|---|---|" + "---|" * (len(names) if per_structure else 0) + "---|---|---|" + ("---|---|---|" if validation_cases else ""),
     ]
     def hd(r):
-        return "n/a" if r["hd95_mean"] is None else f"{r['hd95_mean']:.2f} {'mm' if r['hd95_units'] == 'mm' else 'voxels'}"
+        text = "n/a" if r["hd95_mean"] is None else f"{r['hd95_mean']:.2f} {'mm' if r['hd95_units'] == 'mm' else 'voxels'}"
+        if r.get("hd95_undefined"):
+            text += (f" (undefined in {r['hd95_undefined']} of {r['hd95_scored']}: an empty prediction or reference, "
+                     "left out)")
+        return text
 
     for m, r in results.items():
         n_seeds = len(r["per_seed"])
