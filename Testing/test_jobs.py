@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from VQMedSegLib.data.volume import Volume
-from VQMedSegLib.errors import WorkspaceError
+from VQMedSegLib.errors import InputError, WorkspaceError
 from VQMedSegLib.jobs.events import read_events
 from VQMedSegLib.jobs.locks import HeldLock
 from VQMedSegLib.jobs.runner import JobContext, cancel, kill_tree, launch, running_job
@@ -255,6 +256,21 @@ def test_a_prediction_killed_at_any_point_leaves_the_recorded_one_whole(workspac
     left = sorted(p.relative_to(workspace.root).as_posix() for p in (workspace.root / "predictions").rglob("*"))
     assert left == ["predictions/case0", "predictions/case0/job-3", "predictions/case0/job-3/prediction.seg.nrrd",
                     "predictions/case0/job-3/uncertainty.nrrd"], left
+
+
+def test_case_ids_windows_keeps_for_devices_are_refused_with_one_that_would_do(workspace):
+    """A case named 'CON' or 'nul.1' makes 'inputs/CON/' on Linux, but on Windows that name
+    is a device: the workspace could not be copied there, nor used."""
+    from VQMedSegLib.files import safe_id, sanitize_id
+
+    ct, _ = _disk_case(6)
+    for name in ("CON", "nul", "Com1", "lpt9.scan", "aux"):
+        with pytest.raises(InputError, match=rf"case identifier '{re.escape(name)}': .*Windows keeps for a device"):
+            workspace.add_case(name, ct)
+        safe_id(sanitize_id(name))  # the name suggested, and the one the Slicer module derives, is accepted
+    assert sanitize_id("CON") == "CON_1" and sanitize_id("lpt9.scan") == "lpt9_1.scan"
+    assert safe_id("console") == "console" and safe_id("COM10") == "COM10"  # not device names
+    assert sorted(workspace.cases()) == ["case0", "case1"]
 
 
 def test_case_ids_that_differ_only_in_letter_case_are_refused(workspace):

@@ -229,12 +229,28 @@ def safe_id(value: str, what: str = "case identifier") -> str:
             "not starting with '.' or '-'), so that it cannot name a path outside the workspace"
             f"; for example {_cleaned(value)!r}"
         )
+    if _device_name(value):
+        raise InputError(f"{what} {value!r}: a name Windows keeps for a device (CON, PRN, AUX, NUL, COM1-9, LPT1-9), "
+                         f"so the workspace could not be used there; expected another, for example {_cleaned(value)!r}")
     return value
 
 
+# names Windows gives to devices, whatever their case and extension ('nul.txt' is NUL)
+_DEVICE_NAMES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))})
+
+
+def _device_name(value: str) -> bool:
+    return value.split(".")[0].casefold() in _DEVICE_NAMES
+
+
 def _cleaned(value: object) -> str:
-    """``value`` with every run of other characters made one '_' (at most 128 characters)."""
-    return (re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("._-") or "case")[:128]
+    """``value`` with every run of other characters made one '_' (at most 128 characters),
+    and ``_1`` after a device name of Windows."""
+    cleaned = (re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("._-") or "case")[:124]
+    if _device_name(cleaned):
+        stem, dot, rest = cleaned.partition(".")
+        cleaned = f"{stem}_1{dot}{rest}"
+    return cleaned
 
 
 def sanitize_id(value: str) -> str:
