@@ -424,6 +424,39 @@ def test_a_test_list_file_given_on_the_command_line_chooses_the_test_patients(tm
 
 
 
+def test_a_validation_list_chooses_the_validation_patients(tmp_path):
+    # the last training patients in sorted order may share one trait (ACDC's 085 and 087 both
+    # have an abnormal right ventricle): a researcher names the validation patients instead
+    folder = _liver_folder(tmp_path / "data", 5, seed=7, shape=(10, 48, 48))  # its own test.list says case 4
+    chosen = tmp_path / "val.list"
+    chosen.write_text("# two validation patients\n0\n2\n", encoding="utf-8")
+    common = ("ssl", "--dataset", folder, "--methods", "supervised", "--seeds", "1", "--preset", "tiny",
+              "--foundation", "none", "--iterations", "2")
+    out = tmp_path / "out"
+    run_main(*common, "--validation-list", chosen, "--validate-every", "1", "--out", out)
+
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["validation_list"] == "val.list" and run["validation_patients"] == 2
+    assert run["split"]["validation_cases"] == ["0", "2"]
+    assert run["split"]["train_cases"] == ["1", "3"] and run["split"]["test_cases"] == ["4"]
+    assert run["split"]["validation_rule"] == "the patients listed in val.list"
+    seed = json.loads((out / "results.json").read_text(encoding="utf-8"))["supervised"]["per_seed"][0]
+    assert seed["validation"]["iterations"] == [1, 2]  # scored on them, every iteration
+
+    def refused(text, expected, *argv):
+        bad = tmp_path / "bad.list"
+        bad.write_text(text, encoding="utf-8")
+        r = run_main(*common, "--validation-list", bad, *argv, "--out", tmp_path / "bad", check=False)
+        assert r.returncode != 0 and expected in r.stderr, r.stderr
+        assert not (tmp_path / "bad" / "results.json").exists()
+
+    refused("0\n4\n", "bad.list names 1 test patient(s) (4); expected training patients only: 0, 1, 2, 3")
+    refused("0\n7\n", "bad.list names 1 patient(s) not in the dataset (7); its patients are 0, 1, 2, 3, 4")
+    refused("0\n1\n2\n3\n", "bad.list names all 4 training patients; expected some, not all")
+    refused("# none\n", "bad.list: found no case or patient id, expected one per line")
+    refused("0\n", "not allowed with argument --validation-list", "--validation-patients", "1")
+
+
 def test_pfa_is_reported_off_only_when_a_row_would_have_used_it(tmp_path, caplog):
     import logging
 

@@ -609,7 +609,8 @@ def cmd_ssl(args) -> int:
     with output_folder(args.out) as out:
         results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, out, device,
                           preset=_preset_label(args), validation_patients=args.validation_patients,
-                          validate_every=args.validate_every, test_list=Path(args.test_list) if args.test_list else None)
+                          validate_every=args.validate_every, test_list=Path(args.test_list) if args.test_list else None,
+                          validation_list=Path(args.validation_list) if args.validation_list else None)
     return _report_experiment(args, results)
 
 
@@ -827,8 +828,13 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--strong-augment", action="store_true",
                     help="the paper's augmentation of unlabelled slices: rotation before the teacher, colour jitter and blur "
                          "on the student's CutMix view (on in the paper preset)")
-    ss.add_argument("--validation-patients", type=int, default=0,
-                    help="hold out the last N training patients (sorted); each row is tested with its weights of best validation Dice")
+    held = ss.add_mutually_exclusive_group()
+    held.add_argument("--validation-patients", type=int, default=0,
+                      help="hold out the last N training patients (sorted); each row is tested with its weights of best "
+                           "validation Dice")
+    held.add_argument("--validation-list", metavar="FILE",
+                      help="case or patient ids, one per line: hold out their patients (training patients only) as "
+                           "--validation-patients does")
     ss.add_argument("--validate-every", type=int, default=0,
                     help="iterations between validation scores (default: a twentieth of the iterations)")
     ss.add_argument("--test-list", metavar="FILE",

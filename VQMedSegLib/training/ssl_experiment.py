@@ -14,8 +14,9 @@ HD95 of every structure (millimetres when the spacing is known, else voxels) com
 Every prediction is scored twice: as predicted, and (``largest_component``) with each
 structure reduced to its largest connected component (:mod:`VQMedSegLib.inference.postprocess`).
 
-With ``validation_patients`` > 0 the last patients of the training set (sorted) are held
-out as a validation set, as in the papers' 70/10/20 splits: every row is scored on them
+With ``validation_patients`` > 0 the last patients of the training set (sorted), or with
+``validation_list`` (``--validation-list FILE``) the patients it names, are held out as a
+validation set, as in the papers' 70/10/20 splits: every row is scored on them
 (3-D Dice) every ``validate_every`` iterations and at the last, and the weights with the
 best validation Dice are the ones tested (the released VQ-Seg code keeps its best
 validation checkpoint the same way). The test scores of the last iteration's weights are
@@ -184,10 +185,11 @@ def split_by_patient(cases: list[Case], test_share: float = 0.25, test_list: set
     return _partition(cases, test)
 
 
-def read_test_list(path: Path) -> set[str]:
-    """The case or patient ids in a test-list file, one per line (blank lines and lines
-    starting with ``#`` skipped)."""
-    text = read_text(path, expected="a list of test case or patient ids, one per line")
+def read_test_list(path: Path, what: str = "test") -> set[str]:
+    """The case or patient ids in a list file (``--test-list``, or ``what="validation"``
+    for ``--validation-list``), one per line (blank lines and lines starting with ``#``
+    skipped)."""
+    text = read_text(path, expected=f"a list of {what} case or patient ids, one per line")
     ids = {line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")}
     if not ids:
         raise InputError(f"{path}: found no case or patient id, expected one per line")
@@ -207,6 +209,27 @@ def hold_out_patients(cases: list[Case], n: int) -> tuple[list[Case], list[Case]
         raise InputError(f"--validation-patients {n}: expected 0 to {len(patients) - 1} "
                          f"(the training set has {len(patients)} patients)")
     return _partition(cases, set(patients[len(patients) - n:]))
+
+
+def hold_out_listed(cases: list[Case], listed: set[str], test_cases: list[Case], source: str) -> tuple[list[Case], list[Case]]:
+    """(training, validation) cases: the patients of the ``listed`` case or patient ids
+    (read from ``source``), with all their frames, are the validation set. A listed test
+    patient or one the dataset does not hold is refused, as is a list of every training
+    patient."""
+    patients = sorted({patient_of(c.case_id) for c in cases})
+    named = {patient_of(c) for c in listed}
+    in_test = sorted(named & {patient_of(c.case_id) for c in test_cases})
+    if in_test:
+        raise InputError(f"{source} names {len(in_test)} test patient(s) ({', '.join(in_test)}); "
+                         f"expected training patients only: {', '.join(patients)}")
+    unknown = sorted(named - set(patients))
+    if unknown:
+        every = sorted(set(patients) | {patient_of(c.case_id) for c in test_cases})
+        raise InputError(f"{source} names {len(unknown)} patient(s) not in the dataset ({', '.join(unknown)}); "
+                         f"its patients are {', '.join(every)}")
+    if named == set(patients):
+        raise InputError(f"{source} names all {len(patients)} training patients; expected some, not all")
+    return _partition(cases, named)
 
 
 class BestOnValidation:
@@ -379,24 +402,32 @@ def run_ssl(
     validation_patients: int = 0,
     validate_every: int = 0,
     test_list: Path | None = None,
+    validation_list: Path | None = None,
 ) -> dict:
     """Train and score every method for every seed; write results.json, results.md, run.json.
 
     ``validation_patients`` > 0 holds that many training patients out for model selection
     (see the module's description); ``validate_every`` (0: a twentieth of the iterations)
     is how often they are scored. ``test_list``: a file of case or patient ids whose
-    patients are the test set, in place of the dataset folder's ``test.list``."""
+    patients are the test set, in place of the dataset folder's ``test.list``.
+    ``validation_list``: a file of case or patient ids whose patients are the validation
+    set, in place of ``validation_patients``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
     if not 0 < labeled_fraction <= 1:
         raise InputError(f"--labeled-fraction {labeled_fraction}: expected a value in (0, 1]")
-    if validate_every < 0 or (validate_every and validation_patients <= 0):
+    if validation_list is not None and validation_patients:
+        raise InputError(f"--validation-patients {validation_patients} and --validation-list {validation_list}: "
+                         "expected one of them")
+    if validate_every < 0 or (validate_every and validation_patients <= 0 and validation_list is None):
         raise InputError(f"--validate-every {validate_every}: expected a positive number of iterations, "
-                         f"with --validation-patients above 0 (found {validation_patients})")
+                         f"with --validation-patients above 0 (found {validation_patients}) or --validation-list")
     t0 = time.monotonic()
     test_list = Path(test_list) if test_list is not None else None
     listed = read_test_list(test_list) if test_list is not None else None
+    validation_list = Path(validation_list) if validation_list is not None else None
+    val_listed = read_test_list(validation_list, "validation") if validation_list is not None else None
     out.mkdir(parents=True, exist_ok=True)
     data = load_cases(dataset)
     if len(data.cases) < 3:
@@ -411,7 +442,13 @@ def run_ssl(
     else:
         train_cases, test_cases = split_by_patient(data.cases, test_list=data.test_list)
         rule = "test.list patients" if data.test_list is not None else "last quarter of the patients (sorted)"
-    train_cases, val_cases = hold_out_patients(train_cases, validation_patients)
+    if val_listed is not None:
+        train_cases, val_cases = hold_out_listed(train_cases, val_listed, test_cases, str(validation_list))
+        validation_patients = len({patient_of(c.case_id) for c in val_cases})
+        validation_rule = f"the patients listed in {validation_list.name}"
+    else:
+        train_cases, val_cases = hold_out_patients(train_cases, validation_patients)
+        validation_rule = f"the last {validation_patients} training patient(s), sorted"
     if validation_patients and not validate_every:
         validate_every = max(1, config.iterations // 20)
     size = config.slice_size
@@ -503,12 +540,13 @@ def run_ssl(
     split = {"rule": rule, "train_cases": [c.case_id for c in train_cases], "test_cases": [c.case_id for c in test_cases]}
     if val_cases:
         split["validation_cases"] = [c.case_id for c in val_cases]
-        split["validation_rule"] = f"the last {validation_patients} training patient(s), sorted"
+        split["validation_rule"] = validation_rule
     _write(out, results, {
         "dataset": dataset, "structures": {str(k): v for k, v in structures.items()}, "methods": methods, "seeds": seeds,
         "labeled_fraction": labeled_fraction, "preset": preset, "config": config.to_json(), "split": split,
         "validation_patients": validation_patients, "validate_every": validate_every if val_cases else 0,
         "test_list": test_list.name if test_list is not None else None,
+        "validation_list": validation_list.name if validation_list is not None else None,
         "train_slices": int(len(x_all)), "labelled_slices": n_lab, "seconds": time.monotonic() - t0,
         **({"ct_window": list(data.ct_window)} if any(c.modality == "CT" for c in data.cases) else {}),
         **compute_environment(device), "versions": software_versions(),
