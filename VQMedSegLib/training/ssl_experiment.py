@@ -172,10 +172,8 @@ def split_by_patient(cases: list[Case], test_share: float = 0.25, test_list: set
     patients = sorted({patient_of(c.case_id) for c in cases})
     if test_list is not None:
         listed = {patient_of(c) for c in test_list}
-        unknown = sorted(listed - set(patients))
-        if strict and unknown:
-            raise InputError(f"{source} names {len(unknown)} patient(s) not in the dataset ({', '.join(unknown)}); "
-                             f"its patients are {', '.join(patients)}")
+        if strict:
+            _refuse_unknown(listed, patients, source)
         test = listed & set(patients)
         if not test or test == set(patients):
             raise InputError(f"{source} names {len(test)} of the {len(patients)} patients found; expected some, not all")
@@ -183,6 +181,15 @@ def split_by_patient(cases: list[Case], test_share: float = 0.25, test_list: set
         n_test = max(1, int(round(test_share * len(patients))))
         test = set(patients[-n_test:])
     return _partition(cases, test)
+
+
+def _refuse_unknown(named: set[str], patients: list[str], source: str) -> None:
+    """Refuse a list (read from ``source``) that names a patient the dataset's ``patients``
+    do not hold: a typo would otherwise move a patient silently."""
+    unknown = sorted(named - set(patients))
+    if unknown:
+        raise InputError(f"{source} names {len(unknown)} patient(s) not in the dataset ({', '.join(unknown)}); "
+                         f"its patients are {', '.join(patients)}")
 
 
 def read_test_list(path: Path, what: str = "test") -> set[str]:
@@ -222,11 +229,7 @@ def hold_out_listed(cases: list[Case], listed: set[str], test_cases: list[Case],
     if in_test:
         raise InputError(f"{source} names {len(in_test)} test patient(s) ({', '.join(in_test)}); "
                          f"expected training patients only: {', '.join(patients)}")
-    unknown = sorted(named - set(patients))
-    if unknown:
-        every = sorted(set(patients) | {patient_of(c.case_id) for c in test_cases})
-        raise InputError(f"{source} names {len(unknown)} patient(s) not in the dataset ({', '.join(unknown)}); "
-                         f"its patients are {', '.join(every)}")
+    _refuse_unknown(named, sorted(set(patients) | {patient_of(c.case_id) for c in test_cases}), source)
     if named == set(patients):
         raise InputError(f"{source} names all {len(patients)} training patients; expected some, not all")
     return _partition(cases, named)
