@@ -633,3 +633,57 @@ def test_a_missed_structure_is_counted_beside_the_hd95_it_leaves_out():
     table = _table(rows, "acdc", structures, 0.1, [0, 1], "quick", 8, 2, "test.list", 60.0)
     assert "| missed | 3 |" in table and "0.00 voxels (undefined in 4 of 8: an empty prediction or reference, left out) |" in table
     assert "| perfect | 3 |" in table and "undefined in 0" not in table
+
+
+def test_the_supervised_ema_row_tests_the_moving_average_of_the_weights_it_trains():
+    """`supervised-ema` trains the U-Net of `supervised` step for step and keeps an EMA of
+    its weights with VQ-Seg's teacher rule, so the two are compared on the same footing."""
+    from VQMedSegLib.training.ssl_experiment import _supervised_net, _train_supervised
+
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 32, 32), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int64)
+    cfg = vqseg_config_from_preset("tiny", iterations=5, foundation="none", num_classes=2)
+    device = torch.device("cpu")
+
+    plain = _supervised_net(cfg, device)
+    _train_supervised(plain, cfg, x, y, device)
+    net = _supervised_net(cfg, device)
+    ema = _supervised_net(cfg, device)
+    expected = {k: v.detach().clone() for k, v in ema.named_parameters()}
+
+    def follow(iteration, total, losses):  # the rule of VQ-Seg's teacher, after every step
+        decay = min(cfg.ema_decay, 1.0 - 1.0 / iteration)
+        for k, v in net.named_parameters():
+            expected[k] = decay * expected[k] + (1 - decay) * v.detach()
+
+    _train_supervised(net, cfg, x, y, device, on_step=follow, ema=ema)
+    # the student is the `supervised` row's, to the bit: the EMA changes nothing it trains
+    for (k, a), b in zip(plain.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(a, b), k
+    for k, v in ema.named_parameters():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+        assert not v.requires_grad
+    assert any(not torch.equal(v, dict(net.named_parameters())[k]) for k, v in ema.named_parameters())
+    for a, b in zip(ema.buffers(), net.buffers()):  # batch-norm statistics are copied, as for the teacher
+        assert torch.equal(a, b)
+
+
+def test_ema_rows_are_labelled_like_their_plain_rows(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, case in enumerate(make_dataset("phantom-liver", 3, seed=7, ct_shape=(8, 40, 40))):
+        write_volume(case.ct, folder / f"image_{i}.nii.gz")
+        write_volume(case.ct_label.with_array((case.ct_label.array == 1).astype(np.uint8)), folder / f"label_{i}.nii.gz")
+    (folder / "test.list").write_text("2\n")
+    out = tmp_path / "out"
+    run_main("ssl", "--dataset", folder, "--labeled-fraction", "0.25",
+             "--methods", "supervised,supervised-ema,supervised-full-ema", "--seeds", "1", "--preset", "tiny",
+             "--iterations", "3", "--foundation", "none", "--out", out)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    n = json.loads((out / "run.json").read_text(encoding="utf-8"))["train_slices"]
+    assert results["supervised-ema"]["labelled_slices"] == results["supervised"]["labelled_slices"] == round(0.25 * n)
+    assert results["supervised-ema"]["per_seed"][0]["labelled_rows"] == results["supervised"]["per_seed"][0]["labelled_rows"]
+    assert results["supervised-full-ema"]["labelled_slices"] == n
+    assert results["supervised-full-ema"]["labeled_fraction"] == 1.0
+    assert "labelled_rows" not in results["supervised-full-ema"]["per_seed"][0]

@@ -815,7 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--labeled-fraction", type=float, default=0.1,
                     help="share of the training slices that are labelled, in (0, 1] (default 0.1)")
     ss.add_argument("--methods", default="supervised,vqseg",
-                    help="comma-separated: supervised, supervised-full (every training slice labelled), vqseg, vqseg-noqpm, vqseg-nodb, "
+                    help="comma-separated: supervised, supervised-full (every training slice labelled), supervised-ema, "
+                         "supervised-full-ema (the same, tested with the moving average of their weights, as VQ-Seg's "
+                         "teacher is), vqseg, vqseg-noqpm, vqseg-nodb, "
                          "vqseg-nopfa, vqseg-dropout, vqseg-labelled (VQ-Seg's network on the labelled slices alone)")
     _seed_args(ss, 2, " (to spread one experiment over processes or machines; gather the folders with ssl-merge)")
     preset_arg(ss, "VQ-Seg and U-Net")

@@ -7,7 +7,9 @@ set; otherwise the last quarter of the patients, in sorted order, is the test se
 given with ``test_list`` (``--test-list FILE``) replaces the folder's.
 Within the training cases, ``labeled_fraction`` of the slices (at least one) are labelled
 at random, the rest are the unlabelled pool; ``supervised-full`` labels every training
-slice (the ceiling). Scores are 3-D, on each test case's original grid: the model's slice
+slice (the ceiling). VQ-Seg is tested with its EMA teacher; ``supervised-ema`` and
+``supervised-full-ema`` train as the U-Net rows do and are tested with the moving average
+of their weights, kept by the teacher's rule. Scores are 3-D, on each test case's original grid: the model's slice
 probabilities are mapped back (:func:`slices_to_volume`) before the argmax, then Dice and
 HD95 of every structure (millimetres when the spacing is known, else voxels) come from
 :mod:`VQMedSegLib.metrics.segmentation`. A case's Dice is the mean over the structures.
@@ -57,6 +59,11 @@ log = logging.getLogger("vqmedseg")
 METHODS = {
     "supervised": {},
     "supervised-full": {},  # every training slice labelled: the ceiling
+    # the same two rows tested with an exponential moving average of their weights, kept by
+    # VQ-Seg's teacher rule: VQ-Seg is tested with its EMA teacher, so these size how much
+    # of its margin the averaging alone would give
+    "supervised-ema": {},
+    "supervised-full-ema": {},
     "vqseg": {},
     "vqseg-noqpm": {"use_qpm": False},
     "vqseg-nodb": {"use_reconstruction": False},
@@ -66,6 +73,11 @@ METHODS = {
     # PFA): what the quantised network costs or gains before any semi-supervision
     "vqseg-labelled": {"use_pfa": False},
 }
+
+
+def labels_every_slice(method: str) -> bool:
+    """Whether the row is a ceiling: every training slice labelled."""
+    return method in ("supervised-full", "supervised-full-ema")
 
 
 def method_config(method: str, config: VQSegConfig, seed: int) -> VQSegConfig:
@@ -493,12 +505,15 @@ def run_ssl(
             t = time.monotonic()
             cfg = method_config(method, config, seed)
             if method.startswith("supervised"):
-                rows = np.arange(len(x_all)) if method == "supervised-full" else lab
-                model = _supervised_net(cfg, device)
+                rows = np.arange(len(x_all)) if labels_every_slice(method) else lab
+                student = _supervised_net(cfg, device)
+                # an -ema row keeps and tests the moving average; the student trains as in the plain row
+                model = _supervised_net(cfg, device) if method.endswith("-ema") else student
                 logits = model
 
-                def train(on_step, model=model, rows=rows, cfg=cfg):
-                    _train_supervised(model, cfg, x_all[rows], y_all[rows], device, on_step)
+                def train(on_step, student=student, model=model, rows=rows, cfg=cfg):
+                    _train_supervised(student, cfg, x_all[rows], y_all[rows], device, on_step,
+                                      ema=model if model is not student else None)
             else:
                 use_fm = fm_all is not None and cfg.use_pfa
                 # foundation features of the unlabelled slices that have them
@@ -533,7 +548,7 @@ def run_ssl(
             s = _seed_summary(raw, structures, test_ids)
             per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures, test_ids),
                                        **extra, "seconds": time.monotonic() - t,
-                                       **({} if method == "supervised-full" else {"labelled_rows": [int(r) for r in lab]})})
+                                       **({} if labels_every_slice(method) else {"labelled_rows": [int(r) for r in lab]})})
             log.info("%s seed %d: Dice %.4f (%.0f s)%s", method, seed, s["dice_mean"], time.monotonic() - t,
                      f"; best validation Dice {selector.best_dice:.4f} at iteration {selector.best_iteration}, "
                      f"Dice at the last iteration {extra['last_iteration']['dice_mean']:.4f}" if selector else "")
@@ -564,8 +579,8 @@ def _results(per_method: dict[str, list[dict]], structures: dict[int, str], labe
     for method, runs in per_method.items():
         summary = _summary_over_seeds(runs, structures)
         results[method] = {
-            "labeled_fraction": 1.0 if method == "supervised-full" else labeled_fraction,
-            "labelled_slices": int(train_slices) if method == "supervised-full" else n_lab,
+            "labeled_fraction": 1.0 if labels_every_slice(method) else labeled_fraction,
+            "labelled_slices": int(train_slices) if labels_every_slice(method) else n_lab,
             **summary,
             "hd95_mm_mean": summary["hd95_mean"] if summary["hd95_units"] == "mm" else None,
             "largest_component": _summary_over_seeds([r["largest_component"] for r in runs], structures),
@@ -707,9 +722,17 @@ def _supervised_net(cfg: VQSegConfig, device) -> SupervisedNet:
 
 
 def _train_supervised(net: SupervisedNet, cfg: VQSegConfig, x: np.ndarray, y: np.ndarray, device,
-                      on_step: Callable[[int, int, dict], None] | None = None) -> None:
+                      on_step: Callable[[int, int, dict], None] | None = None, ema: SupervisedNet | None = None) -> None:
+    """Train ``net`` on the slices ``x`` and labels ``y``. With ``ema`` (a network of the
+    same shape), keep in it the moving average of ``net``'s weights by VQ-Seg's teacher
+    rule, which does not change what ``net`` learns."""
     from .slices import SliceSet
     from .supervised import BatchSampler, augmentation, make_batch
+    from .vqseg import ema_update
+
+    if ema is not None:
+        ema.load_state_dict(net.state_dict())
+        ema.eval().requires_grad_(False)
 
     # the same optimiser, learning rates and labelled loss as the VQ-Seg student
     opt = torch.optim.AdamW(
@@ -729,6 +752,8 @@ def _train_supervised(net: SupervisedNet, cfg: VQSegConfig, x: np.ndarray, y: np
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema_update(ema, net, min(cfg.ema_decay, 1.0 - 1.0 / iteration))
         if on_step is not None:
             on_step(iteration, cfg.iterations, {"total": float(loss.detach())})
     net.eval()
