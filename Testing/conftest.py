@@ -58,6 +58,12 @@ def no_module_job_outlives_its_test(monkeypatch):
             proc.wait(timeout=30)
 
 
+def ramp(shape: tuple[int, ...], start: float = 0.0) -> np.ndarray:
+    """An image of ``shape`` whose voxels count up from ``start``: the least a test image
+    needs to be read as a scan (a blank one, every voxel the same, is refused)."""
+    return start + np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
+
+
 def oblique_direction(angles=(0.3, -0.2, 0.15)) -> np.ndarray:
     """A proper rotation that is far from any axis permutation."""
     ax, ay, az = angles

@@ -19,7 +19,7 @@ from VQMedSegLib.data.paths import shared_data_dir
 from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.errors import InputError
 
-from conftest import keeping_locale
+from conftest import keeping_locale, ramp
 
 SKIP_REASON = "real scans not found: set VQMEDSEG_DATA or place them in ../shared/data"
 
@@ -138,7 +138,7 @@ def test_a_folder_of_dataset_folders_is_refused_naming_them(tmp_path: Path) -> N
 
 
 def test_label_geometry_mismatch(tmp_path: Path) -> None:
-    write_pair(tmp_path, "1", np.zeros((3, 4, 4)), None)
+    write_pair(tmp_path, "1", ramp((3, 4, 4)), None)
     write_volume(make_volume(np.ones((3, 4, 4), np.uint8), origin=(0.0, 0.0, 0.0)), tmp_path / "label_1.nii.gz")
     ref = discover_cases(tmp_path, "MR")[0]
     with pytest.raises(InputError, match=r"label_1\.nii\.gz: label geometry does not match.*origin"):
@@ -176,7 +176,7 @@ def test_nnunet_images_tr(tmp_path: Path) -> None:
     (tmp_path / "labelsTr").mkdir()
     (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2"}, "file_ending": ".nii.gz"}))
     for name in ("prostate_001", "prostate_002"):
-        write_volume(make_volume(np.full((3, 4, 5), 7.0)), tmp_path / "imagesTr" / f"{name}_0000.nii.gz")
+        write_volume(make_volume(ramp((3, 4, 5), 7.0)), tmp_path / "imagesTr" / f"{name}_0000.nii.gz")
         write_volume(make_volume(np.ones((3, 4, 5), np.uint8)), tmp_path / "labelsTr" / f"{name}.nii.gz")
     refs = discover_cases(tmp_path)
     assert [r.case_id for r in refs] == ["prostate_001", "prostate_002"]
@@ -206,7 +206,7 @@ def test_acdc_h5_folder(tmp_path: Path) -> None:
 
 
 def test_single_file_with_label(tmp_path: Path) -> None:
-    write_pair(tmp_path, "x", np.full((3, 4, 4), -900.0), np.ones((3, 4, 4)))
+    write_pair(tmp_path, "x", ramp((3, 4, 4), -900.0), np.ones((3, 4, 4)))
     (ref,) = discover_cases(tmp_path / "image_x.nii.gz", label=tmp_path / "label_x.nii.gz")
     assert (ref.case_id, ref.modality, ref.layout) == ("image_x", "CT", "single")
     image, label = load_case(ref)
@@ -341,16 +341,16 @@ def test_dataset_check_exits_1_on_a_problem_and_0_when_there_are_only_notes(tmp_
 
     label = np.zeros((4, 6, 5), np.uint8)
     label[1, :2] = 1
-    write_pair(tmp_path / "fine", "1", np.full((4, 6, 5), 100.0), label)
+    write_pair(tmp_path / "fine", "1", ramp((4, 6, 5), 100.0), label)
     r = run_main("dataset", "check", tmp_path / "fine", "--modality", "MR")
     assert r.returncode == 0 and "No problems found." in r.stdout
 
     unlabelled = tmp_path / "unlabelled.nii.gz"
-    write_volume(Volume(np.full((4, 6, 5), 100.0, np.float32)), unlabelled)
+    write_volume(Volume(ramp((4, 6, 5), 100.0).astype(np.float32)), unlabelled)
     r = run_main("dataset", "check", unlabelled, "--modality", "MR")
     assert r.returncode == 0 and "No problems found." in r.stdout and "no label map (unlabelled case)" in r.stdout
 
-    write_pair(tmp_path / "empty", "1", np.full((4, 6, 5), 100.0), np.zeros((4, 6, 5)))
+    write_pair(tmp_path / "empty", "1", ramp((4, 6, 5), 100.0), np.zeros((4, 6, 5)))
     r = run_main("dataset", "check", tmp_path / "empty", "--modality", "MR", check=False)
     assert r.returncode == 1 and "1: no labelled voxel" in r.stdout
     assert "1 of 1 case(s) has a problem" in r.stderr

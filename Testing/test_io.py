@@ -15,7 +15,7 @@ from VQMedSegLib.data.io import read_geometry, read_label, read_volume, write_se
 from VQMedSegLib.data.volume import Volume
 from VQMedSegLib.errors import InputError
 
-from conftest import keeping_locale
+from conftest import keeping_locale, ramp
 
 # An exactly representable oblique rotation (3-4-5 triangles): fine for DICOM DS strings.
 _RX = np.array([[1.0, 0.0, 0.0], [0.0, 0.8, -0.6], [0.0, 0.6, 0.8]])
@@ -168,7 +168,7 @@ def test_reading_dicom_leaves_the_process_locale_alone(tmp_path: Path) -> None:
     all the library does with DICOM, must not."""
     import locale
 
-    write_dicom_series(tmp_path / "series", np.full((3, 4, 4), -1000), spacing=(1.0, 1.0, 2.0))
+    write_dicom_series(tmp_path / "series", ramp((3, 4, 4), -1000).astype(np.int16), spacing=(1.0, 1.0, 2.0))
     before = locale.setlocale(locale.LC_CTYPE)
     read_volume(tmp_path / "series")
     from VQMedSegLib.data.datasets import discover_cases, load_case

@@ -154,6 +154,10 @@ def test_empty_dicom_folder(ws, tmp_path):
         ("mr-as-ct", Volume(np.random.default_rng(1).random((8, 24, 24)).astype(np.float32) * 900), ("MR", "Hounsfield")),
         ("zero-spacing", None, ("spacing", "positive")),
         ("huge", Volume(np.full((2, 2, 2049), -1000, np.int16)), ("2049", "at most 2048")),
+        # a blank volume (a series of the scanner's padding, a mask picked as the image) once
+        # trained and predicted: nothing in it can be segmented
+        ("blank", Volume(np.full((8, 24, 24), -1000, np.int16), spacing=(1.0, 1.0, 2.5)),
+         ("read as the CT", "every voxel is -1000", "blank image", "expected a scan")),
         # a spacing stored in metres (or micrometres) once went through: HD95 and every
         # millimetre figure off by 1,000, and VQ-BEGAL's pool built from it
         ("metres", ct_volume(spacing=(0.0007, 0.0007, 0.0025)), ("spacing (0.0007, 0.0007, 0.0025)", "0.01 to 100 mm",
@@ -201,6 +205,16 @@ def test_a_ct_given_as_the_mr_is_refused(ws, tmp_path):
     write_volume(Volume(zscored, spacing=(1.0, 1.0, 2.5)), tmp_path / "mr.nrrd")
     run_cli("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd", "--mr", tmp_path / "mr.nrrd")
     assert Workspace.open(ws).cases()["c1"].get("mr")
+
+
+def test_a_blank_mr_is_refused(ws, tmp_path):
+    """An MR of zeros (a series of padding, or an empty export) is no help to the CT."""
+    write_volume(ct_volume(), tmp_path / "ct.nrrd")
+    write_volume(Volume(np.zeros((8, 24, 24), np.float32), spacing=(1.0, 1.0, 2.5)), tmp_path / "mr.nrrd")
+    r = run_cli("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd", "--mr", tmp_path / "mr.nrrd",
+                check=False)
+    refused(r, "mr.nrrd", "read as the MR", "every voxel is 0", "blank image", code=2)
+    assert Workspace.open(ws).cases() == {}
 
 
 # ------------------------------------------------------------------------ labels

@@ -23,6 +23,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without the Sli
 from VQMedSegLib.export import mrml  # noqa: E402
 from VQMedSegLib.files import sanitize_id  # noqa: E402
 from VQMedSegLib.workflow import WorkflowLogic  # noqa: E402
+from conftest import ramp  # noqa: E402
 
 
 def _oblique() -> np.ndarray:
@@ -67,7 +68,7 @@ def test_ct_and_mr_nodes_become_a_workspace_case_with_their_geometry(scene, tmp_
     np.testing.assert_allclose(stored_mr.origin, mr.origin, atol=1e-9)
     # preparing again keeps the case; a different grid or different voxels under the same name are refused
     assert logic.prepare(ct_node, mr_node) == case_id
-    other = mrml.add_volume(scene, Volume(np.full((4, 8, 8), -1000, np.int16)), "CT abdomen")
+    other = mrml.add_volume(scene, Volume(ramp((4, 8, 8), -1000).astype(np.int16)), "CT abdomen")
     with pytest.raises(Exception, match="shape"):
         logic.prepare(other, None, case_id=case_id)
     edited = mrml.add_volume(scene, ct.with_array(ct.array + 1), "CT abdomen")
@@ -94,20 +95,23 @@ def test_an_mr_picked_after_the_case_was_prepared_with_ct_alone_is_stored(scene,
 def test_volumes_picked_in_the_panel_get_the_checks_of_a_file(scene, tmp_path):
     """The panel's volumes once skipped the checks every file gets: an MR picked as the
     CT, a CT picked as the MR, NaN voxels or a sheared grid went into the workspace and
-    trained. Each is refused before any folder is made, naming the node."""
+    trained, and so did a blank volume. Each is refused before any folder is made, naming
+    the node."""
     rng = np.random.default_rng(3)
     ct = Volume(rng.integers(-1000, 400, (6, 16, 16)).astype(np.int16), (0.8, 0.8, 3.0))
     mr = Volume(rng.random((6, 16, 16)).astype(np.float32) * 800, (0.8, 0.8, 3.0))
     nan = mr.with_array(np.where(rng.random(mr.shape) < 0.01, np.nan, mr.array).astype(np.float32))
     sheared = Volume(ct.array, (0.8, 0.8, 3.0), direction=[[1, 0, 0.4], [0, 1, 0], [0, 0, 1]])
+    blank = ct.with_array(np.full(ct.shape, -1024, np.int16))
     logic = WorkflowLogic(scene)
     for ct_volume, mr_volume, needles in [
         (mr, None, ("CT volume 'MR T2'", "nothing below 0", "Hounsfield")),
         (ct, ct.with_array(ct.array[::-1].copy()), ("MR volume 'CT again'", "read as the MR", "looks like a CT")),
         (ct, nan, ("MR volume 'NaN MR'", "NaN", "expected finite")),
         (sheared, None, ("CT volume 'sheared'", "sheared grid")),
+        (blank, None, ("CT volume 'blank'", "every voxel is -1024", "blank image")),
     ]:
-        names = {id(mr): "MR T2", id(nan): "NaN MR", id(sheared): "sheared"}
+        names = {id(mr): "MR T2", id(nan): "NaN MR", id(sheared): "sheared", id(blank): "blank"}
         ct_node = mrml.add_volume(scene, ct_volume, names.get(id(ct_volume), "CT"))
         mr_node = None if mr_volume is None else mrml.add_volume(scene, mr_volume, names.get(id(mr_volume), "CT again"))
         with pytest.raises(InputError) as refused:
@@ -123,7 +127,7 @@ def test_the_keep_every_piece_choice_reaches_the_predict_job(scene, tmp_path):
     whether the prediction follows training or runs on its own."""
     from VQMedSegLib.cli.main import build_parser
 
-    ct = Volume(np.full((4, 16, 16), -1000, np.int16))
+    ct = Volume(ramp((4, 16, 16), -1000).astype(np.int16))
     logic = WorkflowLogic(scene, device="cpu")
     case_id = logic.prepare(mrml.add_volume(scene, ct, "CT"), None, folder=tmp_path / "ws")
     parser = build_parser()
@@ -138,7 +142,7 @@ def test_a_corrupt_suggestions_file_is_a_clear_error_not_a_traceback(scene, tmp_
     from VQMedSegLib.errors import InputError
 
     logic = WorkflowLogic(scene, device="cpu")
-    logic.prepare(mrml.add_volume(scene, Volume(np.full((4, 16, 16), -1000, np.int16)), "CT"), None, folder=tmp_path / "ws")
+    logic.prepare(mrml.add_volume(scene, Volume(ramp((4, 16, 16), -1000).astype(np.int16)), "CT"), None, folder=tmp_path / "ws")
     assert logic.suggestions() == []  # no query yet
     (tmp_path / "ws" / "suggestions.json").write_text('{"suggestions": [', encoding="utf-8")
     with pytest.raises(InputError, match=r"suggestions.json: not valid JSON .*run the query again"):
@@ -655,16 +659,19 @@ def test_scoring_runs_off_the_calling_thread_on_the_segmentations_as_they_were_w
     expected = logic.score_against(case_id, truth)
     assert expected["dice"] == 1.0
 
-    release, threads, real = threading.Event(), [], segmentation.score_volumes
+    release, entered, threads, real = threading.Event(), threading.Event(), [], segmentation.score_volumes
 
     def held(pred, ref, label=1):
         threads.append(threading.get_ident())
+        entered.set()
         assert release.wait(60), "the test never released the scoring"
         return real(pred, ref, label)
 
     monkeypatch.setattr(segmentation, "score_volumes", held)
     first = logic.start_scoring(case_id, truth)
     assert not first.done()  # returned while the metrics wait on the worker
+    # the worker has started it (on a loaded machine it may still be waiting in line, and be replaced)
+    assert entered.wait(60)
     scene.RemoveNode(truth)  # exported already: what the user does next does not change the answer
     # a request made while another waits in line replaces it: only the newest is wanted
     other = _truth_node(scene, phantom, ct_node)

@@ -170,7 +170,8 @@ def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volum
     Always: a voxel spacing outside :data:`SPACING_RANGE_MM` (zero or negative, or a
     spacing stored in metres or micrometres), a sheared grid (direction cosines not
     orthonormal), absurd sizes (an axis over :data:`MAX_AXIS`) and complex voxels. For an
-    image read as ``modality`` ``CT`` or ``MR``: NaN or infinite voxels. For a CT: no
+    image read as ``modality`` ``CT`` or ``MR``: NaN or infinite voxels, and a blank image
+    (every voxel the same), in which there is nothing to segment. For a CT: no
     negative value at all, which means either raw unsigned values without the rescale to
     Hounsfield units (0..4095) or an MR passed as the CT. For an MR: the air of a CT (at
     least :data:`MR_AIR_SHARE` of the voxels at or below :data:`MR_AIR_LIMIT`), a CT passed
@@ -198,8 +199,11 @@ def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volum
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = int((~np.isfinite(array)).sum())
         raise InputError(f"{path}: found {bad} NaN or infinite voxel(s); expected finite intensities")
+    lo, hi = float(array.min()), float(array.max())
+    if lo == hi:
+        raise InputError(f"{path}: read as the {modality}, but every voxel is {lo:g}: a blank image; expected a scan "
+                         "(check that the right file or series was chosen)")
     if modality == "CT":
-        lo, hi = float(array.min()), float(array.max())
         if lo >= 0:
             if array.dtype.kind in "iu" and hi <= 4095:
                 kind = "raw unsigned CT values without the rescale to Hounsfield units (RescaleIntercept, usually -1024)"
