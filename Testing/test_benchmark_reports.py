@@ -460,3 +460,23 @@ def test_the_wide_part_trains_acdc_10_val_on_the_cpu_library_preset_and_is_paire
     md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     assert "With 2,000 iterations and each row's weights chosen on two held-out training patients (`acdc-10-val-wide`, " \
            "the `cpu` network), VQ-Seg at 10% reaches 0.956" in md
+
+
+def test_the_ema_part_sets_vqseg_beside_u_nets_tested_as_its_teacher_is(tmp_path):
+    """VQ-Seg is tested with its EMA teacher: `acdc-10-val-ema` trains acdc-10-val's U-Net
+    rows again and tests the moving average of their weights, seed-paired with both."""
+    val = run_accuracy.part_settings("acdc-10-val", "cpu", 3)
+    ema = run_accuracy.part_settings("acdc-10-val-ema", "cpu", 3)
+    assert ema == {**val, "methods": ["supervised-ema", "supervised-full-ema"]}
+    assert "acdc-10-val-ema" not in run_accuracy.parts_of("gpu")
+    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+            "acdc-10-val-ema": {"supervised-ema": [0.65, 0.64, 0.66], "supervised-full-ema": [0.79, 0.80, 0.82]}}
+    summary = _report_on(tmp_path, rows)
+    assert summary["figures"]["acdc_vqseg10_vs_full_ema_ratio_val"] == pytest.approx(2.01 / 2.41)
+    assert summary["figures"]["acdc_vqseg10_vs_full_ratio_val"] == pytest.approx(2.01 / 2.37)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    assert paired[("acdc-10-val/vqseg", "acdc-10-val-ema/supervised-ema")]["per_seed"] == pytest.approx([3.0, 2.0, 1.0])
+    assert paired[("acdc-10-val-ema/supervised-ema", "acdc-10-val/supervised")]["per_seed"] == pytest.approx([1.0, 2.0, 0.0])
+    assert paired[("acdc-10-val-ema/supervised-full-ema", "acdc-10-val/supervised-full")]["a_higher"] == 2
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "against a ceiling tested with the moving average of its weights (`acdc-10-val-ema`), VQ-Seg at 10% reaches 0.834" in md
