@@ -268,16 +268,23 @@ RATIO_PARTS = (("acdc-10", "acdc", ""), ("acdc-10-long", "acdc", "_long"), ("acd
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 
+def same_training_slices(pa: dict, pb: dict) -> bool:
+    """Whether two parts ran on the same data, labelled fraction, seeds and split, so that
+    their rows of one seed trained on the same labelled slices."""
+    same = ("dataset", "labeled_fraction", "seeds", "validation_patients", "test_list")
+    return all(pa["settings"].get(k, RECORDED_DEFAULTS.get(k)) == pb["settings"].get(k, RECORDED_DEFAULTS.get(k))
+               for k in same)
+
+
 def paired_differences(parts: dict) -> list[dict]:
     """Per-seed Dice differences (points) of the :data:`PAIRED` rows whose parts ran with
     the same data, labelled fraction and seeds."""
     out = []
-    same = ("dataset", "labeled_fraction", "seeds", "validation_patients", "test_list")  # the same training slices
     for (part_a, a), (part_b, b) in PAIRED:
         pa, pb = parts.get(part_a), parts.get(part_b)
         if not pa or not pb or a not in pa["results"] or b not in pb["results"]:
             continue
-        if any(pa["settings"].get(k, RECORDED_DEFAULTS.get(k)) != pb["settings"].get(k, RECORDED_DEFAULTS.get(k)) for k in same):
+        if not same_training_slices(pa, pb):
             continue
         runs_a = {r["seed"]: r["dice_mean"] for r in pa["results"][a].get("per_seed", [])}
         runs_b = {r["seed"]: r["dice_mean"] for r in pb["results"][b].get("per_seed", [])}
@@ -313,7 +320,7 @@ def headline(parts: dict) -> dict:
                     rows["vqseg"]["post_processing"]["dice_mean"] / full["post_processing"]["dice_mean"])
     val, ema = parts.get("acdc-10-val"), parts.get("acdc-10-val-ema")
     if (val and ema and "vqseg" in val["results"] and "supervised-full-ema" in ema["results"]
-            and all(val["settings"].get(k) == ema["settings"].get(k) for k in ("dataset", "seeds", "config"))):
+            and same_training_slices(val, ema) and val["settings"].get("config") == ema["settings"].get("config")):
         out["acdc_vqseg10_vs_full_ema_ratio_val"] = (val["results"]["vqseg"]["dice_mean"]
                                                      / ema["results"]["supervised-full-ema"]["dice_mean"])
     chaos = parts.get("chaos-begal", {}).get("results")

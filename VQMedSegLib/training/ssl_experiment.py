@@ -508,12 +508,12 @@ def run_ssl(
                 rows = np.arange(len(x_all)) if labels_every_slice(method) else lab
                 student = _supervised_net(cfg, device)
                 # an -ema row keeps and tests the moving average; the student trains as in the plain row
-                model = _supervised_net(cfg, device) if method.endswith("-ema") else student
+                ema = _supervised_net(cfg, device) if method.endswith("-ema") else None
+                model = student if ema is None else ema
                 logits = model
 
-                def train(on_step, student=student, model=model, rows=rows, cfg=cfg):
-                    _train_supervised(student, cfg, x_all[rows], y_all[rows], device, on_step,
-                                      ema=model if model is not student else None)
+                def train(on_step, student=student, ema=ema, rows=rows, cfg=cfg):
+                    _train_supervised(student, cfg, x_all[rows], y_all[rows], device, on_step, ema=ema)
             else:
                 use_fm = fm_all is not None and cfg.use_pfa
                 # foundation features of the unlabelled slices that have them
