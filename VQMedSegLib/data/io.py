@@ -218,7 +218,7 @@ def check_image(volume: Volume, path: Path | str, modality: str | None) -> Volum
         if air >= MR_AIR_SHARE:
             raise InputError(
                 f"{path}: read as the MR, but {100 * air:.3g}% of its voxels are at or below {MR_AIR_LIMIT:g} "
-                f"(down to {float(array.min()):g}); this looks like a CT in Hounsfield units (air about -1000). "
+                f"(down to {lo:g}); this looks like a CT in Hounsfield units (air about -1000). "
                 "expected an MR (magnitude values, 0 and above, or a normalised image)"
             )
     return volume
