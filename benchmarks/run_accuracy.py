@@ -28,6 +28,8 @@ Parts:
   with two of the training patients held out for validation (the papers' protocol):
   each row is scored on them every 100 iterations and tested with its weights of best
   validation Dice, so the schedule's length is chosen without the test patients.
+* ``acdc-5-val`` (CPU preset only): ``acdc-10-val``'s supervised and VQ-Seg rows at 5%
+  labelled slices, set against ``acdc-10-val``'s ceiling.
 * ``acdc-10-val-ema`` (CPU preset only): ``acdc-10-val``'s U-Net rows trained again and
   tested, as VQ-Seg is, with the moving average of their weights (``supervised-ema``,
   ``supervised-full-ema``): what the averaging alone gives.
@@ -88,6 +90,10 @@ PARTS = {
     # test patients: 8 training patients, 2 validation patients, the same 20 test patients
     "acdc-10-val": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "methods": ["supervised", "vqseg", "supervised-full"],
                     "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
+    # acdc-10-val's schedule and validation patients at 5% labelled slices; its ceiling is
+    # acdc-10-val's (the ceiling trains on every slice, whatever the fraction)
+    "acdc-5-val": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.05, "methods": ["supervised", "vqseg"],
+                   "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
     # acdc-10-val's U-Net rows tested as VQ-Seg is, with the moving average of their weights
     # (VQ-Seg's teacher rule): how much of VQ-Seg's margin the averaging alone gives
     "acdc-10-val-ema": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10,
@@ -239,6 +245,7 @@ PAIRED = [
     (("acdc-10-long", "vqseg"), ("acdc-10", "vqseg")),
     (("acdc-10-long", "supervised"), ("acdc-10", "supervised")),
     (("acdc-10-val", "vqseg"), ("acdc-10-val", "supervised")),
+    (("acdc-5-val", "vqseg"), ("acdc-5-val", "supervised")),
     (("acdc-10-val", "vqseg"), ("acdc-10-val-ema", "supervised-ema")),
     (("acdc-10-val-ema", "supervised-ema"), ("acdc-10-val", "supervised")),
     (("acdc-10-val-ema", "supervised-full-ema"), ("acdc-10-val", "supervised-full")),
@@ -264,6 +271,9 @@ RATIO_PARTS = (("acdc-10", "acdc", ""), ("acdc-10-long", "acdc", "_long"), ("acd
                ("acdc-10-val-long", "acdc", "_val_long"), ("acdc-10-val-20train", "acdc", "_val_20train"),
                ("acdc-10-val-wide", "acdc", "_val_wide"),
                ("chaos-mr-10-val-long", "chaos_mr", "_val_long"))
+# parts without a ceiling row of their own -> the part whose ceiling they are set against,
+# and the prefix, labelled percentage and suffix of their ratio figures in the headline
+CEILING_OF = {"acdc-5-val": ("acdc-10-val", "acdc", "5", "_val")}
 # how many validation patients, in the report's words
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
@@ -272,6 +282,15 @@ def same_training_slices(pa: dict, pb: dict) -> bool:
     """Whether two parts ran on the same data, labelled fraction, seeds and split, so that
     their rows of one seed trained on the same labelled slices."""
     same = ("dataset", "labeled_fraction", "seeds", "validation_patients", "test_list")
+    return all(pa["settings"].get(k, RECORDED_DEFAULTS.get(k)) == pb["settings"].get(k, RECORDED_DEFAULTS.get(k))
+               for k in same)
+
+
+def same_ceiling(pa: dict, pb: dict) -> bool:
+    """Whether two parts trained their fully supervised rows alike: the same data, seeds,
+    split, validation patients and configuration (the labelled fraction may differ: the
+    ceiling trains on every slice)."""
+    same = ("dataset", "seeds", "validation_patients", "test_list", "preset", "config")
     return all(pa["settings"].get(k, RECORDED_DEFAULTS.get(k)) == pb["settings"].get(k, RECORDED_DEFAULTS.get(k))
                for k in same)
 
@@ -303,21 +322,33 @@ def paired_differences(parts: dict) -> list[dict]:
     return out
 
 
+def _ratios(out: dict, rows: dict, full: dict, name: str) -> None:
+    """VQ-Seg's and the supervised U-Net's Dice over the ceiling's, as ``name`` with the
+    row in place of ``{row}``; with the last iteration's weights and with the clean-up
+    chosen on validation where both rows recorded them."""
+    out[name.format(row="vqseg")] = rows["vqseg"]["dice_mean"] / full["dice_mean"]
+    out[name.format(row="supervised")] = rows["supervised"]["dice_mean"] / full["dice_mean"]
+    if "last_iteration" in rows["vqseg"] and "last_iteration" in full:
+        out[name.format(row="vqseg") + "_last"] = (rows["vqseg"]["last_iteration"]["dice_mean"]
+                                                   / full["last_iteration"]["dice_mean"])
+    if "post_processing" in rows["vqseg"] and "post_processing" in full:  # clean-up chosen on validation
+        out[name.format(row="vqseg") + "_postprocessed"] = (rows["vqseg"]["post_processing"]["dice_mean"]
+                                                            / full["post_processing"]["dice_mean"])
+
+
 def headline(parts: dict) -> dict:
     """The figures the targets are judged on, from whichever parts ran."""
     out: dict = {}
     for part, prefix, suffix in RATIO_PARTS:
         rows = parts.get(part, {}).get("results")
         if rows and "vqseg" in rows and "supervised-full" in rows:
-            full = rows["supervised-full"]
-            out[f"{prefix}_vqseg10_vs_full_ratio{suffix}"] = rows["vqseg"]["dice_mean"] / full["dice_mean"]
-            out[f"{prefix}_supervised10_vs_full_ratio{suffix}"] = rows["supervised"]["dice_mean"] / full["dice_mean"]
-            if "last_iteration" in rows["vqseg"] and "last_iteration" in full:
-                out[f"{prefix}_vqseg10_vs_full_ratio{suffix}_last"] = (rows["vqseg"]["last_iteration"]["dice_mean"]
-                                                                      / full["last_iteration"]["dice_mean"])
-            if "post_processing" in rows["vqseg"] and "post_processing" in full:  # clean-up chosen on validation
-                out[f"{prefix}_vqseg10_vs_full_ratio{suffix}_postprocessed"] = (
-                    rows["vqseg"]["post_processing"]["dice_mean"] / full["post_processing"]["dice_mean"])
+            _ratios(out, rows, rows["supervised-full"], f"{prefix}_{{row}}10_vs_full_ratio{suffix}")
+    for part, (ceiling, prefix, percent, suffix) in CEILING_OF.items():
+        pa, pc = parts.get(part), parts.get(ceiling)
+        if (pa and pc and {"vqseg", "supervised"} <= set(pa["results"]) and "supervised-full" in pc["results"]
+                and same_ceiling(pa, pc)):
+            _ratios(out, pa["results"], pc["results"]["supervised-full"],
+                    f"{prefix}_{{row}}{percent}_vs_full_ratio{suffix}")
     val, ema = parts.get("acdc-10-val"), parts.get("acdc-10-val-ema")
     if (val and ema and "vqseg" in val["results"] and "supervised-full-ema" in ema["results"]
             and same_training_slices(val, ema) and val["settings"].get("config") == ema["settings"].get("config")):
@@ -363,6 +394,19 @@ def report(summary: dict) -> str:
                   + (" of the liver on MR" if prefix == "chaos_mr" else "") + " (the supervised "
                   f"U-Net {summary['figures'][f'{prefix}_supervised10_vs_full_ratio{suffix}']:.3f}"
                   + (f"; with the last iteration's weights {last:.3f}" if last is not None else "")
+                  + (f"; with the largest-piece clean-up chosen per structure on the same patients {post:.3f}"
+                     if post is not None else "") + ")."]
+    for part, (ceiling, prefix, percent, suffix) in CEILING_OF.items():
+        figures = summary["figures"]
+        ratio = figures.get(f"{prefix}_vqseg{percent}_vs_full_ratio{suffix}")
+        if ratio is None:
+            continue
+        post = figures.get(f"{prefix}_vqseg{percent}_vs_full_ratio{suffix}_postprocessed")
+        held_out = PARTS[part].get("validation_patients")
+        lines += ["", f"With {PARTS[part]['overrides']['cpu']['iterations']:,} iterations and each row's weights chosen on "
+                  f"{COUNT_WORDS.get(held_out, held_out)} held-out training patients (`{part}`), VQ-Seg at {percent}% "
+                  f"reaches {ratio:.3f} of `{ceiling}`'s fully supervised Dice (the supervised U-Net "
+                  f"{figures[f'{prefix}_supervised{percent}_vs_full_ratio{suffix}']:.3f}"
                   + (f"; with the largest-piece clean-up chosen per structure on the same patients {post:.3f}"
                      if post is not None else "") + ")."]
     ema = summary["figures"].get("acdc_vqseg10_vs_full_ema_ratio_val")
