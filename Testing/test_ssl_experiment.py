@@ -14,8 +14,8 @@ from VQMedSegLib.config import vqseg_config_from_preset
 from VQMedSegLib.data.io import write_volume
 from VQMedSegLib.data.phantoms import make_dataset
 from VQMedSegLib.errors import ConfigError, InputError
-from VQMedSegLib.training.ssl_experiment import (BestOnValidation, Case, hold_out_patients, merge_ssl, method_config,
-                                                   rows_reading, split_by_patient)
+from VQMedSegLib.training.ssl_experiment import (BestOnValidation, Case, RowProgress, hold_out_patients, merge_ssl,
+                                                   method_config, rows_reading, split_by_patient)
 from VQMedSegLib.training.vqseg import VQSegTrainer, build_vqseg
 
 from conftest import run_cli, run_main
@@ -115,6 +115,12 @@ def test_ssl_scores_every_structure_with_the_ceiling_and_records_its_run(tmp_pat
     assert "| case | supervised | supervised-full | vqseg |" in table and row in table
     assert (out / "dice_by_case.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "validation.png").exists()  # no row was validated
+    # each row keeps its training losses, averaged over each tenth of its iterations
+    iterations = run["config"]["iterations"]
+    for method, terms in (("supervised", {"total"}), ("vqseg", {"total", "seg_l", "vq", "perplexity", "seg_qpm"})):
+        losses = results[method]["per_seed"][0]["training_losses"]
+        assert losses["iterations"][-1] == iterations and len(losses["iterations"]) == 10, method
+        assert terms <= set(losses["means"]) and all(len(v) == 10 for v in losses["means"].values()), method
 
 
 def test_vqseg_labelled_row_never_uses_an_unlabelled_slice():
@@ -687,3 +693,35 @@ def test_ema_rows_are_labelled_like_their_plain_rows(tmp_path):
     assert results["supervised-full-ema"]["labelled_slices"] == n
     assert results["supervised-full-ema"]["labeled_fraction"] == 1.0
     assert "labelled_rows" not in results["supervised-full-ema"]["per_seed"][0]
+
+
+class _Bar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+
+def test_a_rows_training_losses_are_kept_as_means_over_each_tenth_of_its_iterations():
+    """What a row's losses did (a term that starts after the warm-up, a codebook whose
+    usage collapses) is read from ``results.json`` after the run, not from a debugger."""
+    progress = RowProgress(_Bar(), "vqseg", 0, 20)
+    for it in range(1, 21):
+        losses = {"total": float(it), "vq": 0.5}
+        if it > 4:  # a term of the semi-supervised phase, from iteration 5
+            losses["seg_qpm"] = 2.0 * it
+        progress(it, 20, losses)
+    record = progress.record()
+    assert record["iterations"] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    assert record["means"]["total"] == pytest.approx([1.5, 3.5, 5.5, 7.5, 9.5, 11.5, 13.5, 15.5, 17.5, 19.5])
+    assert record["means"]["vq"] == pytest.approx([0.5] * 10)
+    # absent before it starts, then the mean of the iterations that had it
+    assert record["means"]["seg_qpm"][:2] == [None, None]
+    assert record["means"]["seg_qpm"][2:] == pytest.approx([11.0, 15.0, 19.0, 23.0, 27.0, 31.0, 35.0, 39.0])
+    json.dumps(record, allow_nan=False)  # plain JSON
+    # a trainer that reports no losses leaves an empty record
+    quiet = RowProgress(_Bar(), "supervised", 0, 3)
+    for it in range(1, 4):
+        quiet(it, 3, None)
+    assert quiet.record() == {"iterations": [1, 2, 3], "means": {}}

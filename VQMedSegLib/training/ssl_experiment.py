@@ -25,6 +25,10 @@ validation checkpoint the same way). The test scores of the last iteration's wei
 recorded beside them (``last_iteration``), so the choice's effect is visible. The
 validation patients also choose, per structure, whether the largest-piece clean-up is kept
 (:func:`choose_largest_piece`); ``post_processing`` holds the test scores with that choice.
+
+Each row and seed also keeps its training losses (``training_losses``): the mean of every
+term its trainer reports (VQ-Seg's labelled, unlabelled, codebook and alignment terms and
+the codebook's perplexity; the U-Net's total loss) over each tenth of its iterations.
 """
 
 from __future__ import annotations
@@ -291,19 +295,42 @@ class BestOnValidation:
 class RowProgress:
     """The ``on_step`` of one row and seed: calls the validation ``selector`` (if any),
     advances the run's tqdm bar, and logs every tenth of the row's iterations with the
-    best validation Dice so far, so that a run of hours shows where it is also in a log."""
+    best validation Dice so far, so that a run of hours shows where it is also in a log.
+    It also keeps the mean of each training loss over each tenth (:meth:`record`): a term
+    reported for none of a tenth's iterations (one that starts after the warm-up) is
+    ``None`` there."""
 
     def __init__(self, bar, method: str, seed: int, total: int, selector: BestOnValidation | None = None):
         self.bar, self.method, self.seed, self.total, self.selector = bar, method, seed, total, selector
         self.every = max(1, total // 10)
         self.t0 = time.monotonic()
+        self.iterations: list[int] = []
+        self.means: dict[str, list[float | None]] = {}
+        self._sums: dict[str, list[float]] = {}  # term -> [sum, count] since the last record
+
+    def record(self) -> dict:
+        return {"iterations": list(self.iterations), "means": {k: list(v) for k, v in self.means.items()}}
+
+    def _keep_means(self, iteration: int) -> None:
+        for key in self._sums.keys() - self.means.keys():  # a term first seen in this tenth
+            self.means[key] = [None] * len(self.iterations)
+        for key, values in self.means.items():
+            total, count = self._sums.get(key, (0.0, 0))
+            values.append(total / count if count else None)
+        self.iterations.append(iteration)
+        self._sums = {}
 
     def __call__(self, iteration: int, total: int | None = None, losses: dict | None = None) -> None:
         if self.selector is not None:
             self.selector(iteration, total, losses)
         self.bar.update(1)
+        for key, value in (losses or {}).items():
+            acc = self._sums.setdefault(key, [0.0, 0])
+            acc[0] += float(value)
+            acc[1] += 1
         if iteration % self.every and iteration != self.total:
             return
+        self._keep_means(iteration)
         best = (f"; best validation Dice {self.selector.best_dice:.4f} at iteration {self.selector.best_iteration}"
                 if self.selector is not None and self.selector.iterations else "")
         log.info("%s seed %d: iteration %d of %d (%.0f s)%s", self.method, self.seed, iteration, self.total,
@@ -533,7 +560,8 @@ def run_ssl(
             if val_cases:
                 selector = BestOnValidation(model, lambda: _validation_dice(predict, val_prepared, structures),
                                             validate_every, cfg.iterations)
-            train(RowProgress(bar, method, seed, cfg.iterations, selector))
+            progress = RowProgress(bar, method, seed, cfg.iterations, selector)
+            train(progress)
             model.eval()
             extra = {}
             if selector is not None:
@@ -547,7 +575,7 @@ def run_ssl(
                                             **_seed_summary(with_choice(raw, largest, keep), structures, test_ids)}
             s = _seed_summary(raw, structures, test_ids)
             per_method[method].append({"seed": seed, **s, "largest_component": _seed_summary(largest, structures, test_ids),
-                                       **extra, "seconds": time.monotonic() - t,
+                                       **extra, "training_losses": progress.record(), "seconds": time.monotonic() - t,
                                        **({} if labels_every_slice(method) else {"labelled_rows": [int(r) for r in lab]})})
             log.info("%s seed %d: Dice %.4f (%.0f s)%s", method, seed, s["dice_mean"], time.monotonic() - t,
                      f"; best validation Dice {selector.best_dice:.4f} at iteration {selector.best_iteration}, "
