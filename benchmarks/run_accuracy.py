@@ -278,21 +278,22 @@ CEILING_OF = {"acdc-5-val": ("acdc-10-val", "acdc", "5", "_val")}
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 
+def _same_settings(pa: dict, pb: dict, keys: tuple[str, ...]) -> bool:
+    return all(pa["settings"].get(k, RECORDED_DEFAULTS.get(k)) == pb["settings"].get(k, RECORDED_DEFAULTS.get(k))
+               for k in keys)
+
+
 def same_training_slices(pa: dict, pb: dict) -> bool:
     """Whether two parts ran on the same data, labelled fraction, seeds and split, so that
     their rows of one seed trained on the same labelled slices."""
-    same = ("dataset", "labeled_fraction", "seeds", "validation_patients", "test_list")
-    return all(pa["settings"].get(k, RECORDED_DEFAULTS.get(k)) == pb["settings"].get(k, RECORDED_DEFAULTS.get(k))
-               for k in same)
+    return _same_settings(pa, pb, ("dataset", "labeled_fraction", "seeds", "validation_patients", "test_list"))
 
 
 def same_ceiling(pa: dict, pb: dict) -> bool:
     """Whether two parts trained their fully supervised rows alike: the same data, seeds,
     split, validation patients and configuration (the labelled fraction may differ: the
     ceiling trains on every slice)."""
-    same = ("dataset", "seeds", "validation_patients", "test_list", "preset", "config")
-    return all(pa["settings"].get(k, RECORDED_DEFAULTS.get(k)) == pb["settings"].get(k, RECORDED_DEFAULTS.get(k))
-               for k in same)
+    return _same_settings(pa, pb, ("dataset", "seeds", "validation_patients", "test_list", "preset", "config"))
 
 
 def paired_differences(parts: dict) -> list[dict]:
@@ -362,6 +363,15 @@ def headline(parts: dict) -> dict:
     return out
 
 
+def _validated_setting(part: str) -> str:
+    """How a validation part of the CPU preset trained, in the report's words."""
+    held_out = PARTS[part]["validation_patients"]
+    return (f"With {PARTS[part]['overrides']['cpu']['iterations']:,} iterations and each row's weights chosen on "
+            f"{COUNT_WORDS.get(held_out, held_out)} held-out training patients (`{part}`"
+            + (f", test patients those of `{PARTS[part]['test_list']}`" if PARTS[part].get("test_list") else "")
+            + (f", the `{PARTS[part]['library_preset']}` network" if PARTS[part].get("library_preset") else "") + ")")
+
+
 def report(summary: dict) -> str:
     lines = ["# Accuracy on the real scans", "",
              f"Benchmark preset `{summary['preset']}`, seeds {summary['seeds']}; software {summary['versions']}; "
@@ -385,12 +395,7 @@ def report(summary: dict) -> str:
             continue
         last = summary["figures"].get(f"{prefix}_vqseg10_vs_full_ratio{suffix}_last")
         post = summary["figures"].get(f"{prefix}_vqseg10_vs_full_ratio{suffix}_postprocessed")
-        iterations = PARTS[part]["overrides"]["cpu"]["iterations"]
-        lines += ["", f"With {iterations:,} iterations and each row's weights chosen on {COUNT_WORDS.get(held_out, held_out)} "
-                  f"held-out training patients (`{part}`"
-                  + (f", test patients those of `{PARTS[part]['test_list']}`" if PARTS[part].get("test_list") else "")
-                  + (f", the `{PARTS[part]['library_preset']}` network" if PARTS[part].get("library_preset") else "")
-                  + f"), VQ-Seg at 10% reaches {val:.3f} of the fully supervised Dice"
+        lines += ["", _validated_setting(part) + f", VQ-Seg at 10% reaches {val:.3f} of the fully supervised Dice"
                   + (" of the liver on MR" if prefix == "chaos_mr" else "") + " (the supervised "
                   f"U-Net {summary['figures'][f'{prefix}_supervised10_vs_full_ratio{suffix}']:.3f}"
                   + (f"; with the last iteration's weights {last:.3f}" if last is not None else "")
@@ -402,9 +407,7 @@ def report(summary: dict) -> str:
         if ratio is None:
             continue
         post = figures.get(f"{prefix}_vqseg{percent}_vs_full_ratio{suffix}_postprocessed")
-        held_out = PARTS[part].get("validation_patients")
-        lines += ["", f"With {PARTS[part]['overrides']['cpu']['iterations']:,} iterations and each row's weights chosen on "
-                  f"{COUNT_WORDS.get(held_out, held_out)} held-out training patients (`{part}`), VQ-Seg at {percent}% "
+        lines += ["", _validated_setting(part) + f", VQ-Seg at {percent}% "
                   f"reaches {ratio:.3f} of `{ceiling}`'s fully supervised Dice (the supervised U-Net "
                   f"{figures[f'{prefix}_supervised{percent}_vs_full_ratio{suffix}']:.3f}"
                   + (f"; with the largest-piece clean-up chosen per structure on the same patients {post:.3f}"
