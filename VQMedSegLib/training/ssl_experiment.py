@@ -304,21 +304,13 @@ class RowProgress:
         self.bar, self.method, self.seed, self.total, self.selector = bar, method, seed, total, selector
         self.every = max(1, total // 10)
         self.t0 = time.monotonic()
-        self.iterations: list[int] = []
-        self.means: dict[str, list[float | None]] = {}
-        self._sums: dict[str, list[float]] = {}  # term -> [sum, count] since the last record
+        self.tenths: list[tuple[int, dict[str, float]]] = []  # (last iteration, each term's mean)
+        self._sums: dict[str, list[float]] = {}  # term -> [sum, count] since the last tenth
 
     def record(self) -> dict:
-        return {"iterations": list(self.iterations), "means": {k: list(v) for k, v in self.means.items()}}
-
-    def _keep_means(self, iteration: int) -> None:
-        for key in self._sums.keys() - self.means.keys():  # a term first seen in this tenth
-            self.means[key] = [None] * len(self.iterations)
-        for key, values in self.means.items():
-            total, count = self._sums.get(key, (0.0, 0))
-            values.append(total / count if count else None)
-        self.iterations.append(iteration)
-        self._sums = {}
+        terms = dict.fromkeys(k for _, means in self.tenths for k in means)  # in the order first reported
+        return {"iterations": [it for it, _ in self.tenths],
+                "means": {k: [means.get(k) for _, means in self.tenths] for k in terms}}
 
     def __call__(self, iteration: int, total: int | None = None, losses: dict | None = None) -> None:
         if self.selector is not None:
@@ -330,7 +322,8 @@ class RowProgress:
             acc[1] += 1
         if iteration % self.every and iteration != self.total:
             return
-        self._keep_means(iteration)
+        self.tenths.append((iteration, {k: total / count for k, (total, count) in self._sums.items()}))
+        self._sums = {}
         best = (f"; best validation Dice {self.selector.best_dice:.4f} at iteration {self.selector.best_iteration}"
                 if self.selector is not None and self.selector.iterations else "")
         log.info("%s seed %d: iteration %d of %d (%.0f s)%s", self.method, self.seed, iteration, self.total,
