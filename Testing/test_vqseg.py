@@ -85,6 +85,28 @@ def test_a_few_semi_supervised_steps_run_and_the_teacher_follows():
     assert trainer.predict(lx).shape == (6, 32, 32)
 
 
+@pytest.mark.parametrize("source, moves, still", [("straight-through", "encoder", "quantizer"),
+                                                  ("codewords", "quantizer", "encoder")])
+def test_the_alignment_term_moves_the_encoder_or_the_codebook_mapping_as_configured(source, moves, still):
+    """Eq. 11 on the straight-through output trains the encoder (the codebook only follows
+    through its own loss); on the codewords themselves it trains the codebook mapping and
+    leaves the encoder alone. The adapter learns either way."""
+    from VQMedSegLib.training.vqseg import VQSegObjective
+
+    torch.manual_seed(0)
+    cfg = VQSegConfig(features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, pfa_source=source)
+    net = VQSegNet(features=cfg.features, code_dim=8, num_codes=64, fm_channels=6)
+    objective = VQSegObjective(net, cfg)
+    objective.alignment(torch.rand(2, 1, 32, 32), torch.randn(2, 6, 4, 4)).backward()
+
+    def grad_norm(module):
+        return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+    assert grad_norm(getattr(net, moves)) > 0
+    assert grad_norm(getattr(net, still)) == 0
+    assert grad_norm(net.pfa) > 0
+
+
 def test_unlabelled_weight_ramps_up_after_the_supervised_warm_up():
     from VQMedSegLib.training.vqseg import rampup_weight
 
@@ -98,7 +120,8 @@ def test_unlabelled_weight_ramps_up_after_the_supervised_warm_up():
 
 
 @pytest.mark.parametrize("bad, key", [({"epsilon": 1.5}, "epsilon"), ({"perturbation": "gaussian"}, "perturbation"),
-                                      ({"confidence_threshold": 1.0}, "confidence_threshold"), ({"num_code": 8}, "num_code")])
+                                      ({"confidence_threshold": 1.0}, "confidence_threshold"), ({"num_code": 8}, "num_code"),
+                                      ({"pfa_source": "encoder"}, "pfa_source")])
 def test_vqseg_config_names_the_bad_key(bad, key):
     from VQMedSegLib.errors import ConfigError
 

@@ -312,6 +312,9 @@ class VQSegConfig(JsonConfig):
     pfa_slices: int = 0
     pfa_batch: int = 4
     temperature: float = 0.07
+    # what eq. 11 aligns: the quantiser's straight-through output (its gradient trains the
+    # encoder) or the chosen codewords themselves (its gradient trains the codebook mapping)
+    pfa_source: str = "straight-through"
     lambda_u: float = 1.0
     rampup: int = 0
     lambda_a: float = 5.0
@@ -347,6 +350,8 @@ class VQSegConfig(JsonConfig):
             (self.perturbation in ("qpm", "dropout", "none"), "perturbation", self.perturbation, "qpm, dropout or none"),
             (0.0 <= self.dropout_rate < 1.0, "dropout_rate", self.dropout_rate, "in [0, 1)"),
             (self.temperature > 0, "temperature", self.temperature, "a positive number"),
+            (self.pfa_source in ("straight-through", "codewords"), "pfa_source", self.pfa_source,
+             "straight-through or codewords"),
             (self.pfa_grid >= 1, "pfa_grid", self.pfa_grid, "at least 1"),
             (self.pfa_slices >= 0, "pfa_slices", self.pfa_slices, "0 (all) or more"),
             (self.pfa_batch >= 1, "pfa_batch", self.pfa_batch, "at least 1"),

@@ -494,11 +494,12 @@ def _refuse_options_the_method_ignores(args) -> None:
 # the settings a VQ-Seg command line gives every row of an experiment, and what reads them
 _READ_ONLY_BY = {
     "perturbation": ("--perturbation", "read only by rows that train semi-supervised and set no perturbation of their own "
-                                       "(vqseg, vqseg-nodb, vqseg-nopfa)"),
+                                       "(vqseg, vqseg-nodb, vqseg-nopfa, vqseg-pfacodes)"),
     "dropout_rate": ("--dropout-rate", "read only where the perturbation is dropout (--perturbation dropout, or the row "
                                        "vqseg-dropout)"),
     "strong_augment": ("--strong-augment", "read only by rows that train semi-supervised (the vqseg rows but vqseg-labelled)"),
-    "foundation": ("--foundation", "read only by rows with PFA (vqseg, vqseg-noqpm, vqseg-nodb, vqseg-dropout)"),
+    "foundation": ("--foundation", "read only by rows with PFA (vqseg, vqseg-noqpm, vqseg-nodb, vqseg-dropout, "
+                                       "vqseg-pfacodes)"),
 }
 
 
@@ -818,7 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: supervised, supervised-full (every training slice labelled), supervised-ema, "
                          "supervised-full-ema (the same, tested with the moving average of their weights, as VQ-Seg's "
                          "teacher is), vqseg, vqseg-noqpm, vqseg-nodb, "
-                         "vqseg-nopfa, vqseg-dropout, vqseg-labelled (VQ-Seg's network on the labelled slices alone)")
+                         "vqseg-nopfa, vqseg-dropout, vqseg-pfacodes (the alignment on the chosen codewords, "
+                         "which trains the codebook mapping, not the encoder), vqseg-labelled (VQ-Seg's network on "
+                         "the labelled slices alone)")
     _seed_args(ss, 2, " (to spread one experiment over processes or machines; gather the folders with ssl-merge)")
     preset_arg(ss, "VQ-Seg and U-Net")
     ss.add_argument("--config", help="JSON VQ-Seg settings laid over the preset; the options given here win over both")

@@ -73,6 +73,9 @@ METHODS = {
     "vqseg-nodb": {"use_reconstruction": False},
     "vqseg-nopfa": {"use_pfa": False},
     "vqseg-dropout": {"perturbation": "dropout"},
+    # the alignment (eq. 11) on the chosen codewords: its gradient trains the codebook
+    # mapping instead of pushing the encoder's features away from their codes
+    "vqseg-pfacodes": {"pfa_source": "codewords"},
     # VQ-Seg's network on the labelled slices alone (no teacher, no unlabelled slice, no
     # PFA): what the quantised network costs or gains before any semi-supervision
     "vqseg-labelled": {"use_pfa": False},

@@ -20,7 +20,11 @@ slices (paper: 8 + 4):
   view's range. Intensity changes keep the geometry, so the pseudo-labels still fit.
 * PFA (eq. 11): the quantised features of ``pfa_batch`` unlabelled slices (intensity
   jitter only, no geometric change), adapted to the foundation model's grid, against
-  that model's features of the same slices. The foundation model is slow on a CPU
+  that model's features of the same slices. ``pfa_source`` says which quantised
+  features: the straight-through output (the default; the alignment's gradient passes
+  to the encoder, and the codebook follows through its own loss) or the chosen
+  codewords (the gradient trains the codebook mapping and the adapter, and the encoder
+  follows through the commitment loss). The foundation model is slow on a CPU
   (about 1 s a slice for LiteMedSAM), so its features are computed once for
   ``pfa_slices`` unlabelled slices (0: all of them) and cached at ``pfa_grid`` x
   ``pfa_grid``.
@@ -176,7 +180,12 @@ class VQSegObjective(nn.Module):
 
     def alignment(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         net = self.student
-        q = net.quantizer(net.pre_quant(net.encoder(x)[4])).quantized
+        if self.cfg.pfa_source == "codewords":  # only the choice of codes comes from the encoder
+            with torch.no_grad():
+                indices = net.quantizer(net.pre_quant(net.encoder(x)[4])).indices
+            q = net.quantizer.codebook()[indices].permute(0, 3, 1, 2)
+        else:
+            q = net.quantizer(net.pre_quant(net.encoder(x)[4])).quantized
         return patch_info_nce(net.adapt(q, target.shape[-1]), target, self.cfg.temperature)
 
     def forward(self, x_l, y_l, unlabelled: UnlabelledViews | None = None,
