@@ -30,6 +30,9 @@ Parts:
   validation Dice, so the schedule's length is chosen without the test patients.
 * ``acdc-5-val`` (CPU preset only): ``acdc-10-val``'s supervised and VQ-Seg rows at 5%
   labelled slices, set against ``acdc-10-val``'s ceiling.
+* ``acdc-10-val-pfacodes`` (CPU preset only): ``acdc-10-val``'s VQ-Seg row with the
+  alignment of eq. 11 on the chosen codewords (``vqseg-pfacodes``), paired seed by seed
+  with ``acdc-10-val``'s rows and set against its ceiling.
 * ``acdc-10-val-ema`` (CPU preset only): ``acdc-10-val``'s U-Net rows trained again and
   tested, as VQ-Seg is, with the moving average of their weights (``supervised-ema``,
   ``supervised-full-ema``): what the averaging alone gives.
@@ -94,6 +97,10 @@ PARTS = {
     # acdc-10-val's (the ceiling trains on every slice, whatever the fraction)
     "acdc-5-val": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.05, "methods": ["supervised", "vqseg"],
                    "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
+    # acdc-10-val's VQ-Seg row with the alignment (eq. 11) on the chosen codewords, which
+    # trains the codebook mapping instead of pushing the encoder away from its codes
+    "acdc-10-val-pfacodes": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "methods": ["vqseg-pfacodes"],
+                             "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
     # acdc-10-val's U-Net rows tested as VQ-Seg is, with the moving average of their weights
     # (VQ-Seg's teacher rule): how much of VQ-Seg's margin the averaging alone gives
     "acdc-10-val-ema": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10,
@@ -246,6 +253,8 @@ PAIRED = [
     (("acdc-10-long", "supervised"), ("acdc-10", "supervised")),
     (("acdc-10-val", "vqseg"), ("acdc-10-val", "supervised")),
     (("acdc-5-val", "vqseg"), ("acdc-5-val", "supervised")),
+    (("acdc-10-val-pfacodes", "vqseg-pfacodes"), ("acdc-10-val", "vqseg")),
+    (("acdc-10-val-pfacodes", "vqseg-pfacodes"), ("acdc-10-val", "supervised")),
     (("acdc-10-val", "vqseg"), ("acdc-10-val-ema", "supervised-ema")),
     (("acdc-10-val-ema", "supervised-ema"), ("acdc-10-val", "supervised")),
     (("acdc-10-val-ema", "supervised-full-ema"), ("acdc-10-val", "supervised-full")),
@@ -274,6 +283,9 @@ RATIO_PARTS = (("acdc-10", "acdc", ""), ("acdc-10-long", "acdc", "_long"), ("acd
 # parts without a ceiling row of their own -> the part whose ceiling they are set against,
 # and the prefix, labelled percentage and suffix of their ratio figures in the headline
 CEILING_OF = {"acdc-5-val": ("acdc-10-val", "acdc", "5", "_val")}
+# variants of a VQ-Seg row in a part of their own -> the row, the part whose ceiling they
+# are set against and the name of their ratio figure in the headline
+ROW_RATIOS = {"acdc-10-val-pfacodes": ("vqseg-pfacodes", "acdc-10-val", "acdc_vqseg_pfacodes10_vs_full_ratio_val")}
 # how many validation patients, in the report's words
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
@@ -350,6 +362,13 @@ def headline(parts: dict) -> dict:
                 and same_ceiling(pa, pc)):
             _ratios(out, pa["results"], pc["results"]["supervised-full"],
                     f"{prefix}_{{row}}{percent}_vs_full_ratio{suffix}")
+    for part, (row, ceiling, name) in ROW_RATIOS.items():
+        pa, pc = parts.get(part), parts.get(ceiling)
+        if pa and pc and row in pa["results"] and "supervised-full" in pc["results"] and same_ceiling(pa, pc):
+            mine, full = pa["results"][row], pc["results"]["supervised-full"]
+            out[name] = mine["dice_mean"] / full["dice_mean"]
+            if "post_processing" in mine and "post_processing" in full:
+                out[name + "_postprocessed"] = mine["post_processing"]["dice_mean"] / full["post_processing"]["dice_mean"]
     val, ema = parts.get("acdc-10-val"), parts.get("acdc-10-val-ema")
     if (val and ema and "vqseg" in val["results"] and "supervised-full-ema" in ema["results"]
             and same_training_slices(val, ema) and val["settings"].get("config") == ema["settings"].get("config")):
@@ -412,6 +431,15 @@ def report(summary: dict) -> str:
                   f"{figures[f'{prefix}_supervised{percent}_vs_full_ratio{suffix}']:.3f}"
                   + (f"; with the largest-piece clean-up chosen per structure on the same patients {post:.3f}"
                      if post is not None else "") + ")."]
+    for part, (row, ceiling, name) in ROW_RATIOS.items():
+        ratio = summary["figures"].get(name)
+        if ratio is None:
+            continue
+        post = summary["figures"].get(name + "_postprocessed")
+        lines += ["", _validated_setting(part) + f", `{row}` at {PARTS[part]['labeled_fraction']:.0%} reaches "
+                  f"{ratio:.3f} of `{ceiling}`'s fully supervised Dice"
+                  + (f" (with the largest-piece clean-up chosen per structure on the same patients {post:.3f})"
+                     if post is not None else "") + "."]
     ema = summary["figures"].get("acdc_vqseg10_vs_full_ema_ratio_val")
     if ema is not None:
         lines += ["", "With `acdc-10-val`'s weights chosen on validation, against a ceiling tested with the moving "
