@@ -339,14 +339,19 @@ def _ratios(out: dict, rows: dict, full: dict, name: str) -> None:
     """VQ-Seg's and the supervised U-Net's Dice over the ceiling's, as ``name`` with the
     row in place of ``{row}``; with the last iteration's weights and with the clean-up
     chosen on validation where both rows recorded them."""
-    out[name.format(row="vqseg")] = rows["vqseg"]["dice_mean"] / full["dice_mean"]
+    _ratio(out, rows["vqseg"], full, name.format(row="vqseg"))
     out[name.format(row="supervised")] = rows["supervised"]["dice_mean"] / full["dice_mean"]
-    if "last_iteration" in rows["vqseg"] and "last_iteration" in full:
-        out[name.format(row="vqseg") + "_last"] = (rows["vqseg"]["last_iteration"]["dice_mean"]
-                                                   / full["last_iteration"]["dice_mean"])
-    if "post_processing" in rows["vqseg"] and "post_processing" in full:  # clean-up chosen on validation
-        out[name.format(row="vqseg") + "_postprocessed"] = (rows["vqseg"]["post_processing"]["dice_mean"]
-                                                            / full["post_processing"]["dice_mean"])
+
+
+def _ratio(out: dict, row: dict, full: dict, name: str) -> None:
+    """One row's Dice over the ceiling's, as ``name``; with the last iteration's weights
+    (``_last``) and with the clean-up chosen on validation (``_postprocessed``) where both
+    rows recorded them."""
+    out[name] = row["dice_mean"] / full["dice_mean"]
+    if "last_iteration" in row and "last_iteration" in full:
+        out[name + "_last"] = row["last_iteration"]["dice_mean"] / full["last_iteration"]["dice_mean"]
+    if "post_processing" in row and "post_processing" in full:  # clean-up chosen on validation
+        out[name + "_postprocessed"] = row["post_processing"]["dice_mean"] / full["post_processing"]["dice_mean"]
 
 
 def headline(parts: dict) -> dict:
@@ -365,10 +370,7 @@ def headline(parts: dict) -> dict:
     for part, (row, ceiling, name) in ROW_RATIOS.items():
         pa, pc = parts.get(part), parts.get(ceiling)
         if pa and pc and row in pa["results"] and "supervised-full" in pc["results"] and same_ceiling(pa, pc):
-            mine, full = pa["results"][row], pc["results"]["supervised-full"]
-            out[name] = mine["dice_mean"] / full["dice_mean"]
-            if "post_processing" in mine and "post_processing" in full:
-                out[name + "_postprocessed"] = mine["post_processing"]["dice_mean"] / full["post_processing"]["dice_mean"]
+            _ratio(out, pa["results"][row], pc["results"]["supervised-full"], name)
     val, ema = parts.get("acdc-10-val"), parts.get("acdc-10-val-ema")
     if (val and ema and "vqseg" in val["results"] and "supervised-full-ema" in ema["results"]
             and same_training_slices(val, ema) and val["settings"].get("config") == ema["settings"].get("config")):
@@ -435,11 +437,12 @@ def report(summary: dict) -> str:
         ratio = summary["figures"].get(name)
         if ratio is None:
             continue
-        post = summary["figures"].get(name + "_postprocessed")
+        also = [f"{words} {summary['figures'][name + key]:.3f}" for key, words in
+                (("_last", "with the last iteration's weights"),
+                 ("_postprocessed", "with the largest-piece clean-up chosen per structure on the same patients"))
+                if name + key in summary["figures"]]
         lines += ["", _validated_setting(part) + f", `{row}` at {PARTS[part]['labeled_fraction']:.0%} reaches "
-                  f"{ratio:.3f} of `{ceiling}`'s fully supervised Dice"
-                  + (f" (with the largest-piece clean-up chosen per structure on the same patients {post:.3f})"
-                     if post is not None else "") + "."]
+                  f"{ratio:.3f} of `{ceiling}`'s fully supervised Dice" + (f" ({'; '.join(also)})" if also else "") + "."]
     ema = summary["figures"].get("acdc_vqseg10_vs_full_ema_ratio_val")
     if ema is not None:
         lines += ["", "With `acdc-10-val`'s weights chosen on validation, against a ceiling tested with the moving "
