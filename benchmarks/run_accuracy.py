@@ -286,6 +286,8 @@ CEILING_OF = {"acdc-5-val": ("acdc-10-val", "acdc", "5", "_val")}
 # variants of a VQ-Seg row in a part of their own -> the row, the part whose ceiling they
 # are set against and the name of their ratio figure in the headline
 ROW_RATIOS = {"acdc-10-val-pfacodes": ("vqseg-pfacodes", "acdc-10-val", "acdc_vqseg_pfacodes10_vs_full_ratio_val")}
+# the clean-up chosen on validation, in the report's words
+CLEAN_UP_WORDS = "with the largest-piece clean-up chosen per structure on the same patients"
 # how many validation patients, in the report's words
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
@@ -420,7 +422,7 @@ def report(summary: dict) -> str:
                   + (" of the liver on MR" if prefix == "chaos_mr" else "") + " (the supervised "
                   f"U-Net {summary['figures'][f'{prefix}_supervised10_vs_full_ratio{suffix}']:.3f}"
                   + (f"; with the last iteration's weights {last:.3f}" if last is not None else "")
-                  + (f"; with the largest-piece clean-up chosen per structure on the same patients {post:.3f}"
+                  + (f"; {CLEAN_UP_WORDS} {post:.3f}"
                      if post is not None else "") + ")."]
     for part, (ceiling, prefix, percent, suffix) in CEILING_OF.items():
         figures = summary["figures"]
@@ -431,7 +433,7 @@ def report(summary: dict) -> str:
         lines += ["", _validated_setting(part) + f", VQ-Seg at {percent}% "
                   f"reaches {ratio:.3f} of `{ceiling}`'s fully supervised Dice (the supervised U-Net "
                   f"{figures[f'{prefix}_supervised{percent}_vs_full_ratio{suffix}']:.3f}"
-                  + (f"; with the largest-piece clean-up chosen per structure on the same patients {post:.3f}"
+                  + (f"; {CLEAN_UP_WORDS} {post:.3f}"
                      if post is not None else "") + ")."]
     for part, (row, ceiling, name) in ROW_RATIOS.items():
         ratio = summary["figures"].get(name)
@@ -439,7 +441,7 @@ def report(summary: dict) -> str:
             continue
         also = [f"{words} {summary['figures'][name + key]:.3f}" for key, words in
                 (("_last", "with the last iteration's weights"),
-                 ("_postprocessed", "with the largest-piece clean-up chosen per structure on the same patients"))
+                 ("_postprocessed", CLEAN_UP_WORDS))
                 if name + key in summary["figures"]]
         lines += ["", _validated_setting(part) + f", `{row}` at {PARTS[part]['labeled_fraction']:.0%} reaches "
                   f"{ratio:.3f} of `{ceiling}`'s fully supervised Dice" + (f" ({'; '.join(also)})" if also else "") + "."]
