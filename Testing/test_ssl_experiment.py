@@ -366,6 +366,17 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
     (other / "run.json").write_text(json.dumps({**run, "labeled_fraction": 0.5}), encoding="utf-8")
     with pytest.raises(InputError, match="'labeled_fraction' differs from"):
         merge_ssl([tmp_path / "vqseg0", other], tmp_path / "bad")
+    # a run recorded before a configuration key existed ran with that key's default: it
+    # merges with a run that records the default, not with one that changed it
+    config = {k: v for k, v in run["config"].items() if k != "pfa_source"}
+    assert run["config"]["pfa_source"] == "straight-through"
+    (other / "run.json").write_text(json.dumps({**run, "config": config}), encoding="utf-8")
+    assert list(merge_ssl([other, tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "older")) == [
+        "supervised", "vqseg"]
+    (other / "run.json").write_text(json.dumps({**run, "config": {**run["config"], "pfa_source": "codewords"}}),
+                                    encoding="utf-8")
+    with pytest.raises(InputError, match="'config' differs from"):
+        merge_ssl([tmp_path / "vqseg0", other], tmp_path / "bad")
     with pytest.raises(InputError, match="run.json: not found; expected the output folder of a finished `vqmedseg ssl` run"):
         merge_ssl([tmp_path / "seed1", folder], tmp_path / "bad")
     with pytest.raises(InputError, match=re.escape("supervised: [1]; vqseg: [0, 1]")):

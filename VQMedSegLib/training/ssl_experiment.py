@@ -48,7 +48,7 @@ from monai.losses import DiceLoss
 from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
 from ..data.volume import Volume, label_values
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..tasks import get_task
 from ..files import atomic_files, atomic_write_json, atomic_write_text, read_json, read_text
 from ..inference.postprocess import keep_largest_component
@@ -654,10 +654,11 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
     --seed-ids`` or ``--methods`` per run): the rows of every (method, seed) are gathered,
     the summaries over seeds recomputed, and the three files written as one run's.
 
-    The runs must agree on everything that defines the experiment (:data:`SAME_EXPERIMENT`),
-    hold no (method, seed) twice, and give every method the same seeds. The methods keep
-    the order of ``methods`` (which must name exactly those found), else of their first
-    appearance. ``seconds`` is the sum of the runs' times (compute, not wall time);
+    The runs must agree on everything that defines the experiment (:data:`SAME_EXPERIMENT`;
+    the configuration as today's code reads it, so a run recorded before a key existed
+    agrees with one that records the key's default), hold no (method, seed) twice, and
+    give every method the same seeds. The methods keep the order of ``methods`` (which
+    must name exactly those found), else of their first appearance. ``seconds`` is the sum of the runs' times (compute, not wall time);
     ``merged_from`` lists the runs."""
     if len(sources) < 2:
         raise InputError(f"ssl-merge: found {len(sources)} result folder(s), expected at least 2")
@@ -666,6 +667,7 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
         files = {name: read_json(Path(src) / name, expected="the output folder of a finished `vqmedseg ssl` run")
                  for name in ("run.json", "results.json")}
         run, results = files["run.json"], files["results.json"]
+        run = {**run, "config": _as_today(run.get("config"))}
         if runs:
             for key in SAME_EXPERIMENT:
                 if run.get(key) != runs[0].get(key):
@@ -715,6 +717,16 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
                         for src, r in zip(sources, runs)],
     })
     return results
+
+
+def _as_today(config: dict | None) -> dict | None:
+    """A run's recorded configuration as today's code reads it: a key the run predates
+    takes its default, which is what the code of that run did. A key today's code no
+    longer knows leaves the record as it is (so it differs, and the runs are not merged)."""
+    try:
+        return VQSegConfig.from_json(config, source="run.json").to_json() if config is not None else None
+    except ConfigError:
+        return config
 
 
 def _shared_or_listed(values: list):
