@@ -564,3 +564,36 @@ def test_the_codeword_alignment_part_is_acdc_10_val_with_that_row_paired_and_set
     changed = {name: {"settings": {**part["settings"], "seeds": [1, 2, 3]} if name == "acdc-10-val" else part["settings"],
                       "results": part["results"]} for name, part in summary["parts"].items()}
     assert "acdc_vqseg_pfacodes10_vs_full_ratio_val" not in run_accuracy.headline(changed)
+
+
+def test_the_five_seed_part_is_acdc_10_val_with_its_codeword_row_over_seeds_0_to_4(tmp_path):
+    """`acdc-10-val-5seeds` holds acdc-10-val's rows and the codeword alignment's over five
+    seeds whatever --seeds says (its first three seeds are those parts' rows, merged with
+    seeds 3 and 4): its own ratios, and its pairs within the part only."""
+    val = run_accuracy.part_settings("acdc-10-val", "cpu", 3)
+    five = run_accuracy.part_settings("acdc-10-val-5seeds", "cpu", 3)
+    assert five == {**val, "methods": ["supervised", "vqseg", "vqseg-pfacodes", "supervised-full"], "seeds": [0, 1, 2, 3, 4]}
+    assert run_accuracy.part_settings("acdc-10-val-5seeds", "cpu", 7)["seeds"] == [0, 1, 2, 3, 4]
+    assert "acdc-10-val-5seeds" not in run_accuracy.parts_of("gpu")
+    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.70, 0.69, 0.68], "supervised-full": [0.77, 0.76, 0.73]},
+            "acdc-10-val-5seeds": {"supervised": [0.64, 0.62, 0.66, 0.60, 0.61], "vqseg": [0.70, 0.69, 0.68, 0.65, 0.62],
+                                   "vqseg-pfacodes": [0.72, 0.72, 0.58, 0.67, 0.60],
+                                   "supervised-full": [0.77, 0.76, 0.73, 0.75, 0.74]}}
+
+    summary = _report_on(tmp_path, rows, _with_post_processing(0.01))
+    figures = summary["figures"]
+    assert figures["acdc_vqseg10_vs_full_ratio_val"] == pytest.approx(2.07 / 2.26)
+    assert figures["acdc_vqseg10_vs_full_ratio_val_5seeds"] == pytest.approx(3.34 / 3.75)
+    assert figures["acdc_supervised10_vs_full_ratio_val_5seeds"] == pytest.approx(3.13 / 3.75)
+    assert figures["acdc_vqseg10_vs_full_ratio_val_5seeds_postprocessed"] == pytest.approx((3.34 / 5 + 0.01) / 0.76)
+    assert figures["acdc_vqseg_pfacodes10_vs_full_ratio_val_5seeds"] == pytest.approx(3.29 / 3.75)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    d = paired[("acdc-10-val-5seeds/vqseg-pfacodes", "acdc-10-val-5seeds/vqseg")]
+    assert d["per_seed"] == pytest.approx([2.0, 3.0, -10.0, 2.0, -2.0]) and d["seeds"] == [0, 1, 2, 3, 4]
+    assert paired[("acdc-10-val-5seeds/vqseg", "acdc-10-val-5seeds/supervised")]["a_higher"] == 5
+    # rows of three seeds are not paired with rows of five
+    assert not [p for p in paired if {p[0].split("/")[0], p[1].split("/")[0]} == {"acdc-10-val", "acdc-10-val-5seeds"}]
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert ("With 3,000 iterations and each row's weights chosen on two held-out training patients "
+            "(`acdc-10-val-5seeds`, five seeds), VQ-Seg at 10% reaches 0.891 of the fully supervised Dice") in md
+    assert "(`acdc-10-val-5seeds`, five seeds), `vqseg-pfacodes` at 10% reaches 0.877 of `acdc-10-val-5seeds`'s" in md

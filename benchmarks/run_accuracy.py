@@ -33,6 +33,9 @@ Parts:
 * ``acdc-10-val-pfacodes`` (CPU preset only): ``acdc-10-val``'s VQ-Seg row with the
   alignment of eq. 11 on the chosen codewords (``vqseg-pfacodes``), paired seed by seed
   with ``acdc-10-val``'s rows and set against its ceiling.
+* ``acdc-10-val-5seeds`` (CPU preset only): ``acdc-10-val``'s rows and
+  ``acdc-10-val-pfacodes``' over seeds 0 to 4, whatever ``--seeds`` says (the two parts'
+  folders merged with a run of seeds 3 and 4): how far three seeds' figures hold.
 * ``acdc-10-val-ema`` (CPU preset only): ``acdc-10-val``'s U-Net rows trained again and
   tested, as VQ-Seg is, with the moving average of their weights (``supervised-ema``,
   ``supervised-full-ema``): what the averaging alone gives.
@@ -101,6 +104,11 @@ PARTS = {
     # trains the codebook mapping instead of pushing the encoder away from its codes
     "acdc-10-val-pfacodes": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "methods": ["vqseg-pfacodes"],
                              "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
+    # acdc-10-val's rows and acdc-10-val-pfacodes' over five seeds, whatever --seeds says: the
+    # first three seeds are those parts' rows, merged with seeds 3 and 4 (benchmarks/README.md)
+    "acdc-10-val-5seeds": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "seeds": 5,
+                           "methods": ["supervised", "vqseg", "vqseg-pfacodes", "supervised-full"],
+                           "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
     # acdc-10-val's U-Net rows tested as VQ-Seg is, with the moving average of their weights
     # (VQ-Seg's teacher rule): how much of VQ-Seg's margin the averaging alone gives
     "acdc-10-val-ema": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10,
@@ -193,9 +201,11 @@ def _comparable(kind: str, config: dict | None) -> dict:
 
 
 def part_settings(name: str, preset: str, seeds: int) -> dict:
-    """What a part runs: its data, methods, seeds and the full configuration of its preset
-    (so a preset whose values change is rerun, not read back)."""
+    """What a part runs: its data, methods, seeds (``seeds`` of them, unless the part names
+    its own number) and the full configuration of its preset (so a preset whose values
+    change is rerun, not read back)."""
     part, p = PARTS[name], PRESETS[preset]
+    seeds = part.get("seeds", seeds)
     if name not in parts_of(preset):
         raise ValueError(f"part {name} belongs to the {', '.join(part['overrides'])} preset(s), not to {preset}")
     overrides = part.get("overrides", {}).get(preset, {})
@@ -255,6 +265,8 @@ PAIRED = [
     (("acdc-5-val", "vqseg"), ("acdc-5-val", "supervised")),
     (("acdc-10-val-pfacodes", "vqseg-pfacodes"), ("acdc-10-val", "vqseg")),
     (("acdc-10-val-pfacodes", "vqseg-pfacodes"), ("acdc-10-val", "supervised")),
+    (("acdc-10-val-5seeds", "vqseg"), ("acdc-10-val-5seeds", "supervised")),
+    (("acdc-10-val-5seeds", "vqseg-pfacodes"), ("acdc-10-val-5seeds", "vqseg")),
     (("acdc-10-val", "vqseg"), ("acdc-10-val-ema", "supervised-ema")),
     (("acdc-10-val-ema", "supervised-ema"), ("acdc-10-val", "supervised")),
     (("acdc-10-val-ema", "supervised-full-ema"), ("acdc-10-val", "supervised-full")),
@@ -278,14 +290,15 @@ PAIRED = [
 # the parts with a ceiling row, and the prefix and suffix of their ratio figures in the headline
 RATIO_PARTS = (("acdc-10", "acdc", ""), ("acdc-10-long", "acdc", "_long"), ("acdc-10-val", "acdc", "_val"),
                ("acdc-10-val-long", "acdc", "_val_long"), ("acdc-10-val-20train", "acdc", "_val_20train"),
-               ("acdc-10-val-wide", "acdc", "_val_wide"),
+               ("acdc-10-val-wide", "acdc", "_val_wide"), ("acdc-10-val-5seeds", "acdc", "_val_5seeds"),
                ("chaos-mr-10-val-long", "chaos_mr", "_val_long"))
 # parts without a ceiling row of their own -> the part whose ceiling they are set against,
 # and the prefix, labelled percentage and suffix of their ratio figures in the headline
 CEILING_OF = {"acdc-5-val": ("acdc-10-val", "acdc", "5", "_val")}
 # variants of a VQ-Seg row in a part of their own -> the row, the part whose ceiling they
 # are set against and the name of their ratio figure in the headline
-ROW_RATIOS = {"acdc-10-val-pfacodes": ("vqseg-pfacodes", "acdc-10-val", "acdc_vqseg_pfacodes10_vs_full_ratio_val")}
+ROW_RATIOS = {"acdc-10-val-pfacodes": ("vqseg-pfacodes", "acdc-10-val", "acdc_vqseg_pfacodes10_vs_full_ratio_val"),
+              "acdc-10-val-5seeds": ("vqseg-pfacodes", "acdc-10-val-5seeds", "acdc_vqseg_pfacodes10_vs_full_ratio_val_5seeds")}
 # the clean-up chosen on validation, in the report's words
 CLEAN_UP_WORDS = "with the largest-piece clean-up chosen per structure on the same patients"
 # how many validation patients, in the report's words
@@ -392,7 +405,9 @@ def _validated_setting(part: str) -> str:
     return (f"With {PARTS[part]['overrides']['cpu']['iterations']:,} iterations and each row's weights chosen on "
             f"{COUNT_WORDS.get(held_out, held_out)} held-out training patients (`{part}`"
             + (f", test patients those of `{PARTS[part]['test_list']}`" if PARTS[part].get("test_list") else "")
-            + (f", the `{PARTS[part]['library_preset']}` network" if PARTS[part].get("library_preset") else "") + ")")
+            + (f", the `{PARTS[part]['library_preset']}` network" if PARTS[part].get("library_preset") else "")
+            + (f", {COUNT_WORDS.get(PARTS[part]['seeds'], PARTS[part]['seeds'])} seeds" if PARTS[part].get("seeds") else "")
+            + ")")
 
 
 def report(summary: dict) -> str:
