@@ -658,8 +658,8 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
     the configuration as today's code reads it, so a run recorded before a key existed
     agrees with one that records the key's default), hold no (method, seed) twice, and
     give every method the same seeds. The methods keep the order of ``methods`` (which
-    must name exactly those found), else of their first appearance. ``seconds`` is the sum of the runs' times (compute, not wall time);
-    ``merged_from`` lists the runs."""
+    must name exactly those found), else of their first appearance. ``seconds`` is the
+    sum of the runs' times (compute, not wall time); ``merged_from`` lists the runs."""
     if len(sources) < 2:
         raise InputError(f"ssl-merge: found {len(sources)} result folder(s), expected at least 2")
     runs, rows = [], {}
