@@ -106,6 +106,16 @@ class JsonConfig:
             raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
         return obj
 
+    @classmethod
+    def as_read_today(cls, recorded: dict) -> dict:
+        """A configuration a run recorded, as today's code reads it: a key the run predates
+        takes its default, which is what the code of that run did. A record today's code
+        refuses (a key it no longer knows) comes back as it was, so it compares unequal."""
+        try:
+            return cls.from_json(recorded, source="run.json").to_json()  # type: ignore[attr-defined]
+        except ConfigError:
+            return recorded
+
     def check_common(self) -> None:
         """The checks every configuration shares: a seed from 0 to :data:`MAX_SEED` (NumPy
         refuses a negative one, and torch and MONAI a larger one, with a traceback half

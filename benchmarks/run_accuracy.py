@@ -189,15 +189,10 @@ def parts_of(preset: str) -> list[str]:
 
 
 def _comparable(kind: str, config: dict | None) -> dict:
-    """A configuration as today's code reads it (a key the run predates takes the class
-    default, which is what the code of that run did), without the per-run keys."""
-    from VQMedSegLib.errors import ConfigError
-
-    try:
-        config = _config_class(kind).from_json(config or {}, source="run.json").to_json()
-    except ConfigError:  # a key today's code no longer knows: not comparable, so rerun
-        pass
-    return {k: v for k, v in json.loads(json.dumps(config or {})).items() if k not in PER_RUN_KEYS}
+    """A configuration as today's code reads it (``JsonConfig.as_read_today``; a key today's
+    code no longer knows leaves it unequal, so the part is rerun), without the per-run keys."""
+    config = _config_class(kind).as_read_today(config or {})
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in PER_RUN_KEYS}
 
 
 def part_settings(name: str, preset: str, seeds: int) -> dict:

@@ -48,7 +48,7 @@ from monai.losses import DiceLoss
 from ..config import VQSegConfig
 from ..data.preprocessing import extract_label_slices, extract_slices, normalize, plan_slices, slices_to_volume
 from ..data.volume import Volume, label_values
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..tasks import get_task
 from ..files import atomic_files, atomic_write_json, atomic_write_text, read_json, read_text
 from ..inference.postprocess import keep_largest_component
@@ -667,7 +667,8 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
         files = {name: read_json(Path(src) / name, expected="the output folder of a finished `vqmedseg ssl` run")
                  for name in ("run.json", "results.json")}
         run, results = files["run.json"], files["results.json"]
-        run = {**run, "config": _as_today(run.get("config"))}
+        if run.get("config") is not None:
+            run = {**run, "config": VQSegConfig.as_read_today(run["config"])}
         if runs:
             for key in SAME_EXPERIMENT:
                 if run.get(key) != runs[0].get(key):
@@ -717,16 +718,6 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
                         for src, r in zip(sources, runs)],
     })
     return results
-
-
-def _as_today(config: dict | None) -> dict | None:
-    """A run's recorded configuration as today's code reads it: a key the run predates
-    takes its default, which is what the code of that run did. A key today's code no
-    longer knows leaves the record as it is (so it differs, and the runs are not merged)."""
-    try:
-        return VQSegConfig.from_json(config, source="run.json").to_json() if config is not None else None
-    except ConfigError:
-        return config
 
 
 def _shared_or_listed(values: list):
