@@ -597,3 +597,33 @@ def test_the_five_seed_part_is_acdc_10_val_with_its_codeword_row_over_seeds_0_to
     assert ("With 3,000 iterations and each row's weights chosen on two held-out training patients "
             "(`acdc-10-val-5seeds`, five seeds), VQ-Seg at 10% reaches 0.891 of the fully supervised Dice") in md
     assert "(`acdc-10-val-5seeds`, five seeds), `vqseg-pfacodes` at 10% reaches 0.877 of `acdc-10-val-5seeds`'s" in md
+
+
+def test_the_twenty_patient_five_seed_part_is_acdc_10_val_20train_over_seeds_0_to_4(tmp_path):
+    """`acdc-10-val-20train-5seeds` holds acdc-10-val-20train's rows over five seeds whatever
+    --seeds says (its first three seeds are that part's rows, merged with seeds 3 and 4):
+    its own ratios, and its pairs within the part only."""
+    t20 = run_accuracy.part_settings("acdc-10-val-20train", "cpu", 3)
+    five = run_accuracy.part_settings("acdc-10-val-20train-5seeds", "cpu", 3)
+    assert five == {**t20, "seeds": [0, 1, 2, 3, 4]}
+    assert run_accuracy.part_settings("acdc-10-val-20train-5seeds", "cpu", 7)["seeds"] == [0, 1, 2, 3, 4]
+    assert "acdc-10-val-20train-5seeds" not in run_accuracy.parts_of("gpu")
+    rows = {"acdc-10-val-20train": {"supervised": [0.70, 0.72, 0.68], "vqseg": [0.78, 0.77, 0.79], "supervised-full": [0.82, 0.83, 0.81]},
+            "acdc-10-val-20train-5seeds": {"supervised": [0.70, 0.72, 0.68, 0.74, 0.66], "vqseg": [0.78, 0.77, 0.79, 0.72, 0.74],
+                                           "supervised-full": [0.82, 0.83, 0.81, 0.84, 0.80]}}
+
+    summary = _report_on(tmp_path, rows, _with_post_processing(0.01))
+    figures = summary["figures"]
+    assert figures["acdc_vqseg10_vs_full_ratio_val_20train"] == pytest.approx(2.34 / 2.46)
+    assert figures["acdc_vqseg10_vs_full_ratio_val_20train_5seeds"] == pytest.approx(3.80 / 4.10)
+    assert figures["acdc_supervised10_vs_full_ratio_val_20train_5seeds"] == pytest.approx(3.50 / 4.10)
+    assert figures["acdc_vqseg10_vs_full_ratio_val_20train_5seeds_postprocessed"] == pytest.approx((3.80 / 5 + 0.01) / 0.83)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    d = paired[("acdc-10-val-20train-5seeds/vqseg", "acdc-10-val-20train-5seeds/supervised")]
+    assert d["per_seed"] == pytest.approx([8.0, 5.0, 11.0, -2.0, 8.0]) and d["seeds"] == [0, 1, 2, 3, 4] and d["a_higher"] == 4
+    # rows of three seeds are not paired with rows of five
+    assert not [p for p in paired
+                if {p[0].split("/")[0], p[1].split("/")[0]} == {"acdc-10-val-20train", "acdc-10-val-20train-5seeds"}]
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert ("(`acdc-10-val-20train-5seeds`, test patients those of `acdc-test-half.list`, five seeds), "
+            "VQ-Seg at 10% reaches 0.927 of the fully supervised Dice") in md
