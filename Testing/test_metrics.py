@@ -125,6 +125,8 @@ def test_mean_and_spread_are_shown_only_where_there_is_a_spread():
     assert mean_std_text(-0.19, 0.0, 1, scale=1, sign=True) == "-0.19"
 
 
+# MONAI's own distance metrics pass its deprecated argument (Project-MONAI/MONAI#9059)
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")
 @pytest.mark.parametrize("shape, spacing", [((20, 40, 36), (2.5, 0.8, 0.7)), ((20, 40, 36), None), ((48, 40), (1.2, 0.9))])
 def test_scores_equal_monais_on_the_whole_image(shape, spacing):
     """score_masks cuts both masks to the box around them and finds their surfaces once

@@ -119,7 +119,9 @@ def surface_scores(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[floa
     surfaces again, which doubled the time."""
     sp = None if spacing is None else [float(s) for s in spacing]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+        # MONAI 1.5-1.6 passes its own deprecated argument here and warns on every call
+        # (Project-MONAI/MONAI#9059); any other warning still shows
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
         _, distances, _ = get_edge_surface_distance(pred, ref, spacing=sp, symmetric=True)
     hd95 = max(float(torch.quantile(d.float(), 0.95)) for d in distances)  # each direction's 95th percentile, the larger
     asd = float(torch.cat(distances).float().mean())
