@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import subprocess
@@ -40,14 +39,6 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     return max(1, min(MAX_WORKERS, usable_cores()))
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """The test files with the most slow tests (the demo's, then the 20 kills') run first:
-    pytest-xdist hands out whole files in this order (--no-loadscope-reorder), and a long
-    file handed out last would leave the other workers idle at the end of the run."""
-    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])  # stable: each file's tests stay together, in order
 
 
 @contextlib.contextmanager

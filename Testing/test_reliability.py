@@ -611,7 +611,6 @@ def _spawn(*args) -> subprocess.Popen:
                             **own_process_group())
 
 
-@pytest.mark.slow
 def test_kill_9_during_training_20_times_loses_at_most_one_checkpoint_interval(tmp_path):
     ws = _training_workspace(tmp_path)
     annotation = (ws / "annotations" / "c1.nrrd").read_bytes()
