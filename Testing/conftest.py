@@ -15,30 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# pytest-xdist runs the test files on one worker per core (pyproject's addopts): each
-# worker, and the jobs its tests start, gets its share of the cores, at most two threads
-MAX_WORKERS = 4
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, as a container's limit sets it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(2, usable_cores() // _WORKERS))))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from VQMedSegLib.data.paths import shared_data_dir  # noqa: E402
 from VQMedSegLib.data.volume import Volume  # noqa: E402
-
-
-def pytest_xdist_auto_num_workers(config) -> int | None:
-    """``-n auto``: one worker per usable core, at most MAX_WORKERS (each worker imports
-    torch and MONAI, and beyond a few workers the longest test file, the demo's, bounds
-    the run); PYTEST_XDIST_AUTO_NUM_WORKERS, when set, decides instead (pytest-xdist's rule)."""
-    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
-        return None
-    return max(1, min(MAX_WORKERS, usable_cores()))
 
 
 @contextlib.contextmanager
