@@ -149,6 +149,27 @@ def test_the_long_schedule_part_is_acdc_10_with_three_times_the_iterations():
     assert run_accuracy.part_config(run_accuracy.part_settings("chaos-begal", "cpu", 3)) == begal_config_from_preset("cpu")
 
 
+def test_the_long_ablation_part_is_acdc_10_long_without_one_component_and_is_paired_with_it(tmp_path):
+    """Where VQ-Seg's margin over the U-Net at 1,800 iterations comes from: acdc-10-long's
+    schedule and labelled slices, VQ-Seg's network on the labelled slices alone and VQ-Seg
+    without PFA or QPM, each paired with acdc-10-long's VQ-Seg and U-Net rows."""
+    long = run_accuracy.part_settings("acdc-10-long", "cpu", 3)
+    ablation = run_accuracy.part_settings("acdc-10-long-ablation", "cpu", 3)
+    assert ablation == {**long, "methods": ["vqseg-labelled", "vqseg-nopfa", "vqseg-noqpm"]}
+    assert "acdc-10-long-ablation" not in run_accuracy.parts_of("gpu")
+    rows = {"acdc-10-long": {"supervised": [0.65, 0.64, 0.69], "vqseg": [0.68, 0.68, 0.71], "supervised-full": [0.80, 0.79, 0.78]},
+            "acdc-10-long-ablation": {"vqseg-labelled": [0.62, 0.66, 0.65], "vqseg-nopfa": [0.67, 0.69, 0.70],
+                                      "vqseg-noqpm": [0.68, 0.67, 0.72]}}
+    summary = _report_on(tmp_path, rows)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    assert paired[("acdc-10-long/vqseg", "acdc-10-long-ablation/vqseg-labelled")]["per_seed"] == pytest.approx([6.0, 2.0, 6.0])
+    assert paired[("acdc-10-long/vqseg", "acdc-10-long-ablation/vqseg-nopfa")]["a_higher"] == 2
+    assert paired[("acdc-10-long/vqseg", "acdc-10-long-ablation/vqseg-noqpm")]["mean"] == pytest.approx(0.0)
+    assert paired[("acdc-10-long-ablation/vqseg-labelled", "acdc-10-long/supervised")]["per_seed"] == pytest.approx([-3.0, 2.0, -4.0])
+    # never paired with the 600-iteration rows of acdc-10, which train on the same slices for a third as long
+    assert not any(d["b"].startswith("acdc-10/") or d["a"].startswith("acdc-10/") for d in summary["paired"])
+
+
 def test_the_chaos_mr_long_part_is_chaos_mr_10_with_three_times_the_iterations():
     short = run_accuracy.part_settings("chaos-mr-10", "cpu", 3)
     long = run_accuracy.part_settings("chaos-mr-10-long", "cpu", 3)

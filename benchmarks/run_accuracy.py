@@ -50,6 +50,9 @@ Parts:
 * ``acdc-10-vq``, ``acdc-10-ablation``: where VQ-Seg's result at 10% comes from: its
   network trained on the labelled slices alone (``vqseg-labelled``), and VQ-Seg without
   the reconstruction branch, without QPM and without PFA (the rows of VQ-Seg's Table 2).
+* ``acdc-10-long-ablation`` (CPU preset only): the same questions at ``acdc-10-long``'s
+  1,800 iterations, where VQ-Seg is above the U-Net: its network on the labelled slices
+  alone, and VQ-Seg without PFA and without QPM, paired with ``acdc-10-long``'s rows.
 * ``chaos-begal``: VQ-BEGAL against random, max-entropy and MC-dropout selection at
   equal budgets up to 40% of the pool; liver on the CHAOS CT case, the 20 CHAOS MR T2
   cases as the auxiliary modality.
@@ -141,6 +144,11 @@ PARTS = {
     # the paper's Table 2 rows without the dual branch, QPM or PFA
     "acdc-10-vq": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "methods": ["vqseg-labelled", "vqseg-nodb"]},
     "acdc-10-ablation": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "methods": ["vqseg-noqpm", "vqseg-nopfa"]},
+    # the same questions at acdc-10-long's 1,800 iterations, where VQ-Seg is above the U-Net:
+    # its network on the labelled slices alone, and VQ-Seg without PFA or without QPM
+    "acdc-10-long-ablation": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10,
+                              "methods": ["vqseg-labelled", "vqseg-nopfa", "vqseg-noqpm"],
+                              "overrides": {"cpu": {"iterations": 1800}}},
     "chaos-begal": {"kind": "simulate", "dataset": "chaos", "strategies": ["begal", "random", "entropy", "mcdropout"]},
     "chaos-mr-10": {"kind": "ssl", "dataset": "chaos-mr", "labeled_fraction": 0.10, "methods": ["supervised", "vqseg"]},
     "chaos-mr-10-long": {"kind": "ssl", "dataset": "chaos-mr", "labeled_fraction": 0.10, "methods": ["supervised", "vqseg"],
@@ -264,6 +272,10 @@ PAIRED = [
     (("acdc-10-long", "vqseg"), ("acdc-10-long", "supervised")),
     (("acdc-10-long", "vqseg"), ("acdc-10", "vqseg")),
     (("acdc-10-long", "supervised"), ("acdc-10", "supervised")),
+    (("acdc-10-long", "vqseg"), ("acdc-10-long-ablation", "vqseg-labelled")),
+    (("acdc-10-long", "vqseg"), ("acdc-10-long-ablation", "vqseg-nopfa")),
+    (("acdc-10-long", "vqseg"), ("acdc-10-long-ablation", "vqseg-noqpm")),
+    (("acdc-10-long-ablation", "vqseg-labelled"), ("acdc-10-long", "supervised")),
     (("acdc-10-val", "vqseg"), ("acdc-10-val", "supervised")),
     (("acdc-5-val", "vqseg"), ("acdc-5-val", "supervised")),
     (("acdc-10-val-pfacodes", "vqseg-pfacodes"), ("acdc-10-val", "vqseg")),
