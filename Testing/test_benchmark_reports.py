@@ -170,6 +170,30 @@ def test_the_long_ablation_part_is_acdc_10_long_without_one_component_and_is_pai
     assert not any(d["b"].startswith("acdc-10/") or d["a"].startswith("acdc-10/") for d in summary["paired"])
 
 
+def test_a_pair_of_rows_run_in_installs_with_other_package_versions_is_marked(tmp_path):
+    rows = {"acdc-10-long": {"supervised": [0.65, 0.64, 0.69], "vqseg": [0.68, 0.68, 0.71], "supervised-full": [0.80, 0.79, 0.78]},
+            "acdc-10-long-ablation": {"vqseg-labelled": [0.62, 0.66, 0.65], "vqseg-nopfa": [0.67, 0.69, 0.70],
+                                      "vqseg-noqpm": [0.68, 0.67, 0.72]}}
+    summary = _report_on(tmp_path, rows)
+    assert all(d["versions_differ"] == [] for d in summary["paired"])
+    assert "†" not in (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    run_file = tmp_path / "acdc-10-long-ablation" / "run.json"
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    run_file.write_text(json.dumps({**run, "versions": {"torch": "x", "numpy": "2.4.6"}}), encoding="utf-8")
+    long_file = tmp_path / "acdc-10-long" / "run.json"
+    long_run = json.loads(long_file.read_text(encoding="utf-8"))
+    long_file.write_text(json.dumps({**long_run, "versions": {"torch": "x", "numpy": "2.3.5"}}), encoding="utf-8")
+    assert run_accuracy.main(["--out", str(tmp_path), "--only", "acdc-10-long,acdc-10-long-ablation"]) == 0
+    summary = json.loads((tmp_path / "accuracy.json").read_text(encoding="utf-8"))
+    paired = {(d["a"], d["b"]): d["versions_differ"] for d in summary["paired"]}
+    assert paired[("acdc-10-long/vqseg", "acdc-10-long-ablation/vqseg-nopfa")] == ["numpy"]
+    assert paired[("acdc-10-long/vqseg", "acdc-10-long/supervised")] == []  # one part, one install
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "| acdc-10-long/vqseg † | acdc-10-long-ablation/vqseg-nopfa |" in md
+    assert "| acdc-10-long/vqseg | acdc-10-long/supervised |" in md
+    assert "† The two rows ran with other versions of numpy" in md
+
+
 def test_the_chaos_mr_long_part_is_chaos_mr_10_with_three_times_the_iterations():
     short = run_accuracy.part_settings("chaos-mr-10", "cpu", 3)
     long = run_accuracy.part_settings("chaos-mr-10-long", "cpu", 3)

@@ -340,6 +340,12 @@ def same_ceiling(pa: dict, pb: dict) -> bool:
     return _same_settings(pa, pb, ("dataset", "seeds", "validation_patients", "test_list", "preset", "config"))
 
 
+def versions_differ(a: dict | None, b: dict | None) -> list[str]:
+    """The packages two runs' ``run.json`` both record, at other versions."""
+    a, b = a or {}, b or {}
+    return sorted(k for k in set(a) & set(b) if a[k] != b[k])
+
+
 def paired_differences(parts: dict) -> list[dict]:
     """Per-seed Dice differences (points) of the :data:`PAIRED` rows whose parts ran with
     the same data, labelled fraction and seeds."""
@@ -357,7 +363,10 @@ def paired_differences(parts: dict) -> list[dict]:
         if not diff:
             continue
         pair = {"a": f"{part_a}/{a}", "b": f"{part_b}/{b}", "seeds": seeds, "per_seed": diff,
-                "mean": float(np.mean(diff)), "std": float(np.std(diff)), "a_higher": sum(d > 0 for d in diff)}
+                "mean": float(np.mean(diff)), "std": float(np.std(diff)), "a_higher": sum(d > 0 for d in diff),
+                # packages both runs recorded at other versions: the pair then holds two installs'
+                # arithmetic as well as the rows' difference (a new install moved a seed by points)
+                "versions_differ": versions_differ(pa.get("versions"), pb.get("versions"))}
         # None unless both kept per-case scores
         for key, view in (("cases", None), ("cases_largest_component", "largest_component")):
             cases = case_paired(pa["results"][a], pb["results"][b], seeds, view)
@@ -488,7 +497,13 @@ def report(summary: dict) -> str:
                   "| A | B | per seed | mean ± std | seeds where A > B |", "|---|---|---|---|---|"]
         for d in summary["paired"]:
             seeds = " / ".join(f"{v:+.2f}" for v in d["per_seed"])
-            lines.append(f"| {d['a']} | {d['b']} | {seeds} | {mean_std_text(d['mean'], d['std'], len(d['seeds']), scale=1, sign=True)} | {d['a_higher']} of {len(d['seeds'])} |")
+            mark = " †" if d.get("versions_differ") else ""
+            lines.append(f"| {d['a']}{mark} | {d['b']} | {seeds} | {mean_std_text(d['mean'], d['std'], len(d['seeds']), scale=1, sign=True)} | {d['a_higher']} of {len(d['seeds'])} |")
+        across = sorted({k for d in summary["paired"] for k in d.get("versions_differ", [])})
+        if across:
+            lines += ["", f"† The two rows ran with other versions of {', '.join(across)} (each part's `run.json`): "
+                      "the pair holds two installs' arithmetic as well as the rows' difference, and a new install "
+                      "alone can move a seed by points (benchmarks/README.md)."]
         by_case = [d for d in summary["paired"] if "cases" in d]
         if by_case:
             lines += ["", "The same pairs test case by test case, where both rows kept per-case scores: each case's Dice "
