@@ -299,7 +299,7 @@ def test_the_largest_piece_is_kept_only_for_structures_it_improves_on_validation
         {"RV": 0.8, "Myo": 0.6, "LV": 0.8}, {"RV": 0.6, "Myo": 0.5, "LV": 0.5}]
 
 
-def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
+def test_seeds_run_apart_and_merged_match_one_run(tmp_path, caplog):
     folder = _liver_folder(tmp_path / "data", 4, seed=3, shape=(8, 40, 40))
     common = ("ssl", "--dataset", folder, "--labeled-fraction", "0.3", "--preset", "tiny", "--foundation", "none",
               "--iterations", "4", "--validation-patients", "1", "--validate-every", "2")
@@ -343,6 +343,14 @@ def test_seeds_run_apart_and_merged_match_one_run(tmp_path):
     assert run["threads"] == torch.get_num_threads() and [m["threads"] for m in run["merged_from"]] == [run["threads"]] * 3
     assert run["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert [m["cpu_capability"] for m in run["merged_from"]] == [run["cpu_capability"]] * 3
+
+    # runs of another install are merged, with a warning naming the packages whose versions differ
+    other = json.loads((tmp_path / "vqseg0" / "run.json").read_text(encoding="utf-8"))
+    other["versions"] = {**other["versions"], "numpy": "0.0"}
+    (tmp_path / "vqseg0" / "run.json").write_text(json.dumps(other), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        merge_ssl([tmp_path / "vqseg0", tmp_path / "supervised0"], tmp_path / "m5")
+    assert "software versions differ (numpy)" in caplog.text
     changed = tmp_path / "threads"  # parts run on other thread counts: the merged run names each
     shutil.copytree(tmp_path / "seed1", changed)
     (changed / "run.json").write_text(json.dumps({**json.loads((changed / "run.json").read_text(encoding="utf-8")),

@@ -32,6 +32,13 @@ def software_versions() -> dict:
     return {**out, "python": platform.python_version()}
 
 
+def versions_differ(a: dict | None, b: dict | None) -> list[str]:
+    """The packages two runs' recorded versions (:func:`software_versions`) both name, at
+    other versions."""
+    a, b = a or {}, b or {}
+    return sorted(k for k in set(a) & set(b) if a[k] != b[k])
+
+
 def compute_environment(device) -> dict:
     """Where a run's seconds were spent: the device, torch's threads and the machine's CPUs.
 

@@ -79,7 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from VQMedSegLib.files import atomic_files, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from VQMedSegLib.metrics.segmentation import mean_std_text  # noqa: E402
-from VQMedSegLib.provenance import compute_environment, software_versions  # noqa: E402
+from VQMedSegLib.provenance import compute_environment, software_versions, versions_differ  # noqa: E402
 from VQMedSegLib.training.ssl_report import case_paired, format_p  # noqa: E402
 
 # benchmark preset -> the library presets and the active-learning schedule it uses
@@ -338,12 +338,6 @@ def same_ceiling(pa: dict, pb: dict) -> bool:
     split, validation patients and configuration (the labelled fraction may differ: the
     ceiling trains on every slice)."""
     return _same_settings(pa, pb, ("dataset", "seeds", "validation_patients", "test_list", "preset", "config"))
-
-
-def versions_differ(a: dict | None, b: dict | None) -> list[str]:
-    """The packages two runs' ``run.json`` both record, at other versions."""
-    a, b = a or {}, b or {}
-    return sorted(k for k in set(a) & set(b) if a[k] != b[k])
 
 
 def paired_differences(parts: dict) -> list[dict]:

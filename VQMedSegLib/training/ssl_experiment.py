@@ -54,7 +54,7 @@ from ..files import atomic_files, atomic_write_json, atomic_write_text, read_jso
 from ..inference.postprocess import keep_largest_component
 from ..metrics.segmentation import dice_masks, mean_std_text, score_volumes, spread_words, summarize
 from ..models.unet_parts import UNetDecoder, UNetEncoder
-from ..provenance import compute_environment, software_versions
+from ..provenance import compute_environment, software_versions, versions_differ
 from .ssl_report import FIGURES, patient_of, per_case_table, write_figures
 from .vqseg import VQSegTrainer, foundation_features, labelled_loss
 
@@ -707,7 +707,9 @@ def merge_ssl(sources: list[Path], out: Path, methods: list[str] | None = None) 
                        bool(first["split"].get("validation_cases")))
     versions = [r["versions"] for r in runs]
     if any(v != versions[0] for v in versions):
-        log.warning("ssl-merge: the runs' software versions differ; run.json records each run's")
+        differ = sorted({k for v in versions[1:] for k in versions_differ(versions[0], v)})
+        log.warning("ssl-merge: the runs' software versions differ (%s); rows of other installs can differ by "
+                    "points; run.json records each run's", ", ".join(differ) or "packages recorded by some runs only")
     _write(out, results, {
         **first, "methods": methods, "seeds": seeds[methods[0]], "seconds": sum(r["seconds"] for r in runs),
         "device": _shared_or_listed([r["device"] for r in runs]),
