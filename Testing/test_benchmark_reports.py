@@ -149,6 +149,13 @@ def test_the_long_schedule_part_is_acdc_10_with_three_times_the_iterations():
     assert run_accuracy.part_config(run_accuracy.part_settings("chaos-begal", "cpu", 3)) == begal_config_from_preset("cpu")
 
 
+# acdc-10-long's rows and its ablation's (method -> Dice per seed), for the two tests below
+LONG_ABLATION_ROWS = {
+    "acdc-10-long": {"supervised": [0.65, 0.64, 0.69], "vqseg": [0.68, 0.68, 0.71], "supervised-full": [0.80, 0.79, 0.78]},
+    "acdc-10-long-ablation": {"vqseg-labelled": [0.62, 0.66, 0.65], "vqseg-nopfa": [0.67, 0.69, 0.70],
+                              "vqseg-noqpm": [0.68, 0.67, 0.72]}}
+
+
 def test_the_long_ablation_part_is_acdc_10_long_without_one_component_and_is_paired_with_it(tmp_path):
     """Where VQ-Seg's margin over the U-Net at 1,800 iterations comes from: acdc-10-long's
     schedule and labelled slices, VQ-Seg's network on the labelled slices alone and VQ-Seg
@@ -157,10 +164,7 @@ def test_the_long_ablation_part_is_acdc_10_long_without_one_component_and_is_pai
     ablation = run_accuracy.part_settings("acdc-10-long-ablation", "cpu", 3)
     assert ablation == {**long, "methods": ["vqseg-labelled", "vqseg-nopfa", "vqseg-noqpm"]}
     assert "acdc-10-long-ablation" not in run_accuracy.parts_of("gpu")
-    rows = {"acdc-10-long": {"supervised": [0.65, 0.64, 0.69], "vqseg": [0.68, 0.68, 0.71], "supervised-full": [0.80, 0.79, 0.78]},
-            "acdc-10-long-ablation": {"vqseg-labelled": [0.62, 0.66, 0.65], "vqseg-nopfa": [0.67, 0.69, 0.70],
-                                      "vqseg-noqpm": [0.68, 0.67, 0.72]}}
-    summary = _report_on(tmp_path, rows)
+    summary = _report_on(tmp_path, LONG_ABLATION_ROWS)
     paired = {(d["a"], d["b"]): d for d in summary["paired"]}
     assert paired[("acdc-10-long/vqseg", "acdc-10-long-ablation/vqseg-labelled")]["per_seed"] == pytest.approx([6.0, 2.0, 6.0])
     assert paired[("acdc-10-long/vqseg", "acdc-10-long-ablation/vqseg-nopfa")]["a_higher"] == 2
@@ -171,10 +175,7 @@ def test_the_long_ablation_part_is_acdc_10_long_without_one_component_and_is_pai
 
 
 def test_a_pair_of_rows_run_in_installs_with_other_package_versions_is_marked(tmp_path):
-    rows = {"acdc-10-long": {"supervised": [0.65, 0.64, 0.69], "vqseg": [0.68, 0.68, 0.71], "supervised-full": [0.80, 0.79, 0.78]},
-            "acdc-10-long-ablation": {"vqseg-labelled": [0.62, 0.66, 0.65], "vqseg-nopfa": [0.67, 0.69, 0.70],
-                                      "vqseg-noqpm": [0.68, 0.67, 0.72]}}
-    summary = _report_on(tmp_path, rows)
+    summary = _report_on(tmp_path, LONG_ABLATION_ROWS)
     assert all(d["versions_differ"] == [] for d in summary["paired"])
     assert "†" not in (tmp_path / "accuracy.md").read_text(encoding="utf-8")
     run_file = tmp_path / "acdc-10-long-ablation" / "run.json"
