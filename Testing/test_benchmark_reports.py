@@ -612,6 +612,33 @@ def test_the_codeword_alignment_part_is_acdc_10_val_with_that_row_paired_and_set
     assert "acdc_vqseg_pfacodes10_vs_full_ratio_val" not in run_accuracy.headline(changed)
 
 
+def test_the_no_pfa_part_is_acdc_10_val_rerun_with_vqseg_without_pfa_beside_its_own_ceiling(tmp_path):
+    """`acdc-10-val-nopfa` trains acdc-10-val's rows again in one install with VQ-Seg
+    without PFA beside them: each VQ-Seg row's ratio is taken against the part's own
+    ceiling, and the rows are paired within the part, never with acdc-10-val's runs."""
+    val = run_accuracy.part_settings("acdc-10-val", "cpu", 3)
+    nopfa = run_accuracy.part_settings("acdc-10-val-nopfa", "cpu", 3)
+    assert nopfa == {**val, "methods": ["supervised", "vqseg", "vqseg-nopfa", "supervised-full"]}
+    assert "acdc-10-val-nopfa" not in run_accuracy.parts_of("gpu")
+    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+            "acdc-10-val-nopfa": {"supervised": [0.63, 0.62, 0.65], "vqseg": [0.67, 0.66, 0.68],
+                                  "vqseg-nopfa": [0.72, 0.71, 0.69], "supervised-full": [0.76, 0.75, 0.77]}}
+
+    summary = _report_on(tmp_path, rows, _with_post_processing(0.01))
+    figures = summary["figures"]
+    assert figures["acdc_vqseg10_vs_full_ratio_val_nopfa"] == pytest.approx(2.01 / 2.28)
+    assert figures["acdc_supervised10_vs_full_ratio_val_nopfa"] == pytest.approx(1.90 / 2.28)
+    assert figures["acdc_vqseg_nopfa10_vs_full_ratio_val_nopfa"] == pytest.approx(2.12 / 2.28)
+    assert figures["acdc_vqseg10_vs_full_ratio_val"] == pytest.approx(2.01 / 2.37)  # acdc-10-val's own, unchanged
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    assert paired[("acdc-10-val-nopfa/vqseg", "acdc-10-val-nopfa/vqseg-nopfa")]["per_seed"] == pytest.approx([-5.0, -5.0, -1.0])
+    assert paired[("acdc-10-val-nopfa/vqseg-nopfa", "acdc-10-val-nopfa/supervised")]["a_higher"] == 3
+    assert paired[("acdc-10-val-nopfa/vqseg", "acdc-10-val-nopfa/supervised")]["per_seed"] == pytest.approx([4.0, 4.0, 3.0])
+    assert not any({d["a"].split("/")[0], d["b"].split("/")[0]} == {"acdc-10-val", "acdc-10-val-nopfa"} for d in summary["paired"])
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert ("(`acdc-10-val-nopfa`), `vqseg-nopfa` at 10% reaches 0.930 of `acdc-10-val-nopfa`'s fully supervised Dice") in md
+
+
 def test_the_five_seed_part_is_acdc_10_val_with_its_codeword_row_over_seeds_0_to_4(tmp_path):
     """`acdc-10-val-5seeds` holds acdc-10-val's rows and the codeword alignment's over five
     seeds whatever --seeds says (its first three seeds are those parts' rows, merged with

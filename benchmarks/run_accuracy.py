@@ -36,6 +36,9 @@ Parts:
 * ``acdc-10-val-5seeds`` (CPU preset only): ``acdc-10-val``'s rows and
   ``acdc-10-val-pfacodes``' over seeds 0 to 4, whatever ``--seeds`` says (the two parts'
   folders merged with a run of seeds 3 and 4): how far three seeds' figures hold.
+* ``acdc-10-val-nopfa`` (CPU preset only): ``acdc-10-val``'s rows trained again in one
+  install with VQ-Seg without PFA (``vqseg-nopfa``) beside them, each set against the
+  part's own ceiling and paired within the part.
 * ``acdc-10-val-ema`` (CPU preset only): ``acdc-10-val``'s U-Net rows trained again and
   tested, as VQ-Seg is, with the moving average of their weights (``supervised-ema``,
   ``supervised-full-ema``): what the averaging alone gives.
@@ -115,6 +118,11 @@ PARTS = {
     "acdc-10-val-5seeds": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10, "seeds": 5,
                            "methods": ["supervised", "vqseg", "vqseg-pfacodes", "supervised-full"],
                            "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
+    # acdc-10-val's rows trained again in one install, with VQ-Seg without PFA beside them:
+    # whether the 4-point cost of PFA at 1,800 iterations holds at 3,000 with validation
+    "acdc-10-val-nopfa": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10,
+                          "methods": ["supervised", "vqseg", "vqseg-nopfa", "supervised-full"],
+                          "validation_patients": 2, "validate_every": 100, "overrides": {"cpu": {"iterations": 3000}}},
     # acdc-10-val's U-Net rows tested as VQ-Seg is, with the moving average of their weights
     # (VQ-Seg's teacher rule): how much of VQ-Seg's margin the averaging alone gives
     "acdc-10-val-ema": {"kind": "ssl", "dataset": "acdc", "labeled_fraction": 0.10,
@@ -281,6 +289,9 @@ PAIRED = [
     (("acdc-10-val-pfacodes", "vqseg-pfacodes"), ("acdc-10-val", "vqseg")),
     (("acdc-10-val-pfacodes", "vqseg-pfacodes"), ("acdc-10-val", "supervised")),
     (("acdc-10-val-5seeds", "vqseg"), ("acdc-10-val-5seeds", "supervised")),
+    (("acdc-10-val-nopfa", "vqseg"), ("acdc-10-val-nopfa", "supervised")),
+    (("acdc-10-val-nopfa", "vqseg"), ("acdc-10-val-nopfa", "vqseg-nopfa")),
+    (("acdc-10-val-nopfa", "vqseg-nopfa"), ("acdc-10-val-nopfa", "supervised")),
     (("acdc-10-val-5seeds", "vqseg-pfacodes"), ("acdc-10-val-5seeds", "vqseg")),
     (("acdc-10-val", "vqseg"), ("acdc-10-val-ema", "supervised-ema")),
     (("acdc-10-val-ema", "supervised-ema"), ("acdc-10-val", "supervised")),
@@ -307,7 +318,7 @@ PAIRED = [
 RATIO_PARTS = (("acdc-10", "acdc", ""), ("acdc-10-long", "acdc", "_long"), ("acdc-10-val", "acdc", "_val"),
                ("acdc-10-val-long", "acdc", "_val_long"), ("acdc-10-val-20train", "acdc", "_val_20train"),
                ("acdc-10-val-wide", "acdc", "_val_wide"), ("acdc-10-val-5seeds", "acdc", "_val_5seeds"),
-               ("acdc-10-val-20train-5seeds", "acdc", "_val_20train_5seeds"),
+               ("acdc-10-val-20train-5seeds", "acdc", "_val_20train_5seeds"), ("acdc-10-val-nopfa", "acdc", "_val_nopfa"),
                ("chaos-mr-10-val-long", "chaos_mr", "_val_long"))
 # parts without a ceiling row of their own -> the part whose ceiling they are set against,
 # and the prefix, labelled percentage and suffix of their ratio figures in the headline
@@ -315,7 +326,8 @@ CEILING_OF = {"acdc-5-val": ("acdc-10-val", "acdc", "5", "_val")}
 # variants of a VQ-Seg row in a part of their own -> the row, the part whose ceiling they
 # are set against and the name of their ratio figure in the headline
 ROW_RATIOS = {"acdc-10-val-pfacodes": ("vqseg-pfacodes", "acdc-10-val", "acdc_vqseg_pfacodes10_vs_full_ratio_val"),
-              "acdc-10-val-5seeds": ("vqseg-pfacodes", "acdc-10-val-5seeds", "acdc_vqseg_pfacodes10_vs_full_ratio_val_5seeds")}
+              "acdc-10-val-5seeds": ("vqseg-pfacodes", "acdc-10-val-5seeds", "acdc_vqseg_pfacodes10_vs_full_ratio_val_5seeds"),
+              "acdc-10-val-nopfa": ("vqseg-nopfa", "acdc-10-val-nopfa", "acdc_vqseg_nopfa10_vs_full_ratio_val_nopfa")}
 # the clean-up chosen on validation, in the report's words
 CLEAN_UP_WORDS = "with the largest-piece clean-up chosen per structure on the same patients"
 # how many validation patients, in the report's words
