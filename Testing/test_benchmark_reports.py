@@ -639,6 +639,34 @@ def test_the_no_pfa_part_is_acdc_10_val_rerun_with_vqseg_without_pfa_beside_its_
     assert ("(`acdc-10-val-nopfa`), `vqseg-nopfa` at 10% reaches 0.930 of `acdc-10-val-nopfa`'s fully supervised Dice") in md
 
 
+def test_the_fading_alignment_part_is_acdc_10_val_with_that_row_paired_with_vqseg_with_and_without_pfa(tmp_path):
+    """`acdc-10-val-pfadecay` trains acdc-10-val's VQ-Seg row again with lambda_a fading
+    to 0: the same labelled slices and configuration but the schedule, so it is paired
+    seed by seed with acdc-10-val's rows and acdc-10-val-nopfa's VQ-Seg without PFA, and
+    its ratio is taken against acdc-10-val's ceiling."""
+    val = run_accuracy.part_settings("acdc-10-val", "cpu", 3)
+    decay = run_accuracy.part_settings("acdc-10-val-pfadecay", "cpu", 3)
+    assert decay == {**val, "methods": ["vqseg-pfadecay"]}
+    assert "acdc-10-val-pfadecay" not in run_accuracy.parts_of("gpu")
+    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+            "acdc-10-val-nopfa": {"supervised": [0.63, 0.62, 0.65], "vqseg": [0.67, 0.66, 0.68],
+                                  "vqseg-nopfa": [0.72, 0.71, 0.69], "supervised-full": [0.76, 0.75, 0.77]},
+            "acdc-10-val-pfadecay": {"vqseg-pfadecay": [0.71, 0.70, 0.66]}}
+
+    summary = _report_on(tmp_path, rows, _with_post_processing(0.01))
+    figures = summary["figures"]
+    assert figures["acdc_vqseg_pfadecay10_vs_full_ratio_val"] == pytest.approx(2.07 / 2.37)
+    assert figures["acdc_vqseg_pfadecay10_vs_full_ratio_val_postprocessed"] == pytest.approx((2.07 / 3 + 0.01) / 0.80)
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    assert paired[("acdc-10-val-pfadecay/vqseg-pfadecay", "acdc-10-val/vqseg")]["per_seed"] == pytest.approx([3.0, 4.0, -1.0])
+    assert paired[("acdc-10-val-pfadecay/vqseg-pfadecay", "acdc-10-val-nopfa/vqseg-nopfa")]["per_seed"] == pytest.approx(
+        [-1.0, -1.0, -3.0])
+    assert paired[("acdc-10-val-pfadecay/vqseg-pfadecay", "acdc-10-val/supervised")]["a_higher"] == 2  # level on seed 2
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert ("(`acdc-10-val-pfadecay`), `vqseg-pfadecay` at 10% reaches 0.873 of `acdc-10-val`'s fully supervised "
+            "Dice") in md
+
+
 def test_the_five_seed_part_is_acdc_10_val_with_its_codeword_row_over_seeds_0_to_4(tmp_path):
     """`acdc-10-val-5seeds` holds acdc-10-val's rows and the codeword alignment's over five
     seeds whatever --seeds says (its first three seeds are those parts' rows, merged with

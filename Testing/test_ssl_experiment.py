@@ -147,13 +147,14 @@ def test_each_setting_is_read_by_the_rows_that_use_it_and_no_other():
     """What `ssl` refuses as a setting no row reads (see test_reliability)."""
     qpm = vqseg_config_from_preset("tiny")
     rows = ["supervised", "supervised-full", "vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-nopfa", "vqseg-dropout",
-            "vqseg-labelled"]
+            "vqseg-labelled", "vqseg-pfadecay"]
     assert rows_reading(rows, qpm) == {
-        "perturbation": ["vqseg", "vqseg-nodb", "vqseg-nopfa"],  # vqseg-noqpm has none, vqseg-dropout its own
+        "perturbation": ["vqseg", "vqseg-nodb", "vqseg-nopfa", "vqseg-pfadecay"],  # vqseg-noqpm has none, vqseg-dropout its own
         "dropout_rate": ["vqseg-dropout"],
-        "strong_augment": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-nopfa", "vqseg-dropout"],
-        "foundation": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-dropout"],
+        "strong_augment": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-nopfa", "vqseg-dropout", "vqseg-pfadecay"],
+        "foundation": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-dropout", "vqseg-pfadecay"],
     }
+    assert method_config("vqseg-pfadecay", qpm, 3) == qpm.replace(seed=3, lambda_a_schedule="cosine")
     dropout = qpm.replace(perturbation="dropout", use_pfa=False)
     assert rows_reading(["vqseg", "vqseg-noqpm"], dropout) == {
         "perturbation": ["vqseg"], "dropout_rate": ["vqseg"], "strong_augment": ["vqseg", "vqseg-noqpm"], "foundation": []}

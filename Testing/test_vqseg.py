@@ -119,9 +119,53 @@ def test_unlabelled_weight_ramps_up_after_the_supervised_warm_up():
     assert values == sorted(values)
 
 
+def test_the_alignment_weight_is_the_papers_constant_or_fades_out_along_a_cosine():
+    """``lambda_a_schedule``: "constant" keeps eq. 12's lambda_a from the end of the
+    supervised warm-up on; "cosine" starts there at lambda_a and falls to 0 at the last
+    iteration."""
+    from VQMedSegLib.training.vqseg import alignment_weight
+
+    constant = VQSegConfig(lambda_a=5.0, warmup_supervised=100, iterations=1100)
+    assert alignment_weight(99, constant) == 0.0
+    assert alignment_weight(100, constant) == alignment_weight(1099, constant) == 5.0
+    cosine = constant.replace(lambda_a_schedule="cosine")
+    assert alignment_weight(99, cosine) == 0.0
+    assert alignment_weight(100, cosine) == 5.0
+    assert alignment_weight(600, cosine) == pytest.approx(2.5)
+    assert alignment_weight(350, cosine) == pytest.approx(2.5 * (1 + np.cos(np.pi / 4)))
+    assert alignment_weight(1100, cosine) == pytest.approx(0.0, abs=1e-12)
+    values = [alignment_weight(i, cosine) for i in range(100, 1101)]
+    assert values == sorted(values, reverse=True) and 0 < values[-2] < 1e-4
+
+
+def test_a_fading_alignment_weighs_each_steps_alignment_loss_by_the_schedule():
+    rng = np.random.default_rng(0)
+    lx = rng.random((6, 1, 32, 32)).astype(np.float32)
+    ly = (lx[:, 0] > 0.5).astype(np.int64)
+    ux = rng.random((6, 1, 32, 32)).astype(np.float32)
+    fm = rng.standard_normal((6, 8, 4, 4)).astype(np.float16)
+    runs = {}
+    for schedule in ("constant", "cosine"):
+        cfg = VQSegConfig(slice_size=32, features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, iterations=5,
+                          labelled_batch=2, unlabelled_batch=2, warmup_supervised=1, pfa_grid=4, lambda_a=5.0,
+                          lambda_a_schedule=schedule)
+        torch.manual_seed(0)
+        trainer = VQSegTrainer(cfg, lx, ly, ux, fm, fm_channels=8, device=torch.device("cpu"))
+        seen = []
+        trainer.run(on_step=lambda it, total, losses: seen.append(losses))
+        runs[schedule] = seen
+    assert [s.get("lambda_a") for s in runs["constant"]] == [None, 5.0, 5.0, 5.0, 5.0]
+    assert [s.get("lambda_a") for s in runs["cosine"]] == pytest.approx(
+        [None, 5.0, 2.5 * (1 + np.cos(np.pi / 4)), 2.5, 2.5 * (1 - np.cos(np.pi / 4))])
+    # the first aligned step is the same in both; after it the student has moved less far along the alignment
+    assert runs["cosine"][1]["align"] == runs["constant"][1]["align"]
+    assert runs["cosine"][2]["total"] != runs["constant"][2]["total"]
+
+
 @pytest.mark.parametrize("bad, key", [({"epsilon": 1.5}, "epsilon"), ({"perturbation": "gaussian"}, "perturbation"),
                                       ({"confidence_threshold": 1.0}, "confidence_threshold"), ({"num_code": 8}, "num_code"),
-                                      ({"pfa_source": "encoder"}, "pfa_source")])
+                                      ({"pfa_source": "encoder"}, "pfa_source"),
+                                      ({"lambda_a_schedule": "linear"}, "lambda_a_schedule")])
 def test_vqseg_config_names_the_bad_key(bad, key):
     from VQMedSegLib.errors import ConfigError
 

@@ -328,6 +328,10 @@ class VQSegConfig(JsonConfig):
     lambda_u: float = 1.0
     rampup: int = 0
     lambda_a: float = 5.0
+    # eq. 12's lambda_a from the end of the supervised warm-up on (the paper), or falling from
+    # lambda_a there to 0 at the last iteration along a half cosine: the alignment steadies
+    # the young encoder and then stops pulling its features off the codebook
+    lambda_a_schedule: str = "constant"  # constant | cosine
     commitment: float = 0.25
     entropy_weight: float = 0.05
     ema_decay: float = 0.996
@@ -362,6 +366,8 @@ class VQSegConfig(JsonConfig):
             (self.temperature > 0, "temperature", self.temperature, "a positive number"),
             (self.pfa_source in ("straight-through", "codewords"), "pfa_source", self.pfa_source,
              "straight-through or codewords"),
+            (self.lambda_a_schedule in ("constant", "cosine"), "lambda_a_schedule", self.lambda_a_schedule,
+             "constant or cosine"),
             (self.pfa_grid >= 1, "pfa_grid", self.pfa_grid, "at least 1"),
             (self.pfa_slices >= 0, "pfa_slices", self.pfa_slices, "0 (all) or more"),
             (self.pfa_batch >= 1, "pfa_batch", self.pfa_batch, "at least 1"),

@@ -494,12 +494,12 @@ def _refuse_options_the_method_ignores(args) -> None:
 # the settings a VQ-Seg command line gives every row of an experiment, and what reads them
 _READ_ONLY_BY = {
     "perturbation": ("--perturbation", "read only by rows that train semi-supervised and set no perturbation of their own "
-                                       "(vqseg, vqseg-nodb, vqseg-nopfa, vqseg-pfacodes)"),
+                                       "(vqseg, vqseg-nodb, vqseg-nopfa, vqseg-pfacodes, vqseg-pfadecay)"),
     "dropout_rate": ("--dropout-rate", "read only where the perturbation is dropout (--perturbation dropout, or the row "
                                        "vqseg-dropout)"),
     "strong_augment": ("--strong-augment", "read only by rows that train semi-supervised (the vqseg rows but vqseg-labelled)"),
     "foundation": ("--foundation", "read only by rows with PFA (vqseg, vqseg-noqpm, vqseg-nodb, vqseg-dropout, "
-                                       "vqseg-pfacodes)"),
+                                       "vqseg-pfacodes, vqseg-pfadecay)"),
 }
 
 
@@ -820,7 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "supervised-full-ema (the same, tested with the moving average of their weights, as VQ-Seg's "
                          "teacher is), vqseg, vqseg-noqpm, vqseg-nodb, "
                          "vqseg-nopfa, vqseg-dropout, vqseg-pfacodes (the alignment on the chosen codewords, "
-                         "which trains the codebook mapping, not the encoder), vqseg-labelled (VQ-Seg's network on "
+                         "which trains the codebook mapping, not the encoder), vqseg-pfadecay (lambda_a falling along a half "
+                         "cosine to 0 at the last iteration), vqseg-labelled (VQ-Seg's network on "
                          "the labelled slices alone)")
     _seed_args(ss, 2, " (to spread one experiment over processes or machines; gather the folders with ssl-merge)")
     preset_arg(ss, "VQ-Seg and U-Net")

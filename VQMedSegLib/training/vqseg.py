@@ -29,7 +29,8 @@ slices (paper: 8 + 4):
   ``pfa_slices`` unlabelled slices (0: all of them) and cached at ``pfa_grid`` x
   ``pfa_grid``.
 * total (eq. 12): ``L_l + lambda_u L_u + lambda_a L_align`` plus the quantiser's
-  codebook, commitment (0.25) and entropy terms.
+  codebook, commitment (0.25) and entropy terms. ``lambda_a_schedule`` "cosine" (not the
+  paper) lets lambda_a fall from its value to 0 over the semi-supervised iterations.
 
 AdamW, separate learning rates for the backbone (encoder) and the heads, poly decay 0.9.
 Switches ``use_qpm``, ``use_reconstruction`` and ``use_pfa`` give the ablations of the
@@ -44,6 +45,7 @@ CutMix pastes within a rank's share. The teacher is updated identically on every
 
 from __future__ import annotations
 
+import math
 import copy
 from dataclasses import dataclass
 from typing import Callable
@@ -113,6 +115,19 @@ def labelled_loss(logits: torch.Tensor, target: torch.Tensor, dice: DiceLoss, di
     if dice_weight:
         loss = loss + dice_weight * dice(logits, target[:, None])
     return loss
+
+
+def alignment_weight(iteration: int, config: VQSegConfig) -> float:
+    """Eq. 12's lambda_a at ``iteration``: 0 in the supervised warm-up, then lambda_a
+    (``lambda_a_schedule`` "constant", the paper) or lambda_a falling along a half cosine
+    to 0 at ``iterations`` ("cosine")."""
+    start = config.warmup_supervised
+    if iteration < start:
+        return 0.0
+    if config.lambda_a_schedule == "constant" or config.iterations <= start:
+        return config.lambda_a
+    progress = min(1.0, (iteration - start) / (config.iterations - start))
+    return 0.5 * config.lambda_a * (1.0 + math.cos(math.pi * progress))
 
 
 def rampup_weight(iteration: int, start: int, length: int) -> float:
@@ -189,7 +204,7 @@ class VQSegObjective(nn.Module):
         return patch_info_nce(net.adapt(q, target.shape[-1]), target, self.cfg.temperature)
 
     def forward(self, x_l, y_l, unlabelled: UnlabelledViews | None = None,
-                align: tuple[torch.Tensor, torch.Tensor] | None = None, ramp: float = 0.0):
+                align: tuple[torch.Tensor, torch.Tensor] | None = None, ramp: float = 0.0, lambda_a: float | None = None):
         cfg, net = self.cfg, self.student
         out_l = net(x_l, perturb=False)
         seg_l = labelled_loss(out_l.logits, y_l, self.dice, cfg.dice_weight)
@@ -209,8 +224,9 @@ class VQSegObjective(nn.Module):
             losses.update(seg_qpm=seg_qpm, seg_cutmix=seg_mix, rec_u=rec_u, ramp=ramp)
             if align is not None:
                 loss_a = self.alignment(*align)
-                total = total + cfg.lambda_a * loss_a
-                losses["align"] = loss_a
+                weight = cfg.lambda_a if lambda_a is None else lambda_a
+                total = total + weight * loss_a
+                losses.update(align=loss_a, lambda_a=weight)
         return total, losses
 
 
@@ -312,12 +328,13 @@ class VQSegTrainer:
         self.student.train()
         x_l, y_l = self._labelled()
         unlabelled, align, ramp = None, None, 0.0
+        lambda_a = alignment_weight(self.iteration, cfg)
         if self.iteration >= cfg.warmup_supervised and len(self.ux):
             unlabelled = self.unlabelled_batch()
             ramp = rampup_weight(self.iteration, cfg.warmup_supervised, cfg.rampup)
             if self.fm is not None and len(self.fm) and self.student.pfa is not None:
                 align = self.alignment_batch()
-        total, losses = self.step_loss(x_l, y_l, unlabelled, align, ramp)
+        total, losses = self.step_loss(x_l, y_l, unlabelled, align, ramp, lambda_a)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
