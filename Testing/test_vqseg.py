@@ -66,15 +66,21 @@ def test_qpm_perturbation_changes_codes_but_keeps_shapes():
     assert not torch.equal(noisy.quantized_used, clean.quantized_used)
 
 
-def test_a_few_semi_supervised_steps_run_and_the_teacher_follows():
+def _tiny_trainer(**config) -> VQSegTrainer:
+    """A trainer on 6 labelled and 6 unlabelled random 32 x 32 slices with 8-channel
+    foundation features, PFA from the second step on."""
     rng = np.random.default_rng(0)
     lx = rng.random((6, 1, 32, 32)).astype(np.float32)
     ly = (lx[:, 0] > 0.5).astype(np.int64)
     ux = rng.random((6, 1, 32, 32)).astype(np.float32)
     fm = rng.standard_normal((6, 8, 4, 4)).astype(np.float16)
-    cfg = VQSegConfig(slice_size=32, features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, iterations=4,
-                      labelled_batch=2, unlabelled_batch=2, warmup_supervised=1, pfa_grid=4)
-    trainer = VQSegTrainer(cfg, lx, ly, ux, fm, fm_channels=8, device=torch.device("cpu"))
+    cfg = VQSegConfig(slice_size=32, features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, labelled_batch=2,
+                      unlabelled_batch=2, warmup_supervised=1, pfa_grid=4, **config)
+    return VQSegTrainer(cfg, lx, ly, ux, fm, fm_channels=8, device=torch.device("cpu"))
+
+
+def test_a_few_semi_supervised_steps_run_and_the_teacher_follows():
+    trainer = _tiny_trainer(iterations=4)
     before = [p.detach().clone() for p in trainer.teacher.parameters()]
     seen = []
     trainer.run(on_step=lambda it, total, losses: seen.append(losses))
@@ -82,7 +88,7 @@ def test_a_few_semi_supervised_steps_run_and_the_teacher_follows():
     assert all(np.isfinite(v) for v in seen[-1].values())
     after = list(trainer.teacher.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
-    assert trainer.predict(lx).shape == (6, 32, 32)
+    assert trainer.predict(np.random.default_rng(1).random((6, 1, 32, 32)).astype(np.float32)).shape == (6, 32, 32)
 
 
 @pytest.mark.parametrize("source, moves, still", [("straight-through", "encoder", "quantizer"),
@@ -139,18 +145,10 @@ def test_the_alignment_weight_is_the_papers_constant_or_fades_out_along_a_cosine
 
 
 def test_a_fading_alignment_weighs_each_steps_alignment_loss_by_the_schedule():
-    rng = np.random.default_rng(0)
-    lx = rng.random((6, 1, 32, 32)).astype(np.float32)
-    ly = (lx[:, 0] > 0.5).astype(np.int64)
-    ux = rng.random((6, 1, 32, 32)).astype(np.float32)
-    fm = rng.standard_normal((6, 8, 4, 4)).astype(np.float16)
     runs = {}
     for schedule in ("constant", "cosine"):
-        cfg = VQSegConfig(slice_size=32, features=(4, 8, 8, 16, 16), code_dim=8, num_codes=64, iterations=5,
-                          labelled_batch=2, unlabelled_batch=2, warmup_supervised=1, pfa_grid=4, lambda_a=5.0,
-                          lambda_a_schedule=schedule)
         torch.manual_seed(0)
-        trainer = VQSegTrainer(cfg, lx, ly, ux, fm, fm_channels=8, device=torch.device("cpu"))
+        trainer = _tiny_trainer(iterations=5, lambda_a=5.0, lambda_a_schedule=schedule)
         seen = []
         trainer.run(on_step=lambda it, total, losses: seen.append(losses))
         runs[schedule] = seen
