@@ -329,8 +329,8 @@ class VQSegConfig(JsonConfig):
     rampup: int = 0
     lambda_a: float = 5.0
     # eq. 12's lambda_a from the end of the supervised warm-up on (the paper), or falling from
-    # lambda_a there to 0 at the last iteration along a half cosine: the alignment steadies
-    # the young encoder and then stops pulling its features off the codebook
+    # lambda_a there to 0 at the last iteration along a half cosine (on ACDC at 10%, level
+    # with the constant over five seeds: acdc-10-val-pfadecay in benchmarks/README.md)
     lambda_a_schedule: str = "constant"  # constant | cosine
     commitment: float = 0.25
     entropy_weight: float = 0.05

@@ -76,8 +76,8 @@ METHODS = {
     # the alignment (eq. 11) on the chosen codewords: its gradient trains the codebook
     # mapping instead of pushing the encoder's features away from their codes
     "vqseg-pfacodes": {"pfa_source": "codewords"},
-    # lambda_a falling along a half cosine to 0 at the last iteration: the alignment
-    # steadies the young encoder, then stops pulling its features off the codebook
+    # lambda_a falling along a half cosine to 0 at the last iteration: whether the
+    # alignment's pull on the encoder late in training is what costs Dice
     "vqseg-pfadecay": {"lambda_a_schedule": "cosine"},
     # VQ-Seg's network on the labelled slices alone (no teacher, no unlabelled slice, no
     # PFA): what the quantised network costs or gains before any semi-supervision

@@ -45,8 +45,8 @@ CutMix pastes within a rank's share. The teacher is updated identically on every
 
 from __future__ import annotations
 
-import math
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable
 
