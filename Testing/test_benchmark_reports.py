@@ -149,6 +149,12 @@ def test_the_long_schedule_part_is_acdc_10_with_three_times_the_iterations():
     assert run_accuracy.part_config(run_accuracy.part_settings("chaos-begal", "cpu", 3)) == begal_config_from_preset("cpu")
 
 
+# acdc-10-val's rows (method -> Dice per seed), for the report tests of the parts beside it
+VAL_ROWS = {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]}
+# acdc-10-val-nopfa's rows, for its test and the fading alignment's
+NOPFA_ROWS = {"supervised": [0.63, 0.62, 0.65], "vqseg": [0.67, 0.66, 0.68], "vqseg-nopfa": [0.72, 0.71, 0.69],
+              "supervised-full": [0.76, 0.75, 0.77]}
+
 # acdc-10-long's rows and its ablation's (method -> Dice per seed), for the two tests below
 LONG_ABLATION_ROWS = {
     "acdc-10-long": {"supervised": [0.65, 0.64, 0.69], "vqseg": [0.68, 0.68, 0.71], "supervised-full": [0.80, 0.79, 0.78]},
@@ -248,7 +254,7 @@ def test_the_validation_part_chooses_weights_on_held_out_training_patients():
 
 def test_the_validation_part_figures_and_pairs_stay_within_its_own_training_set(tmp_path):
     rows = {"acdc-10": {"supervised": [0.60, 0.57, 0.66], "vqseg": [0.51, 0.56, 0.54], "supervised-full": [0.75, 0.70, 0.75]},
-            "acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+            "acdc-10-val": VAL_ROWS,
             "acdc-10-val-long": {"supervised": [0.63, 0.62, 0.66], "vqseg": [0.70, 0.69, 0.67], "supervised-full": [0.77, 0.80, 0.79]}}
 
     def with_last_iteration(name, r):  # the validation parts also test their last weights, 0.01 lower here
@@ -294,7 +300,7 @@ def test_the_twenty_patient_part_tests_on_the_patients_of_its_list_and_pairs_onl
     # acdc-10-val's folder (the published test list) is not read back as this part
     assert run_accuracy.recorded_settings({k: v for k, v in val.items() if k != "kind"}, wide) != wide
 
-    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+    rows = {"acdc-10-val": VAL_ROWS,
             "acdc-10-val-20train": {"supervised": [0.70, 0.72, 0.68], "vqseg": [0.78, 0.77, 0.79], "supervised-full": [0.82, 0.83, 0.81]}}
     # even a pair asked for across the two parts is refused: other training patients, other labelled slices
     monkeypatch.setattr(run_accuracy, "PAIRED", run_accuracy.PAIRED + [(("acdc-10-val-20train", "vqseg"), ("acdc-10-val", "vqseg"))])
@@ -527,7 +533,7 @@ def test_the_ema_part_sets_vqseg_beside_u_nets_tested_as_its_teacher_is(tmp_path
     ema = run_accuracy.part_settings("acdc-10-val-ema", "cpu", 3)
     assert ema == {**val, "methods": ["supervised-ema", "supervised-full-ema"]}
     assert "acdc-10-val-ema" not in run_accuracy.parts_of("gpu")
-    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+    rows = {"acdc-10-val": VAL_ROWS,
             "acdc-10-val-ema": {"supervised-ema": [0.65, 0.64, 0.66], "supervised-full-ema": [0.79, 0.80, 0.82]}}
     summary = _report_on(tmp_path, rows)
     assert summary["figures"]["acdc_vqseg10_vs_full_ema_ratio_val"] == pytest.approx(2.01 / 2.41)
@@ -548,7 +554,7 @@ def test_the_five_percent_validation_part_is_acdc_10_val_at_half_the_labelled_sl
     five = run_accuracy.part_settings("acdc-5-val", "cpu", 3)
     assert five == {**val, "labeled_fraction": 0.05, "methods": ["supervised", "vqseg"]}
     assert "acdc-5-val" not in run_accuracy.parts_of("gpu")
-    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+    rows = {"acdc-10-val": VAL_ROWS,
             "acdc-5-val": {"supervised": [0.55, 0.50, 0.57], "vqseg": [0.60, 0.58, 0.56]}}
 
     summary = _report_on(tmp_path, rows, _with_post_processing(0.02))
@@ -587,7 +593,7 @@ def test_the_codeword_alignment_part_is_acdc_10_val_with_that_row_paired_and_set
     codes = run_accuracy.part_settings("acdc-10-val-pfacodes", "cpu", 3)
     assert codes == {**val, "methods": ["vqseg-pfacodes"]}
     assert "acdc-10-val-pfacodes" not in run_accuracy.parts_of("gpu")
-    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
+    rows = {"acdc-10-val": VAL_ROWS,
             "acdc-10-val-pfacodes": {"vqseg-pfacodes": [0.70, 0.65, 0.71]}}
 
     summary = _report_on(tmp_path, rows, _with_post_processing(0.01))
@@ -620,9 +626,8 @@ def test_the_no_pfa_part_is_acdc_10_val_rerun_with_vqseg_without_pfa_beside_its_
     nopfa = run_accuracy.part_settings("acdc-10-val-nopfa", "cpu", 3)
     assert nopfa == {**val, "methods": ["supervised", "vqseg", "vqseg-nopfa", "supervised-full"]}
     assert "acdc-10-val-nopfa" not in run_accuracy.parts_of("gpu")
-    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
-            "acdc-10-val-nopfa": {"supervised": [0.63, 0.62, 0.65], "vqseg": [0.67, 0.66, 0.68],
-                                  "vqseg-nopfa": [0.72, 0.71, 0.69], "supervised-full": [0.76, 0.75, 0.77]}}
+    rows = {"acdc-10-val": VAL_ROWS,
+            "acdc-10-val-nopfa": NOPFA_ROWS}
 
     summary = _report_on(tmp_path, rows, _with_post_processing(0.01))
     figures = summary["figures"]
@@ -648,9 +653,8 @@ def test_the_fading_alignment_part_is_acdc_10_val_with_that_row_paired_with_vqse
     decay = run_accuracy.part_settings("acdc-10-val-pfadecay", "cpu", 3)
     assert decay == {**val, "methods": ["vqseg-pfadecay"]}
     assert "acdc-10-val-pfadecay" not in run_accuracy.parts_of("gpu")
-    rows = {"acdc-10-val": {"supervised": [0.64, 0.62, 0.66], "vqseg": [0.68, 0.66, 0.67], "supervised-full": [0.78, 0.80, 0.79]},
-            "acdc-10-val-nopfa": {"supervised": [0.63, 0.62, 0.65], "vqseg": [0.67, 0.66, 0.68],
-                                  "vqseg-nopfa": [0.72, 0.71, 0.69], "supervised-full": [0.76, 0.75, 0.77]},
+    rows = {"acdc-10-val": VAL_ROWS,
+            "acdc-10-val-nopfa": NOPFA_ROWS,
             "acdc-10-val-pfadecay": {"vqseg-pfadecay": [0.71, 0.70, 0.66]}}
 
     summary = _report_on(tmp_path, rows, _with_post_processing(0.01))
