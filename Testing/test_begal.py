@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from VQMedSegLib.active_learning.budget import Budget
+from VQMedSegLib.active_learning.budget import Budget, slice_count
 from VQMedSegLib.active_learning.pool import CaseInput, body_positions, build_pool, target_case
 from VQMedSegLib.active_learning.strategies import (
     BOTH,
@@ -73,6 +73,53 @@ def test_budget_arithmetic():
         b.spend(3, 3)
     b.spend(3, 2)
     assert b.exhausted and b.allowance(10) == 0
+
+
+def test_a_number_of_slices_is_a_count_or_a_share_of_the_pool():
+    """`--initial` and `--per-round` take a count or a share such as 10%: a benchmark's
+    budgets (20% initial, rounds of 10%) then mean the same on a pool of 40 slices and on
+    one of 1,350."""
+    assert slice_count(8, 40, "--initial") == 8 and slice_count("8", 40, "--initial") == 8
+    assert slice_count("20%", 40, "--initial") == 8 and slice_count("10%", 40, "--per-round") == 4
+    assert slice_count("10%", 1350, "--per-round") == 135 and slice_count("12.5%", 40, "--per-round") == 5
+    assert slice_count("1%", 40, "--per-round") == 1  # a share rounds to at least one slice
+    for bad in ("0%", "150%", "ten", "-3", 0, "2.5", "%"):
+        with pytest.raises(InputError, match=r"--per-round: found '?.*'?; expected a number of slices \(1 or more\) "
+                                             r"or a share of the pool's 40 slices such as 10%"):
+            slice_count(bad, 40, "--per-round")
+
+
+def test_one_or_two_ct_patients_are_cut_into_slabs_and_more_are_split_by_patient():
+    """With a single CT patient (the CHAOS case here) the test slices must come from that
+    patient: alternate 8-slice slabs, counted within each case. With three or more (the
+    CHAOS training set has 20), whole patients are held out, as the paper's figures are."""
+    from VQMedSegLib.active_learning.simulation import chaos_split
+
+    cases = make_dataset("phantom-liver", 4, seed=5, ct_shape=(20, 64, 64))
+    inputs = [target_case(c.case_id, c.ct, c.ct_label) for c in cases]
+    mr = [(cases[0].case_id + "-mr", cases[0].mr)]
+
+    one = chaos_split(inputs[:1], mr, 32, seed=0)
+    (group, test), = one.test.items()
+    assert group == f"{inputs[0].case_id}-test-slabs" and one.val == {}
+    n = len(one.pool)
+    assert test.tolist() == [i for i in range(n) if (i // 8) % 2 == 1]
+    assert one.candidates.tolist() == [i for i in range(n) if (i // 8) % 2 == 0]
+    assert "alternate 8-slice slabs" in one.description and "1 CHAOS MR T2 cases" in one.description
+
+    two = chaos_split(inputs[:2], mr, 32, seed=0)
+    assert set(two.test) == {f"{c.case_id}-test-slabs" for c in inputs[:2]}
+    for case in inputs[:2]:  # each case's slabs start at its own first slice
+        rows = np.flatnonzero(two.pool.case_ids == case.case_id)
+        assert two.test[f"{case.case_id}-test-slabs"].tolist() == rows[(np.arange(len(rows)) // 8) % 2 == 1].tolist()
+    assert len(two.candidates) + sum(len(t) for t in two.test.values()) == len(two.pool)
+
+    four = chaos_split(inputs, mr, 32, seed=0)
+    pool_cases = set(four.pool.case_ids[four.candidates])
+    assert pool_cases == {c.case_id for c in inputs[:2]}
+    assert set(four.val) == {inputs[2].case_id} and set(four.test) == {inputs[3].case_id}
+    assert not pool_cases & (set(four.val) | set(four.test))
+    assert "held out by patient" in four.description
 
 
 def test_kcenter_greedy_picks_far_points_first():

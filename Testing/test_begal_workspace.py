@@ -256,7 +256,7 @@ def test_query_refuses_unknown_strategy(setup):
 def test_simulate_writes_results_table_and_plot(tmp_path):
     out = tmp_path / "sim"
     vq("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--strategies", "begal,random",
-       "--rounds", "1", "--per-round", "4", "--seeds", "2", "--out", out, "--device", "cpu")
+       "--rounds", "1", "--initial", "4", "--per-round", "10%", "--seeds", "2", "--out", out, "--device", "cpu")
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"begal", "random"}
     for r in results.values():
@@ -270,6 +270,12 @@ def test_simulate_writes_results_table_and_plot(tmp_path):
     assert (out / "dice_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((out / "run.json").read_text())
     assert run["seeds"] == [0, 1] and run["versions"]["torch"]
+    # a share of the pool is recorded as given and as the slices it came to
+    assert (run["initial"], run["per_round"]) == (4, "10%")
+    assert run["per_round_slices"] == round(run["pool_slices"] / 10) and run["initial_slices"] == 4
+    n_pool = run["pool_slices"]
+    for r in results.values():
+        assert r["labeled_fraction"] == pytest.approx([4 / n_pool, (4 + run["per_round_slices"]) / n_pool])
     assert run["device"] == "cpu" and run["threads"] >= 1 and run["cpu_count"] >= 1
     assert run["cpu_capability"] and run["cpu_model"]  # what bit-for-bit reproduction needs besides the threads
 
@@ -328,3 +334,17 @@ def test_pool_scoring_reports_each_batch():
                      progress=lambda done, total: seen.append((done, total)))
     assert seen == [(32, 70), (64, 70), (70, 70)] and (scores == np.arange(70)).all()
 
+
+
+def test_the_chaos_sample_data_splits_its_one_ct_patient_into_slabs_as_the_benchmark_ran(real_data):
+    """The one CHAOS CT case of the sample data: 40 pool and 38 test slices at 128 x 128,
+    the split `chaos-begal` ran on, with the 20 MR T2 cases as auxiliary MR; the
+    benchmark's budgets (20%, then rounds of 10%) come to 8 and 4 of its slices."""
+    from VQMedSegLib.active_learning.budget import slice_count
+    from VQMedSegLib.active_learning.simulation import load_simulation_data
+
+    data = load_simulation_data("chaos", 128)
+    assert len(data.candidates) == 40 and [len(t) for t in data.test.values()] == [38]
+    assert data.val == {} and len(set(data.pool.mr_case_ids)) == 20
+    assert "alternate 8-slice slabs" in data.description
+    assert (slice_count("20%", 40, "--initial"), slice_count("10%", 40, "--per-round")) == (8, 4)

@@ -64,6 +64,22 @@ def test_a_part_run_with_other_settings_is_not_reused():
     assert run_accuracy.recorded_settings(recorded, settings) == settings
 
 
+def test_the_chaos_budgets_are_shares_of_the_pool_and_a_run_that_recorded_counts_is_read_back():
+    """20% initial and rounds of 10% (to 40%, or 50% on a GPU) mean the same on the one CT
+    patient's 40 pool slices and on a pool of the CHAOS training set's 20 patients."""
+    settings = run_accuracy.part_settings("chaos-begal", "cpu", 3)
+    assert (settings["initial"], settings["rounds"], settings["per_round"]) == ("20%", 2, "10%")
+    gpu = run_accuracy.part_settings("chaos-begal", "gpu", 3)
+    assert (gpu["initial"], gpu["rounds"], gpu["per_round"]) == ("20%", 3, "10%")
+    # a run from before the budgets were shares recorded its counts: 8 and 4 of a 40-slice pool
+    run = {**{k: v for k, v in settings.items() if k != "kind"}, "initial": 8, "per_round": 4, "pool_slices": 40}
+    assert run_accuracy.recorded_settings(run, settings) == settings
+    run["pool_slices"] = 1350  # the same counts of a larger pool are another budget
+    assert run_accuracy.recorded_settings(run, settings) != settings
+    run.pop("pool_slices")
+    assert run_accuracy.recorded_settings(run, settings) != settings
+
+
 def test_a_part_run_with_other_preset_values_is_not_reused():
     settings = run_accuracy.part_settings("acdc-10", "cpu", 3)
     run = {k: v for k, v in settings.items() if k != "kind"}

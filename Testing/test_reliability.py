@@ -381,6 +381,15 @@ def test_a_list_of_methods_or_strategies_naming_nothing_is_refused(tmp_path, arg
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.parametrize("value", ["ten", "0", "0%", "120%"])
+def test_a_number_of_slices_that_is_neither_a_count_nor_a_share_is_refused_before_any_work(tmp_path, value):
+    r = run_main("simulate", "--dataset", "phantom-liver", "--preset", "tiny", "--per-round", value,
+                 "--out", tmp_path / "out", check=False)
+    refused(r, f"argument --per-round: found '{value}', expected a number of slices (1 or more) or a share of the "
+               "pool such as 10%", code=2)
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({"iteratoins": 10}))
     refused(run_main("train", "--workspace", ws_with_case, "--config", tmp_path / "typo.json", check=False), "iteratoins", code=2)

@@ -63,7 +63,8 @@ Parts:
   alone, and VQ-Seg without PFA and without QPM, paired with ``acdc-10-long``'s rows.
 * ``chaos-begal``: VQ-BEGAL against random, max-entropy and MC-dropout selection at
   equal budgets up to 40% of the pool; liver on the CHAOS CT case, the 20 CHAOS MR T2
-  cases as the auxiliary modality.
+  cases as the auxiliary modality (test slabs of the one CT patient; with three or more
+  CT patients, whole patients held out).
 * ``chaos-mr-10``: liver on CHAOS MR T2 alone, split by patient, supervised against
   VQ-Seg at 10% labelled slices; ``chaos-mr-10-long`` (CPU preset only): the same rows at
   1,800 iterations; ``chaos-mr-10-val`` (CPU preset only): those rows with three training
@@ -93,10 +94,11 @@ from VQMedSegLib.training.ssl_report import case_paired, format_p  # noqa: E402
 # benchmark preset -> the library presets and the active-learning schedule it uses
 PRESETS = {
     # 2 CPU cores: VQ-Seg's `quick` network (600 iterations, K = 1,024, 128 x 128) and
-    # VQ-BEGAL's `cpu` network; CHAOS budget 20% initial + 2 rounds of 10% -> 40%
-    "cpu": {"ssl_preset": "quick", "al_preset": "cpu", "initial": 8, "rounds": 2, "per_round": 4},
+    # VQ-BEGAL's `cpu` network; CHAOS budget 20% initial + 2 rounds of 10% of the pool -> 40%
+    # (8 + 4 + 4 of the one CT patient's 40 pool slices)
+    "cpu": {"ssl_preset": "quick", "al_preset": "cpu", "initial": "20%", "rounds": 2, "per_round": "10%"},
     # a GPU: the papers' networks (224 x 224, K = 16,384, paper schedules); budget to 50%
-    "gpu": {"ssl_preset": "paper", "al_preset": "paper", "initial": 8, "rounds": 3, "per_round": 4},
+    "gpu": {"ssl_preset": "paper", "al_preset": "paper", "initial": "20%", "rounds": 3, "per_round": "10%"},
 }
 
 PARTS = {
@@ -249,8 +251,19 @@ def part_settings(name: str, preset: str, seeds: int) -> dict:
 
 
 def recorded_settings(run: dict, settings: dict) -> dict:
-    """The same fields as ``settings``, read from a part's ``run.json``."""
+    """The same fields as ``settings``, read from a part's ``run.json``.
+
+    A simulation from before the budgets were shares of the pool recorded its numbers of
+    slices; such a number reads as the share the settings name when it is that share of
+    the pool the run recorded (``pool_slices``)."""
+    from VQMedSegLib.active_learning.budget import slice_count
+
     recorded = {k: run.get(k, RECORDED_DEFAULTS.get(k)) for k in settings if k not in ("kind", "config")}
+    for key in ("initial", "per_round"):
+        share, count = settings.get(key), recorded.get(key)
+        if (isinstance(share, str) and isinstance(count, int) and "pool_slices" in run
+                and slice_count(share, run["pool_slices"], key) == count):
+            recorded[key] = share
     return {"kind": settings["kind"], **recorded, "config": _comparable(settings["kind"], run.get("config"))}
 
 

@@ -40,3 +40,25 @@ class Budget:
         if n > self.remaining:
             raise InputError(f"budget: {n} slices selected but only {self.remaining} of {self.total} remain")
         self.spent += n
+
+
+def slice_count(value: int | str, pool_size: int, option: str) -> int:
+    """A number of slices given as a count (``8``, ``"8"``) or as a share of the pool
+    (``"10%"``): the share rounds half up, to at least one slice.
+
+    A simulation's budgets are shares of the pool where the pool's size depends on the
+    data (the CHAOS CT set here has one patient, the challenge's has 20)."""
+    text = str(value).strip()
+    expected = f"expected a number of slices (1 or more) or a share of the pool's {pool_size} slices such as 10%"
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError(text)
+            return max(1, int(pool_size * share / 100 + 0.5))
+        count = int(text)
+        if count < 1:
+            raise ValueError(text)
+        return count
+    except ValueError:
+        raise InputError(f"{option}: found {value!r}; {expected}") from None

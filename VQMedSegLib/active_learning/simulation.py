@@ -24,8 +24,8 @@ from ..metrics.segmentation import mean_std_text, spread_words
 from ..provenance import compute_environment, software_versions
 from ..tasks import get_task
 from ..training.begal import PhaseTrainer, build_model, case_dice, round_schedule
-from .budget import Budget
-from .pool import SlicePool, build_pool, target_case
+from .budget import Budget, slice_count
+from .pool import CaseInput, SlicePool, build_pool, target_case
 from .strategies import BOTH, STRATEGIES, select
 
 log = logging.getLogger("vqmedseg")
@@ -69,37 +69,55 @@ def load_simulation_data(dataset: str, size: int, seed: int = 0, n_phantoms: int
 
 
 def _chaos_data(root: Path, size: int, seed: int) -> SimulationData:
-    """The one CHAOS CT case with its liver masks, plus the 20 MR T2 cases as auxiliary MR.
-
-    With a single CT patient the test set must come from the same patient: the CT's
-    slices are cut into blocks of 8, alternately pool and test. Neighbouring blocks are
-    correlated, so these Dice values are optimistic against a patient-wise split; they
-    compare strategies, they do not predict performance on new patients.
-    """
+    """The CHAOS CT cases with their liver masks, plus the CHAOS MR T2 cases as auxiliary MR
+    (unpaired: other patients); :func:`chaos_split` says which slices are pool and test."""
     from ..data.datasets import discover_cases, load_case
 
-    task = get_task("liver")
-    ct_refs = discover_cases(root / "chaos" / "Train_Sets" / "CT")
+    ct_root = root / "chaos" / "Train_Sets" / "CT"
+    ct_refs = discover_cases(ct_root) if ct_root.exists() else []
     if not ct_refs:
-        raise InputError(f"CHAOS CT: no case found under {root / 'chaos' / 'Train_Sets' / 'CT'}")
+        raise InputError(f"CHAOS CT: no case found under {ct_root}; expected the challenge's layout, "
+                         "a folder per case holding DICOM_anon/ and Ground/")
     inputs = []
     for ref in ct_refs:
         image, label = load_case(ref)
         inputs.append(target_case(ref.case_id, image, label))
-    extra_mr = []
-    for ref in discover_cases(root / "chaos_mr_t2", modality="MR"):
-        image, _ = load_case(ref)
-        extra_mr.append((ref.case_id, image))
-    pool = build_pool(inputs, size, task.ct_window, seed=seed, extra_mr=extra_mr)
-    block = (np.arange(len(pool)) // 8) % 2
-    test = np.flatnonzero(block == 1)
+    mr_root = root / "chaos_mr_t2"
+    extra_mr = [(ref.case_id, load_case(ref)[0]) for ref in discover_cases(mr_root, modality="MR")]
+    return chaos_split(inputs, extra_mr, size, seed)
+
+
+SLAB = 8  # slices in a pool or test slab when the test slices come from the pool's patients
+
+
+def chaos_split(inputs: list[CaseInput], extra_mr: list, size: int, seed: int) -> SimulationData:
+    """Pool and test slices of CT cases with liver labels, ``extra_mr`` the auxiliary MR.
+
+    With three or more CT patients, whole patients are held out (:func:`_case_split`: the
+    last fifth test, the one before them validation), as the paper's figures are. With one
+    or two, the test slices must come from the pool's own patients: each case's slices are
+    cut into slabs of ``SLAB``, alternately pool and test, counted from the case's first
+    slice. Neighbouring slabs are correlated, so those Dice values are optimistic against
+    a patient-wise split; they compare strategies, they do not predict performance on new
+    patients.
+    """
+    pool = build_pool(inputs, size, get_task("liver").ct_window, seed=seed, extra_mr=extra_mr)
+    ids = [c.case_id for c in inputs]
+    mr = f"{len(extra_mr)} CHAOS MR T2 cases as unpaired auxiliary MR"
+    if len(ids) >= 3:
+        return _case_split(pool, ids, test_share=0.2, what=f"CHAOS CT cases, held out by patient, with {mr}")
+    candidates, test = [], {}
+    for case_id in ids:
+        rows = np.flatnonzero(pool.case_ids == case_id)
+        in_test = (np.arange(len(rows)) // SLAB) % 2 == 1
+        candidates.append(rows[~in_test])
+        test[f"{case_id}-test-slabs"] = rows[in_test]
     return SimulationData(
         pool,
-        np.flatnonzero(block == 0),
-        {f"{inputs[0].case_id}-test-slabs": test},
+        np.concatenate(candidates),
+        test,
         {},
-        f"CHAOS CT case(s) {', '.join(c.case_id for c in inputs)} (alternate 8-slice slabs as pool/test) "
-        f"with {len(extra_mr)} CHAOS MR T2 cases as unpaired auxiliary MR",
+        f"CHAOS CT case(s) {', '.join(ids)} (alternate {SLAB}-slice slabs as pool/test) with {mr}",
     )
 
 
@@ -211,29 +229,35 @@ def simulate(
     dataset: str,
     strategies: list[str],
     rounds: int,
-    per_round: int,
+    per_round: int | str,
     seeds: list[int],
     config: BEGALConfig,
     out: Path,
     device: torch.device,
-    initial: int | None = None,
+    initial: int | str | None = None,
     preset: str = "custom",
 ) -> dict:
-    """Run every strategy for every seed; write results.json, results.md, dice_vs_budget.png, run.json."""
+    """Run every strategy for every seed; write results.json, results.md, dice_vs_budget.png, run.json.
+
+    ``per_round`` and ``initial`` (default: ``per_round``) are numbers of slices, or shares
+    of the pool such as ``"10%"`` (:func:`~.budget.slice_count`)."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise InputError(f"--strategies: unknown {unknown}; expected some of {', '.join(STRATEGIES)}")
-    if rounds < 1 or per_round < 1:
-        raise InputError(f"--rounds {rounds} / --per-round {per_round}: expected at least 1 each")
+    if rounds < 1:
+        raise InputError(f"--rounds {rounds}: expected at least 1")
+    initial = per_round if initial is None else initial
     t0 = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
     data = load_simulation_data(dataset, config.slice_size, seed=seeds[0])
-    n_initial = per_round if initial is None else initial
-    if n_initial + rounds * per_round > len(data.candidates):
+    n_pool = len(data.candidates)
+    n_round = slice_count(per_round, n_pool, "--per-round")
+    n_initial = slice_count(initial, n_pool, "--initial")
+    if n_initial + rounds * n_round > n_pool:
         raise InputError(
-            f"--rounds {rounds} x --per-round {per_round} + {n_initial} initial slices exceed the pool of "
-            f"{len(data.candidates)} slices"
+            f"--rounds {rounds} x --per-round {per_round} ({n_round} slices) + {n_initial} initial slices exceed "
+            f"the pool of {n_pool} slices"
         )
+    out.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(seeds) * len(strategies) * (rounds + 1), desc="simulate", unit="round", disable=None)
@@ -248,7 +272,7 @@ def simulate(
         init = np.random.default_rng(seed).choice(data.candidates, n_initial, replace=False)
         for strategy in strategies:
             t = time.monotonic()
-            result = run_strategy(strategy, data, config, rounds, per_round, init, seed, device, progress=progress)
+            result = run_strategy(strategy, data, config, rounds, n_round, init, seed, device, progress=progress)
             result["seconds"] = time.monotonic() - t
             runs[strategy].append(result)
     bar.close()
@@ -259,7 +283,9 @@ def simulate(
         "strategies": strategies,
         "rounds": rounds,
         "per_round": per_round,
-        "initial": n_initial,
+        "initial": initial,
+        "per_round_slices": n_round,
+        "initial_slices": n_initial,
         "seeds": seeds,
         "preset": preset,
         "config": config.to_json(),

@@ -60,6 +60,19 @@ def _names(text: str, option: str, example: str = "begal,random") -> list[str]:
     return names
 
 
+def _slices(text: str) -> int | str:
+    """An ``argparse`` type: a number of slices, or a share of the pool such as ``10%``
+    (resolved once the pool is built; :func:`~VQMedSegLib.active_learning.budget.slice_count`)."""
+    from ..active_learning.budget import slice_count
+
+    try:
+        slice_count(text, 100, "")
+    except InputError:
+        raise argparse.ArgumentTypeError(
+            f"found {text!r}, expected a number of slices (1 or more) or a share of the pool such as 10%") from None
+    return text.strip() if text.strip().endswith("%") else int(text)
+
+
 def _seed(text: str) -> int:
     """An ``argparse`` type: a seed is a whole number from 0 to ``MAX_SEED`` (NumPy refuses
     negative ones, torch and MONAI larger ones)."""
@@ -800,8 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--strategies", default="begal,random,entropy,mcdropout,coreset,egal",
                     help="comma-separated, from: begal, egal, random, entropy, mcdropout, coreset (default: all six)")
     si.add_argument("--rounds", type=int, default=4, help="query rounds after the initial set (default 4)")
-    si.add_argument("--per-round", type=int, default=10, help="slices selected per round (B)")
-    si.add_argument("--initial", type=int, help="random initial slices (default: --per-round)")
+    si.add_argument("--per-round", type=_slices, default=10,
+                    help="slices selected per round (B), or a share of the pool such as 10%% (default 10 slices)")
+    si.add_argument("--initial", type=_slices,
+                    help="random initial slices, or a share of the pool such as 20%% (default: --per-round)")
     _seed_args(si, 2)
     preset_arg(si, "VQ-BEGAL")
     si.add_argument("--config", help="JSON VQ-BEGAL settings laid over the preset; the options given here win over both")
