@@ -86,6 +86,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from VQMedSegLib.active_learning.budget import slice_count  # noqa: E402
 from VQMedSegLib.files import atomic_files, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from VQMedSegLib.metrics.segmentation import mean_std_text  # noqa: E402
 from VQMedSegLib.provenance import compute_environment, software_versions, versions_differ  # noqa: E402
@@ -256,8 +257,6 @@ def recorded_settings(run: dict, settings: dict) -> dict:
     A simulation from before the budgets were shares of the pool recorded its numbers of
     slices; such a number reads as the share the settings name when it is that share of
     the pool the run recorded (``pool_slices``)."""
-    from VQMedSegLib.active_learning.budget import slice_count
-
     recorded = {k: run.get(k, RECORDED_DEFAULTS.get(k)) for k in settings if k not in ("kind", "config")}
     for key in ("initial", "per_round"):
         share, count = settings.get(key), recorded.get(key)

@@ -42,23 +42,31 @@ class Budget:
         self.spent += n
 
 
+def slice_amount(value: int | str, option: str, pool_size: int | None = None) -> int | str:
+    """A number of slices as given: a count (``8``, ``"8"``) as an int, or a share of the
+    pool (``"10%"``) as its text; anything else is refused, naming ``option``."""
+    text = str(value).strip()
+    pool = f"the pool's {pool_size} slices" if pool_size is not None else "the pool"
+    try:
+        if text.endswith("%"):
+            if not 0 < float(text[:-1]) <= 100:
+                raise ValueError(text)
+            return text
+        if int(text) < 1:
+            raise ValueError(text)
+        return int(text)
+    except ValueError:
+        raise InputError(f"{option}: found {value!r}; expected a number of slices (1 or more) "
+                         f"or a share of {pool} such as 10%") from None
+
+
 def slice_count(value: int | str, pool_size: int, option: str) -> int:
-    """A number of slices given as a count (``8``, ``"8"``) or as a share of the pool
-    (``"10%"``): the share rounds half up, to at least one slice.
+    """:func:`slice_amount` in slices of a pool of ``pool_size``: a share rounds half up,
+    to at least one slice.
 
     A simulation's budgets are shares of the pool where the pool's size depends on the
     data (the CHAOS CT set here has one patient, the challenge's has 20)."""
-    text = str(value).strip()
-    expected = f"expected a number of slices (1 or more) or a share of the pool's {pool_size} slices such as 10%"
-    try:
-        if text.endswith("%"):
-            share = float(text[:-1])
-            if not 0 < share <= 100:
-                raise ValueError(text)
-            return max(1, int(pool_size * share / 100 + 0.5))
-        count = int(text)
-        if count < 1:
-            raise ValueError(text)
-        return count
-    except ValueError:
-        raise InputError(f"{option}: found {value!r}; {expected}") from None
+    amount = slice_amount(value, option, pool_size)
+    if isinstance(amount, int):
+        return amount
+    return max(1, int(pool_size * float(amount[:-1]) / 100 + 0.5))

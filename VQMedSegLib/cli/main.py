@@ -63,14 +63,13 @@ def _names(text: str, option: str, example: str = "begal,random") -> list[str]:
 def _slices(text: str) -> int | str:
     """An ``argparse`` type: a number of slices, or a share of the pool such as ``10%``
     (resolved once the pool is built; :func:`~VQMedSegLib.active_learning.budget.slice_count`)."""
-    from ..active_learning.budget import slice_count
+    from ..active_learning.budget import slice_amount
 
     try:
-        slice_count(text, 100, "")
+        return slice_amount(text, "")
     except InputError:
         raise argparse.ArgumentTypeError(
             f"found {text!r}, expected a number of slices (1 or more) or a share of the pool such as 10%") from None
-    return text.strip() if text.strip().endswith("%") else int(text)
 
 
 def _seed(text: str) -> int:
