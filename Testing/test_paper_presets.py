@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from VQMedSegLib.active_learning.budget import slice_count
 from VQMedSegLib.active_learning.pool import build_pool, target_case
 from VQMedSegLib.config import begal_config_from_preset, train_config_from_preset, vqseg_config_from_preset
 from VQMedSegLib.data.phantoms import make_dataset
@@ -90,9 +91,11 @@ def test_the_begal_paper_preset_holds_the_settings_the_paper_states():
     assert (cfg.slice_size, cfg.features, cfg.code_dim) == (256, (32, 64, 128, 256, 512), 256)
     assert (cfg.batch_size, cfg.unlabelled_batch, cfg.learning_rate) == (16, 8, 1e-3)
     assert (cfg.initial_iterations, cfg.encoder_iterations, cfg.decoder_iterations) == (3000, 1500, 1500)
-    # the paper's 50 + 50 slices a round for 10 rounds, scaled to one CT patient's 40-slice pool
+    # the paper's 50 + 50 slices a round for 10 rounds, scaled to shares of the pool: 20% then
+    # rounds of 10% to 50%, 8 and 4 slices of one CT patient's 40-slice pool
     gpu = run_accuracy.PRESETS["gpu"]
-    assert gpu["al_preset"] == "paper" and (gpu["initial"], gpu["rounds"], gpu["per_round"]) == (8, 3, 4)
+    assert gpu["al_preset"] == "paper" and (gpu["initial"], gpu["rounds"], gpu["per_round"]) == ("20%", 3, "10%")
+    assert (slice_count(gpu["initial"], 40, "--initial"), slice_count(gpu["per_round"], 40, "--per-round")) == (8, 4)
 
 
 def test_the_vqseg_paper_network_takes_a_semi_supervised_step_at_full_size():
