@@ -687,6 +687,28 @@ def test_the_fading_alignment_part_is_acdc_10_val_with_that_row_paired_with_vqse
             "Dice") in md
 
 
+def test_the_warm_up_part_is_acdc_10_val_with_that_row_paired_with_its_rows(tmp_path):
+    """`acdc-10-val-warmup` trains acdc-10-val's VQ-Seg row again with the supervised
+    warm-up at one sixth of the schedule: the same labelled slices, so it is paired seed by
+    seed with acdc-10-val's rows, and its ratio is taken against acdc-10-val's ceiling."""
+    val = run_accuracy.part_settings("acdc-10-val", "cpu", 3)
+    assert run_accuracy.part_settings("acdc-10-val-warmup", "cpu", 3) == {**val, "methods": ["vqseg-warmup"]}
+    assert "acdc-10-val-warmup" not in run_accuracy.parts_of("gpu")
+    rows = {"acdc-10-val": VAL_ROWS, "acdc-10-val-warmup": {"vqseg-warmup": [0.70, 0.69, 0.66]}}
+
+    summary = _report_on(tmp_path, rows, _with_post_processing(0.02))
+    figures = summary["figures"]
+    assert figures["acdc_vqseg_warmup10_vs_full_ratio_val"] == pytest.approx(2.05 / 2.37)
+    assert figures["acdc_vqseg_warmup10_vs_full_ratio_val_postprocessed"] == pytest.approx((2.05 / 3 + 0.02) / 0.81)
+    assert figures["acdc_vqseg10_vs_full_ratio_val"] == pytest.approx(2.01 / 2.37)  # the headline is the paper's row
+    paired = {(d["a"], d["b"]): d for d in summary["paired"]}
+    assert paired[("acdc-10-val-warmup/vqseg-warmup", "acdc-10-val/vqseg")]["per_seed"] == pytest.approx([2.0, 3.0, -1.0])
+    assert paired[("acdc-10-val-warmup/vqseg-warmup", "acdc-10-val/supervised")]["a_higher"] == 2  # level on seed 2
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert ("(`acdc-10-val-warmup`), `vqseg-warmup` at 10% reaches 0.865 of `acdc-10-val`'s fully supervised "
+            "Dice") in md
+
+
 def test_the_five_seed_part_is_acdc_10_val_with_its_codeword_row_over_seeds_0_to_4(tmp_path):
     """`acdc-10-val-5seeds` holds acdc-10-val's rows and the codeword alignment's over five
     seeds whatever --seeds says (its first three seeds are those parts' rows, merged with

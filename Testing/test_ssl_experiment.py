@@ -147,18 +147,34 @@ def test_each_setting_is_read_by_the_rows_that_use_it_and_no_other():
     """What `ssl` refuses as a setting no row reads (see test_reliability)."""
     qpm = vqseg_config_from_preset("tiny")
     rows = ["supervised", "supervised-full", "vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-nopfa", "vqseg-dropout",
-            "vqseg-labelled", "vqseg-pfadecay"]
+            "vqseg-labelled", "vqseg-pfadecay", "vqseg-warmup"]
     assert rows_reading(rows, qpm) == {
-        "perturbation": ["vqseg", "vqseg-nodb", "vqseg-nopfa", "vqseg-pfadecay"],  # vqseg-noqpm has none, vqseg-dropout its own
+        # vqseg-noqpm has none, vqseg-dropout its own
+        "perturbation": ["vqseg", "vqseg-nodb", "vqseg-nopfa", "vqseg-pfadecay", "vqseg-warmup"],
         "dropout_rate": ["vqseg-dropout"],
-        "strong_augment": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-nopfa", "vqseg-dropout", "vqseg-pfadecay"],
-        "foundation": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-dropout", "vqseg-pfadecay"],
+        "strong_augment": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-nopfa", "vqseg-dropout", "vqseg-pfadecay",
+                           "vqseg-warmup"],
+        "foundation": ["vqseg", "vqseg-noqpm", "vqseg-nodb", "vqseg-dropout", "vqseg-pfadecay", "vqseg-warmup"],
     }
     assert method_config("vqseg-pfadecay", qpm, 3) == qpm.replace(seed=3, lambda_a_schedule="cosine")
     dropout = qpm.replace(perturbation="dropout", use_pfa=False)
     assert rows_reading(["vqseg", "vqseg-noqpm"], dropout) == {
         "perturbation": ["vqseg"], "dropout_rate": ["vqseg"], "strong_augment": ["vqseg", "vqseg-noqpm"], "foundation": []}
     assert rows_reading(["supervised"], qpm) == {"perturbation": [], "dropout_rate": [], "strong_augment": [], "foundation": []}
+
+
+def test_the_warm_up_row_keeps_the_quick_presets_share_of_the_schedule_whatever_its_length():
+    """`vqseg-warmup` trains on the labelled slices alone for one sixth of the iterations,
+    the share `quick` gives its own 600 (100): 500 of acdc-10-val's 3,000, where `vqseg`
+    keeps 100. Nothing else of the row changes, so at quick's own length it is `vqseg`."""
+    quick = vqseg_config_from_preset("quick")
+    assert method_config("vqseg-warmup", quick, 1) == method_config("vqseg", quick, 1)
+    long = quick.replace(iterations=3000)
+    assert method_config("vqseg", long, 2).warmup_supervised == 100
+    assert method_config("vqseg-warmup", long, 2) == long.replace(seed=2, warmup_supervised=500)
+    assert method_config("vqseg-warmup", quick.replace(iterations=5000), 0).warmup_supervised == 833
+    # the row sets the warm-up itself, over a --config file's
+    assert method_config("vqseg-warmup", long.replace(warmup_supervised=40), 0).warmup_supervised == 500
 
 
 def test_every_prediction_is_also_scored_with_its_largest_component_only():

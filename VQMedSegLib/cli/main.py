@@ -506,12 +506,13 @@ def _refuse_options_the_method_ignores(args) -> None:
 # the settings a VQ-Seg command line gives every row of an experiment, and what reads them
 _READ_ONLY_BY = {
     "perturbation": ("--perturbation", "read only by rows that train semi-supervised and set no perturbation of their own "
-                                       "(vqseg, vqseg-nodb, vqseg-nopfa, vqseg-pfacodes, vqseg-pfadecay)"),
+                                       "(vqseg, vqseg-nodb, vqseg-nopfa, vqseg-pfacodes, vqseg-pfadecay, "
+                                       "vqseg-warmup)"),
     "dropout_rate": ("--dropout-rate", "read only where the perturbation is dropout (--perturbation dropout, or the row "
                                        "vqseg-dropout)"),
     "strong_augment": ("--strong-augment", "read only by rows that train semi-supervised (the vqseg rows but vqseg-labelled)"),
     "foundation": ("--foundation", "read only by rows with PFA (vqseg, vqseg-noqpm, vqseg-nodb, vqseg-dropout, "
-                                       "vqseg-pfacodes, vqseg-pfadecay)"),
+                                       "vqseg-pfacodes, vqseg-pfadecay, vqseg-warmup)"),
 }
 
 
@@ -835,7 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "teacher is), vqseg, vqseg-noqpm, vqseg-nodb, "
                          "vqseg-nopfa, vqseg-dropout, vqseg-pfacodes (the alignment on the chosen codewords, "
                          "which trains the codebook mapping, not the encoder), vqseg-pfadecay (lambda_a falling along a half "
-                         "cosine to 0 at the last iteration), vqseg-labelled (VQ-Seg's network on "
+                         "cosine to 0 at the last iteration), vqseg-warmup (the supervised warm-up at one sixth of the "
+                         "iterations, the quick preset's share), vqseg-labelled (VQ-Seg's network on "
                          "the labelled slices alone)")
     _seed_args(ss, 2, " (to spread one experiment over processes or machines; gather the folders with ssl-merge)")
     preset_arg(ss, "VQ-Seg and U-Net")
