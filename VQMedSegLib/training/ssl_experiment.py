@@ -88,7 +88,7 @@ METHODS = {
 }
 
 
-# vqseg-warmup's supervised warm-up: this fraction of the iterations (quick: 100 of 600)
+# vqseg-warmup's supervised warm-up: the iterations divided by this (quick: 600 / 6 = 100)
 WARMUP_SHARE = 6
 
 
