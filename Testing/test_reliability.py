@@ -364,6 +364,35 @@ def test_ssl_refuses_a_setting_no_row_of_the_experiment_reads(tmp_path, options,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("methods", ["vqseg-typo", "supervised,vqseg-warmpu"])
+def test_ssl_with_an_unknown_row_named_like_a_vqseg_row_is_refused_not_a_traceback(tmp_path, methods):
+    """`ssl --methods vqseg-typo` once ended in a KeyError: the check of which rows read
+    the command line's settings looked the row up before the names were checked."""
+    r = run_main("ssl", "--dataset", "phantom-lung", "--preset", "tiny", "--methods", methods, "--strong-augment",
+                 "--out", tmp_path / "out", check=False)
+    unknown = [m for m in methods.split(",") if m != "supervised"]
+    refused(r, f"--methods: unknown {unknown}; expected some of supervised, supervised-full", "vqseg-warmup", code=2)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, options", [("perturbation", ("--methods", "vqseg-dropout", "--perturbation", "none")),
+                                          ("dropout_rate", ("--methods", "vqseg", "--dropout-rate", "0.3")),
+                                          ("strong_augment", ("--methods", "supervised", "--strong-augment")),
+                                          ("foundation", ("--methods", "vqseg-nopfa", "--foundation", "litemedsam"))])
+def test_a_refusal_names_the_rows_that_read_the_setting_as_the_experiment_finds_them(tmp_path, monkeypatch, key, options):
+    """The refusal's list of the rows that would read a setting is the experiment's own
+    (``rows_reading`` under the defaults), so a row added to ``METHODS`` is named without
+    a second, hand-kept list to forget."""
+    from VQMedSegLib.config import VQSegConfig
+    from VQMedSegLib.training import ssl_experiment
+
+    monkeypatch.setitem(ssl_experiment.METHODS, "vqseg-added", {"perturbation": "dropout"} if key == "dropout_rate" else {})
+    readers = ssl_experiment.rows_reading(list(ssl_experiment.METHODS), VQSegConfig())[key]
+    assert "vqseg-added" in readers
+    r = run_main("ssl", "--dataset", "phantom-lung", "--preset", "tiny", *options, "--out", tmp_path / "out", check=False)
+    refused(r, f"({', '.join(readers)})" if key != "dropout_rate" else f"or the rows {', '.join(readers)})", code=2)
+
+
 def test_predict_with_a_case_list_naming_nothing_is_refused_not_run_on_every_case(ws_with_case):
     refused(run_main("predict", "--workspace", ws_with_case, "--case", ",", check=False),
             "--case ',': names nothing; expected comma-separated names such as case1,case2", code=2)

@@ -503,17 +503,27 @@ def _refuse_options_the_method_ignores(args) -> None:
             raise InputError(f"{', '.join(given)}: only --method vqseg uses {them}; --method {args.method} would ignore {them}")
 
 
-# the settings a VQ-Seg command line gives every row of an experiment, and what reads them
+# the settings a VQ-Seg command line gives every row of an experiment: the flag, and which
+# rows read it (the rows themselves are listed from rows_reading, so a new row is named)
 _READ_ONLY_BY = {
-    "perturbation": ("--perturbation", "read only by rows that train semi-supervised and set no perturbation of their own "
-                                       "(vqseg, vqseg-nodb, vqseg-nopfa, vqseg-pfacodes, vqseg-pfadecay, "
-                                       "vqseg-warmup)"),
-    "dropout_rate": ("--dropout-rate", "read only where the perturbation is dropout (--perturbation dropout, or the row "
-                                       "vqseg-dropout)"),
-    "strong_augment": ("--strong-augment", "read only by rows that train semi-supervised (the vqseg rows but vqseg-labelled)"),
-    "foundation": ("--foundation", "read only by rows with PFA (vqseg, vqseg-noqpm, vqseg-nodb, vqseg-dropout, "
-                                       "vqseg-pfacodes, vqseg-pfadecay, vqseg-warmup)"),
+    "perturbation": ("--perturbation", "read only by rows that train semi-supervised and set no perturbation of their own"),
+    "dropout_rate": ("--dropout-rate", "read only where the perturbation is dropout"),
+    "strong_augment": ("--strong-augment", "read only by rows that train semi-supervised"),
+    "foundation": ("--foundation", "read only by rows with PFA"),
 }
+
+
+def _readers_named(key: str) -> str:
+    """``_READ_ONLY_BY[key]``'s reason with the rows that read the setting under the
+    defaults, as the experiment finds them."""
+    from ..config import VQSegConfig
+    from ..training.ssl_experiment import METHODS, rows_reading
+
+    rows = rows_reading(list(METHODS), VQSegConfig())[key]
+    reason = _READ_ONLY_BY[key][1]
+    if key == "dropout_rate":  # the command line's choice, or the rows that choose dropout themselves
+        return f"{reason} (--perturbation dropout, or the row{'s' if len(rows) > 1 else ''} {', '.join(rows)})"
+    return f"{reason} ({', '.join(rows)})"
 
 
 def _rows_have_none(config, methods: list[str]):
@@ -521,7 +531,7 @@ def _rows_have_none(config, methods: list[str]):
     def why(key: str) -> str:
         off = (" (use_qpm false switches every perturbation off)" if key in ("perturbation", "dropout_rate") and not config.use_qpm
                else " (use_pfa false switches PFA off)" if key == "foundation" and not config.use_pfa else "")
-        return f"{_READ_ONLY_BY[key][1]}; --methods {','.join(methods)} has none{off}"
+        return f"{_readers_named(key)}; --methods {','.join(methods)} has none{off}"
     return why
 
 
@@ -611,7 +621,7 @@ def cmd_simulate(args) -> int:
 def cmd_ssl(args) -> int:
     from ..config import vqseg_config_from_preset
     from ..files import output_folder
-    from ..training.ssl_experiment import run_ssl
+    from ..training.ssl_experiment import check_method_names, run_ssl
 
     _refuse_to_replace_results(args)
     device = _device_for_preset(args)
@@ -619,6 +629,7 @@ def cmd_ssl(args) -> int:
         args.preset, args.config, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
     methods = _names(args.methods, "--methods")
+    check_method_names(methods)  # before the check of which rows read the settings looks them up
     _refuse_settings_no_row_reads(args, config, methods, _rows_have_none(config, methods))
     with output_folder(args.out) as out:
         results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, out, device,

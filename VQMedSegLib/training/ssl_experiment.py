@@ -106,6 +106,14 @@ def method_config(method: str, config: VQSegConfig, seed: int) -> VQSegConfig:
         cfg = cfg.replace(warmup_supervised=cfg.iterations // WARMUP_SHARE)
     return cfg
 
+
+def check_method_names(methods: list[str]) -> None:
+    """Refuse a row ``METHODS`` does not hold, before anything looks it up."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
+
+
 def rows_reading(methods: list[str], config: VQSegConfig) -> dict[str, list[str]]:
     """For each setting the command line may give every row (``perturbation``,
     ``dropout_rate``, ``strong_augment``, ``foundation``), the rows of ``methods`` that
@@ -462,9 +470,7 @@ def run_ssl(
     patients are the test set, in place of the dataset folder's ``test.list``.
     ``validation_list``: a file of case or patient ids whose patients are the validation
     set, in place of ``validation_patients``."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InputError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
+    check_method_names(methods)
     if not 0 < labeled_fraction <= 1:
         raise InputError(f"--labeled-fraction {labeled_fraction}: expected a value in (0, 1]")
     if validation_list is not None and validation_patients:
