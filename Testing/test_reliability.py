@@ -450,6 +450,27 @@ def test_config_with_unknown_keys_or_wrong_types(ws_with_case, tmp_path):
     assert not (tmp_path / "d" / "demo.json").exists()
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (("ssl", "--dataset", "phantom-lung", "--iterations", "0"),
+     "preset 'tiny' with --iterations 0: config key 'iterations': found 0, expected at least 1"),
+    (("ssl", "--dataset", "phantom-lung", "--methods", "vqseg-dropout", "--dropout-rate", "1.5"),
+     "preset 'tiny' with --dropout-rate 1.5: config key 'dropout_rate': found 1.5, expected in [0, 1)"),
+    (("train", "--workspace", "WS", "--iterations", "-5"),
+     "preset 'tiny' with --iterations -5: config key 'iterations': found -5, expected at least 1"),
+    (("train", "--workspace", "WS", "--method", "vqseg", "--config", "RATE", "--dropout-rate", "2", "--perturbation", "dropout"),
+     "with config file RATE and --perturbation dropout, --dropout-rate 2.0: config key 'dropout_rate': found 2.0"),
+])
+def test_an_option_the_configuration_refuses_is_named_as_the_option_given(ws_with_case, tmp_path, argv, needle):
+    """`ssl --iterations 0` was refused as "preset 'tiny': config key 'iterations'", as if
+    the preset held the bad value: the message names the option the user typed."""
+    (tmp_path / "rate.json").write_text(json.dumps({"dropout_rate": 0.2}))
+    swap = {"WS": str(ws_with_case), "RATE": str(tmp_path / "rate.json")}
+    argv = [swap.get(a, a) for a in argv]
+    out = ("--out", tmp_path / "out") if argv[0] == "ssl" else ()
+    refused(run_main(*argv, "--preset", "tiny", *out, check=False), swap["RATE"].join(needle.split("RATE")), code=2)
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_lays_its_config_file_over_the_preset_and_its_options_over_both(ws_with_case, tmp_path):
     from VQMedSegLib.config import train_config_from_preset
 

@@ -186,7 +186,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def config_from_preset(cls: type[T], presets: dict[str, dict[str, Any]], preset: str, overrides: dict[str, Any],
                        config_file: str | Path | None = None) -> T:
     """``cls`` in three layers: the named preset, then the keys of the JSON file
-    ``config_file`` (when given), then the ``overrides`` that are not ``None``."""
+    ``config_file`` (when given), then the ``overrides`` that are not ``None``, the
+    command line's options (a refusal names them as ``--key-name value``)."""
     if preset not in presets:
         raise ConfigError(f"preset {preset!r}: expected one of {', '.join(presets)}")
     data = dict(presets[preset])
@@ -196,7 +197,11 @@ def config_from_preset(cls: type[T], presets: dict[str, dict[str, Any]], preset:
         data.update(cls.checked(read_json(path, ConfigError, expected=f"a JSON object of {cls.__name__} settings"),  # type: ignore[attr-defined]
                                 source=f"config file {path}"))
         source = f"preset {preset!r} with config file {path}"
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given:  # named as the command line's options that give them, which a refusal may be about
+        options = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in given.items())
+        source += f" and {options}" if config_file is not None else f" with {options}"
+    data.update(given)
     return cls.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=source)  # type: ignore[attr-defined]
 
 
