@@ -621,7 +621,7 @@ def cmd_simulate(args) -> int:
 def cmd_ssl(args) -> int:
     from ..config import vqseg_config_from_preset
     from ..files import output_folder
-    from ..training.ssl_experiment import check_method_names, run_ssl
+    from ..training.ssl_experiment import run_ssl
 
     _refuse_to_replace_results(args)
     device = _device_for_preset(args)
@@ -629,7 +629,6 @@ def cmd_ssl(args) -> int:
         args.preset, args.config, foundation=args.foundation, iterations=args.iterations, perturbation=args.perturbation,
         dropout_rate=args.dropout_rate, strong_augment=args.strong_augment or None)
     methods = _names(args.methods, "--methods")
-    check_method_names(methods)  # before the check of which rows read the settings looks them up
     _refuse_settings_no_row_reads(args, config, methods, _rows_have_none(config, methods))
     with output_folder(args.out) as out:
         results = run_ssl(args.dataset, args.labeled_fraction, methods, _seed_list(args), config, out, device,

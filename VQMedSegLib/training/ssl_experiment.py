@@ -117,7 +117,9 @@ def check_method_names(methods: list[str]) -> None:
 def rows_reading(methods: list[str], config: VQSegConfig) -> dict[str, list[str]]:
     """For each setting the command line may give every row (``perturbation``,
     ``dropout_rate``, ``strong_augment``, ``foundation``), the rows of ``methods`` that
-    read it under ``config``: a setting no row reads would change nothing."""
+    read it under ``config``: a setting no row reads would change nothing. A row
+    ``METHODS`` does not hold is refused, not looked up."""
+    check_method_names(methods)
     readers: dict[str, list[str]] = {"perturbation": [], "dropout_rate": [], "strong_augment": [], "foundation": []}
     for method in methods:
         if not method.startswith("vqseg"):
