@@ -183,6 +183,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def as_option(key: str, value: Any) -> str:
+    """A configuration key's value as the command-line option that gives it:
+    ``--dropout-rate 0.3``, or ``--strong-augment`` for a switch that is on."""
+    flag = f"--{key.replace('_', '-')}"
+    return flag if value is True else f"{flag} {value}"
+
+
 def config_from_preset(cls: type[T], presets: dict[str, dict[str, Any]], preset: str, overrides: dict[str, Any],
                        config_file: str | Path | None = None) -> T:
     """``cls`` in three layers: the named preset, then the keys of the JSON file
@@ -199,7 +206,7 @@ def config_from_preset(cls: type[T], presets: dict[str, dict[str, Any]], preset:
         source = f"preset {preset!r} with config file {path}"
     given = {k: v for k, v in overrides.items() if v is not None}
     if given:  # named as the command line's options that give them, which a refusal may be about
-        options = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in given.items())
+        options = ", ".join(as_option(k, v) for k, v in given.items())
         source += f" and {options}" if config_file is not None else f" with {options}"
     data.update(given)
     return cls.from_json({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}, source=source)  # type: ignore[attr-defined]

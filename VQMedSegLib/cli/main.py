@@ -503,13 +503,14 @@ def _refuse_options_the_method_ignores(args) -> None:
             raise InputError(f"{', '.join(given)}: only --method vqseg uses {them}; --method {args.method} would ignore {them}")
 
 
-# the settings a VQ-Seg command line gives every row of an experiment: the flag, and which
-# rows read it (the rows themselves are listed from rows_reading, so a new row is named)
+# the settings a VQ-Seg command line gives every row of an experiment (each the option
+# --key-name), and which rows read them (the rows themselves are listed from rows_reading,
+# so a new row is named)
 _READ_ONLY_BY = {
-    "perturbation": ("--perturbation", "read only by rows that train semi-supervised and set no perturbation of their own"),
-    "dropout_rate": ("--dropout-rate", "read only where the perturbation is dropout"),
-    "strong_augment": ("--strong-augment", "read only by rows that train semi-supervised"),
-    "foundation": ("--foundation", "read only by rows with PFA"),
+    "perturbation": "read only by rows that train semi-supervised and set no perturbation of their own",
+    "dropout_rate": "read only where the perturbation is dropout",
+    "strong_augment": "read only by rows that train semi-supervised",
+    "foundation": "read only by rows with PFA",
 }
 
 
@@ -520,7 +521,7 @@ def _readers_named(key: str) -> str:
     from ..training.ssl_experiment import METHODS, rows_reading
 
     rows = rows_reading(list(METHODS), VQSegConfig())[key]
-    reason = _READ_ONLY_BY[key][1]
+    reason = _READ_ONLY_BY[key]
     if key == "dropout_rate":  # the command line's choice, or the rows that choose dropout themselves
         return f"{reason} (--perturbation dropout, or the row{'s' if len(rows) > 1 else ''} {', '.join(rows)})"
     return f"{reason} ({', '.join(rows)})"
@@ -542,7 +543,7 @@ def _refuse_settings_no_row_reads(args, config, methods: list[str], why_unread) 
     file's key that keeps the preset's value changes nothing either way (a whole recorded
     configuration can be given again), and ``--foundation none`` is how one says not to
     load a foundation model: neither is refused."""
-    from ..config import vqseg_config_from_preset
+    from ..config import as_option, vqseg_config_from_preset
     from ..errors import ConfigError
     from ..files import read_json
     from ..training.ssl_experiment import rows_reading
@@ -553,10 +554,10 @@ def _refuse_settings_no_row_reads(args, config, methods: list[str], why_unread) 
         for key, value in read_json(Path(args.config), ConfigError).items():
             if key in _READ_ONLY_BY and value != preset[key]:
                 given[key] = f"config key {key!r} ({json.dumps(value)}) of {args.config}"
-    for key, (flag, _) in _READ_ONLY_BY.items():
+    for key in _READ_ONLY_BY:
         value = getattr(args, key, None)
         if value is not None and value is not False:  # options win over the file
-            given[key] = flag if value is True else f"{flag} {value}"
+            given[key] = as_option(key, value)
     readers = rows_reading(methods, config)
     for key, label in given.items():
         if not readers[key] and not (key == "foundation" and config.foundation == "none"):
