@@ -442,6 +442,31 @@ def test_the_workspace_commands_take_the_folder_as_the_job_commands_do_too(tmp_p
     assert r.returncode == 2 and "two workspace folders" in r.stderr and "other" in r.stderr
 
 
+def test_the_job_commands_take_the_folder_as_the_workspace_commands_do(tmp_path):
+    """`train WS`, `query WS` and `cancel WS` work as `workspace status WS` does, so a user who has typed
+    `workspace add WS` is not told "the following arguments are required: --workspace" at the next command."""
+    case = make_abdominal_case(seed=1, ct_shape=(6, 32, 32))
+    write_volume(case.ct, tmp_path / "ct.nrrd")
+    write_volume(case.ct_label, tmp_path / "label.nrrd")
+    ws = tmp_path / "ws"
+    vqmedseg("workspace", "init", ws)
+    vqmedseg("workspace", "add", ws, "--case", "c1", "--ct", tmp_path / "ct.nrrd")
+    vqmedseg("workspace", "annotate", ws, "--case", "c1", "--label", tmp_path / "label.nrrd", "--label-value", "1",
+             "--slices", "1,2,3")
+    vqmedseg("train", ws, "--preset", "tiny", "--iterations", "2", "--device", "cpu")
+    status = json.loads(vqmedseg("workspace", "status", ws, "--json").stdout)
+    assert len(status["models"]) == 1
+    suggested = json.loads(vqmedseg("query", ws, "--strategy", "random", "--n", "2", "--preset", "tiny", "--json",
+                                    "--device", "cpu").stdout)
+    assert len(suggested["suggestions"]) == 2
+    assert "no job is running" in vqmedseg("cancel", ws).stdout
+    for command in ("train", "query", "cancel"):
+        r = vqmedseg(command, check=False)
+        assert r.returncode == 2 and f"{command}: the workspace folder: give it as WS or --workspace WS" in r.stderr
+        r = vqmedseg(command, ws, "--workspace", tmp_path / "other", check=False)
+        assert r.returncode == 2 and f"{command}: two workspace folders" in r.stderr and "other" in r.stderr
+
+
 def test_predict_refuses_a_missing_model_and_an_out_that_is_a_file(tmp_path):
     r = vqmedseg("predict", "--model", tmp_path / "none.pt", "--ct", tmp_path / "ct.nrrd", "--out", tmp_path, check=False)
     assert r.returncode == 2 and "none.pt: not found" in r.stderr

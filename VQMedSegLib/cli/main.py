@@ -698,12 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{method} settings: tiny: seconds, for tests; quick (default): minutes on a CPU; "
                              "cpu: real scans on a CPU; paper: the papers' settings, for a GPU")
 
-    def workspace_arg(sp, positional: bool = False):
-        if positional:  # WS, or --workspace WS as the job commands take it (see _workspace_folder)
-            sp.add_argument("workspace", nargs="?", help="the workspace folder (or --workspace WS)")
-            sp.add_argument("--workspace", dest="workspace_option", metavar="WS", help="the workspace folder, as WS")
-        else:
-            sp.add_argument("--workspace", required=True, help="the workspace folder ('vqmedseg workspace init')")
+    def workspace_arg(sp):  # WS or --workspace WS, one of them (see _workspace_folder)
+        sp.add_argument("workspace", nargs="?", help="the workspace folder ('vqmedseg workspace init'), or --workspace WS")
+        sp.add_argument("--workspace", dest="workspace_option", metavar="WS", help="the workspace folder, as WS")
 
     d = sub.add_parser("demo", help="build a phantom example, train a small baseline, predict, write a Slicer scene")
     d.add_argument("--out", required=True, help="output folder")
@@ -761,18 +758,18 @@ def build_parser() -> argparse.ArgumentParser:
     wsp = sub.add_parser("workspace", help="create and fill a workspace")
     ws_sub = wsp.add_subparsers(dest="workspace_command", required=True, metavar="ACTION")
     wi = ws_sub.add_parser("init", help="create a workspace folder")
-    workspace_arg(wi, positional=True)
+    workspace_arg(wi)
     wi.add_argument("--task", default="liver", choices=["liver", "lung-tumour"],
                     help="the structure to segment on CT (default liver)")
     wi.set_defaults(func=cmd_workspace_init)
     wa = ws_sub.add_parser("add", help="register a case (CT and optional MR)")
-    workspace_arg(wa, positional=True)
+    workspace_arg(wa)
     wa.add_argument("--case", required=True, help="the case's id: letters, digits, '.', '_' or '-'")
     wa.add_argument("--ct", required=True, help="CT volume: NRRD, NIfTI, MHA or a DICOM folder")
     wa.add_argument("--mr", help="optional MR volume of the same patient (the auxiliary modality)")
     wa.set_defaults(func=cmd_workspace_add)
     wn = ws_sub.add_parser("annotate", help="store annotated slices of a case from a label volume")
-    workspace_arg(wn, positional=True)
+    workspace_arg(wn)
     wn.add_argument("--case", required=True, help="the case's id, as given to 'workspace add'")
     wn.add_argument("--label", required=True, help="label volume on the case's CT grid (.nrrd, .nii.gz, .seg.nrrd), "
                     "or a CHAOS case's Ground folder of PNG masks")
@@ -783,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     wn.set_defaults(func=cmd_workspace_annotate)
     wst = ws_sub.add_parser(
         "status", help="cases, labelled slices, models, the running job, and the last five jobs with why any did not finish")
-    workspace_arg(wst, positional=True)
+    workspace_arg(wst)
     json_arg(wst, "the status")
     wst.set_defaults(func=cmd_workspace_status)
 
@@ -925,15 +922,16 @@ def _record_refusal(args, exc: VQMedSegError) -> None:
 
 
 def _workspace_folder(parser: argparse.ArgumentParser, args) -> None:
-    """``workspace ACTION`` takes its folder as ``WS`` or as ``--workspace WS``: one of them."""
-    if args.command != "workspace":
+    """``workspace ACTION``, ``train``, ``query`` and ``cancel`` take their folder as ``WS`` or as ``--workspace WS``:
+    one of them. (``predict``'s ``--workspace`` is a mode of its own and stays an option.)"""
+    if not hasattr(args, "workspace_option"):
         return
+    command = f"workspace {args.workspace_command}" if args.command == "workspace" else args.command
     given = [f for f in (args.workspace, args.workspace_option) if f is not None]
     if not given:
-        parser.error(f"workspace {args.workspace_command}: the workspace folder: give it as WS or --workspace WS")
+        parser.error(f"{command}: the workspace folder: give it as WS or --workspace WS")
     if len(given) == 2 and Path(given[0]).resolve() != Path(given[1]).resolve():
-        parser.error(f"workspace {args.workspace_command}: two workspace folders, {given[0]} and --workspace "
-                     f"{given[1]}; expected one")
+        parser.error(f"{command}: two workspace folders, {given[0]} and --workspace {given[1]}; expected one")
     args.workspace = given[0]
 
 
